@@ -1,0 +1,72 @@
+"""The `adapterspec` command line: `main(argv=None) -> int`; each subcommand lives in `commands/`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import import_module
+
+from . import __version__
+
+COMMANDS = {
+    "lint": "check spec files (and, with --model, match them against a model)",
+    "fmt": "rewrite spec files in canonical layout (--check: only report)",
+    "tree": "show a model's module tree, and what a selector matches",
+    "plan": "show which modules a spec adapts, with what, and the trainable parameters",
+    "apply": "apply a spec to a model and write a fresh adapter directory (or --fuse a model)",
+    "fuse": "merge trained adapters into a model's weights and write a model directory",
+}
+
+EXIT_OK, EXIT_ERRORS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class UserError(Exception):
+    """A problem with the user's input that is reported as a message and a help line, never a traceback."""
+
+    def __init__(self, message: str, help: str | None = None, exit_code: int = EXIT_USAGE):
+        super().__init__(message)
+        self.message = message
+        self.help = help
+        self.exit_code = exit_code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="adapterspec",
+        description="Declarative adapter specs for MLX: lint, plan, apply, fuse.",
+    )
+    parser.add_argument("--version", action="version", version=f"adapterspec {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text in COMMANDS.items():
+        module = import_module(f".commands.{name}", __package__)
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit:
+        return int(exit.code or 0) if exit.code in (0, None) else EXIT_USAGE
+    if not getattr(args, "run", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return int(args.run(args))
+    except UserError as error:
+        print(f"adapterspec {args.command}: error: {error.message}", file=sys.stderr)
+        if error.help:
+            print(f"  help: {error.help}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print(f"adapterspec {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
