@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from adapterspec.cli import UserError
+
 CONFIG_FILE = "config.json"
 WEIGHT_INDEX_FILE = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -40,18 +42,6 @@ SAFETENSORS_DTYPES: dict[str, tuple[str, int]] = {
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".npz", ".h5", ".msgpack", ".onnx")
 WEIGHT_INDEX_PATTERN = re.compile(r".*\.(safetensors|bin|pt|pth)\.index\.json$")
 HF_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-class UserError(Exception):
-    """A problem the user can fix (bad path, missing file, refused overwrite): a message and a help text."""
-
-    def __init__(self, message: str, help: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.help = help
-
-    def render(self) -> str:
-        return self.message + (f"\n  help: {self.help}" if self.help else "")
 
 
 class ModelNotFound(UserError):

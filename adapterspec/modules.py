@@ -95,13 +95,13 @@ class ModuleIndex:
         model_type: str | None = None,
         source: str = "module",
     ):
-        infos = sorted(modules, key=lambda m: natural_key(m.path))
-        self.modules: dict[str, ModuleInfo] = {m.path: m for m in infos}
+        keyed = sorted(((natural_key(m.path), m) for m in modules), key=lambda pair: pair[0])
+        self.modules: dict[str, ModuleInfo] = {m.path: m for _, m in keyed}
         self.tied_embeddings = tied_embeddings
         self.model_type = model_type
         self.source = source
         self._paths = list(self.modules)
-        self._keys = [natural_key(p) for p in self._paths]
+        self._keys = [key for key, _ in keyed]
         self._children: dict[str, list[str]] = {}
         for path in self._paths:
             parent = path.rsplit(".", 1)[0] if "." in path else ""
