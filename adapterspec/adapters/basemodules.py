@@ -1,0 +1,57 @@
+"""What the adapters need to know about their base modules: dims, quantization, dense weights."""
+
+import mlx.core as mx
+import mlx.nn as nn
+
+SWITCH_CLASSES = ("SwitchLinear", "QuantizedSwitchLinear")
+
+
+def quantization(module: nn.Module) -> dict | None:
+    """The base's quantization settings (group_size, bits, mode), or None for a dense base."""
+    if "scales" not in module:
+        return None
+    return {"group_size": module.group_size, "bits": module.bits, "mode": getattr(module, "mode", "affine")}
+
+
+def dense_weight(module: nn.Module) -> mx.array:
+    """The base weight, dequantized when the base is quantized."""
+    q = quantization(module)
+    if q is None:
+        return module.weight
+    extra = {}
+    if getattr(module, "global_scale", None) is not None:
+        extra["global_scale"] = module.global_scale
+    return mx.dequantize(module.weight, module.scales, module.get("biases"), **q, **extra)
+
+
+def last_dim(module: nn.Module) -> int:
+    """Logical (dequantized) size of the weight's last axis."""
+    if quantization(module) is None:
+        return module.weight.shape[-1]
+    return module.scales.shape[-1] * module.group_size
+
+
+def matmul_without_bias(linear: nn.Module, x: mx.array) -> mx.array:
+    """x @ Wᵀ for a Linear or QuantizedLinear, leaving out its bias."""
+    q = quantization(linear)
+    if q is None:
+        return x @ linear.weight.T
+    return mx.quantized_matmul(x, linear.weight, linear.scales, linear.get("biases"), transpose=True, **q)
+
+
+def is_switch(module: nn.Module) -> bool:
+    return type(module).__name__ in SWITCH_CLASSES
+
+
+def is_embedding(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Embedding, nn.QuantizedEmbedding))
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, nn.QuantizedLinear))
+
+
+def low_rank_init(shape: tuple[int, ...], fan_in: int) -> mx.array:
+    """LoRA's A: uniform in ±1/sqrt(fan_in), float32."""
+    bound = 1 / fan_in**0.5
+    return mx.random.uniform(low=-bound, high=bound, shape=shape)

@@ -1,0 +1,58 @@
+"""LoRA on an Embedding / QuantizedEmbedding, including `as_linear` for tied output heads."""
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from . import fusemath
+from .basemodules import dense_weight, last_dim, low_rank_init, quantization
+
+
+class LoRAEmbedding(nn.Module):
+    """A frozen embedding at `.embedding` plus float32 `lora_a` (num, r) and `lora_b` (r, dims)."""
+
+    kind = "embedding-lora"
+
+    @classmethod
+    def from_base(cls, base: nn.Module, r: int = 8, scale: float = 20.0, dropout: float = 0.0):
+        return cls(base, r=r, scale=scale, dropout=dropout)
+
+    def __init__(self, base: nn.Module, r: int = 8, scale: float = 20.0, dropout: float = 0.0):
+        super().__init__()
+        base.freeze()
+        num_embeddings, dims = base.weight.shape[0], last_dim(base)
+        self.embedding = base
+        self.dropout = nn.Dropout(p=dropout)
+        self.dropout_p = dropout
+        self.scale = scale
+        self.lora_a = low_rank_init((num_embeddings, r), fan_in=num_embeddings)
+        self.lora_b = mx.zeros((r, dims))
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        y = self.embedding(ids)
+        dtype = y.dtype
+        a_rows = self.lora_a[ids].astype(dtype)
+        if self.training and self.dropout_p > 0:
+            z = self.dropout(a_rows @ self.lora_b.astype(dtype))
+            return y + (self.scale * z).astype(dtype)
+        return mx.addmm(y, a_rows, self.lora_b.astype(dtype), alpha=self.scale)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        y = self.embedding.as_linear(x)
+        dtype = y.dtype
+        z = self.dropout(x).astype(dtype) @ self.lora_b.T.astype(dtype)
+        return mx.addmm(y, z, self.lora_a.T.astype(dtype), alpha=self.scale)
+
+    def fuse(self, dequantize: bool = False) -> nn.Module:
+        base = self.embedding
+        weight = fusemath.fused_weight(self.kind, dense_weight(base), self.lora_a, self.lora_b, self.scale)
+        return dense_or_requantized_embedding(base, weight, dequantize)
+
+
+def dense_or_requantized_embedding(base: nn.Module, weight: mx.array, dequantize: bool) -> nn.Module:
+    """A plain Embedding holding `weight`, requantized like the base unless told not to."""
+    fused = nn.Embedding(*weight.shape)
+    fused.weight = weight
+    q = quantization(base)
+    if q is not None and not dequantize:
+        fused = nn.QuantizedEmbedding.from_embedding(fused, **q)
+    return fused

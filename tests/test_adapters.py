@@ -1,0 +1,332 @@
+"""Adapter layers against mlx-lm's own classes and a float32 reference: outputs, fuses, gradients."""
+
+import subprocess
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.models.switch_layers import SwitchLinear
+from mlx_lm.tuner import dora as mlxlm_dora
+from mlx_lm.tuner import lora as mlxlm_lora
+
+from adapterspec.adapters import ADAPTER_CLASSES, fusemath
+from adapterspec.adapters import from_base as adapter_from_base
+from adapterspec.adapters.basemodules import dense_weight, quantization
+
+IN, OUT, EXPERTS, TOP_K, R, VOCAB, GROUP = 64, 48, 4, 2, 4, 96, 32
+SCALE = 20.0
+
+# Norm-wise relative error ‖ours − ref‖ / ‖ref‖ allowed per base variant. float32 math (dense or
+# 4-bit with float32 scales) differs only in summation order; bfloat16 carries ~2^-9 rounding per
+# op, so outputs and gradients computed in bf16 must agree with float32 to within 2 %.
+TOLERANCE = {"float32": 2e-5, "q4": 2e-5, "bfloat16": 2e-2, "q4-bf16": 2e-2}
+VARIANTS = list(TOLERANCE)
+# Requantizing a fused weight to 4 bits moves each weight by up to half a quantization step.
+REQUANTIZE_TOLERANCE = 0.2
+
+MLXLM_CLASSES = {
+    "lora": mlxlm_lora.LoRALinear,
+    "switch-lora": mlxlm_lora.LoRASwitchLinear,
+    "embedding-lora": mlxlm_lora.LoRAEmbedding,
+    "dora": mlxlm_dora.DoRALinear,
+    "dora-embedding": mlxlm_dora.DoRAEmbedding,
+}
+FAMILY = {"lora": "linear", "dora": "linear", "switch-lora": "switch", "embedding-lora": "embedding",
+          "dora-embedding": "embedding"}
+KINDS = list(ADAPTER_CLASSES)
+
+
+def rel_err(a, b):
+    a, b = a.astype(mx.float32), b.astype(mx.float32)
+    return (mx.linalg.norm((a - b).flatten()) / mx.linalg.norm(b.flatten())).item()
+
+
+def cpu_lacks_gather_mm(family, variant):
+    return family == "switch" and variant == "bfloat16" and mx.default_device().type == mx.DeviceType.cpu
+
+
+def make_base(family, variant, bias=True):
+    """A base module of `family` in `variant` precision, and its dense float32 twin."""
+    if cpu_lacks_gather_mm(family, variant):
+        pytest.skip("MLX's CPU gather_mm computes in float32 only")
+    mx.random.seed(1)
+    if family == "linear":
+        dense = nn.Linear(IN, OUT, bias=bias)
+    elif family == "switch":
+        dense = SwitchLinear(IN, OUT, EXPERTS, bias=bias)
+    else:
+        dense = nn.Embedding(VOCAB, IN)
+    if "bias" in dense:
+        dense.bias = 0.1 * mx.random.normal(dense.bias.shape)
+    if variant in ("bfloat16", "q4-bf16"):
+        dense.set_dtype(mx.bfloat16)
+    base = dense
+    if variant.startswith("q4"):
+        if family == "linear":
+            base = nn.QuantizedLinear.from_linear(dense, group_size=GROUP, bits=4)
+        elif family == "switch":
+            base = dense.to_quantized(group_size=GROUP, bits=4)
+        else:
+            base = nn.QuantizedEmbedding.from_embedding(dense, group_size=GROUP, bits=4)
+    twin = type(dense).__new__(type(dense))
+    nn.Module.__init__(twin)
+    twin.weight = dense_weight(base).astype(mx.float32)
+    if "bias" in base:
+        twin.bias = base.bias.astype(mx.float32)
+    return base, twin
+
+
+def inputs(family, dtype, sort=False):
+    """Inputs for one call of the adapter: linear x; switch (x, indices); embedding ids."""
+    mx.random.seed(2)
+    if family == "linear":
+        return (mx.random.normal((2, 5, IN)).astype(dtype),)
+    if family == "switch":
+        x = mx.random.normal((2, 5, 1, 1, IN)).astype(dtype)
+        indices = mx.random.randint(0, EXPERTS, (2, 5, TOP_K))
+        if not sort:
+            return (x, indices)
+        flat = indices.flatten()
+        order = mx.argsort(flat)
+        return (x.flatten(0, -3)[order // TOP_K], flat[order], True)
+    return (mx.random.randint(0, VOCAB, (2, 5)),)
+
+
+def calls(family, dtype):
+    """(name, function of a module, inputs) for every way the adapter is called."""
+    if family == "linear":
+        return [("call", lambda m, *a: m(*a), inputs(family, dtype))]
+    if family == "switch":
+        return [("call", lambda m, *a: m(*a), inputs(family, dtype)),
+                ("sorted", lambda m, *a: m(*a[:2], sorted_indices=a[2]), inputs(family, dtype, sort=True))]
+    mx.random.seed(3)
+    hidden = mx.random.normal((2, 5, IN)).astype(dtype)
+    return [("call", lambda m, *a: m(*a), inputs(family, dtype)),
+            ("as_linear", lambda m, *a: m.as_linear(*a), (hidden,))]
+
+
+def activation_dtype(variant):
+    return mx.bfloat16 if variant in ("bfloat16", "q4-bf16") else mx.float32
+
+
+def adapted(kind, base, random_b=True, dropout=0.0):
+    mx.random.seed(4)
+    layer = adapter_from_base(kind, base, r=R, scale=SCALE, dropout=dropout)
+    if random_b:
+        layer.lora_b = 0.01 * mx.random.normal(layer.lora_b.shape)
+    if "m" in layer:
+        layer.m = layer.m * (1 + 0.1 * mx.random.normal(layer.m.shape))
+    return layer
+
+
+def mlxlm_twin(kind, layer, base):
+    """mlx-lm's adapter around `base`, holding `layer`'s adapter weights."""
+    base.freeze()
+    other = MLXLM_CLASSES[kind].from_base(base, r=R, dropout=0.0, scale=SCALE)
+    other.update({k: layer[k] for k in ("lora_a", "lora_b", "m") if k in layer})
+    return other
+
+
+def mlxlm_supports(kind, variant):
+    # mlx-lm's DoRAEmbedding reads the packed weight of a QuantizedEmbedding as if it were dense.
+    return not (kind == "dora-embedding" and variant.startswith("q4"))
+
+
+def grads(module, call, args, dtype, wrt_input):
+    mx.random.seed(5)
+    out_shape = call(module, *args).shape
+    cotangent = mx.random.normal(out_shape)
+
+    def loss(params, first):
+        module.update(params)
+        return (call(module, first, *args[1:]).astype(mx.float32) * cotangent).sum()
+
+    argnums = (0, 1) if wrt_input else 0
+    result = mx.grad(loss, argnums=argnums)(module.trainable_parameters(), args[0])
+    g_params, g_input = result if wrt_input else (result, None)
+    return dict(tree_flatten(g_params)), g_input
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_parameter_names_and_shapes_match_mlxlm(kind):
+    base, _ = make_base(FAMILY[kind], "float32")
+    ours = adapted(kind, base)
+    theirs = MLXLM_CLASSES[kind].from_base(base, r=R, dropout=0.0, scale=SCALE)
+    ours_shapes = {k: v.shape for k, v in tree_flatten(ours.parameters())}
+    theirs_shapes = {k: v.shape for k, v in tree_flatten(theirs.parameters())}
+    assert ours_shapes == theirs_shapes
+    assert {k for k, _ in tree_flatten(ours.trainable_parameters())} == {
+        k for k in ("lora_a", "lora_b", "m") if k in ours}
+    for k, _ in tree_flatten(ours.trainable_parameters()):
+        assert ours[k].dtype == mx.float32
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_zero_b_equals_base(kind, variant):
+    family = FAMILY[kind]
+    base, _ = make_base(family, variant)
+    layer = adapted(kind, base, random_b=False)
+    if "m" in layer:
+        layer.m = fusemath.row_norms(dense_weight(base))
+    for name, call, args in calls(family, activation_dtype(variant)):
+        expected = call(base, *args)
+        got = call(layer, *args)
+        assert got.dtype == expected.dtype, name
+        assert rel_err(got, expected) <= TOLERANCE[variant], name
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_outputs_match_mlxlm_and_float32_reference(kind, variant):
+    family = FAMILY[kind]
+    base, twin = make_base(family, variant)
+    layer = adapted(kind, base)
+    reference = mlxlm_twin(kind, layer, twin)
+    theirs = mlxlm_twin(kind, layer, base) if mlxlm_supports(kind, variant) else None
+    dtype = activation_dtype(variant)
+    for name, call, args in calls(family, dtype):
+        got = call(layer, *args)
+        assert got.dtype == call(base, *args).dtype, name
+        f32_args = tuple(a.astype(mx.float32) if isinstance(a, mx.array) and a.dtype == dtype else a for a in args)
+        assert rel_err(got, call(reference, *f32_args)) <= TOLERANCE[variant], name
+        if theirs is not None:
+            assert rel_err(got, call(theirs, *args)) <= TOLERANCE[variant], name
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gradients_match_float32_reference(kind, variant):
+    family = FAMILY[kind]
+    base, twin = make_base(family, variant)
+    layer = adapted(kind, base)
+    reference = mlxlm_twin(kind, layer, twin)
+    dtype = activation_dtype(variant)
+    for name, call, args in calls(family, dtype):
+        wrt_input = args[0].dtype != mx.int32 and args[0].dtype != mx.uint32
+        ours_params, ours_input = grads(layer, call, args, dtype, wrt_input)
+        f32_args = tuple(a.astype(mx.float32) if isinstance(a, mx.array) and a.dtype == dtype else a for a in args)
+        ref_params, ref_input = grads(reference, call, f32_args, mx.float32, wrt_input)
+        assert ours_params.keys() == ref_params.keys()
+        for k in ref_params:
+            assert ours_params[k].dtype == mx.float32
+            assert rel_err(ours_params[k], ref_params[k]) <= TOLERANCE[variant], (name, k)
+        if wrt_input:
+            assert ours_input.dtype == dtype
+            assert rel_err(ours_input, ref_input) <= TOLERANCE[variant], (name, "input")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fused_output_equals_adapter_output(kind, variant):
+    family = FAMILY[kind]
+    base, _ = make_base(family, variant)
+    layer = adapted(kind, base)
+    dense = layer.fuse(dequantize=True)
+    fused = layer.fuse()
+    assert type(fused) is type(base)
+    assert quantization(fused) == quantization(base)
+    assert dense_weight(dense).dtype == dense_weight(base).dtype
+    assert quantization(dense) is None
+    for name, call, args in calls(family, activation_dtype(variant)):
+        expected = call(layer, *args)
+        if not cpu_lacks_gather_mm(family, "bfloat16" if variant == "q4-bf16" else variant):
+            assert rel_err(call(dense, *args), expected) <= TOLERANCE[variant], name
+        tolerance = REQUANTIZE_TOLERANCE if variant.startswith("q4") else TOLERANCE[variant]
+        assert rel_err(call(fused, *args), expected) <= tolerance, name
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fused_weights_match_mlxlm(kind, variant):
+    if not mlxlm_supports(kind, variant):
+        pytest.skip("mlx-lm cannot fuse this combination")
+    family = FAMILY[kind]
+    base, _ = make_base(family, variant)
+    layer = adapted(kind, base)
+    theirs = mlxlm_twin(kind, layer, base)
+    ours_dense, theirs_dense = layer.fuse(dequantize=True), theirs.fuse(dequantize=True)
+    assert rel_err(ours_dense.weight, theirs_dense.weight) <= TOLERANCE[variant]
+    if "bias" in base:
+        assert mx.array_equal(ours_dense.bias, theirs_dense.bias)
+    if variant.startswith("q4"):
+        requantized = layer.fuse()
+        expected = type(ours_dense)
+        assert rel_err(dense_weight(requantized), dense_weight(theirs.fuse())) <= REQUANTIZE_TOLERANCE
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fusemath_on_raw_arrays_equals_module_fuse(kind):
+    base, _ = make_base(FAMILY[kind], "bfloat16")
+    layer = adapted(kind, base)
+    w = dense_weight(base)
+    if "m" in layer:
+        merged = fusemath.dora_fused_weight(kind, w, layer.lora_a, layer.lora_b, layer.m, SCALE)
+    else:
+        merged = fusemath.fused_weight(kind, w, layer.lora_a, layer.lora_b, SCALE)
+        delta = fusemath.lora_delta(kind, layer.lora_a, layer.lora_b, SCALE, mx.float32)
+        assert delta.shape == w.shape
+    assert merged.dtype == w.dtype
+    assert mx.array_equal(merged, layer.fuse(dequantize=True).weight)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dropout_active_in_training_and_off_in_eval(kind):
+    family = FAMILY[kind]
+    base, _ = make_base(family, "float32")
+    layer = adapted(kind, base, dropout=0.5)
+    plain = adapted(kind, base, dropout=0.0)
+    for name, call, args in calls(family, mx.float32):
+        layer.train(True)
+        mx.random.seed(6)
+        first = call(layer, *args)
+        second = call(layer, *args)
+        assert not mx.allclose(first, second), name
+        assert not mx.allclose(first, call(plain, *args)), name
+        layer.train(False)
+        assert mx.array_equal(call(layer, *args), call(plain, *args)), name
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_adapter_weights_load_both_ways(kind, tmp_path):
+    base, _ = make_base(FAMILY[kind], "float32")
+    ours = adapted(kind, base)
+    theirs = MLXLM_CLASSES[kind].from_base(base, r=R, dropout=0.0, scale=SCALE)
+    path = str(tmp_path / "ours.safetensors")
+    mx.save_safetensors(path, dict(tree_flatten(ours.trainable_parameters())))
+    theirs.load_weights(path, strict=False)
+    for name, call, args in calls(FAMILY[kind], mx.float32):
+        assert rel_err(call(ours, *args), call(theirs, *args)) <= TOLERANCE["float32"], name
+    fresh = adapted(kind, base, random_b=False)
+    fresh.load_weights(path, strict=False)
+    for k in ("lora_a", "lora_b", "m"):
+        if k in ours:
+            assert mx.array_equal(fresh[k], ours[k])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_initialisation_is_reproducible_and_like_mlxlm(kind):
+    base, _ = make_base(FAMILY[kind], "float32")
+    mx.random.seed(7)
+    first = adapter_from_base(kind, base, r=R)
+    mx.random.seed(7)
+    second = adapter_from_base(kind, base, r=R)
+    assert mx.array_equal(first.lora_a, second.lora_a)
+    assert not mx.any(first.lora_b).item()
+    fan_in = first.lora_a.shape[-1] if kind == "switch-lora" else first.lora_a.shape[0]
+    assert mx.abs(first.lora_a).max().item() <= 1 / fan_in**0.5
+    assert first.scale == 20.0
+
+
+def test_from_base_rejects_unknown_kind_and_switch_dora():
+    base, _ = make_base("linear", "float32")
+    with pytest.raises(ValueError, match="unknown adapter kind"):
+        adapter_from_base("dora-switch", base)
+    assert set(ADAPTER_CLASSES) == {"lora", "switch-lora", "embedding-lora", "dora", "dora-embedding"}
+
+
+def test_importing_adapters_does_not_import_mlx_lm():
+    code = "import sys, adapterspec.adapters; sys.exit('mlx_lm' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
