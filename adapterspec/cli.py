@@ -7,6 +7,7 @@ import sys
 from importlib import import_module
 
 from . import __version__
+from .errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UserError
 
 COMMANDS = {
     "lint": "check spec files (and, with --model, match them against a model)",
@@ -16,18 +17,6 @@ COMMANDS = {
     "apply": "apply a spec to a model and write a fresh adapter directory (or --fuse a model)",
     "fuse": "merge trained adapters into a model's weights and write a model directory",
 }
-
-EXIT_OK, EXIT_ERRORS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-
-class UserError(Exception):
-    """A problem with the user's input that is reported as a message and a help line, never a traceback."""
-
-    def __init__(self, message: str, help: str | None = None, exit_code: int = EXIT_USAGE):
-        super().__init__(message)
-        self.message = message
-        self.help = help
-        self.exit_code = exit_code
 
 
 def build_parser() -> argparse.ArgumentParser:
