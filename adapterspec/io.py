@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from adapterspec.cli import UserError
+from adapterspec.errors import UserError
 
 CONFIG_FILE = "config.json"
 WEIGHT_INDEX_FILE = "model.safetensors.index.json"

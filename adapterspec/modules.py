@@ -167,9 +167,14 @@ class ModuleIndex:
 
     @classmethod
     def from_model_dir(cls, path: str | os.PathLike) -> "ModuleIndex":
-        """Index a model directory from config.json and safetensors headers, without mlx."""
-        from adapterspec.io import read_model_config, read_model_tensors
+        """Index a model directory (or a cached Hugging Face repo id) from config.json and safetensors headers.
 
+        Never imports mlx. Modules without parameters (RoPE, activations) are invisible here, and
+        classes the headers cannot tell are named Norm, Leaf or Container (see GUESSED_CLASSES).
+        """
+        from adapterspec.io import read_model_config, read_model_tensors, resolve_model_path
+
+        path = resolve_model_path(path)
         config = read_model_config(path)
         tensors = read_model_tensors(path)
         infos = infos_from_tensors({name: (t.dtype_name, t.shape) for name, t in tensors.items()}, config)
@@ -233,7 +238,7 @@ def _info_from_tensors(
     name = path.rsplit(".", 1)[-1]
     weight = own.get("weight")
     extras = set(own) - {"weight", "bias"} - QUANTIZATION_PARAMS
-    if weight is None or extras or weight[1] == () or len(weight[1]) not in (2, 3):
+    if weight is None or extras or len(weight[1]) not in (2, 3):
         cls = NORM_CLASS if weight is not None and len(weight[1]) == 1 and NORM_NAME.search(name) else LEAF_CLASS
         return ModuleInfo(path, cls, "leaf", **_own_param_fields(own))
     bias = own.get("bias")
@@ -341,8 +346,8 @@ def _info_from_module(path: str, module: Any, has_children: bool) -> ModuleInfo:
     cls = type(module).__name__
     family = "container" if has_children else _known_family(module)
     weight = own.get("weight")
-    if family in ("container", "leaf") or weight is None:
-        return ModuleInfo(path, cls, family if family in ("container", "leaf") else "leaf", **_own_array_fields(own))
+    if family in ("container", "leaf") or weight is None or weight.ndim != (3 if family == "switch" else 2):
+        return ModuleInfo(path, cls, "container" if has_children else "leaf", **_own_array_fields(own))
     quant = None
     shape = tuple(weight.shape)
     dtype = _dtype_name(weight)

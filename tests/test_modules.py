@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import models as tiny
-from adapterspec.cli import UserError
+from adapterspec.errors import UserError
 from adapterspec.modules import GUESSED_CLASSES, ModuleIndex, infos_from_tensors, natural_key
 
 # arch → (linear modules per block, switch modules per block, has an lm_head)
