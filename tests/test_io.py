@@ -315,3 +315,25 @@ def test_load_errors_are_user_errors(tmp_path):
     (missing / "model.safetensors.index.json").unlink()
     with pytest.raises(UserError, match="no model\\*.safetensors"):
         load_model(missing)
+
+
+@pytest.mark.parametrize("name", tiny.EXAMPLE_MODELS)
+def test_example_models_load_and_generate_offline(monkeypatch, name):
+    from mlx_lm import generate, load
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, tokenizer = load(str(tiny.example_model_dir(name)))
+    text = generate(model, tokenizer, "hello adapters", max_tokens=4)
+    assert isinstance(text, str)
+
+
+def test_example_models_match_their_builder(tmp_path):
+    """The committed example directories are what make_models.py writes (weights compared by header)."""
+    for written in tiny.builder.make_example_models(tmp_path):
+        committed = tiny.example_model_dir(written.name)
+        assert sorted(p.name for p in written.iterdir()) == sorted(p.name for p in committed.iterdir())
+        for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors.index.json"):
+            assert (written / name).read_text() == (committed / name).read_text(), (written.name, name)
+        assert read_safetensors_header(written / "model.safetensors") == read_safetensors_header(
+            committed / "model.safetensors"
+        )
