@@ -7,7 +7,8 @@ import sys
 from importlib import import_module
 
 from . import __version__
-from .errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UserError
+from .diagnostics import SpecError
+from .errors import EXIT_ERRORS, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UserError
 
 COMMANDS = {
     "lint": "check spec files (and, with --model, match them against a model)",
@@ -17,9 +18,15 @@ COMMANDS = {
     "apply": "apply a spec to a model and write a fresh adapter directory (or --fuse a model)",
     "fuse": "merge trained adapters into a model's weights and write a model directory",
 }
+COMMAND_MODULES = {"import": "import_"}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def chosen_command(argv: list[str]) -> str | None:
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; only the chosen subcommand's module is imported (keeps `lint` light)."""
     parser = argparse.ArgumentParser(
         prog="adapterspec",
         description="Declarative adapter specs for MLX: lint, plan, apply, fuse.",
@@ -27,15 +34,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"adapterspec {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
-        module = import_module(f".commands.{name}", __package__)
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(sub)
-        sub.set_defaults(run=module.run)
+        if name == command:
+            module = import_module(f".commands.{COMMAND_MODULES.get(name, name)}", __package__)
+            module.add_arguments(sub)
+            sub.set_defaults(run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(chosen_command(argv))
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit:
@@ -50,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         if error.help:
             print(f"  help: {error.help}", file=sys.stderr)
         return error.exit_code
+    except SpecError as error:
+        print(error.render(), file=sys.stderr)
+        return EXIT_ERRORS
     except KeyboardInterrupt:
         print(f"adapterspec {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -1,0 +1,86 @@
+"""`adapterspec apply MODEL SPEC -o DIR`: a fresh (or given) adapter directory for a model, or with
+`--adapters … --fuse` a fused model directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from ..errors import EXIT_ERRORS, EXIT_OK, UserError
+from .common import print_diagnostics, spec_or_exit, unique
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a local mlx-lm model directory (or a repo id in the local cache)")
+    parser.add_argument("spec", help="the spec file (.aspec)")
+    parser.add_argument("-o", "--output", required=True, help="the adapter directory to write (with --fuse: the model directory)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the adapters' random initialisation (default 0)")
+    parser.add_argument("--adapters", help="trained adapter weights to use instead of fresh ones: an adapter directory or a .safetensors file")
+    parser.add_argument("--fuse", action="store_true", help="fuse the adapters into the model and write a model directory")
+    parser.add_argument("--dequantize", action="store_true", help="with --fuse: write the fused model unquantized")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    parser.add_argument("--strict", action="store_true", help="fail (exit 1) on warnings too")
+
+
+def adapter_weights_file(path: str) -> Path:
+    from ..adapter_dir import ADAPTER_WEIGHTS
+
+    given = Path(path)
+    if given.is_dir():
+        given = given / ADAPTER_WEIGHTS
+    if not given.is_file():
+        raise UserError(f"{path}: no adapter weights found", help=f"pass an adapter directory or a {ADAPTER_WEIGHTS} file")
+    return given
+
+
+def run(args) -> int:
+    import mlx.core as mx
+
+    from ..adapter_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, load_adapters, save_adapters
+    from ..apply import apply, plan_for_model
+    from ..diagnostics import SpecError
+    from ..io import load_model, resolve_model_path
+    from .plan import render
+
+    if args.fuse and not args.adapters:
+        raise UserError("--fuse needs trained adapters", help="add --adapters DIR_OR_FILE (fresh adapters would fuse to the unchanged model)")
+    spec, diagnostics, text, code = spec_or_exit(args.spec)
+    if spec is None:
+        return code
+    model_dir = resolve_model_path(args.model)
+    model, _config = load_model(model_dir)
+    try:
+        plan = plan_for_model(model, spec)
+    except SpecError as error:
+        print_diagnostics(unique(list(diagnostics) + error.diagnostics), text, args.spec)
+        return EXIT_ERRORS
+    all_diagnostics = unique(list(diagnostics) + plan.diagnostics)
+    print_diagnostics(all_diagnostics, text, args.spec)
+    if args.strict and all_diagnostics:
+        return EXIT_ERRORS
+    protect = [model_dir] + ([Path(args.adapters).parent if Path(args.adapters).is_file() else args.adapters] if args.adapters else [])
+    if not args.adapters:
+        mx.random.seed(args.seed)
+        apply(model, plan)
+        save_adapters(model, plan, args.output, force=args.force, protect=protect)
+        print(render(plan, verbose=False))
+        print(f"\nwrote fresh adapters (seed {args.seed}) to {args.output}")
+        return EXIT_OK
+    with tempfile.TemporaryDirectory(prefix=".adapterspec-") as staging:
+        staged = Path(staging)
+        (staged / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(plan), indent=2) + "\n", encoding="utf-8")
+        shutil.copyfile(adapter_weights_file(args.adapters), staged / ADAPTER_WEIGHTS)
+        if args.fuse:
+            from ..fuse import fuse_model_dir
+
+            fuse_model_dir(model_dir, staged, args.output, dequantize=args.dequantize, force=args.force)
+            print(f"fused {len(plan.entries)} modules into {args.output}", file=sys.stderr)
+        else:
+            load_adapters(model, staged)
+            save_adapters(model, plan, args.output, force=args.force, protect=protect)
+            print(f"wrote the given adapters with this spec to {args.output}", file=sys.stderr)
+    return EXIT_OK

@@ -1,0 +1,87 @@
+"""Pieces the subcommands share: reading a spec file with diagnostics, indexing a model, plain tables."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..diagnostics import Diagnostic, render_text
+from ..errors import EXIT_ERRORS, UserError
+from ..spec import Spec
+
+
+def read_spec(path: str) -> tuple[Optional[Spec], list[Diagnostic], Optional[str]]:
+    """A spec file's Spec (None on errors), its diagnostics and its text; unreadable files are UserErrors."""
+    from ..lint import check_bytes
+
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, not a spec file") from None
+    except OSError as error:
+        raise UserError(f"{path}: cannot read ({error.strerror})") from None
+    return check_bytes(data, path)
+
+
+def print_diagnostics(diagnostics: Sequence[Diagnostic], source: Optional[str], filename: str, stream=None) -> None:
+    if diagnostics:
+        stream = stream or sys.stderr
+        print(render_text(unique(diagnostics), {filename: source} if source is not None else {}), file=stream)
+
+
+def unique(diagnostics: Sequence[Diagnostic]) -> list[Diagnostic]:
+    """Diagnostics without repeats of the same code at the same place (static and model checks overlap)."""
+    seen, out = set(), []
+    for d in diagnostics:
+        key = (d.code, d.filename, d.span.line if d.span else None, d.span.column if d.span else None)
+        if key not in seen:
+            seen.add(key)
+            out.append(d)
+    return out
+
+
+def spec_or_exit(path: str) -> tuple[Optional[Spec], list[Diagnostic], Optional[str], int]:
+    """Read a spec; when it has errors print them and return the exit code 1 with no Spec."""
+    spec, diagnostics, text = read_spec(path)
+    if spec is None:
+        print_diagnostics(diagnostics, text, path)
+        return None, diagnostics, text, EXIT_ERRORS
+    return spec, diagnostics, text, 0
+
+
+def model_index(model: str):
+    """The ModuleIndex of a model directory (or locally cached repo id), read without mlx."""
+    from ..io import resolve_model_path
+    from ..modules import ModuleIndex
+
+    return ModuleIndex.from_model_dir(resolve_model_path(model))
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]], right: Sequence[int] = ()) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+
+    def line(row):
+        parts = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        return "  ".join(parts).rstrip()
+
+    rule = "  ".join("─" * w for w in widths)
+    return "\n".join([line(cells[0]), rule] + [line(r) for r in cells[1:]])
+
+
+def describe_shape(info) -> str:
+    if info.family == "switch":
+        text = f"{info.num_experts}×({info.input_dims}→{info.output_dims})"
+    elif info.family == "embedding":
+        text = f"{info.input_dims}×{info.output_dims}"
+    elif info.family == "linear":
+        text = f"{info.input_dims}→{info.output_dims}"
+    else:
+        text = ""
+    if info.bits is not None:
+        mode = "" if info.mode in (None, "affine") else f" {info.mode}"
+        text += f" q{info.bits}/g{info.group_size}{mode}"
+    return text
