@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import unicodedata
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Iterable
@@ -96,7 +97,20 @@ class SpecError(Exception):
         return render_text(self.diagnostics, {d.filename: self.source for d in self.diagnostics} if self.source else {})
 
 
-MAX_SHOWN_LINE = 200
+MAX_SHOWN_LINE = 160
+
+
+def _char_width(char: str) -> int:
+    if unicodedata.combining(char):
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+
+
+def _shown(char: str) -> str:
+    """What the excerpt prints for one source character: tabs as a space, control characters as '�'."""
+    if char == "\t":
+        return " "
+    return char if char.isprintable() else "\ufffd"
 
 
 def _source_excerpt(source: str, span: Span) -> list[str]:
@@ -104,36 +118,33 @@ def _source_excerpt(source: str, span: Span) -> list[str]:
     if not (1 <= span.line <= len(lines)):
         return []
     text = lines[span.line - 1].rstrip("\r")
-    start_col = span.column
-    if span.end_line == span.line:
-        end_col = max(span.end_column, start_col + 1)
-    else:
-        end_col = max(len(text) + 1, start_col + 1)
-    offset = 0
+    start = min(span.column - 1, len(text))
+    end = span.end_column - 1 if span.end_line == span.line else len(text)
+    end = max(end, start + 1)
+    window_start = 0
     if len(text) > MAX_SHOWN_LINE:
-        offset = max(0, start_col - 1 - MAX_SHOWN_LINE // 2)
-        text = ("…" if offset else "") + text[offset : offset + MAX_SHOWN_LINE] + "…"
-        shift = 1 if offset else 0
-        start_col = start_col - offset + shift
-        end_col = min(end_col - offset + shift, len(text) + 1)
+        window_start = max(0, min(start - MAX_SHOWN_LINE // 2, len(text) - MAX_SHOWN_LINE))
+    window = text[window_start : window_start + MAX_SHOWN_LINE]
+    before = "…" if window_start > 0 else ""
+    after = "…" if window_start + MAX_SHOWN_LINE < len(text) else ""
+    shown = [_shown(char) for char in window]
+    caret_start = len(before) + sum(_char_width(c) for c in shown[: start - window_start])
+    caret_width = sum(_char_width(c) for c in shown[start - window_start : end - window_start])
     gutter = str(span.line)
     pad = " " * len(gutter)
-    text = text.replace("\t", " ")
-    carets = " " * (start_col - 1) + "^" * max(1, end_col - start_col)
-    return [f"{gutter} | {text}", f"{pad} | {carets}"]
+    carets = " " * caret_start + "^" * max(1, caret_width)
+    return [f"{gutter} | {before}{''.join(shown)}{after}".rstrip(), f"{pad} | {carets}"]
 
 
 def render_one(diagnostic: Diagnostic, source: str | None = None) -> str:
+    """`path:line:col: CODE message`, the source line with carets under the span, notes, `help:`."""
     d = diagnostic
     label = "" if d.severity is Severity.ERROR else f"{d.severity.value}: "
-    if d.span is not None:
-        head = f"{d.filename}:{d.span.line}:{d.span.column}: {d.code} {label}{d.message}"
-    else:
-        head = f"{d.filename}: {d.code} {label}{d.message}"
-    out = [head]
+    where = f"{d.filename}:{d.span.line}:{d.span.column}" if d.span is not None else d.filename
+    out = [f"{where}: {d.code} {label}{d.message}"]
     if d.span is not None and source is not None:
         out.extend("  " + line for line in _source_excerpt(source, d.span))
-    out.extend(f"  note: {n}" for n in d.notes)
+    out.extend(f"  note: {note}" for note in d.notes)
     if d.help:
         out.append(f"  help: {d.help}")
     return "\n".join(out)
@@ -145,8 +156,9 @@ def sort_key(d: Diagnostic):
 
 
 def render_text(diagnostics: Iterable[Diagnostic], sources: dict[str, str] | None = None) -> str:
+    """Every diagnostic as `render_one` prints it, separated by blank lines."""
     sources = sources or {}
-    return "\n".join(render_one(d, sources.get(d.filename)) for d in diagnostics)
+    return "\n\n".join(render_one(d, sources.get(d.filename)) for d in diagnostics)
 
 
 def render_json(diagnostics: Iterable[Diagnostic]) -> str:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
+import threading
+import unicodedata
 from functools import lru_cache
 from pathlib import Path
 
@@ -14,10 +18,17 @@ from .diagnostics import Diagnostic, Severity, Span
 
 MAX_FILE_BYTES = 1 << 20
 MAX_LINE_CHARS = 4096
+WHITESPACE = " \t\f\r"
 
 SELECTOR_TOKENS = frozenset(
     {"ROOT", "SEGNAME", "STAR", "DOUBLESTAR", "DOT", "LANGLE", "RANGLE", "LBRACKET", "RBRACKET", "AT"}
 )
+KEYWORDS = {"DEFAULTS_KW": "defaults", "VERSION_KW": "adapterspec"}
+CLOSERS = {"RPAR": ("(", ")"), "RBRACKET": ("[", "]"), "RANGLE": ("<", ">")}
+OPENERS = {"LPAR": "(", "LBRACKET": "[", "LANGLE": "<"}
+BRACKET_PAIRS = {"(": ")", "[": "]", "<": ">"}
+NAME_TOKENS = frozenset({"SEGNAME", "WORD"})
+ALTERNATIVE_TOKENS = frozenset({"SEGNAME", "WORD", "STAR"})
 
 TERMINAL_WORDS = {
     "COLON": "':'",
@@ -41,52 +52,60 @@ TERMINAL_WORDS = {
     "SIGNED_NUMBER": "a number",
     "VERSION_KW": "'adapterspec'",
     "DEFAULTS_KW": "'defaults'",
-    "$END": "end of line",
+    "$END": "the end of the line",
 }
 
+RULE_HELP = "a rule reads SELECTOR: TRANSFORM, e.g. 'self_attn.q_proj: lora(r=8)'"
+INDEX_HELP = "an index reads [*], [3], [-1], [0:8], [-4:], [::2] or [0,5,9]"
 
-class _SelectorSpaces:
-    """Post-lexer: drops spaces, but turns a space between two selector tokens into a GAP token.
 
-    Spaces are allowed inside `[...]` and `<...>`; anywhere else inside a selector they are an
-    error at the space itself, which is where a forgotten ':' usually is.
-    """
+class _LineScanner:
+    """Post-lexer for one line: drops spaces and comments (keeping the comments), remembers the
+    tokens it passed on, and turns a space between two selector tokens into a GAP token, which no
+    grammar rule accepts. Spaces are allowed inside `[...]` and `<...>`."""
 
-    always_accept = ("WS",)
+    always_accept = ("WS", "COMMENT")
 
     def __init__(self):
-        self.gap_next = ""
-        self.gap_next_is_name = False
-        self.recent: list[str] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.comments: list[Token] = []
+        self.passed: list[Token] = []
+        self.gap_next: Token | None = None
+        self.gap_in_alternation = False
 
     def process(self, stream):
-        previous = None
         pending_space = None
-        depth = 0
-        self.recent = []
+        brackets = 0
+        angles = 0
         for token in stream:
+            if token.type == "COMMENT":
+                self.comments.append(token)
+                continue
             if token.type == "WS":
                 pending_space = token
                 continue
-            if (
-                pending_space is not None
-                and depth == 0
-                and previous is not None
-                and previous.type in SELECTOR_TOKENS
-                and token.type in SELECTOR_TOKENS | {"WORD"}
-            ):
-                self.gap_next = str(token)
-                self.gap_next_is_name = token.type in ("SEGNAME", "WORD")
+            previous = self.passed[-1] if self.passed else None
+            if pending_space is not None and previous is not None and self.splits(previous, token, brackets, angles):
+                self.gap_next = token
+                self.gap_in_alternation = angles > 0
                 yield Token.new_borrow_pos("GAP", pending_space.value, pending_space)
                 return
             pending_space = None
-            if token.type in ("LBRACKET", "LANGLE"):
-                depth += 1
-            elif token.type in ("RBRACKET", "RANGLE"):
-                depth = max(0, depth - 1)
-            previous = token
-            self.recent = [self.recent[-1], token.type] if self.recent else [token.type]
+            brackets += {"LBRACKET": 1, "RBRACKET": -1}.get(token.type, 0)
+            angles += {"LANGLE": 1, "RANGLE": -1}.get(token.type, 0)
+            self.passed.append(token)
             yield token
+
+    @staticmethod
+    def splits(previous: Token, token: Token, brackets: int, angles: int) -> bool:
+        """Whether a space between these two tokens cuts a selector (or one alternative) in two."""
+        if angles > 0:
+            return previous.type in ALTERNATIVE_TOKENS and token.type in ALTERNATIVE_TOKENS
+        if brackets > 0:
+            return False
+        return previous.type in SELECTOR_TOKENS and token.type in SELECTOR_TOKENS | NAME_TOKENS
 
 
 def grammar_text() -> str:
@@ -96,71 +115,79 @@ def grammar_text() -> str:
     return (Path(__file__).parent.parent / "grammar" / "adapterspec.lark").read_text(encoding="utf-8")
 
 
-class _Comments:
-    def __init__(self):
-        self.found: list[Token] = []
+def _cache_file(grammar: str) -> str | None:
+    """Where the analysed parser is kept between runs (it loads ~7× faster than it builds)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    if not os.path.isabs(base):
+        return None
+    directory = os.path.join(base, "adapterspec")
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError:
+        return None
+    digest = hashlib.sha256(grammar.encode("utf-8")).hexdigest()[:16]
+    return os.path.join(directory, f"parser-{digest}.lark")
 
-    def __call__(self, token: Token) -> Token:
-        self.found.append(token)
-        return token
 
-
-_comments = _Comments()
-_selector_spaces = _SelectorSpaces()
+_scanner = _LineScanner()
+_parse_lock = threading.Lock()
 
 
 @lru_cache(maxsize=1)
 def line_parser() -> Lark:
-    text = grammar_text().replace("%ignore /[ \\t\\f\\r]+/", "WS: /[ \\t\\f\\r]+/")
-    return Lark(
-        text,
-        parser="lalr",
-        lexer="contextual",
-        postlex=_selector_spaces,
-        maybe_placeholders=True,
-        lexer_callbacks={"COMMENT": _comments},
-    )
+    grammar = grammar_text()
+    options = dict(parser="lalr", lexer="contextual", postlex=_scanner, maybe_placeholders=True)
+    cache = _cache_file(grammar)
+    if cache is not None:
+        # Lark checks the cached file against a hash of the grammar and its own version, and
+        # builds afresh (overwriting it) when the file is stale, unreadable or corrupt.
+        return Lark(grammar, cache=cache, **options)
+    return Lark(grammar, **options)
 
 
-def _diag(code: str, message: str, span: Span | None, help: str | None = None, filename: str = "<spec>") -> Diagnostic:
+def _error(code: str, message: str, span: Span | None, help: str | None = None, filename: str = "<spec>") -> Diagnostic:
     return Diagnostic(code, Severity.ERROR, message, span, help, filename)
 
 
-def decode(data: bytes, filename: str) -> tuple[str | None, list[Diagnostic]]:
-    """Bytes → text, or an AS100/AS105 diagnostic for binary, non-UTF-8 or oversized input."""
-    if len(data) > MAX_FILE_BYTES:
-        return None, [
-            _diag(
-                "AS105",
-                f"file is too large ({len(data):,} bytes; a spec may have at most {MAX_FILE_BYTES:,})",
-                None,
-                "a spec is a short list of rules; is this the right file?",
-                filename,
-            )
-        ]
+def decode(data: bytes, filename: str, size: int | None = None) -> tuple[str | None, list[Diagnostic]]:
+    """Bytes → text, or an AS100/AS105 diagnostic for binary, non-UTF-8 or oversized input.
+
+    `size` is the file's full size when `data` holds only its beginning.
+    """
+    size = max(size or 0, len(data))
+    if size > MAX_FILE_BYTES:
+        message = f"file is too large ({size:,} bytes; a spec may have at most {MAX_FILE_BYTES:,})"
+        return None, [_error("AS105", message, None, "a spec is a short list of rules; is this the right file?", filename)]
     if b"\x00" in data:
-        offset = data.index(b"\x00")
-        text = data[:offset].decode("utf-8", "replace")
+        prefix = data[: data.index(b"\x00")].decode("utf-8", "replace")
+        span = Span.at(prefix + " ", len(prefix), len(prefix) + 1)
         return None, [
-            _diag("AS100", "file is binary (it contains a NUL byte)", Span.at(text, len(text), len(text) + 1),
-                  "adapterspec reads UTF-8 text files (.aspec)", filename)
+            _error("AS100", "file is binary (it contains a NUL byte)", span, "adapterspec reads UTF-8 text files (.aspec)", filename)
         ]
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         prefix = data[: error.start].decode("utf-8", "replace")
-        return None, [
-            _diag(
-                "AS100",
-                f"file is not valid UTF-8 (byte 0x{data[error.start]:02x} at offset {error.start})",
-                Span.at(prefix, len(prefix), len(prefix) + 1),
-                "save the file as UTF-8",
-                filename,
-            )
-        ]
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    return text, []
+        span = Span.at(prefix + " ", len(prefix), len(prefix) + 1)
+        message = f"file is not valid UTF-8 (byte 0x{data[error.start]:02x} at offset {error.start})"
+        return None, [_error("AS100", message, span, "save the file as UTF-8", filename)]
+    return strip_bom(text), []
+
+
+def strip_bom(text: str) -> str:
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+class _NumberTooLarge(Exception):
+    def __init__(self, token: Token):
+        self.token = token
+
+
+def _integer(token: Token) -> int:
+    try:
+        return int(token)
+    except ValueError:
+        raise _NumberTooLarge(token) from None
 
 
 class _LineConverter:
@@ -177,15 +204,16 @@ class _LineConverter:
         return self.span(token.start_pos, token.end_pos)
 
     def tree_span(self, tree: Tree | Token) -> Span:
-        tokens = [tree] if isinstance(tree, Token) else [t for t in tree.scan_values(lambda v: isinstance(v, Token))]
+        if isinstance(tree, Token):
+            return self.tspan(tree)
+        tokens = list(tree.scan_values(lambda v: isinstance(v, Token)))
         return self.span(min(t.start_pos for t in tokens), max(t.end_pos for t in tokens))
 
     def item(self, tree: Tree) -> ast.Item:
-        handler = getattr(self, tree.data)
-        return handler(tree)
+        return getattr(self, tree.data)(tree)
 
     def version(self, tree: Tree) -> ast.VersionLine:
-        return ast.VersionLine(int(tree.children[1]), self.tree_span(tree))
+        return ast.VersionLine(_integer(tree.children[1]), self.tree_span(tree))
 
     def defaults(self, tree: Tree) -> ast.DefaultsLine:
         return ast.DefaultsLine(self.transform(tree.children[1]), self.tree_span(tree))
@@ -194,8 +222,7 @@ class _LineConverter:
         selector_tree, type_tree, _colon, transform_tree = tree.children
         type_filter = None
         if type_tree is not None:
-            name = type_tree.children[1]
-            type_filter = ast.TypeFilter(str(name), self.tree_span(type_tree))
+            type_filter = ast.TypeFilter(str(type_tree.children[1]), self.tree_span(type_tree))
         return ast.RuleLine(
             self.selector(selector_tree), type_filter, self.transform(transform_tree), self.tree_span(tree)
         )
@@ -203,20 +230,14 @@ class _LineConverter:
     def selector(self, tree: Tree) -> ast.Selector:
         anchored = isinstance(tree.children[0], Token) and tree.children[0].type == "ROOT"
         segments = tuple(self.segment(c) for c in tree.children if isinstance(c, Tree))
-        span = self.tree_span(tree)
-        tokens = sorted(tree.scan_values(lambda v: isinstance(v, Token)), key=lambda t: t.start_pos)
-        text = "".join(str(t) if t.type not in ("COMMA",) else "," for t in tokens)
-        return ast.Selector(anchored, segments, span, text)
+        return ast.Selector(anchored, segments, self.tree_span(tree), ast.selector_text(anchored, segments))
 
     def segment(self, tree: Tree) -> ast.Segment:
         if tree.data == "deep_segment":
             return ast.DeepSegment(self.tree_span(tree))
         children = list(tree.children)
-        index = None
-        if children and isinstance(children[-1], Tree) and children[-1].data == "index":
-            index = self.index(children.pop())
-        elif children and children[-1] is None:
-            children.pop()
+        last = children.pop()
+        index = self.index(last) if last is not None else None
         pieces = tuple(self.piece(c) for c in children)
         return ast.NameSegment(pieces, index, self.tree_span(tree))
 
@@ -227,12 +248,13 @@ class _LineConverter:
             return ast.Star(self.tree_span(tree))
         options = []
         for alternative in tree.children:
-            if isinstance(alternative, Tree) and alternative.data == "alternative":
-                parts = tuple(
-                    ast.Star(self.tspan(t)) if t.type == "STAR" else ast.Literal(str(t), self.tspan(t))
-                    for t in alternative.children
+            if isinstance(alternative, Tree):
+                options.append(
+                    tuple(
+                        ast.Star(self.tspan(t)) if t.type == "STAR" else ast.Literal(str(t), self.tspan(t))
+                        for t in alternative.children
+                    )
                 )
-                options.append(parts)
         return ast.Alternation(tuple(options), self.tree_span(tree))
 
     def index(self, tree: Tree) -> ast.Index:
@@ -241,37 +263,47 @@ class _LineConverter:
         if body.data == "index_all":
             return ast.IndexAll(span)
         if body.data == "index_list":
-            return ast.IndexList(tuple(int(t) for t in body.children if t.type == "SIGNED_INT"), span)
-        values: list[int | None] = []
+            return ast.IndexList(tuple(_integer(t) for t in body.children if t.type == "SIGNED_INT"), span)
+        bounds: list[int | None] = []
         current: int | None = None
         for child in body.children:
             if isinstance(child, Token) and child.type == "COLON":
-                values.append(current)
+                bounds.append(current)
                 current = None
             elif child is not None:
-                current = int(child)
-        values.append(current)
-        values += [None] * (3 - len(values))
-        return ast.IndexSlice(values[0], values[1], values[2], span)
+                current = _integer(child)
+        bounds.append(current)
+        bounds += [None] * (3 - len(bounds))
+        return ast.IndexSlice(bounds[0], bounds[1], bounds[2], span)
 
     def transform(self, tree: Tree) -> ast.TransformCall:
-        name = tree.children[0]
-        arguments_tree = tree.children[1] if len(tree.children) > 1 else None
+        name, arguments_tree = tree.children
         arguments = None
         if arguments_tree is not None:
             arguments = tuple(self.argument(a) for a in arguments_tree.children if isinstance(a, Tree))
         return ast.TransformCall(str(name), self.tspan(name), arguments, self.tree_span(tree))
 
     def argument(self, tree: Tree) -> ast.Argument:
-        name, _eq, value_tree = tree.children
+        name, _equal, value_tree = tree.children
         token = value_tree.children[0]
         raw = str(token)
         value: int | float | str
-        if value_tree.data == "number":
-            value = int(raw) if re.fullmatch(r"[+-]?\d+", raw) else float(raw)
-        else:
+        if value_tree.data == "word":
             value = raw
+        elif re.fullmatch(r"[+-]?\d+", raw):
+            value = _integer(token)
+        else:
+            value = float(raw)
         return ast.Argument(str(name), self.tspan(name), raw, value, self.tspan(token), self.tree_span(tree))
+
+
+def describe_char(char: str) -> str:
+    """`'x'`, or for an invisible or non-ASCII character also its code point and name."""
+    if char.isascii() and char.isprintable():
+        return repr(char)
+    name = unicodedata.name(char, "")
+    shown = repr(char) if char.isprintable() else f"'\\u{ord(char):04x}'"
+    return f"{shown} (U+{ord(char):04X}{' ' + name if name else ''})"
 
 
 def _expected_words(expected) -> str:
@@ -279,74 +311,180 @@ def _expected_words(expected) -> str:
     return ", ".join(words)
 
 
-def _syntax_diagnostic(error: UnexpectedInput, line_no: int, offset: int, line: str, filename: str) -> Diagnostic:
-    column = error.column if isinstance(error.column, int) and error.column > 0 else len(line) + 1
-    if isinstance(error, UnexpectedCharacters):
+class _SyntaxErrorReport:
+    """Turns one Lark exception on one line into the most helpful AS1xx diagnostic."""
+
+    def __init__(self, line: str, line_no: int, offset: int, filename: str, scanner: _LineScanner):
+        self.line = line
+        self.line_no = line_no
+        self.offset = offset
+        self.filename = filename
+        self.passed = [t.type for t in scanner.passed]
+        self.gap_next = scanner.gap_next
+        self.gap_in_alternation = scanner.gap_in_alternation
+
+    def span(self, start: int, end: int) -> Span:
+        end = max(end, start + 1)
+        return Span(self.line_no, start + 1, self.line_no, end + 1, self.offset + start, self.offset + end)
+
+    def error(self, code: str, message: str, span: Span, help: str | None = None) -> Diagnostic:
+        return _error(code, message, span, help, self.filename)
+
+    def diagnostic(self, error: UnexpectedInput) -> Diagnostic:
+        if isinstance(error, UnexpectedCharacters):
+            return self.unexpected_character(error)
+        assert isinstance(error, UnexpectedToken)
+        if error.token.type == "GAP":
+            return self.gap(error.token)
+        if error.token.type == "$END":
+            return self.early_end(set(error.expected or ()))
+        return self.unexpected_token(error.token, set(error.expected or ()))
+
+    def unexpected_character(self, error: UnexpectedCharacters) -> Diagnostic:
         start = error.pos_in_stream
-        char = line[start] if start < len(line) else ""
-        span = Span(line_no, start + 1, line_no, start + 2, offset + start, offset + start + 1)
+        char = self.line[start] if start < len(self.line) else ""
         help_text = None
         if char == "-":
-            help_text = "module names contain letters, digits and '_'; negative numbers appear only inside [...]"
+            help_text = "module names contain letters, digits and '_'; a negative number appears only inside [...] or as a value"
         elif char in "'\"":
             help_text = "values are written without quotes: lora(r=8, rslora=true)"
-        elif char == "\t":
-            help_text = None
+        elif char in "{}":
+            help_text = "alternatives are written in angle brackets: '<q,k,v>_proj'"
+        elif not char.isascii():
+            help_text = "module names, transforms and arguments are ASCII; non-ASCII text belongs in comments"
+        message = f"unexpected character {describe_char(char)}"
         expected = _expected_words(error.allowed or ())
-        message = f"unexpected character {char!r}"
         if expected:
             message += f"; expected {expected}"
-        return _diag("AS101", message, span, help_text, filename)
+        return self.error("AS101", message, self.span(start, start + 1), help_text)
 
-    assert isinstance(error, UnexpectedToken)
-    token = error.token
-    expected = set(error.expected or ())
-    if token.type == "GAP":
-        start = token.start_pos
-        span = Span(line_no, start + 1, line_no, start + 1 + len(token.value), offset + start, offset + start + len(token.value))
-        nxt = _selector_spaces.gap_next
+    def gap(self, token: Token) -> Diagnostic:
         help_text = "a selector contains no spaces outside [...] and <...>; remove the space"
-        if _selector_spaces.gap_next_is_name:
-            help_text += f", or, if '{nxt}' begins the transform, put ':' before it"
-        return _diag("AS103", "space inside a selector", span, help_text, filename)
-    if token.type == "$END":
-        start = len(line.rstrip())
-        end_span = Span(line_no, start + 1, line_no, start + 2, offset + start, offset + start + 1)
-        for closer, opener in (("RPAR", "("), ("RBRACKET", "["), ("RANGLE", "<")):
-            if closer in expected:
-                return _diag("AS104", f"'{opener}' is not closed before the end of the line", end_span,
-                             f"add the missing '{TERMINAL_WORDS[closer][1]}'", filename)
-        if "COLON" in expected:
-            return _diag("AS102", "expected ':' and a transform after the selector", end_span,
-                         "a rule reads SELECTOR: TRANSFORM, e.g. 'self_attn.q_proj: lora(r=8)'", filename)
-        if "WORD" in expected:
-            return _diag("AS106", "missing transform", end_span,
-                         "write one of lora, dora, full, none", filename)
-        return _diag("AS101", f"unexpected end of line; expected {_expected_words(expected)}", end_span, None, filename)
+        if self.gap_in_alternation:
+            help_text = "an alternative is one name: remove the space, or separate alternatives with ','"
+        following = self.gap_next
+        if following is not None and following.type in NAME_TOKENS and not self.gap_in_alternation:
+            help_text += f", or, if '{following}' begins the transform, put ':' before it"
+        start = token.start_pos
+        return self.error("AS103", "space inside a selector", self.span(start, start + len(token.value)), help_text)
 
-    start = token.start_pos
-    span = Span(line_no, start + 1, line_no, start + 1 + len(token.value), offset + start, offset + start + len(token.value))
-    for closer, opener in (("RBRACKET", "["), ("RANGLE", "<"), ("RPAR", "(")):
-        if closer in expected and token.type not in ("COMMA", "COLON", "SIGNED_INT", "STAR", "SEGNAME", "WORD"):
-            return _diag("AS104", f"'{opener}' is not closed", span, f"add the missing '{TERMINAL_WORDS[closer][1]}'", filename)
-    if token.type == "COLON" and "RBRACKET" not in expected and "SEGNAME" in expected:
-        return _diag("AS106", "a selector must not be empty", span, "write a module path before ':', e.g. 'q_proj: lora'", filename)
-    recent = _selector_spaces.recent
-    follows_deep = bool(recent) and recent[-1] == "DOUBLESTAR" and token.type in ("SEGNAME", "WORD", "STAR", "LANGLE")
-    if token.type == "DOUBLESTAR" or follows_deep:
-        return _diag("AS107", "'**' must stand alone as a whole segment", span,
-                     "write '**.*_proj' rather than '**_proj'", filename)
-    if token.type == "DOT" and "SEGNAME" in expected:
-        return _diag("AS107", "empty segment in a selector", span, "remove the extra '.'", filename)
-    if token.type == "LANGLE" and "SEGNAME" in expected and "COMMA" in expected | {"COMMA"}:
-        return _diag("AS107", "alternations do not nest", span,
-                     "list every alternative once: '<q,k,v>_proj'", filename)
-    if "RBRACKET" in expected:
-        return _diag("AS104", "'[' is not closed", span, "an index reads [*], [3], [-1], [0:8], [::2] or [0,5,9]", filename)
-    if "COLON" in expected and token.type in ("WORD", "SEGNAME", "LPAR"):
-        return _diag("AS102", f"expected ':' before {token.value!r}", span,
-                     "a rule reads SELECTOR: TRANSFORM, e.g. 'self_attn.q_proj: lora(r=8)'", filename)
-    return _diag("AS101", f"unexpected {token.value!r}; expected {_expected_words(expected)}", span, None, filename)
+    def keyword_misuse(self, token_span: Span) -> Diagnostic | None:
+        if len(self.passed) != 1 or self.passed[0] not in KEYWORDS:
+            return None
+        word = KEYWORDS[self.passed[0]]
+        return self.error(
+            "AS101",
+            f"'{word}' at the start of a line is a keyword, not a module name",
+            token_span,
+            f"to select a module named '{word}', write '**.{word}' (or a path from the root: '/model.{word}')",
+        )
+
+    def early_end(self, expected: set[str]) -> Diagnostic:
+        expected = expected - {"WS", "COMMENT"}
+        start = len(self.line.rstrip())
+        span = self.span(start, start + 1)
+        last = self.passed[-1] if self.passed else None
+        for closer, (opener, close) in CLOSERS.items():
+            if closer in expected:
+                return self.error("AS104", f"'{opener}' is not closed before the end of the line", span, f"add the missing '{close}'")
+        if last == "DOT":
+            return self.error("AS107", "a selector must not end with '.'", span, "remove the '.' or add a segment after it")
+        if last == "AT":
+            return self.error("AS101", "missing type after '@'", span, "use @linear, @switch, @embedding or a class name")
+        if last == "ROOT":
+            return self.error("AS106", "a selector must not be empty", span, "write a module path after '/', e.g. '/lm_head: lora'")
+        if last == "DEFAULTS_KW":
+            return self.error("AS106", "missing transform after 'defaults'", span, "a defaults line reads 'defaults lora(r=8, scale=20.0)'")
+        if last == "VERSION_KW":
+            return self.error("AS101", "missing version number", span, "the version line reads 'adapterspec 1'")
+        if last == "EQUAL":
+            return self.error("AS101", "missing value after '='", span, "for example r=8")
+        if "COLON" in expected:
+            return self.error("AS102", "expected ':' and a transform after the selector", span, RULE_HELP)
+        if last == "COLON":
+            return self.error("AS106", "missing transform", span, "write one of lora, dora, full, none")
+        return self.error("AS101", f"unexpected end of line; expected {_expected_words(expected)}", span)
+
+    def open_bracket(self) -> str | None:
+        """The innermost bracket that is open where the error is: '(', '[', '<' or None."""
+        stack: list[str] = []
+        for kind in self.passed:
+            if kind in OPENERS:
+                stack.append(OPENERS[kind])
+            elif kind in CLOSERS and stack:
+                stack.pop()
+        return stack[-1] if stack else None
+
+    def unexpected_token(self, token: Token, expected: set[str]) -> Diagnostic:
+        expected = expected - {"WS", "COMMENT"}
+        kind = "NAME" if token.type in NAME_TOKENS else token.type
+        start = token.start_pos
+        span = self.span(start, start + len(token.value))
+        last = self.passed[-1] if self.passed else None
+        shown = f"'{token.value}'"
+        bracket = self.open_bracket()
+        closed_later = bracket is not None and BRACKET_PAIRS[bracket] in self.line[start:]
+        misuse = self.keyword_misuse(span)
+        if misuse is not None:
+            return misuse
+        if kind == "COLON" and last in (None, "ROOT"):
+            return self.error("AS106", "a selector must not be empty", span, "write a module path before ':', e.g. 'q_proj: lora'")
+        if kind == "DOUBLESTAR" or (last == "DOUBLESTAR" and kind in ("NAME", "STAR", "LANGLE", "LBRACKET")):
+            return self.error("AS107", "'**' must stand alone as a whole segment", span,
+                              "write '**.*_proj' rather than '**_proj'; '**' takes no index")
+        if kind in ("DOT", "COLON", "AT") and last in (None, "DOT", "ROOT"):
+            return self.error("AS107", "empty segment in a selector", span, "remove the extra '.'")
+        if kind in ("COLON", "DOT") and last == "AT":
+            return self.error("AS101", "missing type after '@'", span, "use @linear, @switch, @embedding or a class name")
+        if bracket == "<" and kind == "LANGLE":
+            return self.error("AS107", "alternations do not nest", span, "list every alternative once: '<q,k,v>_proj'")
+        if kind == "RBRACKET" and last == "LBRACKET":
+            return self.error("AS101", "empty index '[]'", span, INDEX_HELP)
+        if kind == "RANGLE" and last in ("LANGLE", "COMMA"):
+            return self.error("AS101", "empty alternative in '<...>'", span, "write '<q,k,v>_proj': every alternative is a name")
+        if bracket is not None and not closed_later:
+            return self.error("AS104", f"'{bracket}' is not closed", span, f"add the missing '{BRACKET_PAIRS[bracket]}'")
+        if bracket == "[":
+            return self.error("AS101", f"unexpected {shown} in an index", span, INDEX_HELP)
+        if bracket == "<":
+            return self.error("AS101", f"unexpected {shown} in an alternation", span,
+                              "an alternation lists names and '*' between ',': '<q,k,v>_proj'")
+        if bracket == "(" and kind in ("NAME", "SIGNED_NUMBER") and last not in ("LPAR", "COMMA", "EQUAL"):
+            return self.error("AS101", f"expected ',' or ')' before {shown}", span, "arguments are separated by ','")
+        if "COLON" in expected and kind in ("NAME", "LPAR"):
+            return self.error("AS102", f"expected ':' before {shown}", span, RULE_HELP)
+        if not expected:
+            return self.error("AS101", f"unexpected {shown}: the line is already complete", span,
+                              "one rule per line; a comment starts with '#'")
+        return self.error("AS101", f"unexpected {shown}; expected {_expected_words(expected)}", span)
+
+
+def _comment(converter: _LineConverter, token: Token, trailing: bool) -> ast.Comment:
+    text = str(token).rstrip()
+    return ast.Comment(text, converter.span(token.start_pos, token.start_pos + len(text)), trailing)
+
+
+def _parse_line(parser: Lark, tree: ast.SpecTree, line: str, line_no: int, offset: int) -> Diagnostic | None:
+    converter = _LineConverter(line_no, offset)
+    stripped = line.lstrip(WHITESPACE)
+    if stripped.startswith("#"):
+        start = len(line) - len(stripped)
+        tree.comments.append(_comment(converter, Token("COMMENT", stripped, start, end_pos=len(line)), False))
+        return None
+    _scanner.reset()
+    try:
+        parsed = parser.parse(line)
+        item = converter.item(parsed.children[0]) if parsed.children[0] is not None else None
+    except UnexpectedInput as error:
+        return _SyntaxErrorReport(line, line_no, offset, tree.filename, _scanner).diagnostic(error)
+    except _NumberTooLarge as error:
+        token = error.token
+        return _error("AS101", "number too large", converter.tspan(token), None, tree.filename)
+    for token in _scanner.comments:
+        tree.comments.append(_comment(converter, token, item is not None))
+    if item is not None:
+        tree.items.append(item)
+    return None
 
 
 def parse_text(text: str, filename: str = "<spec>") -> tuple[ast.SpecTree, list[Diagnostic]]:
@@ -355,31 +493,21 @@ def parse_text(text: str, filename: str = "<spec>") -> tuple[ast.SpecTree, list[
     diagnostics: list[Diagnostic] = []
     parser = line_parser()
     offset = 0
-    for line_no, raw_line in enumerate(text.split("\n"), start=1):
-        line = raw_line[:-1] if raw_line.endswith("\r") else raw_line
-        line_offset = offset
-        offset += len(raw_line) + 1
-        if not line.strip():
-            tree.blank_lines.append(line_no)
-            continue
-        if len(line) > MAX_LINE_CHARS:
-            span = Span(line_no, MAX_LINE_CHARS + 1, line_no, len(line) + 1, line_offset + MAX_LINE_CHARS, line_offset + len(line))
-            diagnostics.append(_diag("AS105", f"line is too long ({len(line):,} characters; at most {MAX_LINE_CHARS:,})",
-                                     span, "split it into several rules", filename))
-            continue
-        _comments.found = []
-        converter = _LineConverter(line_no, line_offset)
-        try:
-            parsed = parser.parse(line)
-        except UnexpectedInput as error:
-            diagnostics.append(_syntax_diagnostic(error, line_no, line_offset, line, filename))
-            continue
-        finally:
-            comments = _comments.found
-            _comments.found = []
-        code_seen = bool(parsed.children) and parsed.children[0] is not None
-        for token in comments:
-            tree.comments.append(ast.Comment(str(token), converter.tspan(token), trailing=code_seen))
-        if code_seen:
-            tree.items.append(converter.item(parsed.children[0]))
+    with _parse_lock:
+        for line_no, raw_line in enumerate(text.split("\n"), start=1):
+            line = raw_line[:-1] if raw_line.endswith("\r") else raw_line
+            line_offset = offset
+            offset += len(raw_line) + 1
+            if not line.strip(WHITESPACE):
+                tree.blank_lines.append(line_no)
+                continue
+            if len(line) > MAX_LINE_CHARS:
+                span = Span(line_no, MAX_LINE_CHARS + 1, line_no, len(line) + 1, line_offset + MAX_LINE_CHARS, line_offset + len(line))
+                message = f"line is too long ({len(line):,} characters; at most {MAX_LINE_CHARS:,})"
+                diagnostic = _error("AS105", message, span, "split it into several rules", filename)
+            else:
+                diagnostic = _parse_line(parser, tree, line, line_no, line_offset)
+            if diagnostic is not None:
+                diagnostics.append(diagnostic)
+                tree.failed_lines.append(line_no)
     return tree, diagnostics

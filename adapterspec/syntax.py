@@ -71,6 +71,8 @@ Segment = Union[DeepSegment, NameSegment]
 
 @dataclass(frozen=True)
 class Selector:
+    """A dotted path pattern; `text` is its canonical spelling (see `selector_text`)."""
+
     anchored: bool
     segments: tuple[Segment, ...]
     span: Span
@@ -133,10 +135,53 @@ class Comment:
 
 @dataclass
 class SpecTree:
-    """A parsed file: its items in order, its comments, and the source it came from."""
+    """A parsed file: its items in order, its comments, and the source it came from.
+
+    `failed_lines` are the lines that did not parse (each has an AS1xx diagnostic).
+    """
 
     source: str
     filename: str
     items: list[Item] = field(default_factory=list)
     comments: list[Comment] = field(default_factory=list)
     blank_lines: list[int] = field(default_factory=list)
+    failed_lines: list[int] = field(default_factory=list)
+
+
+def _piece_text(piece: Piece) -> str:
+    if isinstance(piece, Literal):
+        return piece.text
+    if isinstance(piece, Star):
+        return "*"
+    return "<" + ",".join("".join(_piece_text(part) for part in option) for option in piece.options) + ">"
+
+
+def _bound(value: int | None) -> str:
+    return "" if value is None else str(value)
+
+
+def index_text(index: Index) -> str:
+    if isinstance(index, IndexAll):
+        return "[*]"
+    if isinstance(index, IndexList):
+        return "[" + ",".join(str(value) for value in index.values) + "]"
+    body = f"{_bound(index.start)}:{_bound(index.stop)}"
+    if index.step is not None:
+        body += f":{index.step}"
+    return f"[{body}]"
+
+
+def segment_text(segment: Segment) -> str:
+    if isinstance(segment, DeepSegment):
+        return "**"
+    text = "".join(_piece_text(piece) for piece in segment.pieces)
+    return text + (index_text(segment.index) if segment.index is not None else "")
+
+
+def selector_text(anchored: bool, segments: tuple[Segment, ...]) -> str:
+    """The canonical spelling of a selector: no spaces, `<a,b>`, `[0,5,9]`, `[-4:]`, `[::2]`."""
+    return ("/" if anchored else "") + ".".join(segment_text(segment) for segment in segments)
+
+
+def argument_text(argument: Argument) -> str:
+    return f"{argument.name}={argument.raw}"
