@@ -158,6 +158,10 @@ def decode(data: bytes, filename: str, size: int | None = None) -> tuple[str | N
     if size > MAX_FILE_BYTES:
         message = f"file is too large ({size:,} bytes; a spec may have at most {MAX_FILE_BYTES:,})"
         return None, [_error("AS105", message, None, "a spec is a short list of rules; is this the right file?", filename)]
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        encoding = "UTF-32" if data.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")) else "UTF-16"
+        return None, [_error("AS100", f"file is {encoding}, not UTF-8", Span(1, 1, 1, 1, 0, 0),
+                             "save the file as UTF-8", filename)]
     if b"\x00" in data:
         prefix = data[: data.index(b"\x00")].decode("utf-8", "replace")
         span = Span.at(prefix + " ", len(prefix), len(prefix) + 1)
@@ -190,6 +194,18 @@ def _integer(token: Token) -> int:
         raise _NumberTooLarge(token) from None
 
 
+def _edge_token(node: Tree | Token, end: int) -> Token:
+    """The first (end=0) or last (end=-1) token of a subtree, skipping empty optional parts."""
+    step = 1 if end == 0 else -1
+    while isinstance(node, Tree):
+        children = node.children
+        position = end
+        while children[position] is None:
+            position += step
+        node = children[position]
+    return node
+
+
 class _LineConverter:
     """Turns one line's Lark tree into syntax nodes, shifting token positions by the line's offset."""
 
@@ -204,10 +220,7 @@ class _LineConverter:
         return self.span(token.start_pos, token.end_pos)
 
     def tree_span(self, tree: Tree | Token) -> Span:
-        if isinstance(tree, Token):
-            return self.tspan(tree)
-        tokens = list(tree.scan_values(lambda v: isinstance(v, Token)))
-        return self.span(min(t.start_pos for t in tokens), max(t.end_pos for t in tokens))
+        return self.span(_edge_token(tree, 0).start_pos, _edge_token(tree, -1).end_pos)
 
     def item(self, tree: Tree) -> ast.Item:
         return getattr(self, tree.data)(tree)
@@ -427,6 +440,8 @@ class _SyntaxErrorReport:
         misuse = self.keyword_misuse(span)
         if misuse is not None:
             return misuse
+        if last == "EQUAL":
+            return self.error("AS101", "missing value after '='", span, "for example r=8")
         if kind == "COLON" and last in (None, "ROOT"):
             return self.error("AS106", "a selector must not be empty", span, "write a module path before ':', e.g. 'q_proj: lora'")
         if kind == "DOUBLESTAR" or (last == "DOUBLESTAR" and kind in ("NAME", "STAR", "LANGLE", "LBRACKET")):
