@@ -14,7 +14,25 @@ ADAPTER_LEAVES = ("lora_a", "lora_b")
 
 
 def has_adapters(model) -> bool:
-    return any(all(hasattr(m, leaf) for leaf in ADAPTER_LEAVES) for _, m in model.named_modules())
+    """Whether any module of the model holds adapter parameters (`lora_a` and `lora_b`)."""
+    stack = [model]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if all(leaf in node for leaf in ADAPTER_LEAVES):
+                return True
+            stack.extend(v for v in node.values() if isinstance(v, (dict, list, tuple)))
+        else:
+            stack.extend(v for v in node if isinstance(v, (dict, list, tuple)))
+    return False
+
+
+def module_at(model, path: str):
+    """The module at a dotted path (`model.layers.3.mlp`), reached by indexing, not by listing every module."""
+    node = model
+    for part in path.split("."):
+        node = node[int(part)] if isinstance(node, (list, tuple)) else node[part]
+    return node
 
 
 def plan_for_model(model, spec: Union[Spec, str]) -> Plan:
@@ -31,9 +49,8 @@ def build_adapters(model, plan: Plan) -> list[tuple[str, object]]:
     """Every adapter module the plan asks for, built beside the model (the model is not changed)."""
     from .adapters import from_base
 
-    modules = dict(model.named_modules())
     return [
-        (entry.path, from_base(entry.adapter, modules[entry.path], entry.r, entry.scale, entry.dropout))
+        (entry.path, from_base(entry.adapter, module_at(model, entry.path), entry.r, entry.scale, entry.dropout))
         for entry in plan.entries
         if entry.adapter != "full"
     ]
@@ -43,7 +60,6 @@ def trainable_shapes(model, plan: Plan, adapters: list[tuple[str, object]]) -> d
     """Path → shape of every parameter that is trainable once the plan is installed."""
     from mlx.utils import tree_flatten
 
-    modules = dict(model.named_modules())
     shapes = {}
     for path, adapter in adapters:
         for name, value in tree_flatten(adapter.trainable_parameters()):
@@ -51,7 +67,7 @@ def trainable_shapes(model, plan: Plan, adapters: list[tuple[str, object]]) -> d
                 shapes[f"{path}.{name}"] = tuple(value.shape)
     for entry in plan.entries:
         if entry.adapter == "full":
-            module = modules[entry.path]
+            module = module_at(model, entry.path)
             for name, value in module.parameters().items():
                 if hasattr(value, "shape"):
                     shapes[f"{entry.path}.{name}"] = tuple(value.shape)
@@ -62,11 +78,10 @@ def install(model, plan: Plan, adapters: list[tuple[str, object]]) -> None:
     """Freeze the base, unfreeze the plan's `full` modules, put the adapters in place (one update)."""
     from mlx.utils import tree_unflatten
 
-    modules = dict(model.named_modules())
     model.freeze()
     for entry in plan.entries:
         if entry.adapter == "full":
-            modules[entry.path].unfreeze(recurse=False)
+            module_at(model, entry.path).unfreeze(recurse=False)
     if adapters:
         model.update_modules(tree_unflatten(adapters))
 
