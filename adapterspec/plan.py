@@ -133,9 +133,15 @@ class _Planner:
         kind = rule.transform.kind
         seen: set[str] = set()
         reached, filtered = [], []
+        covered = None  # the last container handed down: matches beneath it add nothing (paths come in order)
         for path in matched:
+            if covered is not None and path.startswith(covered):
+                continue
             info = self.index[path]
-            candidates = [info] + (self.index.descendants(path) if info.family in ("container", "list") else [])
+            candidates = [info]
+            if info.family in ("container", "list"):
+                candidates += self.index.descendants(path)
+                covered = path + "."
             for candidate in candidates:
                 if candidate.path in seen or not receives(candidate, kind):
                     continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import weakref
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -95,7 +96,7 @@ class SelectorMatcher:
                     stack.append(nxt)
         return out
 
-    def _advance(self, states: set[State], name: str, info, parent_path: str, index_cache, result) -> set[State]:
+    def _advance(self, states: set[State], name: str, is_list: bool, parent_path: str, index_cache, result) -> set[State]:
         out: set[State] = set()
         for k, awaiting, start in states:
             if awaiting:
@@ -119,7 +120,7 @@ class SelectorMatcher:
             elif step.pattern.fullmatch(name):
                 if step.kind == "name":
                     out.add((k + 1, False, start))
-                elif info.family == "list":
+                elif is_list:
                     out.add((k, True, start))
         return self._closure(out)
 
@@ -128,27 +129,48 @@ class SelectorMatcher:
         result = MatchResult()
         cache = {"__lengths__": index.list_length}
         final = len(self.steps)
-        start_states = self._closure({(0, False, 0)})
+        tree = _tree(index)
+        # The automaton's move depends on the incoming states, the depth, the child's name and whether it
+        # is a list (and, while a list position is awaited, on which list): blocks repeat, so moves do too.
+        moves: dict[tuple, tuple[frozenset, int | None, bool]] = {}
 
-        def walk(parent_path: str, depth: int, states: set[State]) -> None:
-            for info in index.children(parent_path):
-                name = info.name
-                incoming = states if self.anchored or depth == 0 else states | self._closure({(0, False, depth)})
-                reached = self._advance(incoming, name, info, parent_path, cache, result)
-                done = [s for s in reached if s[0] == final and not s[1]]
-                if done:
-                    start = min(s[2] for s in done)
-                    result.paths.append(info.path)
-                    result.prefixes[info.path] = ".".join(info.path.split(".")[:start])
-                if reached:
-                    walk(info.path, depth + 1, reached)
-                elif not self.anchored:
-                    walk(info.path, depth + 1, set())
+        def move(states: frozenset, depth: int, name: str, is_list: bool, parent_path: str):
+            incoming = states if self.anchored or depth == 0 else states | self._closure({(0, False, depth)})
+            reached = frozenset(self._advance(incoming, name, is_list, parent_path, cache, result))
+            starts = [s[2] for s in reached if s[0] == final and not s[1]]
+            return reached, (min(starts) if starts else None), any(s[1] for s in reached)
 
-        walk("", 0, start_states)
+        def walk(parent_path: str, depth: int, states: frozenset, awaiting: bool) -> None:
+            for path, name, is_list in tree.get(parent_path, ()):
+                key = (states, depth, name, is_list, parent_path if awaiting else None)
+                found = moves.get(key)
+                if found is None:
+                    found = moves[key] = move(states, depth, name, is_list, parent_path)
+                reached, start, reached_awaiting = found
+                if start is not None:
+                    result.paths.append(path)
+                    result.prefixes[path] = ".".join(path.split(".")[:start])
+                if reached or not self.anchored:
+                    walk(path, depth + 1, reached, reached_awaiting)
+
+        walk("", 0, frozenset(self._closure({(0, False, 0)})), False)
         seen = set()
         result.out_of_range = [x for x in result.out_of_range if not (x in seen or seen.add(x))]
         return result
+
+
+_TREES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _tree(index) -> dict[str, list[tuple[str, str, bool]]]:
+    """Parent path → its children as (path, name, is list), in natural order; built once per index."""
+    tree = _TREES.get(index)
+    if tree is None:
+        tree = {}
+        for info in index:
+            tree.setdefault(info.parent, []).append((info.path, info.name, info.family == "list"))
+        _TREES[index] = tree
+    return tree
 
 
 def literal_names(selector: ast.Selector) -> list[str]:
