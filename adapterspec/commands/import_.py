@@ -1,0 +1,84 @@
+"""`adapterspec import peft|mlx-lm PATH`: a spec (and, for PEFT, converted adapters) from another tool's adapter config."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from ..errors import EXIT_OK, UserError
+
+SOURCES = ("peft", "mlx-lm")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", choices=SOURCES, help="the tool that wrote the adapter")
+    parser.add_argument("path", help="PEFT: the adapter directory; mlx-lm: the adapter directory, its "
+                        "adapter_config.json, or an mlx_lm.lora YAML config")
+    parser.add_argument("-o", "--output", help="the spec file to write (default: print it)")
+    parser.add_argument("--model", help="the mlx-lm model directory (or cached repo id) to resolve names against "
+                        "and check the translation on")
+    parser.add_argument("--adapters-out", metavar="DIR", help="PEFT: also convert the weights into this adapter directory")
+    parser.add_argument("--allow-lossy", action="store_true",
+                        help="write the result even when the source says things a spec cannot (they become comments)")
+    parser.add_argument("--force", action="store_true", help="replace existing output files")
+
+
+def write_spec(text: str, output: str | None, force: bool) -> None:
+    if output is None:
+        sys.stdout.write(text)
+        return
+    path = Path(output)
+    if path.exists() and not force:
+        raise UserError(f"{output} exists", help="pass --force to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_name(f".{path.name}.tmp")
+    staged.write_text(text, encoding="utf-8")
+    os.replace(staged, path)
+
+
+def report(findings, allow_lossy: bool) -> None:
+    for finding in findings:
+        print(f"adapterspec import: {finding.render()}", file=sys.stderr)
+    lossy = [f for f in findings if f.lossy]
+    if lossy and not allow_lossy:
+        raise UserError(f"the adapter says {len(lossy)} thing(s) a spec cannot (listed above); nothing was written",
+                        help="pass --allow-lossy to write the closest spec anyway")
+
+
+def run(args) -> int:
+    if args.source == "mlx-lm":
+        return run_mlx_lm(args)
+    from ..interop.peft import import_peft, write_imported_adapters
+
+    result = import_peft(args.path, args.model, need_model=bool(args.adapters_out))
+    report(result.findings, args.allow_lossy)
+    if result.plan is not None and not result.plan.ok:
+        from .common import print_diagnostics
+
+        print_diagnostics(result.plan.diagnostics, result.text, "<imported spec>")
+        raise UserError("the imported spec does not plan cleanly on this model", help="please report this as a bug")
+    if args.adapters_out:
+        write_imported_adapters(result, args.path, args.adapters_out, force=args.force)
+        print(f"adapterspec import: wrote {len(result.plan.entries)} adapted modules to {args.adapters_out}", file=sys.stderr)
+    write_spec(result.text, args.output, args.force)
+    return EXIT_OK
+
+
+def run_mlx_lm(args) -> int:
+    from ..interop.mlxlm_import import read_mlx_lm_config, translate
+
+    if args.adapters_out:
+        raise UserError("--adapters-out is for PEFT adapters",
+                        help="mlx-lm adapter directories load as they are: adapterspec.load_adapters(model, DIR)")
+    model_name, index = args.model, None
+    if model_name:
+        from .common import model_index
+
+        index = model_index(model_name)
+    config = read_mlx_lm_config(args.path)
+    text, findings = translate(config, index, source=Path(args.path).name, model=model_name)
+    report(findings, args.allow_lossy)
+    write_spec(text, args.output, args.force)
+    return EXIT_OK

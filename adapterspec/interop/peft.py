@@ -1,0 +1,149 @@
+"""PEFT adapter directories ↔ specs and adapterspec adapter directories: the import and export entry points."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ..errors import UserError
+from ..modules import ModuleIndex
+from .findings import Finding
+from .peft_config import CONFIG_FILE, PREFIX, WEIGHTS_FILE, read_peft_config
+from .peft_import import PeftTranslation, translate
+
+
+@dataclass
+class PeftImport:
+    translation: PeftTranslation
+    model_dir: Optional[Path]
+    plan: object = None
+
+    @property
+    def text(self) -> str:
+        return self.translation.text
+
+    @property
+    def findings(self) -> list[Finding]:
+        return self.translation.findings
+
+
+def resolve_base_model(model: Optional[str], config: dict) -> tuple[Optional[Path], Optional[str]]:
+    """The model directory to resolve against: --model, else the config's base model when it is cached locally."""
+    from ..io import resolve_model_path
+
+    if model:
+        return resolve_model_path(model), model
+    base = config.get("base_model_name_or_path")
+    if not base:
+        return None, None
+    try:
+        return resolve_model_path(base), base
+    except UserError:
+        return None, None
+
+
+def import_peft(path, model: Optional[str] = None, *, need_model: bool = False) -> PeftImport:
+    """Translate a PEFT adapter's config into spec text, against the model when one is given or cached."""
+    config = read_peft_config(path)
+    model_dir, model_name = resolve_base_model(model, config)
+    if need_model and model_dir is None:
+        raise UserError("converting the weights needs the base model",
+                        help="pass --model MODEL (the mlx-lm model directory the adapter is for)")
+    index = ModuleIndex.from_model_dir(model_dir) if model_dir else None
+    source = Path(path).name if Path(path).is_dir() else str(Path(path).name)
+    result = PeftImport(translate(config, index, source=f"{source}/{CONFIG_FILE}", model=model_name), model_dir)
+    if index is not None:
+        from ..lint import parse_spec
+        from ..plan import make_plan
+
+        result.plan = make_plan(parse_spec(result.text, "<imported spec>"), index)
+    return result
+
+
+def peft_weights_file(path) -> Path:
+    path = Path(path)
+    file = path / WEIGHTS_FILE
+    if file.is_file():
+        return file
+    if (path / "adapter_model.bin").is_file():
+        raise UserError(f"{path} holds adapter_model.bin (a pickle), which adapterspec does not read",
+                        help="re-save the adapter with PEFT's save_pretrained(..., safe_serialization=True)")
+    raise UserError(f"{path}: no {WEIGHTS_FILE}")
+
+
+def write_imported_adapters(result: PeftImport, peft_dir, dest, *, force: bool = False) -> Path:
+    """Convert the PEFT weights for the imported spec's plan and write an adapterspec adapter directory."""
+    import mlx.core as mx
+
+    from ..adapter_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config
+    from ..io import atomic_output_dir
+    from .peft_weights import peft_to_adapters
+
+    plan = result.plan
+    tensors = mx.load(str(peft_weights_file(peft_dir)))
+    factors = result.translation.choice.expert_factors if result.translation.choice else {}
+    weights = peft_to_adapters(tensors, plan, plan.index, factors)
+    mismatched = changed_base_copies(tensors, result.model_dir)
+    if mismatched:
+        raise UserError(f"the PEFT adapter carries its own copy of '{mismatched[0]}' that differs from the model's "
+                        "(a resized vocabulary or trained tokens)", help="import it with the model it was trained on")
+    with atomic_output_dir(dest, force=force, protect=[peft_dir, result.model_dir]) as tmp:
+        mx.save_safetensors(str(tmp / ADAPTER_WEIGHTS), weights, metadata={"format": "mlx"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(plan), indent=2) + "\n", encoding="utf-8")
+    return Path(dest)
+
+
+def changed_base_copies(tensors: dict, model_dir: Path) -> list[str]:
+    """Base weights PEFT saved beside the adapter (embeddings) that differ from the model's own."""
+    import mlx.core as mx
+
+    from ..io import read_safetensors_header, weight_files
+
+    copies = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in tensors.items() if k.endswith(".base_layer.weight")}
+    changed = []
+    for key, value in copies.items():
+        name = key.replace(".base_layer.weight", ".weight")
+        for file in weight_files(model_dir):
+            if name in read_safetensors_header(file):
+                own = mx.load(str(file))[name]
+                if own.shape != value.shape or not mx.allclose(own.astype(mx.float32), value.astype(mx.float32),
+                                                               rtol=1e-3, atol=1e-5).item():
+                    changed.append(name)
+                break
+    return changed
+
+
+def export_peft(model: str, adapters, dest, *, base_model: Optional[str] = None, force: bool = False) -> tuple[dict, list[Finding]]:
+    """Write an adapterspec (or mlx-lm) adapter directory as a PEFT LoRA adapter for the Hugging Face model."""
+    import mlx.core as mx
+
+    from ..adapter_dir import ADAPTER_WEIGHTS, read_adapter_config, spec_text_of
+    from ..diagnostics import SpecError
+    from ..io import atomic_output_dir, resolve_model_path
+    from ..lint import parse_spec
+    from ..plan import make_plan
+    from .peft_export import peft_config
+    from .peft_weights import adapters_to_peft
+
+    model_dir = resolve_model_path(model)
+    index = ModuleIndex.from_model_dir(model_dir)
+    config = read_adapter_config(adapters)
+    text, filename, _ = spec_text_of(config, index)
+    plan = make_plan(parse_spec(text, filename), index)
+    if not plan.ok:
+        raise SpecError(plan.diagnostics, text)
+    weights_file = Path(adapters) / ADAPTER_WEIGHTS
+    if not weights_file.is_file():
+        raise UserError(f"{adapters}: {ADAPTER_WEIGHTS} is missing")
+    weights = mx.load(str(weights_file))
+    missing = [f"{e.path}.lora_a" for e in plan.entries if e.adapter != "full" and f"{e.path}.lora_a" not in weights]
+    if missing:
+        raise UserError(f"{weights_file} lacks '{missing[0]}'", help="export the adapters with the model they were trained for")
+    peft, findings = peft_config(plan, index, base_model or model)
+    tensors = adapters_to_peft(weights, plan, index)
+    with atomic_output_dir(dest, force=force, protect=[adapters, model_dir]) as tmp:
+        mx.save_safetensors(str(tmp / WEIGHTS_FILE), tensors, metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(peft, indent=2) + "\n", encoding="utf-8")
+    return peft, findings

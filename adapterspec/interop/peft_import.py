@@ -1,0 +1,359 @@
+"""PEFT LoRA config → spec text: a readable rule-for-rule translation, checked against PEFT's exact choice on a model.
+
+Without a model the translation is structural (target names become selectors, `exclude_modules` become
+`none` rules, `rank_pattern`/`alpha_pattern` become later rules, `modules_to_save` become `full`).
+With a model, PEFT's matching is run on the model's module names (Hugging Face names, see hf_names);
+when the structural spec's plan differs from that choice, or the config uses regular expressions,
+the spec names the chosen modules explicitly instead.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..errors import UserError
+from ..modules import ModuleIndex
+from . import peft_match
+from .findings import Finding, as_comments, lossy, note
+from .hf_names import HfModule, hf_modules, mlx_selector_name
+from .peft_config import unsupported
+from .spec_writer import Assignment, call, explicit_rules
+
+PLAIN_NAME = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
+PARTIAL_EXPERTS = re.compile(r"(^|\.)experts\.\d+(\.|$)")
+
+
+class NeedsModel(Exception):
+    """The config says something only its resolution against a model's module names can turn into rules."""
+
+
+@dataclass
+class PeftChoice:
+    """What PEFT does on one model: each MLX module's assignment, and per-expert factors for switch modules."""
+
+    assignments: dict[str, Assignment] = field(default_factory=dict)
+    expert_factors: dict[str, dict[int, float]] = field(default_factory=dict)
+    findings: list[Finding] = field(default_factory=list)
+
+
+@dataclass
+class PeftTranslation:
+    text: str
+    findings: list[Finding]
+    explicit: bool
+    choice: Optional[PeftChoice] = None
+
+    @property
+    def lossy(self) -> list[Finding]:
+        return [f for f in self.findings if f.lossy]
+
+
+def adapter_kind(config: dict) -> str:
+    return "dora" if config.get("use_dora") else "lora"
+
+
+def scale_of(r: int, alpha: float, rslora: bool) -> float:
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def defaults_arguments(config: dict) -> dict:
+    out = {"r": int(config.get("r", 8)), "alpha": float(config.get("lora_alpha", 8))}
+    out["rslora"] = bool(config.get("use_rslora"))
+    out["dropout"] = float(config.get("lora_dropout") or 0.0)
+    return out
+
+
+# ── PEFT's exact choice on a model ──────────────────────────────────────────
+
+
+def peft_modules(index: ModuleIndex) -> list[HfModule]:
+    """The model's modules under Hugging Face names, plus the tied `lm_head` that MLX models leave out."""
+    modules = hf_modules(index)
+    if index.tied_embeddings and "lm_head" not in index:
+        modules.append(HfModule("lm_head", "", "linear"))
+    return modules
+
+
+def resolved_config(config: dict, modules: list[HfModule]) -> dict:
+    linear = [m.key for m in modules if m.family == "linear"]
+    output = "lm_head" if any(m.key == "lm_head" for m in modules) else None
+    return peft_match.expand_all_linear(config, linear, output)
+
+
+def peft_choice(config: dict, index: ModuleIndex) -> PeftChoice:
+    """Which modules PEFT adapts (and with which r and alpha) or trains whole, as MLX module assignments."""
+    choice = PeftChoice()
+    modules = peft_modules(index)
+    config = resolved_config(config, modules)
+    kind, rslora = adapter_kind(config), bool(config.get("use_rslora"))
+    dropout = float(config.get("lora_dropout") or 0.0)
+    chosen: dict[str, dict[Optional[int], tuple[int, float]]] = defaultdict(dict)
+    for module in modules:
+        if not peft_match.is_targeted(config, module.key):
+            continue
+        if not module.mlx_path:
+            choice.findings.append(lossy(f"PEFT adapts '{module.key}', which the MLX model has no module for "
+                                         "(its output head is tied to the embedding)"))
+        elif module.family not in ("linear", "embedding"):
+            choice.findings.append(lossy(f"PEFT targets '{module.key}' ({index[module.mlx_path].cls}), "
+                                         "which it cannot adapt (PEFT would refuse this config on this model)"))
+        else:
+            chosen[module.mlx_path][module.expert] = peft_match.rank_and_alpha(config, module.key)
+    for path, ranks in chosen.items():
+        info = index[path]
+        if info.family == "switch":
+            _switch_assignment(choice, path, ranks, info.num_experts or 0, kind, rslora, dropout)
+            continue
+        r, alpha = ranks[None]
+        choice.assignments[path] = Assignment(kind, r, alpha, rslora, dropout=dropout)
+        if info.family == "embedding":
+            if kind == "dora":
+                choice.findings.append(lossy(f"DoRA on the embedding '{path}': PEFT normalises embedding columns, "
+                                             "adapterspec's DoRA embedding normalises rows"))
+            if index.tied_embeddings:
+                choice.findings.append(lossy(f"'{path}' is tied to the output head: in MLX the head goes through "
+                                             "the embedding's adapter too, in PEFT it does not"))
+    _saved_modules(choice, config, modules, index)
+    return choice
+
+
+def _switch_assignment(choice: PeftChoice, path: str, ranks: dict, experts: int, kind: str, rslora: bool,
+                       dropout: float) -> None:
+    if kind == "dora":
+        choice.findings.append(lossy(f"DoRA on the experts of '{path}': adapterspec has no switch-DoRA"))
+        return
+    r = max(rank for rank, _ in ranks.values())
+    alpha = next(a for rank, a in ranks.values() if rank == r)
+    scale = scale_of(r, alpha, rslora)
+    choice.assignments[path] = Assignment("lora", r, alpha, rslora, dropout=dropout)
+    choice.expert_factors[path] = {e: scale_of(rank, a, rslora) / scale for e, (rank, a) in ranks.items()}
+    if len(ranks) < experts or len(set(ranks.values())) > 1:
+        choice.findings.append(note(f"PEFT adapts {len(ranks)} of the {experts} experts of '{path}' with "
+                                    f"{len(set(ranks.values()))} rank/alpha setting(s); imported as one switch-LoRA "
+                                    f"of rank {r} (others zero-padded and rescaled, so outputs are unchanged)"))
+
+
+def _saved_modules(choice: PeftChoice, config: dict, modules: list[HfModule], index: ModuleIndex) -> None:
+    saved = [m for m in modules if peft_match.is_saved(config, m.key)]
+    for module in saved:
+        if not module.mlx_path or module.expert is not None:
+            choice.findings.append(lossy(f"modules_to_save trains '{module.key}', which is no whole MLX module"))
+            continue
+        if any(module.mlx_path.startswith(other.mlx_path + ".") for other in saved if other.mlx_path):
+            continue
+        choice.assignments[module.mlx_path] = Assignment("full")
+
+
+# ── the structural translation ──────────────────────────────────────────────
+
+
+def selector_for(name: str, model_type: Optional[str]) -> str:
+    """A PEFT module name (exact or suffix) as an unanchored selector, or NeedsModel."""
+    if not PLAIN_NAME.match(name):
+        raise NeedsModel(f"'{name}' is not a plain module name")
+    if PARTIAL_EXPERTS.search(name):
+        raise NeedsModel(f"'{name}' names single experts, which MLX stacks into one switch layer")
+    parts: list[str] = []
+    for part in mlx_selector_name(name, model_type).split("."):
+        if part.isdigit() and parts and not parts[-1].endswith("]"):
+            parts[-1] += f"[{part}]"
+        else:
+            parts.append(part)
+    return ".".join(parts)
+
+
+def pattern_selector(key: str, model_type: Optional[str]) -> str:
+    """A rank/alpha pattern key as a selector: a plain name matches at a dot boundary, `^name` from the root."""
+    if key.startswith("^"):
+        return "/" + selector_for(key[1:], model_type)
+    return selector_for(key, model_type)
+
+
+def _layer_prefix(config: dict, index: Optional[ModuleIndex]) -> str:
+    layers = config.get("layers_to_transform")
+    if layers is None or (isinstance(layers, list) and not layers):
+        return ""
+    positions = [layers] if isinstance(layers, int) else sorted(set(layers))
+    pattern = config.get("layers_pattern")
+    if isinstance(pattern, str) and pattern:
+        names = [pattern]
+    elif isinstance(pattern, list) and pattern:
+        names = list(pattern)
+    else:
+        names = ["*"]
+    if any(n != "*" and not re.fullmatch(r"[A-Za-z0-9_]+", n) for n in names):
+        raise NeedsModel(f"layers_pattern {pattern!r} is a regular expression")
+    name = names[0] if len(names) == 1 else "<" + ",".join(names) + ">"
+    return f"{name}[{','.join(str(p) for p in positions)}].**."
+
+
+def structural_rules(config: dict, index: Optional[ModuleIndex]) -> tuple[list[str], list[Finding]]:
+    """Rule lines that say what the config says, one PEFT entry at a time; NeedsModel when they cannot."""
+    findings: list[Finding] = []
+    model_type = index.model_type if index is not None else None
+    kind = adapter_kind(config)
+    defaults = defaults_arguments(config)
+    targets = config.get("target_modules")
+    rules: list[str] = []
+    if targets is None:
+        raise NeedsModel("the config has no target_modules")
+    if peft_match.is_all_linear(targets):
+        target_selectors = ["**@linear"]
+        if index is not None and any(m.family == "switch" for m in index):
+            target_selectors.append("**@switch")
+        prefix = ""
+    elif isinstance(targets, str):
+        raise NeedsModel(f"target_modules is the regular expression {targets!r}")
+    else:
+        prefix = _layer_prefix(config, index)
+        target_selectors = [prefix + selector_for(name, model_type) for name in sorted(targets)]
+    rules += [f"{selector}: {kind}" for selector in target_selectors]
+    rules += _pattern_rules(config, kind, defaults, targets, prefix, model_type)
+    if peft_match.is_all_linear(targets) and (index is None or ("lm_head" in index and index["lm_head"].family == "linear")):
+        rules.append("/lm_head: none")
+        if index is None:
+            findings.append(note("all-linear leaves out the output head; the spec says '/lm_head: none' "
+                                 "(delete that line for a model whose head is tied to the embedding)"))
+    exclude = config.get("exclude_modules")
+    if isinstance(exclude, str):
+        raise NeedsModel(f"exclude_modules is the regular expression {exclude!r}")
+    rules += [f"{selector_for(name, model_type)}: none" for name in sorted(exclude or ())]
+    for name in config.get("modules_to_save") or ():
+        rules.append(f"{selector_for(name, model_type)}: full")
+        if index is None:
+            findings.append(note(f"modules_to_save '{name}': PEFT matches it as a plain suffix of module names; "
+                                 "the spec matches it at a dot boundary"))
+    return without_overridden(rules), findings
+
+
+def without_overridden(rules: list[str]) -> list[str]:
+    """The rules less those a later rule with the very same selector overrides everywhere."""
+    selectors = [rule.rpartition(": ")[0] for rule in rules]
+    return [rule for i, rule in enumerate(rules) if selectors[i] not in selectors[i + 1:]]
+
+
+def _pattern_rules(config: dict, kind: str, defaults: dict, targets, prefix: str, model_type) -> list[str]:
+    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    if ranks and alphas and list(ranks) != list(alphas):
+        raise NeedsModel("rank_pattern and alpha_pattern have different keys")
+    keys = list(ranks or alphas)
+    if keys and prefix and any(re.search(r"(^|\.)\d+(\.|$)", k) for k in keys):
+        raise NeedsModel("pattern keys name blocks while layers_to_transform picks blocks too")
+    rules = []
+    for key in reversed(keys):  # PEFT: the first matching key wins; a spec: the last matching rule wins
+        arguments = dict(defaults)
+        if key in ranks:
+            arguments["r"] = int(ranks[key])
+        if key in alphas:
+            arguments["alpha"] = float(alphas[key])
+        text = call(kind, arguments, defaults)
+        for selector in _within_targets(pattern_selector(key, model_type), targets, model_type):
+            rules.append(f"{prefix}{selector}{'' if not peft_match.is_all_linear(targets) else '@linear'}: {text}")
+    return rules
+
+
+def _within_targets(selector: str, targets, model_type) -> list[str]:
+    """The selector narrowed to the targeted modules: the more specific of it and each target name."""
+    if peft_match.is_all_linear(targets):
+        return [selector]
+    out = []
+    own = selector.lstrip("/").split(".")
+    for name in sorted(targets):
+        target = selector_for(name, model_type).split(".")
+        if own[-len(target):] == target:
+            out.append(selector)
+        elif not selector.startswith("/") and target[-len(own):] == own:
+            out.append(".".join(target))
+    return list(dict.fromkeys(out))
+
+
+# ── putting it together ─────────────────────────────────────────────────────
+
+
+def header(source: str, model: Optional[str], explicit: bool) -> list[str]:
+    lines = ["adapterspec 1", f"# imported from the PEFT LoRA config {source}"]
+    if model:
+        lines.append(f"# checked against PEFT's module matching on {model}"
+                     + ("; the modules are named one by one" if explicit else ""))
+    else:
+        lines.append("# translated without a model: check it with 'adapterspec plan MODEL SPEC'")
+    return lines
+
+
+def translate(config: dict, index: Optional[ModuleIndex] = None, *, source: str = "adapter_config.json",
+              model: Optional[str] = None) -> PeftTranslation:
+    """The spec for a PEFT LoRA config; with a model index, its plan equals PEFT's choice on that model."""
+    findings = unsupported(config)
+    kind = adapter_kind(config)
+    defaults_line = f"defaults {call(kind, defaults_arguments(config))}"
+    try:
+        rules, structural_findings = structural_rules(config, index)
+    except NeedsModel as reason:
+        if index is None:
+            raise UserError(f"the PEFT config cannot be translated without the model: {reason}",
+                            help="pass --model MODEL to resolve it against the model's module names") from None
+        rules, structural_findings = None, [note(f"{reason}: the spec names PEFT's choice of modules explicitly")]
+    if index is None:
+        findings += structural_findings
+        text = "\n".join(header(source, None, False) + as_comments(findings) + [defaults_line] + rules) + "\n"
+        return PeftTranslation(text, findings, explicit=False)
+    choice = peft_choice(config, index)
+    findings += choice.findings
+    if not choice.assignments:
+        raise UserError("PEFT's config adapts no module of this model",
+                        help="check that the adapter was made for this model")
+    defaults_lines, explicit = explicit_rules(choice.assignments, index)
+    explicit_text = _compose(source, model, True, findings, defaults_lines, explicit)
+    if rules is not None:
+        rules, dropped = _drop_unmatched(rules, [defaults_line], index)
+        structural_text = _compose(source, model, False, findings + structural_findings + dropped, [defaults_line], rules)
+        if _same_plan(structural_text, explicit_text, index):
+            return PeftTranslation(structural_text, findings + structural_findings + dropped, False, choice)
+        findings.append(note("the rule-for-rule translation does not select what PEFT selects on this model; "
+                             "the spec names the modules explicitly"))
+        explicit_text = _compose(source, model, True, findings, defaults_lines, explicit)
+    else:
+        findings += structural_findings
+        explicit_text = _compose(source, model, True, findings, defaults_lines, explicit)
+    return PeftTranslation(explicit_text, findings, True, choice)
+
+
+def _compose(source, model, explicit, findings, defaults_lines, rules) -> str:
+    return "\n".join(header(source, model, explicit) + as_comments(findings) + defaults_lines + rules) + "\n"
+
+
+def _drop_unmatched(rules: list[str], defaults_lines: list[str], index: ModuleIndex) -> tuple[list[str], list[Finding]]:
+    """Rules whose selector matches nothing in the model left out (PEFT ignores such names), with a note each."""
+    from ..lint import check_text
+    from ..selectors import SelectorMatcher
+
+    kept, dropped = [], []
+    for rule in rules:
+        spec, _ = check_text("\n".join(defaults_lines + [rule]) + "\n")
+        if spec is None or SelectorMatcher(spec.rules[0].selector).match(index).paths:
+            kept.append(rule)
+        else:
+            dropped.append(note(f"'{rule}' matches no module of the model and was left out"))
+    return kept, dropped
+
+
+def _plan_key(text: str, index: ModuleIndex):
+    from ..lint import check_text
+    from ..plan import make_plan
+
+    spec, _ = check_text(text)
+    if spec is None:
+        return None
+    plan = make_plan(spec, index)
+    if not plan.ok:
+        return None
+    return [(e.path, e.adapter, e.r, round(e.scale, 9) if e.scale else e.scale, e.dropout) for e in plan.entries]
+
+
+def _same_plan(structural: str, explicit: str, index: ModuleIndex) -> bool:
+    mine = _plan_key(structural, index)
+    return mine is not None and mine == _plan_key(explicit, index)
