@@ -152,13 +152,13 @@ class _Planner:
                     filtered.append(candidate)
         return reached, filtered
 
-    def no_match(self, rule: Rule, out_of_range) -> None:
+    def out_of_range(self, rule: Rule, out_of_range) -> None:
+        value, list_path, length = out_of_range[0]
+        self.report(Severity.ERROR, "AS305", f"index {value} is outside '{list_path}' ({length} elements)",
+                    rule.selector.span, f"valid positions are 0…{length - 1} or -{length}…-1")
+
+    def no_match(self, rule: Rule) -> None:
         selector = rule.selector
-        if out_of_range:
-            value, list_path, length = out_of_range[0]
-            self.report(Severity.ERROR, "AS305", f"index {value} is outside '{list_path}' ({length} elements)",
-                        selector.span, f"valid positions are 0…{length - 1} or -{length}…-1")
-            return
         suggestions = []
         for name in literal_names(selector):
             if name not in self.segment_names():
@@ -236,8 +236,11 @@ class _Planner:
             outcomes.append(outcome)
             result = SelectorMatcher(rule.selector).match(self.index)
             outcome.matched = result.paths
+            if result.out_of_range:
+                self.out_of_range(rule, result.out_of_range)
             if not result.paths:
-                self.no_match(rule, result.out_of_range)
+                if not result.out_of_range:
+                    self.no_match(rule)
                 continue
             self.check_prefixes(rule, result.prefixes)
             reached, filtered = self.reach(rule, result.paths)

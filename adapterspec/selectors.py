@@ -23,7 +23,7 @@ class MatchResult:
 
     paths: list[str] = field(default_factory=list)
     prefixes: dict[str, str] = field(default_factory=dict)
-    out_of_range: list[tuple[int, str, int]] = field(default_factory=list)
+    out_of_range: list[tuple[int, str, int]] = field(default_factory=list)  # (position, list path, length)
 
 
 def _piece_regex(piece) -> str:
@@ -108,7 +108,9 @@ class SelectorMatcher:
                     length = index_cache["__lengths__"](parent_path)
                     chosen, outside = resolve_index(step.index, length)
                     index_cache[key] = chosen
-                    result.out_of_range.extend((value, parent_path, length) for value in outside)
+                    index_cache["__outside__"].extend((k, value, parent_path, length) for value in outside)
+                    if isinstance(step.index, ast.IndexList):
+                        index_cache["__inside__"].update((k, v) for v in step.index.values if v not in outside)
                 if int(name) in index_cache[key]:
                     out.add((k + 1, False, start))
                 continue
@@ -127,7 +129,7 @@ class SelectorMatcher:
     def match(self, index) -> MatchResult:
         """Every module path the selector matches, each with the path prefix its match starts under."""
         result = MatchResult()
-        cache = {"__lengths__": index.list_length}
+        cache = {"__lengths__": index.list_length, "__outside__": [], "__inside__": set()}
         final = len(self.steps)
         tree = _tree(index)
         # The automaton's move depends on the incoming states, the depth, the child's name and whether it
@@ -154,8 +156,10 @@ class SelectorMatcher:
                     walk(path, depth + 1, reached, reached_awaiting)
 
         walk("", 0, frozenset(self._closure({(0, False, 0)})), False)
-        seen = set()
-        result.out_of_range = [x for x in result.out_of_range if not (x in seen or seen.add(x))]
+        # a position is out of range when it lies outside every list it was applied to
+        for k, value, list_path, length in cache["__outside__"]:
+            if (k, value) not in cache["__inside__"] and (value, list_path, length) not in result.out_of_range:
+                result.out_of_range.append((value, list_path, length))
         return result
 
 
