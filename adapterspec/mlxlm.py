@@ -124,5 +124,10 @@ def spec_from_mlx_lm(lora_parameters: dict, num_layers: int, fine_tune_type: str
         if at_top:
             lines.append(f"/{key}: {kind}({args})")
         if not in_blocks and not at_top:
-            notes.append(f"key '{key}' matches no adaptable module of this model (mlx-lm ignores it)")
+            found = [index[p] for p in [key] + [f"{blocks}.{n}.{key}" for n in chosen if blocks] if p in index]
+            if found:
+                notes.append(f"key '{key}' names a module that is no Linear, SwitchLinear or Embedding "
+                             f"({found[0].cls}); mlx-lm fails on it, the translation leaves it out")
+            else:
+                notes.append(f"key '{key}' matches no module of this model (mlx-lm ignores it)")
     return "\n".join(lines) + "\n", notes
