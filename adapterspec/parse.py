@@ -333,6 +333,7 @@ class _SyntaxErrorReport:
         self.offset = offset
         self.filename = filename
         self.passed = [t.type for t in scanner.passed]
+        self.last_end = scanner.passed[-1].end_pos if scanner.passed else 0
         self.gap_next = scanner.gap_next
         self.gap_in_alternation = scanner.gap_in_alternation
 
@@ -394,8 +395,8 @@ class _SyntaxErrorReport:
 
     def early_end(self, expected: set[str]) -> Diagnostic:
         expected = expected - {"WS", "COMMENT"}
-        start = len(self.line.rstrip())
-        span = self.span(start, start + 1)
+        start = self.last_end
+        span = Span(self.line_no, start + 1, self.line_no, start + 1, self.offset + start, self.offset + start)
         last = self.passed[-1] if self.passed else None
         for closer, (opener, close) in CLOSERS.items():
             if closer in expected:
