@@ -65,9 +65,9 @@ def index_set(positions: list[int], length: int) -> str:
     if chosen == list(range(length)):
         return "[*]"
     contiguous = chosen == list(range(chosen[0], chosen[-1] + 1))
+    if contiguous and len(chosen) > 1 and chosen[-1] == length - 1:
+        return f"[-{len(chosen)}:]"
     if contiguous and len(chosen) > 2:
-        if chosen[-1] == length - 1:
-            return f"[-{len(chosen)}:]"
         return f"[{chosen[0]}:{chosen[-1] + 1}]"
     return "[" + ",".join(str(p) for p in chosen) + "]"
 
