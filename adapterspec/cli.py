@@ -20,6 +20,7 @@ COMMANDS = {
     "import": "translate a PEFT or mlx-lm adapter config into a spec (and PEFT weights into adapters)",
     "export": "write adapters trained with adapterspec as a PEFT adapter directory",
     "explain": "for each module, the rule that decides it and why other rules do not",
+    "train": "train the adapters of a spec on a dataset (mlx-lm's trainer)",
 }
 COMMAND_MODULES = {"import": "import_"}
 
