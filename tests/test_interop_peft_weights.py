@@ -113,3 +113,31 @@ def test_wrong_shapes_are_refused(tmp_path):
     result = import_peft(tmp_path / "peft", str(model_dir), need_model=True)
     with pytest.raises(UserError, match=r"shape \(4, 32\), expected \(4, 64\)"):
         write_imported_adapters(result, tmp_path / "peft", tmp_path / "ours")
+
+
+def test_export_config_is_short_and_exact():
+    from adapterspec.interop.peft_export import peft_config
+    from adapterspec.lint import parse_spec
+    from adapterspec.plan import make_plan
+
+    index = ModuleIndex.from_model_dir(models.example_model_dir("tiny-llama"))
+    spec = parse_spec("layers[-2:].self_attn.<q,v>_proj: lora(r=4, alpha=8)\nlayers[3].self_attn.v_proj: lora(r=2, alpha=8)\n"
+                      "/lm_head: full\n")
+    config, _ = peft_config(make_plan(spec, index), index)
+    assert config["target_modules"] == ["q_proj", "v_proj"]
+    assert config["layers_to_transform"] == [2, 3] and config["layers_pattern"] == "layers"
+    assert (config["r"], config["lora_alpha"]) == (4, 8.0)
+    assert config["rank_pattern"] == {"model\\.layers\\.3\\.self_attn\\.v_proj": 2}
+    assert config["alpha_pattern"] == {} and config["modules_to_save"] == ["lm_head"]
+
+
+def test_export_refuses_mixed_lora_and_dora():
+    from adapterspec.errors import UserError
+    from adapterspec.interop.peft_export import peft_config
+    from adapterspec.lint import parse_spec
+    from adapterspec.plan import make_plan
+
+    index = ModuleIndex.from_model_dir(models.example_model_dir("tiny-llama"))
+    plan = make_plan(parse_spec("q_proj: lora\nv_proj: dora\n"), index)
+    with pytest.raises(UserError, match="mixes lora and dora"):
+        peft_config(plan, index)

@@ -48,6 +48,8 @@ def report(findings, allow_lossy: bool) -> None:
 
 
 def run(args) -> int:
+    if args.output and Path(args.output).exists() and not args.force:
+        raise UserError(f"{args.output} exists", help="pass --force to replace it")
     if args.source == "mlx-lm":
         return run_mlx_lm(args)
     from ..interop.peft import import_peft, write_imported_adapters

@@ -17,7 +17,7 @@ from ..errors import UserError
 from ..mlxlm import block_list_path, spec_from_mlx_lm
 from ..modules import ModuleIndex
 from .findings import Finding, as_comments, lossy, note
-from .spec_writer import Assignment, explicit_rules, number
+from .spec_writer import Assignment, explicit_rules
 
 # mlx_lm.lora's CONFIG_DEFAULTS for the keys that decide the adapters.
 MLX_LM_DEFAULTS = {"fine_tune_type": "lora", "num_layers": 16, "lora_parameters": {"rank": 8, "dropout": 0.0, "scale": 20.0}}
