@@ -214,6 +214,18 @@ def test_model_adds_the_plans_diagnostics(capsys, write):
     assert f"{path}:2:1: AS301" in out and f"{path}:3:1: AS302" in out
 
 
+def test_model_does_not_repeat_a_static_warning(capsys, write):
+    code, out, _ = lint(capsys, write("a.aspec", "q_proj: lora\nq_proj: none\n"), "--model", LLAMA)
+    assert code == 0 and out.count("AS401") == 1 and "line 2 ('q_proj') overrides it" in out
+
+
+def test_model_warnings_fail_with_strict(capsys, write):
+    path = write("a.aspec", "layers[*].self_attn.k_proj: lora(r=32)\n")
+    assert lint(capsys, path, "--model", LLAMA)[0] == 0
+    code, out, _ = lint(capsys, path, "--model", LLAMA, "--strict")
+    assert code == 1 and "AS306 warning" in out
+
+
 def test_model_with_a_clean_spec(capsys, write):
     assert lint(capsys, write("a.aspec", GOOD), "--model", LLAMA) == (0, "", "")
 

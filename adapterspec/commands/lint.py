@@ -67,11 +67,14 @@ def display_name(name: str) -> str:
     return "<stdin>" if name == STDIN else name
 
 
-def plan_diagnostics(checked, index) -> list[Diagnostic]:
+def plan_diagnostics(checked, index, known: list[Diagnostic]) -> list[Diagnostic]:
+    """The plan's diagnostics, less those the static checks already gave at the same place (AS401)."""
     from ..plan import make_plan
     from ..spec import spec_from_checked
 
-    return list(make_plan(spec_from_checked(checked), index).diagnostics)
+    seen = {(d.code, d.span.line, d.span.column) for d in known if d.span is not None}
+    planned = make_plan(spec_from_checked(checked), index).diagnostics
+    return [d for d in planned if d.span is None or (d.code, d.span.line, d.span.column) not in seen]
 
 
 def summary(diagnostics: list[Diagnostic], files: int) -> str:
@@ -106,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         checked, diagnostics, text = diagnose_bytes(data, filename, size)
         if index is not None and checked is not None:
-            diagnostics = sorted(diagnostics + plan_diagnostics(checked, index), key=sort_key)
+            diagnostics = sorted(diagnostics + plan_diagnostics(checked, index, diagnostics), key=sort_key)
         every += diagnostics
         if diagnostics:
             blocks.append(render(diagnostics, args.format, filename, text))
