@@ -130,4 +130,6 @@ def spec_from_mlx_lm(lora_parameters: dict, num_layers: int, fine_tune_type: str
                              f"({found[0].cls}); mlx-lm fails on it, the translation leaves it out")
             else:
                 notes.append(f"key '{key}' matches no module of this model (mlx-lm ignores it)")
+    if len(lines) == 1:  # a spec needs a rule: say "nothing" explicitly, as mlx-lm adapts nothing here
+        lines += ["# no key names an adaptable module of this model", "/**: none"]
     return "\n".join(lines) + "\n", notes
