@@ -135,6 +135,13 @@ def test_every_example_lints_clean(capsys):
     assert lint(capsys, "--strict", *map(str, EXAMPLES)) == (0, "", "")
 
 
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_lints_clean_against_its_model(capsys, path):
+    header = next(line for line in path.read_text().splitlines() if line.startswith("# model: "))
+    model = ROOT / header.removeprefix("# model: ")
+    assert lint(capsys, "--strict", str(path), "--model", str(model)) == (0, "", "")
+
+
 # --- formats -----------------------------------------------------------------------------------
 
 
