@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from adapterspec import syntax as ast
 from adapterspec.parse import MAX_FILE_BYTES, MAX_LINE_CHARS, decode, parse_text
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def parse_ok(text: str) -> ast.SpecTree:
@@ -370,3 +375,27 @@ def test_binary_is_AS100():
 def test_too_large_is_AS105_with_the_real_size():
     text, (d,) = decode(b"#" * 10, "t.aspec", size=10 * MAX_FILE_BYTES)
     assert text is None and d.code == "AS105" and f"{10 * MAX_FILE_BYTES:,}" in d.message
+
+
+# --- the parser cache --------------------------------------------------------------------------
+
+
+def parse_in_fresh_process(cache_home: Path) -> subprocess.CompletedProcess:
+    code = "from adapterspec.parse import parse_text; print([d.code for d in parse_text('q lora')[1]])"
+    env = dict(os.environ, XDG_CACHE_HOME=str(cache_home))
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_parser_is_cached_and_survives_a_corrupt_or_unwritable_cache(tmp_path):
+    first = parse_in_fresh_process(tmp_path)
+    assert first.stdout.strip() == "['AS103']", first.stderr
+    (cached,) = (tmp_path / "adapterspec").glob("parser-*.lark")
+    good = cached.read_bytes()
+    cached.write_bytes(good[: len(good) // 2])
+    assert parse_in_fresh_process(tmp_path).stdout.strip() == "['AS103']"
+    rebuilt = cached.read_bytes()
+    assert len(rebuilt) > len(good) // 2 and rebuilt.split(b"\n")[0] == good.split(b"\n")[0]
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    result = parse_in_fresh_process(blocked)
+    assert (result.stdout.strip(), result.stderr) == ("['AS103']", "")
