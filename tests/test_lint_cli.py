@@ -121,7 +121,7 @@ def test_directory_is_searched_for_specs(capsys, write, tmp_path):
 
 def test_directory_without_specs_is_exit_2(capsys, tmp_path):
     code, _, err = lint(capsys, str(tmp_path))
-    assert code == 2 and "no spec files there" in err
+    assert code == 2 and f"{tmp_path}: no *.aspec files there" in err
 
 
 def test_stdin(capsys, monkeypatch):

@@ -95,7 +95,8 @@ class _Run:
 
 def run(args: argparse.Namespace) -> int:
     state = _Run(args)
-    for name in spec_paths(args.files):
+    names, state.usage_errors = spec_paths(args.files)
+    for name in names:
         state.one(name)
     for message in state.usage_errors:
         print(f"adapterspec fmt: error: {message}", file=sys.stderr)

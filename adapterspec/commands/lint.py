@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 from ..diagnostics import Diagnostic, Severity, render_github, render_json, render_text, sort_key
 from ..errors import EXIT_ERRORS, EXIT_OK, EXIT_USAGE
@@ -31,16 +31,20 @@ class Unreadable(Exception):
     """A named input that cannot be read; its message is ready for the user."""
 
 
-def spec_paths(names: list[str]) -> Iterator[str]:
-    """The inputs in the order given, each directory replaced by the spec files beneath it (sorted)."""
+def spec_paths(names: list[str]) -> tuple[list[str], list[str]]:
+    """The inputs in the order given, each directory replaced by the spec files beneath it (sorted),
+    and a message for each directory that holds none."""
+    paths: list[str] = []
+    problems: list[str] = []
     for name in names:
         if name != STDIN and os.path.isdir(name):
             found = sorted(str(p) for p in Path(name).rglob(f"*{SPEC_SUFFIX}") if p.is_file())
+            paths += found
             if not found:
-                yield f"{name}{os.sep}*{SPEC_SUFFIX}"
-            yield from found
+                problems.append(f"{name}: no *{SPEC_SUFFIX} files there")
         else:
-            yield name
+            paths.append(name)
+    return paths, problems
 
 
 def read_input(name: str) -> tuple[bytes, int]:
@@ -54,8 +58,6 @@ def read_input(name: str) -> tuple[bytes, int]:
             data = file.read(MAX_FILE_BYTES + 1)
             return data, max(size, len(data))
     except FileNotFoundError:
-        if name.endswith(f"*{SPEC_SUFFIX}"):
-            raise Unreadable(f"{name}: no spec files there") from None
         raise Unreadable(f"{name}: no such file") from None
     except IsADirectoryError:
         raise Unreadable(f"{name}: is a directory") from None
@@ -98,8 +100,7 @@ def run(args: argparse.Namespace) -> int:
         index = ModuleIndex.from_model_dir(args.model)
     every: list[Diagnostic] = []
     blocks: list[str] = []
-    unreadable: list[str] = []
-    names = list(spec_paths(args.files))
+    names, unreadable = spec_paths(args.files)
     for name in names:
         filename = display_name(name)
         try:
