@@ -96,7 +96,7 @@ class SelectorMatcher:
                     stack.append(nxt)
         return out
 
-    def _advance(self, states: set[State], name: str, is_list: bool, parent_path: str, index_cache, result) -> set[State]:
+    def _advance(self, states: set[State], name: str, is_list: bool, parent_path: str, index_cache) -> set[State]:
         out: set[State] = set()
         for k, awaiting, start in states:
             if awaiting:
@@ -138,7 +138,7 @@ class SelectorMatcher:
 
         def move(states: frozenset, depth: int, name: str, is_list: bool, parent_path: str):
             incoming = states if self.anchored or depth == 0 else states | self._closure({(0, False, depth)})
-            reached = frozenset(self._advance(incoming, name, is_list, parent_path, cache, result))
+            reached = frozenset(self._advance(incoming, name, is_list, parent_path, cache))
             starts = [s[2] for s in reached if s[0] == final and not s[1]]
             return reached, (min(starts) if starts else None), any(s[1] for s in reached)
 
