@@ -118,7 +118,10 @@ def load_adapters(model, path, *, strict: bool = True) -> Plan:
     weights_path = path / ADAPTER_WEIGHTS
     if not weights_path.is_file():
         raise UserError(f"{path}: {ADAPTER_WEIGHTS} is missing")
-    weights = mx.load(str(weights_path))
+    try:
+        weights = mx.load(str(weights_path))
+    except (RuntimeError, ValueError) as error:
+        raise UserError(f"{weights_path}: not a readable safetensors file ({error})") from error
     if has_adapters(model):
         raise UserError("the model already has adapters", help="load adapters onto a freshly loaded model")
     adapters = build_adapters(model, plan)
