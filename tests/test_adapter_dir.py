@@ -258,6 +258,12 @@ def test_a_missing_weights_file_is_refused(saved):
     assert_refused(saved, ADAPTER_WEIGHTS)
 
 
+@pytest.mark.parametrize("content", [b"", b"garbage", b"\xff" * 64])
+def test_an_unreadable_weights_file_is_refused(saved, content):
+    (saved / ADAPTER_WEIGHTS).write_bytes(content)
+    assert_refused(saved, "not a readable safetensors file")
+
+
 def test_a_missing_config_is_refused(saved):
     (saved / ADAPTER_CONFIG).unlink()
     assert_refused(saved, ADAPTER_CONFIG)
