@@ -11,7 +11,7 @@ from mlx_lm.models.switch_layers import SwitchLinear
 from mlx_lm.tuner import dora as mlxlm_dora
 from mlx_lm.tuner import lora as mlxlm_lora
 
-from adapterspec.adapters import ADAPTER_CLASSES, fusemath
+from adapterspec.adapters import ADAPTER_CLASSES, fusemath, lowrank
 from adapterspec.adapters import from_base as adapter_from_base
 from adapterspec.adapters.basemodules import dense_weight, quantization
 
@@ -36,6 +36,13 @@ MLXLM_CLASSES = {
 FAMILY = {"lora": "linear", "dora": "linear", "switch-lora": "switch", "embedding-lora": "embedding",
           "dora-embedding": "embedding"}
 KINDS = list(ADAPTER_CLASSES)
+
+
+@pytest.fixture(params=["never", "always"])
+def path(request, monkeypatch):
+    """Run the test once on the separate low-rank path and once on the merged-weight path."""
+    monkeypatch.setattr(lowrank, "merge_mode", request.param)
+    return request.param
 
 
 def rel_err(a, b):
@@ -165,7 +172,7 @@ def test_parameter_names_and_shapes_match_mlxlm(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_zero_b_equals_base(kind, variant):
+def test_zero_b_equals_base(kind, variant, path):
     family = FAMILY[kind]
     base, _ = make_base(family, variant)
     layer = adapted(kind, base, random_b=False)
@@ -180,7 +187,7 @@ def test_zero_b_equals_base(kind, variant):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_outputs_match_mlxlm_and_float32_reference(kind, variant):
+def test_outputs_match_mlxlm_and_float32_reference(kind, variant, path):
     family = FAMILY[kind]
     base, twin = make_base(family, variant)
     layer = adapted(kind, base)
@@ -198,7 +205,7 @@ def test_outputs_match_mlxlm_and_float32_reference(kind, variant):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_gradients_match_float32_reference(kind, variant):
+def test_gradients_match_float32_reference(kind, variant, path):
     family = FAMILY[kind]
     base, twin = make_base(family, variant)
     layer = adapted(kind, base)
@@ -220,7 +227,7 @@ def test_gradients_match_float32_reference(kind, variant):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_fused_output_equals_adapter_output(kind, variant):
+def test_fused_output_equals_adapter_output(kind, variant, path):
     family = FAMILY[kind]
     base, _ = make_base(family, variant)
     layer = adapted(kind, base)
@@ -273,7 +280,7 @@ def test_fusemath_on_raw_arrays_equals_module_fuse(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_dropout_active_in_training_and_off_in_eval(kind):
+def test_dropout_active_in_training_and_off_in_eval(kind, path):
     family = FAMILY[kind]
     base, _ = make_base(family, "float32")
     layer = adapted(kind, base, dropout=0.5)
@@ -330,3 +337,13 @@ def test_from_base_rejects_unknown_kind_and_switch_dora():
 def test_importing_adapters_does_not_import_mlx_lm():
     code = "import sys, adapterspec.adapters; sys.exit('mlx_lm' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_merged_path_is_chosen_by_bytes_moved(monkeypatch):
+    monkeypatch.setattr(lowrank, "merge_mode", "auto")
+    assert lowrank.use_merged(8192, 4096, 4096)
+    assert not lowrank.use_merged(1, 4096, 4096)
+    assert not lowrank.use_merged(1, 4096, 4096, training=False)
+    assert lowrank.use_merged(16384, 4096, 4096, matrices=8)
+    assert not lowrank.use_merged(16384, 4096, 4096, matrices=8, training=False)
+

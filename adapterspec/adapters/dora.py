@@ -42,7 +42,7 @@ class DoRALinear(nn.Module):
         y = matmul_without_bias(self.linear, x)
         dtype = y.dtype
         z = self.dropout(x).astype(dtype) @ self.lora_a.astype(dtype)
-        out = mx.addmm(y, z, self.lora_b.astype(dtype), alpha=self.scale)
+        out = mx.addmm(y, z, (self.scale * self.lora_b).astype(dtype))
         magnitude = self.m / _adapted_row_norms(self.kind, self, self.linear)
         out = magnitude.astype(dtype) * out
         if "bias" in self.linear:
@@ -87,8 +87,8 @@ class DoRAEmbedding(nn.Module):
     def as_linear(self, x: mx.array) -> mx.array:
         y = self.embedding.as_linear(x)
         dtype = y.dtype
-        z = self.dropout(x).astype(dtype) @ self.lora_b.T.astype(dtype)
-        out = mx.addmm(y, z, self.lora_a.T.astype(dtype), alpha=self.scale)
+        z = self.dropout(x).astype(dtype) @ (self.scale * self.lora_b).T.astype(dtype)
+        out = mx.addmm(y, z, self.lora_a.T.astype(dtype))
         magnitude = self.m / _adapted_row_norms(self.kind, self, self.embedding)
         return magnitude.astype(dtype) * out
 

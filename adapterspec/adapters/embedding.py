@@ -3,7 +3,7 @@
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import fusemath
+from . import fusemath, lowrank
 from .basemodules import dense_weight, last_dim, low_rank_init, quantization
 
 
@@ -34,18 +34,46 @@ class LoRAEmbedding(nn.Module):
         if self.training and self.dropout_p > 0:
             z = self.dropout(a_rows @ self.lora_b.astype(dtype))
             return y + (self.scale * z).astype(dtype)
-        return mx.addmm(y, a_rows, self.lora_b.astype(dtype), alpha=self.scale)
+        return mx.addmm(y, a_rows, (self.scale * self.lora_b).astype(dtype))
 
     def as_linear(self, x: mx.array) -> mx.array:
+        num_embeddings, dims = self.lora_a.shape[0], self.lora_b.shape[1]
+        dropout_on = self.training and self.dropout_p > 0
+        if not dropout_on and lowrank.use_merged(x.size // dims, dims, num_embeddings, training=self.training):
+            return self._merged_as_linear(x)
         y = self.embedding.as_linear(x)
         dtype = y.dtype
-        z = self.dropout(x).astype(dtype) @ self.lora_b.T.astype(dtype)
-        return mx.addmm(y, z, self.lora_a.T.astype(dtype), alpha=self.scale)
+        z = lowrank.cast(self.dropout(x), dtype) @ (self.scale * self.lora_b).T.astype(dtype)
+        return mx.addmm(y, z, self.lora_a.T.astype(dtype))
+
+    def _merged_as_linear(self, x: mx.array) -> mx.array:
+        weight = dense_weight(self.embedding)
+        dtype = mx.result_type(x.dtype, weight.dtype)
+        weight = lowrank.cast(weight, dtype)
+
+        def merge(a, b):
+            return mx.addmm(weight, a, b)
+
+        def apply(x, w):
+            return x @ w.T
+
+        a = self.lora_a.astype(dtype)
+        b = (self.scale * self.lora_b).astype(dtype)
+        return lowrank.merged_matmul(lowrank.cast(x, dtype), a, b, merge, apply, as_linear_backward)
 
     def fuse(self, dequantize: bool = False) -> nn.Module:
         base = self.embedding
         weight = fusemath.fused_weight(self.kind, dense_weight(base), self.lora_a, self.lora_b, self.scale)
         return dense_or_requantized_embedding(base, weight, dequantize)
+
+
+def as_linear_backward(x, a, b, dy, merged):
+    """Gradients of x·(W + a·b)ᵀ: x through the merged weight, a and b through the low-rank path."""
+    x_rows, dy_rows = lowrank.rows(x), lowrank.rows(dy)
+    dx = dy @ merged
+    da = dy_rows.T @ (x_rows @ b.T)
+    db = (dy_rows @ a).T @ x_rows
+    return dx, da, db
 
 
 def dense_or_requantized_embedding(base: nn.Module, weight: mx.array, dequantize: bool) -> nn.Module:

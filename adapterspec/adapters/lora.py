@@ -3,12 +3,15 @@
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import fusemath
+from . import fusemath, lowrank
 from .basemodules import dense_weight, last_dim, low_rank_init, quantization
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear base at `.linear` plus float32 `lora_a` (in, r) and `lora_b` (r, out)."""
+    """A frozen linear base at `.linear` plus float32 `lora_a` (in, r) and `lora_b` (r, out).
+
+    The low-rank path runs in the base output's dtype; A and B stay float32 masters.
+    """
 
     kind = "lora"
 
@@ -22,20 +25,50 @@ class LoRALinear(nn.Module):
         input_dims, output_dims = last_dim(base), base.weight.shape[0]
         self.linear = base
         self.dropout = nn.Dropout(p=dropout)
+        self.dropout_p = dropout
         self.scale = scale
         self.lora_a = low_rank_init((input_dims, r), fan_in=input_dims)
         self.lora_b = mx.zeros((r, output_dims))
 
     def __call__(self, x: mx.array) -> mx.array:
+        input_dims, output_dims = self.lora_a.shape[0], self.lora_b.shape[1]
+        dropout_on = self.training and self.dropout_p > 0
+        if not dropout_on and lowrank.use_merged(x.size // input_dims, input_dims, output_dims, training=self.training):
+            return self._merged(x)
         y = self.linear(x)
         dtype = y.dtype
-        z = self.dropout(x).astype(dtype) @ self.lora_a.astype(dtype)
-        return mx.addmm(y, z, self.lora_b.astype(dtype), alpha=self.scale)
+        z = lowrank.cast(self.dropout(x), dtype) @ self.lora_a.astype(dtype)
+        return mx.addmm(y, z, (self.scale * self.lora_b).astype(dtype))
+
+    def _merged(self, x: mx.array) -> mx.array:
+        weight = dense_weight(self.linear)
+        bias = self.linear.get("bias")
+        dtype = mx.result_type(x.dtype, weight.dtype)
+        weight = lowrank.cast(weight, dtype)
+
+        def merge(a, b):
+            return mx.addmm(weight, b.T, a.T)
+
+        def apply(x, w):
+            return x @ w.T if bias is None else mx.addmm(bias, x, w.T)
+
+        a = self.lora_a.astype(dtype)
+        b = (self.scale * self.lora_b).astype(dtype)
+        return lowrank.merged_matmul(lowrank.cast(x, dtype), a, b, merge, apply, linear_backward)
 
     def fuse(self, dequantize: bool = False) -> nn.Module:
         base = self.linear
         weight = fusemath.fused_weight(self.kind, dense_weight(base), self.lora_a, self.lora_b, self.scale)
         return dense_or_requantized_linear(base, weight, dequantize)
+
+
+def linear_backward(x, a, b, dy, merged):
+    """Gradients of x·(W + (a·b)ᵀ)ᵀ: x through the merged weight, a and b through the low-rank path."""
+    x_rows, dy_rows = lowrank.rows(x), lowrank.rows(dy)
+    dx = dy @ merged
+    da = x_rows.T @ (dy_rows @ b.T)
+    db = (x_rows @ a).T @ dy_rows
+    return dx, da, db
 
 
 def dense_or_requantized_linear(base: nn.Module, weight: mx.array, dequantize: bool) -> nn.Module:

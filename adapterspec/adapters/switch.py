@@ -3,7 +3,7 @@
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import fusemath
+from . import fusemath, lowrank
 from .basemodules import dense_weight, low_rank_init, quantization
 
 
@@ -12,6 +12,32 @@ def gather_mm_dtype(dtype: mx.Dtype) -> mx.Dtype:
     if mx.default_device().type == mx.DeviceType.cpu:
         return mx.float32
     return dtype
+
+
+def switch_backward(x, a, b, dy, merged, indices, sorted_indices):
+    """Gradients of gather_mm(x, (W + b·a)ᵀ): x through the merged experts, a and b per expert.
+
+    Rows of x (..., M, in) are broadcast against `indices`; dy is (..., M, out) over the broadcast
+    batch. Each expert's a and b gradients sum outer products over the rows routed to it; placing
+    every row's low-rank vector in its expert's slot of an (E·r)-wide row turns all E sums into one
+    matmul.
+    """
+    num_experts, r, _ = a.shape
+    gather = dict(rhs_indices=indices, sorted_indices=sorted_indices)
+    dx = lowrank.sum_to_shape(mx.gather_mm(dy, merged, **gather), x.shape)
+    z = mx.gather_mm(x, a.swapaxes(-1, -2), **gather)
+    g = mx.gather_mm(dy, b, **gather)
+    one_hot = (indices[..., None] == mx.arange(num_experts)).astype(dy.dtype)[..., None, None]
+
+    def by_expert(v, batch_shape):
+        """(batch..., M, r) -> (rows·M, E·r), each row's r values in its expert's slot."""
+        spread = lowrank.sum_to_shape(one_hot * mx.expand_dims(v, -3), batch_shape + (num_experts,) + v.shape[-2:])
+        spread = spread.reshape(-1, num_experts, *v.shape[-2:]).swapaxes(1, 2)
+        return spread.reshape(-1, num_experts * r)
+
+    da = (by_expert(g, x.shape[:-2]).T @ lowrank.rows(x)).reshape(num_experts, r, -1)
+    db = (lowrank.rows(dy).T @ by_expert(z, dy.shape[:-2])).reshape(-1, num_experts, r).swapaxes(0, 1)
+    return dx, da, db
 
 
 class LoRASwitchLinear(nn.Module):
@@ -29,18 +55,46 @@ class LoRASwitchLinear(nn.Module):
         num_experts, input_dims, output_dims = base.num_experts, base.input_dims, base.output_dims
         self.linear = base
         self.dropout = nn.Dropout(p=dropout)
+        self.dropout_p = dropout
         self.scale = scale
         self.num_experts = num_experts
         self.lora_a = low_rank_init((num_experts, r, input_dims), fan_in=input_dims)
         self.lora_b = mx.zeros((num_experts, output_dims, r))
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        num_experts, input_dims, output_dims = self.lora_a.shape[0], self.lora_a.shape[2], self.lora_b.shape[1]
+        dropout_on = self.training and self.dropout_p > 0
+        if not dropout_on and lowrank.use_merged(indices.size, input_dims, output_dims, num_experts, self.training):
+            return self._merged(x, indices, sorted_indices)
         y = self.linear(x, indices, sorted_indices=sorted_indices)
         dtype = gather_mm_dtype(y.dtype)
         a_t = self.lora_a.astype(dtype).swapaxes(-1, -2)
         b_t = (self.scale * self.lora_b).astype(dtype).swapaxes(-1, -2)
-        z = mx.gather_mm(self.dropout(x).astype(dtype), a_t, rhs_indices=indices, sorted_indices=sorted_indices)
-        return y + mx.gather_mm(z, b_t, rhs_indices=indices, sorted_indices=sorted_indices).astype(y.dtype)
+        z = mx.gather_mm(lowrank.cast(self.dropout(x), dtype), a_t, rhs_indices=indices, sorted_indices=sorted_indices)
+        delta = mx.gather_mm(z, b_t, rhs_indices=indices, sorted_indices=sorted_indices)
+        return y + lowrank.cast(delta, y.dtype)
+
+    def _merged(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
+        weight = dense_weight(self.linear)
+        bias = self.linear.get("bias")
+        out_dtype = mx.result_type(x.dtype, weight.dtype)
+        dtype = gather_mm_dtype(out_dtype)
+        weight = lowrank.cast(weight, dtype)
+
+        def merge(a, b):
+            return mx.addmm(weight, b, a)
+
+        def apply(x, w):
+            y = mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+            return y if bias is None else y + mx.expand_dims(bias[indices], -2).astype(y.dtype)
+
+        def backward(x, a, b, dy, merged):
+            return switch_backward(x, a, b, dy, merged, indices, sorted_indices)
+
+        a = self.lora_a.astype(dtype)
+        b = (self.scale * self.lora_b).astype(dtype)
+        out = lowrank.merged_matmul(lowrank.cast(x, dtype), a, b, merge, apply, backward)
+        return lowrank.cast(out, out_dtype)
 
     def fuse(self, dequantize: bool = False) -> nn.Module:
         from mlx_lm.models.switch_layers import SwitchLinear
