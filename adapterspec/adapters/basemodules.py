@@ -3,9 +3,6 @@
 import mlx.core as mx
 import mlx.nn as nn
 
-SWITCH_CLASSES = ("SwitchLinear", "QuantizedSwitchLinear")
-
-
 def quantization(module: nn.Module) -> dict | None:
     """The base's quantization settings (group_size, bits, mode), or None for a dense base."""
     if "scales" not in module:
@@ -37,18 +34,6 @@ def matmul_without_bias(linear: nn.Module, x: mx.array) -> mx.array:
     if q is None:
         return x @ linear.weight.T
     return mx.quantized_matmul(x, linear.weight, linear.scales, linear.get("biases"), transpose=True, **q)
-
-
-def is_switch(module: nn.Module) -> bool:
-    return type(module).__name__ in SWITCH_CLASSES
-
-
-def is_embedding(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Embedding, nn.QuantizedEmbedding))
-
-
-def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, nn.QuantizedLinear))
 
 
 def low_rank_init(shape: tuple[int, ...], fan_in: int) -> mx.array:
