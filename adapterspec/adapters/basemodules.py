@@ -3,6 +3,7 @@
 import mlx.core as mx
 import mlx.nn as nn
 
+
 def quantization(module: nn.Module) -> dict | None:
     """The base's quantization settings (group_size, bits, mode), or None for a dense base."""
     if "scales" not in module:
