@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import shutil
 import struct
 import tempfile
@@ -317,13 +318,25 @@ def atomic_output_dir(
     dest = Path(dest).expanduser().absolute()
     _check_destination(dest, force, protect)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    tmp = _make_temp_dir(dest.parent, f".{dest.name}.tmp-")
     try:
         yield tmp
         _move_into_place(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _make_temp_dir(parent: Path, prefix: str) -> Path:
+    """A new directory with a random name, made by plain mkdir so that it gets the umask's mode (not 0700)."""
+    for _ in range(100):
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name in {parent}")
 
 
 def _check_destination(dest: Path, force: bool, protect: Iterable[str | os.PathLike]) -> None:
