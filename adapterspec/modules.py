@@ -361,12 +361,17 @@ def _info_from_module(path: str, module: Any, has_children: bool) -> ModuleInfo:
     return _weight_info(path, cls, family, shapes, shape, dtype, quant)
 
 
+_FAMILY_BY_TYPE: dict[type, str] = {}
+_DTYPE_NAMES: dict[Any, str] = {}
+
+
 def _known_family(module: Any) -> str:
-    for klass in type(module).__mro__:
-        family = KNOWN_CLASSES.get(klass.__name__)
-        if family is not None:
-            return family
-    return "leaf"
+    kind = type(module)
+    family = _FAMILY_BY_TYPE.get(kind)
+    if family is None:
+        family = next((KNOWN_CLASSES[k.__name__] for k in kind.__mro__ if k.__name__ in KNOWN_CLASSES), "leaf")
+        _FAMILY_BY_TYPE[kind] = family
+    return family
 
 
 def _own_arrays(module: Any) -> dict[str, Any]:
@@ -381,6 +386,10 @@ def _own_arrays(module: Any) -> dict[str, Any]:
             continue
         if isinstance(value, mx.array):
             own[key] = value
+        elif isinstance(value, nn.Module):
+            continue
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, nn.Module) for v in value):
+            continue
         elif isinstance(value, (list, tuple, dict)):
             for name, leaf in tree_flatten(value, prefix="." + key, is_leaf=nn.Module.is_module):
                 if isinstance(leaf, mx.array):
@@ -393,4 +402,8 @@ def _own_array_fields(own: dict[str, Any]) -> dict:
 
 
 def _dtype_name(array: Any) -> str:
-    return str(array.dtype).rsplit(".", 1)[-1]
+    dtype = array.dtype
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype).rsplit(".", 1)[-1]
+    return name
