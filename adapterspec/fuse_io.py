@@ -1,0 +1,201 @@
+"""Streaming safetensors I/O for fuse: tensors located by byte offset, shard writers, sampled row reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from .io import SAFETENSORS_DTYPES, read_safetensors_header
+
+DTYPE_CODES = {name: code for code, (name, _) in SAFETENSORS_DTYPES.items()}
+ITEM_SIZES = {name: size for name, size in SAFETENSORS_DTYPES.values()}
+COPY_CHUNK = 64 << 20
+MAX_WRITE = 1 << 30
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """A tensor inside a safetensors file: mlx dtype name, shape, absolute byte offset and length."""
+
+    name: str
+    path: Path
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+    @property
+    def rows(self) -> int:
+        """The number of rows: the product of every axis but the last."""
+        n = 1
+        for d in self.shape[:-1]:
+            n *= d
+        return n
+
+
+def nbytes_of(dtype: str, shape: Sequence[int]) -> int:
+    n = ITEM_SIZES[dtype]
+    for d in shape:
+        n *= d
+    return n
+
+
+def read_sources(path: str | os.PathLike) -> dict[str, SourceTensor]:
+    """Every tensor of a safetensors file, in the order of its bytes in the file."""
+    path = Path(path)
+    tensors = read_safetensors_header(path)
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+    data_start = 8 + header_len
+    ordered = sorted(tensors.items(), key=lambda item: item[1].offsets[0])
+    return {
+        name: SourceTensor(name, path, t.dtype_name, t.shape, data_start + t.offsets[0], t.offsets[1] - t.offsets[0])
+        for name, t in ordered
+    }
+
+
+def encode_header(entries: Iterable[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:
+    """The length prefix and JSON header of a safetensors file holding `entries` (name, dtype, shape) in order."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, dtype, shape in entries:
+        size = nbytes_of(dtype, shape)
+        header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class SourceFiles:
+    """Read-only file descriptors of the input files, opened once each."""
+
+    def __init__(self):
+        self._fds: dict[Path, int] = {}
+
+    def fd(self, path: Path) -> int:
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> "SourceFiles":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def read_slab(self, source: SourceTensor, start: int, stop: int) -> bytes:
+        """The bytes of source[start:stop] along its first axis."""
+        step = source.nbytes // max(source.shape[0], 1) if source.shape else source.nbytes
+        return _pread_all(self.fd(source.path), (stop - start) * step, source.offset + start * step)
+
+    def read_rows(self, source: SourceTensor, rows: Sequence[int]) -> bytes:
+        """The bytes of some rows (indices over all but the last axis, ascending) of a tensor."""
+        row_bytes = source.nbytes // max(source.rows, 1)
+        fd = self.fd(source.path)
+        chunks = []
+        start = 0
+        while start < len(rows):
+            end = start
+            while end + 1 < len(rows) and rows[end + 1] == rows[end] + 1:
+                end += 1
+            chunks.append(_pread_all(fd, (end - start + 1) * row_bytes, source.offset + rows[start] * row_bytes))
+            start = end + 1
+        return b"".join(chunks)
+
+
+class ShardWriter:
+    """One safetensors file written front to back: the header, then every tensor's bytes in header order."""
+
+    def __init__(self, path: Path, entries: Sequence[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]):
+        self.path = path
+        self._names = [name for name, _, _ in entries]
+        self._sizes = [nbytes_of(dtype, shape) for _, dtype, shape in entries]
+        self._next = 0
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        _write_all(self._fd, encode_header(entries, metadata))
+
+    def _check_next(self, name: str) -> None:
+        if self._next >= len(self._names) or self._names[self._next] != name:
+            expected = self._names[self._next] if self._next < len(self._names) else "nothing"
+            raise RuntimeError(f"{self.path.name}: tensor {name!r} written out of order (expected {expected})")
+
+    def _finish(self, name: str, nbytes: int) -> None:
+        if nbytes != self._sizes[self._next]:
+            raise RuntimeError(f"{self.path.name}: tensor {name!r} has {nbytes} bytes, its header says {self._sizes[self._next]}")
+        self._next += 1
+
+    def write(self, name: str, parts: Iterable) -> None:
+        """Write a tensor from C-contiguous buffers (evaluated mx.arrays, bytes) that follow each other in it."""
+        self._check_next(name)
+        written = 0
+        for part in parts:
+            view = memoryview(part).cast("B")
+            _write_all(self._fd, view)
+            written += view.nbytes
+        self._finish(name, written)
+
+    def copy(self, name: str, source: SourceTensor, files: SourceFiles) -> None:
+        """Write a tensor by copying its bytes from an input file, without reading them into this process."""
+        self._check_next(name)
+        _copy_range(files.fd(source.path), self._fd, source.offset, source.nbytes)
+        self._finish(name, source.nbytes)
+
+    def close(self) -> None:
+        try:
+            if self._next != len(self._names):
+                raise RuntimeError(f"{self.path.name}: {len(self._names) - self._next} tensor(s) were never written")
+        finally:
+            os.close(self._fd)
+
+    def abort(self) -> None:
+        os.close(self._fd)
+
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data)
+    while view.nbytes:
+        written = os.write(fd, view[:MAX_WRITE])
+        view = view[written:]
+
+
+def _pread_all(fd: int, length: int, offset: int) -> bytes:
+    data = os.pread(fd, length, offset)
+    if len(data) == length:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < length:
+        more = os.pread(fd, length - got, offset + got)
+        if not more:
+            raise OSError(f"unexpected end of file reading {length} bytes at offset {offset}")
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def _copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
+    """Append `length` bytes from `src_fd` at `offset` to `dst_fd`: in the kernel where it can, else by chunks."""
+    done = 0
+    if hasattr(os, "copy_file_range"):
+        try:
+            while done < length:
+                n = os.copy_file_range(src_fd, dst_fd, length - done, offset + done)
+                if n == 0:
+                    break
+                done += n
+        except OSError:
+            pass
+    while done < length:
+        chunk = _pread_all(src_fd, min(COPY_CHUNK, length - done), offset + done)
+        _write_all(dst_fd, chunk)
+        done += len(chunk)

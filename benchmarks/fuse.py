@@ -1,0 +1,308 @@
+"""Benchmark `adapterspec fuse` against `mlx_lm fuse` on a generated llama with LoRA on every linear of every block.
+
+The model (random weights, float16, written in N shards into a temporary directory) and its 4-bit
+quantization (group 64, as mlx_lm.convert) are fused with the same adapters (r=8, scale 20, random
+nonzero B) by both tools, each in a fresh process; the wall time and peak RSS of each process come
+from wait4. The floor is the time to read the model's weight files and write as many bytes.
+
+    python benchmarks/fuse.py                     # ≈1 GB float16 model in 4 shards, float16 and 4-bit
+    python benchmarks/fuse.py --size-gb 2.4 --shards 1 --runs 2
+    python benchmarks/fuse.py --dtypes float16 --json results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = 2048, 5632, 16, 4, 32000
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+SPEC = """adapterspec 1
+
+layers[*].self_attn.<q,k,v,o>_proj: lora(r=8, scale=20.0)
+layers[*].mlp.<gate,up,down>_proj: lora(r=8, scale=20.0)
+"""
+GOAL_RATIO_TO_MLX_LM = 1 / 3
+GOAL_RATIO_TO_FLOOR = 2.0
+RSS_ALLOWANCE = 300 << 20
+
+
+@dataclass
+class Run:
+    tool: str
+    variant: str
+    wall_s: float
+    cpu_s: float
+    peak_rss_mb: float
+
+
+@dataclass
+class VariantResult:
+    variant: str
+    model_gb: float
+    shards: int
+    largest_shard_mb: float
+    adapters_mb: float
+    floor_s: float
+    adapterspec: Run
+    mlx_lm: Run
+
+    @property
+    def rss_bound_mb(self) -> float:
+        return self.largest_shard_mb + self.adapters_mb + RSS_ALLOWANCE / 2**20
+
+
+# ── the model and adapters ──────────────────────────────────────────────────
+
+
+def llama_config(layers: int) -> dict:
+    return {
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": HIDDEN,
+        "intermediate_size": INTERMEDIATE, "num_hidden_layers": layers, "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS, "rms_norm_eps": 1e-5, "vocab_size": VOCAB, "rope_theta": 10000.0,
+        "max_position_embeddings": 2048, "tie_word_embeddings": False, "torch_dtype": "float16",
+    }  # fmt: skip
+
+
+def layers_for(size_gb: float) -> int:
+    per_layer = 2 * (2 * HIDDEN * HIDDEN + 2 * HIDDEN * HIDDEN * KV_HEADS // HEADS + 3 * HIDDEN * INTERMEDIATE)
+    embeddings = 2 * 2 * VOCAB * HIDDEN
+    return max(1, round((size_gb * 1e9 - embeddings) / per_layer))
+
+
+def model_tensors(config: dict) -> list[tuple[str, tuple[int, ...], bool]]:
+    """(name, shape, quantizable) of every weight, in mlx-lm's parameter order, from the model class."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import _get_classes
+
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    quantizable = {
+        path for path, module in model.named_modules()
+        if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.shape[-1] % 64 == 0
+    }  # fmt: skip
+    return [
+        (name, tuple(value.shape), name.rpartition(".")[0] in quantizable and name.endswith(".weight"))
+        for name, value in tree_flatten(model.parameters())
+    ]
+
+
+def write_model(path: Path, config: dict, shards: int, quantize: bool, seed: int = 0) -> None:
+    """A model directory in mlx-lm's layout with random float16 weights (4-bit quantized when asked)."""
+    import mlx.core as mx
+
+    from adapterspec.fuse_io import ShardWriter, nbytes_of
+
+    path.mkdir(parents=True)
+    mx.random.seed(seed)
+    tensors = []
+    for name, shape, quantizable in model_tensors(config):
+        if quantize and quantizable:
+            rows, cols = shape
+            owner = name.rpartition(".")[0]
+            tensors += [(name, "uint32", (rows, cols // 8)), (f"{owner}.scales", "float16", (rows, cols // 64)),
+                        (f"{owner}.biases", "float16", (rows, cols // 64))]  # fmt: skip
+        else:
+            tensors.append((name, "float16", shape))
+    total = sum(nbytes_of(d, s) for _, d, s in tensors)
+    limit = total / shards * 1.02
+    groups, size = [], 0
+    for tensor in tensors:
+        n = nbytes_of(tensor[1], tensor[2])
+        if not groups or size + n > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(tensor)
+        size += n
+    quantized: dict[str, dict] = {}
+
+    def value_of(name: str, dtype: str, shape: tuple[int, ...]):
+        owner, _, param = name.rpartition(".")
+        if quantize and dtype != "float16" or param in ("scales", "biases"):
+            if owner not in quantized:
+                quantized.clear()
+                rows, packed = shape if param == "weight" else (shape[0], shape[1] * 8)
+                parts = mx.quantize(mx.random.normal((rows, packed * 8), dtype=mx.float16) * 0.02, 64, 4)
+                quantized[owner] = dict(zip(("weight", "scales", "biases"), parts))
+            return quantized[owner][param]
+        if len(shape) == 1:
+            return mx.ones(shape, dtype=mx.float16)
+        return mx.random.normal(shape, dtype=mx.float16) * 0.02
+
+    weight_map = {}
+    for i, group in enumerate(groups):
+        filename = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        writer = ShardWriter(path / filename, group, {"format": "mlx"})
+        for name, dtype, shape in group:
+            value = value_of(name, dtype, shape)
+            mx.eval(value)
+            writer.write(name, value)
+            weight_map[name] = filename
+        writer.close()
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    if quantize:
+        config = {**config, "quantization": {"group_size": 64, "bits": 4, "mode": "affine"}}
+        config["quantization_config"] = config["quantization"]
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
+    (path / "config.json").write_text(json.dumps(config, indent=4))
+    from tests.models import write_tokenizer
+
+    write_tokenizer(path, 320)
+
+
+def write_adapters(model_dir: Path, path: Path, seed: int = 1) -> None:
+    """LoRA r=8 on the seven linears of every block, random nonzero B, in an adapter directory both tools read."""
+    import mlx.core as mx
+
+    from adapterspec.adapter_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config
+    from adapterspec.lint import parse_spec
+    from adapterspec.modules import ModuleIndex
+    from adapterspec.plan import make_plan
+
+    index = ModuleIndex.from_model_dir(model_dir)
+    plan = make_plan(parse_spec(SPEC, "bench.aspec"), index)
+    assert plan.ok, plan.diagnostics
+    mx.random.seed(seed)
+    weights = {}
+    for entry in plan.entries:
+        info = index[entry.path]
+        bound = info.input_dims**-0.5
+        weights[f"{entry.path}.lora_a"] = mx.random.uniform(-bound, bound, (info.input_dims, entry.r))
+        weights[f"{entry.path}.lora_b"] = mx.random.normal((entry.r, info.output_dims)) * 0.01
+    path.mkdir(parents=True)
+    mx.save_safetensors(str(path / ADAPTER_WEIGHTS), weights, metadata={"format": "mlx"})
+    config = adapter_config(plan)
+    assert config["adapterspec"]["mlx_lm_compatible"], config["adapterspec"]
+    (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+
+
+# ── measuring ───────────────────────────────────────────────────────────────
+
+
+def measure(command: list[str], tool: str, variant: str) -> Run:
+    """Wall time and peak RSS of a command run in a fresh process."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - started
+    stderr = process.stderr.read().decode(errors="replace")
+    process.stderr.close()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{stderr}")
+    return Run(tool, variant, wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024)
+
+
+def floor_seconds(model_dir: Path, scratch: Path) -> float:
+    """Read every weight file of the model and write as many bytes, as plainly as Python can."""
+    started = time.perf_counter()
+    for source in sorted(model_dir.glob("*.safetensors")):
+        with open(source, "rb") as f, open(scratch / source.name, "wb") as out:
+            while chunk := f.read(64 << 20):
+                out.write(chunk)
+    seconds = time.perf_counter() - started
+    for written in scratch.glob("*.safetensors"):
+        written.unlink()
+    return seconds
+
+
+def best(runs: list[Run]) -> Run:
+    return min(runs, key=lambda r: r.wall_s)
+
+
+def bench_variant(work: Path, variant: str, layers: int, shards: int, runs: int) -> VariantResult:
+    model_dir, adapter_dir = work / f"model-{variant}", work / f"adapters-{variant}"
+    print(f"[{variant}] writing the model ({layers} blocks, {shards} shards) and adapters …", file=sys.stderr)
+    # In a child process: a parent that held the model would pass its memory on to every forked child's peak RSS.
+    subprocess.run([sys.executable, __file__, "--write-model", str(work), "--variant", variant, "--layers", str(layers),
+                    "--shards", str(shards)], check=True)  # fmt: skip
+    weight_files = list(model_dir.glob("*.safetensors"))
+    scratch = work / "scratch"
+    scratch.mkdir(exist_ok=True)
+    floors, ours, theirs = [], [], []
+    ours_command = [sys.executable, "-m", "adapterspec", "fuse", str(model_dir), str(adapter_dir), "-o", str(work / f"out-adapterspec-{variant}"), "--quiet", "--force"]
+    measure(ours_command, "warm-up", variant)  # MLX builds its CPU kernels once per machine; not timed
+    shutil.rmtree(work / f"out-adapterspec-{variant}")
+    for i in range(runs):
+        floors.append(floor_seconds(model_dir, scratch))
+        ours.append(measure(ours_command, "adapterspec fuse", variant))
+        shutil.rmtree(work / f"out-adapterspec-{variant}")
+        out = work / f"out-mlx-lm-{variant}"
+        theirs.append(measure([sys.executable, "-m", "mlx_lm", "fuse", "--model", str(model_dir), "--adapter-path", str(adapter_dir), "--save-path", str(out)],
+                              "mlx_lm fuse", variant))  # fmt: skip
+        shutil.rmtree(out)
+        print(f"[{variant}] run {i + 1}: floor {floors[-1]:.2f} s, adapterspec {ours[-1].wall_s:.2f} s "
+              f"({ours[-1].cpu_s:.1f} s CPU), mlx_lm {theirs[-1].wall_s:.2f} s ({theirs[-1].cpu_s:.1f} s CPU)", file=sys.stderr)  # fmt: skip
+    result = VariantResult(
+        variant, sum(f.stat().st_size for f in weight_files) / 1e9, len(weight_files),
+        max(f.stat().st_size for f in weight_files) / 2**20, (adapter_dir / "adapters.safetensors").stat().st_size / 2**20,
+        min(floors), best(ours), best(theirs),
+    )  # fmt: skip
+    shutil.rmtree(model_dir)
+    shutil.rmtree(adapter_dir)
+    return result
+
+
+def render(results: list[VariantResult]) -> str:
+    lines = [
+        "| model | size, files | floor (read + write) | adapterspec fuse: wall (CPU) | mlx_lm fuse: wall (CPU) "
+        "| ours / mlx-lm | ours / floor | peak RSS: ours | mlx-lm | bound |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        ours, theirs = r.adapterspec, r.mlx_lm
+        lines.append(
+            f"| {r.variant} | {r.model_gb:.2f} GB, {r.shards} | {r.floor_s:.2f} s | {ours.wall_s:.2f} s ({ours.cpu_s:.1f} s) | "
+            f"{theirs.wall_s:.2f} s ({theirs.cpu_s:.1f} s) | {ours.wall_s / theirs.wall_s:.2f} | {ours.wall_s / r.floor_s:.2f} | "
+            f"{ours.peak_rss_mb:.0f} MB | {theirs.peak_rss_mb:.0f} MB | {r.rss_bound_mb:.0f} MB |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-gb", type=float, default=1.0, help="float16 model size (default 1.0)")
+    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--dtypes", default="float16,4bit", help="comma-separated: float16, 4bit")
+    parser.add_argument("--runs", type=int, default=1, help="runs of each tool; the fastest counts")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--write-model", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--layers", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.write_model:
+        model_dir = args.write_model / f"model-{args.variant}"
+        write_model(model_dir, llama_config(args.layers), args.shards, quantize=args.variant == "4bit")
+        write_adapters(model_dir, args.write_model / f"adapters-{args.variant}")
+        return 0
+    layers = layers_for(args.size_gb)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="adapterspec-fuse-bench-") as work:
+        for variant in args.dtypes.split(","):
+            results.append(bench_variant(Path(work), variant.strip(), layers, args.shards, args.runs))
+    print(render(results))
+    for r in results:
+        ok_speed = r.adapterspec.wall_s <= GOAL_RATIO_TO_MLX_LM * r.mlx_lm.wall_s
+        ok_floor = r.adapterspec.wall_s <= GOAL_RATIO_TO_FLOOR * r.floor_s
+        ok_rss = r.adapterspec.peak_rss_mb <= r.rss_bound_mb
+        print(f"{r.variant}: ≤ 1/3 of mlx_lm: {'yes' if ok_speed else 'NO'}; ≤ 2× floor: {'yes' if ok_floor else 'NO'}; "
+              f"RSS within bound: {'yes' if ok_rss else 'NO'}")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) | {"rss_bound_mb": r.rss_bound_mb} for r in results], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
