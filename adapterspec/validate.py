@@ -19,6 +19,7 @@ TRANSFORM_KINDS = ("lora", "dora", "full", "none")
 ARGUMENT_NAMES = ("r", "scale", "alpha", "rslora", "dropout")
 TYPE_WORDS = ("linear", "switch", "embedding")
 BUILTIN_DEFAULTS = {"r": 8, "scale": 20.0, "dropout": 0.0}
+MAX_RANK = 1 << 16
 
 ARGUMENT_SYNONYMS = {
     "rank": "r", "lora_r": "r", "lora_rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
@@ -53,8 +54,8 @@ class ArgumentRule:
 
 
 ARGUMENTS = {
-    "r": ArgumentRule(int, "r must be a whole number", "r must be a whole number ≥ 1", "for example r=8",
-                      lambda v: v >= 1),
+    "r": ArgumentRule(int, "r must be a whole number", f"r must be a whole number from 1 to {MAX_RANK}",
+                      "for example r=8", lambda v: 1 <= v <= MAX_RANK),
     "scale": ArgumentRule(float, "scale must be a number", "scale must be a finite number", "for example scale=20.0",
                           math.isfinite),
     "alpha": ArgumentRule(float, "alpha must be a number", "alpha must be a finite number > 0",
@@ -81,7 +82,10 @@ def argument_value(argument: ast.Argument) -> Any:
     if argument.value in ("true", "false"):
         return argument.value == "true"
     if ARGUMENTS.get(argument.name) and ARGUMENTS[argument.name].type is float and isinstance(argument.value, int):
-        return float(argument.value)
+        try:
+            return float(argument.value)
+        except OverflowError:
+            return math.inf if argument.value > 0 else -math.inf
     return argument.value
 
 

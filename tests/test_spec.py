@@ -120,7 +120,7 @@ def test_models_are_frozen():
 def test_lora_arguments_validates_with_our_messages():
     with pytest.raises(ValidationError) as error:
         LoraArguments(r=0)
-    assert "r must be a whole number ≥ 1" in str(error.value)
+    assert "r must be a whole number from 1 to 65536" in str(error.value)
     for bad in ({"r": 1.5}, {"r": True}, {"dropout": 1.0}, {"alpha": -1.0}, {"scale": float("inf")},
                 {"rslora": 1}, {"rank": 8}):  # fmt: skip
         with pytest.raises(ValidationError):
@@ -158,8 +158,10 @@ def test_spec_error_holds_every_diagnostic():
     ("q: lora(rslora=True, alpha=1)", "AS204", 16, "rslora must be true or false"),
     ("q: lora(dropout=none)", "AS204", 17, "dropout must be a number"),
     ("q: lora(alpha=inf)", "AS204", 15, "alpha must be a number"),
-    ("q: lora(r=0)", "AS205", 11, "r must be a whole number ≥ 1, got 0"),
-    ("q: lora(r=-3)", "AS205", 11, "≥ 1"),
+    ("q: lora(r=0)", "AS205", 11, "r must be a whole number from 1 to 65536, got 0"),
+    ("q: lora(r=-3)", "AS205", 11, "from 1 to 65536"),
+    ("q: lora(r=" + "9" * 400 + ", alpha=16)", "AS205", 11, "from 1 to 65536"),
+    ("q: lora(alpha=" + "9" * 400 + ")", "AS205", 15, "alpha must be a finite number > 0"),
     ("q: lora(alpha=0)", "AS205", 15, "alpha must be a finite number > 0"),
     ("q: lora(scale=1e999)", "AS205", 15, "scale must be a finite number"),
     ("q: lora(dropout=1)", "AS205", 17, "dropout must be at least 0 and below 1"),
