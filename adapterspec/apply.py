@@ -46,25 +46,16 @@ def plan_for_model(model, spec: Union[Spec, str]) -> Plan:
 
 
 def build_adapters(model, plan: Plan) -> list[tuple[str, object]]:
-    """Every adapter module the plan asks for, built beside the model (the model is not changed).
-
-    Adapter constructors freeze their base; the bases' frozen flags are put back, so that a load
-    that fails after this step leaves the model as it was (`install` freezes the whole base anyway).
-    """
+    """Every adapter module the plan asks for, built beside the model (the model is not changed:
+    the bases are left unfrozen here, `install` freezes the whole base in one pass)."""
     from .adapters import from_base
 
-    built = []
-    for entry in plan.entries:
-        if entry.adapter == "full":
-            continue
-        base = module_at(model, entry.path)
-        frozen = set(base._no_grad)  # adaptable bases are leaf layers: their own flags are all there is
-        try:
-            built.append((entry.path, from_base(entry.adapter, base, entry.r, entry.scale, entry.dropout)))
-        finally:
-            base._no_grad.clear()
-            base._no_grad.update(frozen)
-    return built
+    return [
+        (entry.path, from_base(entry.adapter, module_at(model, entry.path), entry.r, entry.scale, entry.dropout,
+                               freeze_base=False))
+        for entry in plan.entries
+        if entry.adapter != "full"
+    ]
 
 
 def trainable_shapes(model, plan: Plan, adapters: list[tuple[str, object]]) -> dict[str, tuple]:

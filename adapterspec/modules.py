@@ -324,7 +324,7 @@ def _quant_params(path: str, packed_in: int, scales: Tensor, quantization: dict)
 
 def infos_from_module(model: Any) -> list[ModuleInfo]:
     """ModuleInfos of every module under `model`, plus the lists (and dicts) of modules between them."""
-    named = {path: module for path, module in model.named_modules() if path}
+    named = _walk_modules(model)
     child_names: dict[str, set[str]] = {}
     intermediates = set()
     for path in named:
@@ -334,15 +334,48 @@ def infos_from_module(model: Any) -> list[ModuleInfo]:
             if parent and parent not in named:
                 intermediates.add(parent)
             path = parent
-    infos = [_info_from_module(p, m, bool(child_names.get(p))) for p, m in named.items()]
+    infos = [_info_from_module(p, m, own, bool(child_names.get(p))) for p, (m, own) in named.items()]
     for path in intermediates:
         is_list = all(c.isdigit() for c in child_names[path])
         infos.append(ModuleInfo(path, LIST_CLASS if is_list else "dict", "list" if is_list else "container"))
     return infos
 
 
-def _info_from_module(path: str, module: Any, has_children: bool) -> ModuleInfo:
-    own = _own_arrays(module)
+def _walk_modules(model: Any) -> dict[str, tuple[Any, dict[str, Any]]]:
+    """Path → (module, its own arrays) for every module below the root, in one pass over the tree.
+
+    The paths are those of `named_modules()`; walking the module dicts directly is several times faster.
+    """
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    array, module_type = mx.array, nn.Module
+    found: dict[str, tuple[Any, dict[str, Any]]] = {}
+    stack = [("", model)]
+    while stack:
+        path, module = stack.pop()
+        own: dict[str, Any] = {}
+        prefix = path + "." if path else ""
+        for key, value in module.items():
+            if key.startswith("_"):
+                continue
+            if isinstance(value, array):
+                own[key] = value
+            elif isinstance(value, module_type):
+                stack.append((prefix + key, value))
+            elif isinstance(value, (list, tuple, dict)):
+                for name, leaf in tree_flatten(value, prefix="." + key, is_leaf=module_type.is_module):
+                    if isinstance(leaf, module_type):
+                        stack.append((prefix + name, leaf))
+                    elif isinstance(leaf, array):
+                        own[name] = leaf
+        if path:
+            found[path] = (module, own)
+    return found
+
+
+def _info_from_module(path: str, module: Any, own: dict[str, Any], has_children: bool) -> ModuleInfo:
     cls = type(module).__name__
     family = "container" if has_children else _known_family(module)
     weight = own.get("weight")
@@ -372,29 +405,6 @@ def _known_family(module: Any) -> str:
         family = next((KNOWN_CLASSES[k.__name__] for k in kind.__mro__ if k.__name__ in KNOWN_CLASSES), "leaf")
         _FAMILY_BY_TYPE[kind] = family
     return family
-
-
-def _own_arrays(module: Any) -> dict[str, Any]:
-    """The arrays a module holds itself (also inside lists and dicts), not those of its child modules."""
-    import mlx.core as mx
-    import mlx.nn as nn
-    from mlx.utils import tree_flatten
-
-    own = {}
-    for key, value in module.items():
-        if key.startswith("_"):
-            continue
-        if isinstance(value, mx.array):
-            own[key] = value
-        elif isinstance(value, nn.Module):
-            continue
-        elif isinstance(value, (list, tuple)) and all(isinstance(v, nn.Module) for v in value):
-            continue
-        elif isinstance(value, (list, tuple, dict)):
-            for name, leaf in tree_flatten(value, prefix="." + key, is_leaf=nn.Module.is_module):
-                if isinstance(leaf, mx.array):
-                    own[name] = leaf
-    return own
 
 
 def _own_array_fields(own: dict[str, Any]) -> dict:

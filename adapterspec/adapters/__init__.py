@@ -17,13 +17,15 @@ ADAPTER_CLASSES: dict[str, type[nn.Module]] = {
 }
 
 
-def from_base(kind: str, base: nn.Module, r: int = 8, scale: float = 20.0, dropout: float = 0.0) -> nn.Module:
-    """Wrap `base` in the adapter of `kind` (a key of ADAPTER_CLASSES)."""
+def from_base(
+    kind: str, base: nn.Module, r: int = 8, scale: float = 20.0, dropout: float = 0.0, freeze_base: bool = True
+) -> nn.Module:
+    """Wrap `base` in the adapter of `kind` (a key of ADAPTER_CLASSES); the base is frozen unless told not to."""
     try:
         cls = ADAPTER_CLASSES[kind]
     except KeyError:
         raise ValueError(f"unknown adapter kind {kind!r}; expected one of {sorted(ADAPTER_CLASSES)}") from None
-    return cls.from_base(base, r=r, scale=scale, dropout=dropout)
+    return cls.from_base(base, r=r, scale=scale, dropout=dropout, freeze_base=freeze_base)
 
 
 __all__ = [

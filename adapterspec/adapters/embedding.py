@@ -13,12 +13,17 @@ class LoRAEmbedding(nn.Module):
     kind = "embedding-lora"
 
     @classmethod
-    def from_base(cls, base: nn.Module, r: int = 8, scale: float = 20.0, dropout: float = 0.0):
-        return cls(base, r=r, scale=scale, dropout=dropout)
+    def from_base(
+        cls, base: nn.Module, r: int = 8, scale: float = 20.0, dropout: float = 0.0, freeze_base: bool = True
+    ):
+        return cls(base, r=r, scale=scale, dropout=dropout, freeze_base=freeze_base)
 
-    def __init__(self, base: nn.Module, r: int = 8, scale: float = 20.0, dropout: float = 0.0):
+    def __init__(
+        self, base: nn.Module, r: int = 8, scale: float = 20.0, dropout: float = 0.0, freeze_base: bool = True
+    ):
         super().__init__()
-        base.freeze()
+        if freeze_base:
+            base.freeze()
         num_embeddings, dims = base.weight.shape[0], last_dim(base)
         self.embedding = base
         self.dropout = nn.Dropout(p=dropout)

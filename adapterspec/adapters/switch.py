@@ -46,12 +46,17 @@ class LoRASwitchLinear(nn.Module):
     kind = "switch-lora"
 
     @classmethod
-    def from_base(cls, base: nn.Module, r: int = 8, scale: float = 20.0, dropout: float = 0.0):
-        return cls(base, r=r, scale=scale, dropout=dropout)
+    def from_base(
+        cls, base: nn.Module, r: int = 8, scale: float = 20.0, dropout: float = 0.0, freeze_base: bool = True
+    ):
+        return cls(base, r=r, scale=scale, dropout=dropout, freeze_base=freeze_base)
 
-    def __init__(self, base: nn.Module, r: int = 8, scale: float = 20.0, dropout: float = 0.0):
+    def __init__(
+        self, base: nn.Module, r: int = 8, scale: float = 20.0, dropout: float = 0.0, freeze_base: bool = True
+    ):
         super().__init__()
-        base.freeze()
+        if freeze_base:
+            base.freeze()
         num_experts, input_dims, output_dims = base.num_experts, base.input_dims, base.output_dims
         self.linear = base
         self.dropout = nn.Dropout(p=dropout)
