@@ -13,7 +13,15 @@ SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
 UNITS = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
 
 
+EPILOG = """\
+Every fused module is measured for how much of its adapter the stored weights keep (requantizing
+can round a small change away); modules that keep less than half are a warning, or with --strict
+an error. The output appears only when complete: an interrupted fuse leaves nothing at OUT, and a
+killed one leaves a hidden .OUT.tmp-* directory beside it that the next fuse to OUT removes."""
+
+
 def add_arguments(parser) -> None:
+    parser.epilog = EPILOG
     parser.add_argument("model", help="the base model: a directory in mlx-lm's layout, or a locally cached repo id")
     parser.add_argument("adapters", help="the adapter directory (adapterspec's or mlx-lm's)")
     parser.add_argument("-o", "--output", required=True, help="the model directory to write (must not exist or be empty)")
