@@ -106,6 +106,12 @@ def _check(tensor: OutputTensor, array: mx.array, chunk: Chunk) -> None:
         raise RuntimeError(f"{tensor.name}: computed {got}, planned {(tensor.dtype, expected)}")
 
 
+def _counted(parts: Iterator[mx.array], progress: Progress) -> Iterator[mx.array]:
+    for part in parts:
+        yield part
+        progress.advance(part.nbytes)
+
+
 def write_shards(
     shards: list[Shard],
     adapters: dict[str, mx.array],
@@ -136,9 +142,9 @@ def write_shards(
                     queue.fill()
                     if tensor.unit is None:
                         writer.copy(tensor.name, tensor.source, files)
+                        progress.advance(tensor.nbytes)
                     else:
-                        writer.write(tensor.name, queue.parts(tensor))
-                    progress.advance(tensor.nbytes)
+                        writer.write(tensor.name, _counted(queue.parts(tensor), progress))
                     if delay:
                         time.sleep(delay)
             except BaseException:
