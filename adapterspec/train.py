@@ -234,6 +234,39 @@ def initial_weights(model, path: str) -> None:
     put_weights(model, mx.load(str(file)), str(file))
 
 
+def read_spec(path: str):
+    """(Spec, its warnings, its text); SpecError when it has errors, UserError when it cannot be read."""
+    from .diagnostics import SpecError
+    from .lint import check_bytes
+
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such spec file") from None
+    except OSError as error:
+        raise UserError(f"{path}: cannot read the spec ({error.strerror})") from None
+    spec, diagnostics, text = check_bytes(data, str(path))
+    if spec is None:
+        raise SpecError(diagnostics, text)
+    return spec, diagnostics, text
+
+
+def print_warnings(diagnostics: list, text: str) -> None:
+    """The spec's and the plan's warnings on stderr, each once (the plan repeats the spec's static checks)."""
+    import sys
+
+    from .diagnostics import render_text
+
+    seen, shown = set(), []
+    for d in diagnostics:
+        key = (d.code, d.span.line if d.span else None, d.span.column if d.span else None)
+        if key not in seen:
+            seen.add(key)
+            shown.append(d)
+    if shown:
+        print(render_text(shown, {d.filename: text for d in shown}), file=sys.stderr)
+
+
 def header_lines(options: TrainOptions, plan, sizes: tuple, world_size: int) -> list[str]:
     lr = "schedule " + options.lr_schedule["name"] if options.lr_schedule else f"{options.learning_rate:g}"
     share = 100.0 * plan.trainable_parameters / max(plan.total_parameters, 1)
@@ -256,7 +289,6 @@ def run(options: TrainOptions, *, stream=None, training_callback=None) -> TrainR
 
     from .apply import apply, plan_for_model
     from .io import load_model, load_tokenizer, resolve_model_path
-    from .lint import load_spec
     from .train_checkpoint import publish, prune, save_checkpoint, trainer_arrays
     from .train_data import load_datasets
     from .train_report import ProgressReport
@@ -266,15 +298,14 @@ def run(options: TrainOptions, *, stream=None, training_callback=None) -> TrainR
     if options.batch_size % world_size:
         raise UserError(f"the batch size {options.batch_size} is not divisible by the {world_size} processes",
                         help="the batch size is global: each process takes batch_size / processes examples")
-    try:
-        spec = load_spec(options.spec)
-    except FileNotFoundError:
-        raise UserError(f"{options.spec}: no such spec file") from None
+    spec, spec_warnings, spec_text = read_spec(options.spec)
     model_dir = resolve_model_path(options.model)
     model, _config = load_model(model_dir)
     tokenizer = load_tokenizer(model_dir)
     train_set, valid_set, test_set = load_datasets(options, tokenizer)
     plan = plan_for_model(model, spec)
+    if rank == 0:
+        print_warnings(spec_warnings + plan.diagnostics, spec_text)
     mx.random.seed(options.seed)
     apply(model, plan)
     out = Path(options.adapter_path)

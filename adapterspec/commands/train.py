@@ -13,10 +13,10 @@ from ..train_options import OPTIMIZERS
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", help="a local mlx-lm model directory (or a repo id in the local cache)")
     parser.add_argument("spec", nargs="?", help="the spec file (.aspec) saying which modules get which adapters")
-    parser.add_argument("--data", help="directory with train.jsonl, valid.jsonl (and test.jsonl), in mlx-lm's formats")
-    parser.add_argument("-o", "--output", "--adapter-path", dest="adapter_path",
+    parser.add_argument("--data", metavar="DIR", help="directory with train.jsonl, valid.jsonl (and test.jsonl), in mlx-lm's formats")
+    parser.add_argument("-o", "--output", "--adapter-path", dest="adapter_path", metavar="DIR",
                         help="the adapter directory to write; checkpoints go to its checkpoints/ (default: adapters)")
-    parser.add_argument("-c", "--config", help="a YAML file of options, as mlx_lm.lora reads it (the command line wins)")
+    parser.add_argument("-c", "--config", metavar="FILE", help="a YAML file of options, as mlx_lm.lora reads it (the command line wins)")
     group = parser.add_argument_group("training (as mlx_lm.lora)")
     group.add_argument("--iters", type=int, help="iterations (batches) to train for (default 1000)")
     group.add_argument("--batch-size", type=int, help="global minibatch size (default 4)")
