@@ -1,5 +1,5 @@
 """`adapterspec train` as processes: killed with SIGKILL and resumed, and data-parallel over two processes
-(mlx.launch, ring backend on loopback) against one process with the same global batch."""
+(mlx.launch, ring backend on loopback), resumed too, against one process with the same global batch."""
 
 from __future__ import annotations
 
@@ -82,14 +82,16 @@ def test_a_killed_run_resumes_to_the_uninterrupted_runs_weights(tmp_path, spec):
 
 
 @pytest.mark.skipif(shutil.which("mlx.launch") is None, reason="mlx.launch is not installed")
-def test_two_processes_train_the_same_adapters_as_one_with_the_same_global_batch(tmp_path, spec):
+def test_two_processes_train_and_resume_to_the_adapters_of_one_with_the_same_global_batch(tmp_path, spec):
     out = tmp_path / "two"
     launch = [shutil.which("mlx.launch"), "--backend", "ring", "-n", "2", "--"]
-    result = subprocess.run(launch + command(spec, out, "--iters", "12", "--save-every", "6", "--batch-size", "4"),
-                            env=environment(), capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "batch      4 over 2 processes" in result.stdout
-    assert result.stdout.count("saved ") == 2, "only rank 0 reports and writes checkpoints"
+    for extra in (["--iters", "6"], ["--iters", "12", "--resume"]):
+        result = subprocess.run(launch + command(spec, out, "--save-every", "6", "--batch-size", "4", *extra),
+                                env=environment(), capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "batch      4 over 2 processes" in result.stdout
+        assert result.stdout.count("saved ") == 1, "only rank 0 reports and writes checkpoints"
+    assert "resuming from" in result.stdout, "rank 0 read the checkpoint and sent its state to rank 1"
 
     one = in_process(spec, tmp_path / "one", iters=12, save_every=6, batch_size=4)
     expected, actual = weights(one.out), weights(out)
