@@ -112,8 +112,12 @@ def remove_leftovers(out: Path) -> None:
     for folder in (Path(out), Path(out) / CHECKPOINTS):
         if folder.is_dir():
             for path in folder.iterdir():
-                if path.name.startswith(".") and (".tmp-" in path.name or ".old-" in path.name):
-                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                if not (path.name.startswith(".") and (".tmp-" in path.name or ".old-" in path.name)):
+                    continue
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
 
 
 def read_checkpoint(path: Path) -> Checkpoint:
