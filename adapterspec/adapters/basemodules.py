@@ -1,4 +1,4 @@
-"""What the adapters need to know about their base modules: dims, quantization, dense weights."""
+"""What the adapters share: their common base class, and what they need to know about base modules."""
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -41,3 +41,25 @@ def low_rank_init(shape: tuple[int, ...], fan_in: int) -> mx.array:
     """LoRA's A: uniform in ±1/sqrt(fan_in), float32."""
     bound = 1 / fan_in**0.5
     return mx.random.uniform(low=-bound, high=bound, shape=shape)
+
+
+class AdapterModule(nn.Module):
+    """A base module (frozen unless told otherwise) at `base_name`, plus dropout and scale; `from_base`."""
+
+    kind = ""
+    base_name = "linear"
+
+    @classmethod
+    def from_base(
+        cls, base: nn.Module, r: int = 8, scale: float = 20.0, dropout: float = 0.0, freeze_base: bool = True
+    ):
+        return cls(base, r=r, scale=scale, dropout=dropout, freeze_base=freeze_base)
+
+    def __init__(self, base: nn.Module, scale: float, dropout: float, freeze_base: bool):
+        super().__init__()
+        if freeze_base:
+            base.freeze()
+        setattr(self, self.base_name, base)
+        self.dropout = nn.Dropout(p=dropout)
+        self.dropout_p = dropout
+        self.scale = scale

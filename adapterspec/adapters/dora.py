@@ -8,7 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import fusemath
-from .basemodules import dense_weight, last_dim, low_rank_init, matmul_without_bias
+from .basemodules import AdapterModule, dense_weight, last_dim, low_rank_init, matmul_without_bias
 from .embedding import dense_or_requantized_embedding
 from .lora import dense_or_requantized_linear
 
@@ -18,27 +18,16 @@ def _adapted_row_norms(kind: str, module: nn.Module, base: nn.Module) -> mx.arra
     return mx.stop_gradient(fusemath.row_norms(dense_weight(base).astype(mx.float32) + delta))
 
 
-class DoRALinear(nn.Module):
+class DoRALinear(AdapterModule):
     """A frozen linear base at `.linear`, float32 `lora_a` (in, r), `lora_b` (r, out) and `m` (out,)."""
 
     kind = "dora"
 
-    @classmethod
-    def from_base(
-        cls, base: nn.Module, r: int = 8, scale: float = 20.0, dropout: float = 0.0, freeze_base: bool = True
-    ):
-        return cls(base, r=r, scale=scale, dropout=dropout, freeze_base=freeze_base)
-
     def __init__(
         self, base: nn.Module, r: int = 8, scale: float = 20.0, dropout: float = 0.0, freeze_base: bool = True
     ):
-        super().__init__()
-        if freeze_base:
-            base.freeze()
+        super().__init__(base, scale, dropout, freeze_base)
         input_dims, output_dims = last_dim(base), base.weight.shape[0]
-        self.linear = base
-        self.dropout = nn.Dropout(p=dropout)
-        self.scale = scale
         self.lora_a = low_rank_init((input_dims, r), fan_in=input_dims)
         self.lora_b = mx.zeros((r, output_dims))
         self.m = fusemath.row_norms(dense_weight(base))
@@ -61,27 +50,17 @@ class DoRALinear(nn.Module):
         return dense_or_requantized_linear(self.linear, weight, dequantize)
 
 
-class DoRAEmbedding(nn.Module):
+class DoRAEmbedding(AdapterModule):
     """A frozen embedding at `.embedding`, float32 `lora_a` (num, r), `lora_b` (r, dims) and `m` (num,)."""
 
     kind = "dora-embedding"
-
-    @classmethod
-    def from_base(
-        cls, base: nn.Module, r: int = 8, scale: float = 20.0, dropout: float = 0.0, freeze_base: bool = True
-    ):
-        return cls(base, r=r, scale=scale, dropout=dropout, freeze_base=freeze_base)
+    base_name = "embedding"
 
     def __init__(
         self, base: nn.Module, r: int = 8, scale: float = 20.0, dropout: float = 0.0, freeze_base: bool = True
     ):
-        super().__init__()
-        if freeze_base:
-            base.freeze()
+        super().__init__(base, scale, dropout, freeze_base)
         num_embeddings, dims = base.weight.shape[0], last_dim(base)
-        self.embedding = base
-        self.dropout = nn.Dropout(p=dropout)
-        self.scale = scale
         self.lora_a = low_rank_init((num_embeddings, r), fan_in=num_embeddings)
         self.lora_b = mx.zeros((r, dims))
         self.m = fusemath.row_norms(dense_weight(base))

@@ -4,31 +4,20 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import fusemath, lowrank
-from .basemodules import dense_weight, last_dim, low_rank_init, quantization
+from .basemodules import AdapterModule, dense_weight, last_dim, low_rank_init, quantization
 
 
-class LoRAEmbedding(nn.Module):
+class LoRAEmbedding(AdapterModule):
     """A frozen embedding at `.embedding` plus float32 `lora_a` (num, r) and `lora_b` (r, dims)."""
 
     kind = "embedding-lora"
-
-    @classmethod
-    def from_base(
-        cls, base: nn.Module, r: int = 8, scale: float = 20.0, dropout: float = 0.0, freeze_base: bool = True
-    ):
-        return cls(base, r=r, scale=scale, dropout=dropout, freeze_base=freeze_base)
+    base_name = "embedding"
 
     def __init__(
         self, base: nn.Module, r: int = 8, scale: float = 20.0, dropout: float = 0.0, freeze_base: bool = True
     ):
-        super().__init__()
-        if freeze_base:
-            base.freeze()
+        super().__init__(base, scale, dropout, freeze_base)
         num_embeddings, dims = base.weight.shape[0], last_dim(base)
-        self.embedding = base
-        self.dropout = nn.Dropout(p=dropout)
-        self.dropout_p = dropout
-        self.scale = scale
         self.lora_a = low_rank_init((num_embeddings, r), fan_in=num_embeddings)
         self.lora_b = mx.zeros((r, dims))
 

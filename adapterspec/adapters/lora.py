@@ -4,10 +4,10 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import fusemath, lowrank
-from .basemodules import dense_weight, last_dim, low_rank_init, quantization
+from .basemodules import AdapterModule, dense_weight, last_dim, low_rank_init, quantization
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(AdapterModule):
     """A frozen linear base at `.linear` plus float32 `lora_a` (in, r) and `lora_b` (r, out).
 
     The low-rank path runs in the base output's dtype; A and B stay float32 masters.
@@ -15,23 +15,11 @@ class LoRALinear(nn.Module):
 
     kind = "lora"
 
-    @classmethod
-    def from_base(
-        cls, base: nn.Module, r: int = 8, scale: float = 20.0, dropout: float = 0.0, freeze_base: bool = True
-    ):
-        return cls(base, r=r, scale=scale, dropout=dropout, freeze_base=freeze_base)
-
     def __init__(
         self, base: nn.Module, r: int = 8, scale: float = 20.0, dropout: float = 0.0, freeze_base: bool = True
     ):
-        super().__init__()
-        if freeze_base:
-            base.freeze()
+        super().__init__(base, scale, dropout, freeze_base)
         input_dims, output_dims = last_dim(base), base.weight.shape[0]
-        self.linear = base
-        self.dropout = nn.Dropout(p=dropout)
-        self.dropout_p = dropout
-        self.scale = scale
         self.lora_a = low_rank_init((input_dims, r), fan_in=input_dims)
         self.lora_b = mx.zeros((r, output_dims))
 

@@ -4,7 +4,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import fusemath, lowrank
-from .basemodules import dense_weight, low_rank_init, quantization
+from .basemodules import AdapterModule, dense_weight, low_rank_init, quantization
 
 
 def gather_mm_dtype(dtype: mx.Dtype) -> mx.Dtype:
@@ -40,28 +40,16 @@ def switch_backward(x, a, b, dy, merged, indices, sorted_indices):
     return dx, da, db
 
 
-class LoRASwitchLinear(nn.Module):
+class LoRASwitchLinear(AdapterModule):
     """A frozen switch base at `.linear` plus float32 `lora_a` (E, r, in) and `lora_b` (E, out, r)."""
 
     kind = "switch-lora"
 
-    @classmethod
-    def from_base(
-        cls, base: nn.Module, r: int = 8, scale: float = 20.0, dropout: float = 0.0, freeze_base: bool = True
-    ):
-        return cls(base, r=r, scale=scale, dropout=dropout, freeze_base=freeze_base)
-
     def __init__(
         self, base: nn.Module, r: int = 8, scale: float = 20.0, dropout: float = 0.0, freeze_base: bool = True
     ):
-        super().__init__()
-        if freeze_base:
-            base.freeze()
+        super().__init__(base, scale, dropout, freeze_base)
         num_experts, input_dims, output_dims = base.num_experts, base.input_dims, base.output_dims
-        self.linear = base
-        self.dropout = nn.Dropout(p=dropout)
-        self.dropout_p = dropout
-        self.scale = scale
         self.num_experts = num_experts
         self.lora_a = low_rank_init((num_experts, r, input_dims), fan_in=input_dims)
         self.lora_b = mx.zeros((num_experts, output_dims, r))
