@@ -2,27 +2,50 @@
 
 from __future__ import annotations
 
+import os
 import sys
-from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from ..diagnostics import Diagnostic, render_text
 from ..errors import EXIT_ERRORS, UserError
-from ..spec import Spec
+from ..parse import MAX_FILE_BYTES
+
+if TYPE_CHECKING:
+    from ..spec import Spec
+
+STDIN = "-"
 
 
-def read_spec(path: str) -> tuple[Optional[Spec], list[Diagnostic], Optional[str]]:
+class Unreadable(Exception):
+    """A named input that cannot be read; its message is ready for the user."""
+
+
+def read_input(name: str) -> tuple[bytes, int]:
+    """The bytes of a file (or stdin), at most one byte past the size limit, and the full size when known."""
+    try:
+        if name == STDIN:
+            data = sys.stdin.buffer.read(MAX_FILE_BYTES + 1)
+            return data, len(data)
+        with open(name, "rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            data = file.read(MAX_FILE_BYTES + 1)
+            return data, max(size, len(data))
+    except FileNotFoundError:
+        raise Unreadable(f"{name}: no such file") from None
+    except IsADirectoryError:
+        raise Unreadable(f"{name}: is a directory") from None
+    except OSError as error:
+        raise Unreadable(f"{name}: cannot read ({error.strerror or error})") from None
+
+
+def read_spec(path: str) -> tuple[Optional["Spec"], list[Diagnostic], Optional[str]]:
     """A spec file's Spec (None on errors), its diagnostics and its text; unreadable files are UserErrors."""
     from ..lint import check_bytes
 
     try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a directory, not a spec file") from None
-    except OSError as error:
-        raise UserError(f"{path}: cannot read ({error.strerror})") from None
+        data, _size = read_input(path)
+    except Unreadable as error:
+        raise UserError(str(error)) from None
     return check_bytes(data, path)
 
 
@@ -43,7 +66,7 @@ def unique(diagnostics: Sequence[Diagnostic]) -> list[Diagnostic]:
     return out
 
 
-def spec_or_exit(path: str) -> tuple[Optional[Spec], list[Diagnostic], Optional[str], int]:
+def spec_or_exit(path: str) -> tuple[Optional["Spec"], list[Diagnostic], Optional[str], int]:
     """Read a spec; when it has errors print them and return the exit code 1 with no Spec."""
     spec, diagnostics, text = read_spec(path)
     if spec is None:

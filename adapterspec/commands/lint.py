@@ -11,9 +11,8 @@ from typing import Optional
 from ..diagnostics import Diagnostic, Severity, render_github, render_json, render_text, sort_key
 from ..errors import EXIT_ERRORS, EXIT_OK, EXIT_USAGE
 from ..lint import diagnose_bytes
-from ..parse import MAX_FILE_BYTES
+from .common import STDIN, Unreadable, read_input
 
-STDIN = "-"
 SPEC_SUFFIX = ".aspec"
 
 
@@ -25,10 +24,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="text (default), json (one object per line) or github (workflow annotations)")
     parser.add_argument("--model", metavar="DIR",
                         help="also match every spec against this model directory (read without MLX)")
-
-
-class Unreadable(Exception):
-    """A named input that cannot be read; its message is ready for the user."""
 
 
 def spec_paths(names: list[str]) -> tuple[list[str], list[str]]:
@@ -45,24 +40,6 @@ def spec_paths(names: list[str]) -> tuple[list[str], list[str]]:
         else:
             paths.append(name)
     return paths, problems
-
-
-def read_input(name: str) -> tuple[bytes, int]:
-    """The bytes of a file (or stdin), at most one byte past the size limit, and the full size when known."""
-    try:
-        if name == STDIN:
-            data = sys.stdin.buffer.read(MAX_FILE_BYTES + 1)
-            return data, len(data)
-        with open(name, "rb") as file:
-            size = os.fstat(file.fileno()).st_size
-            data = file.read(MAX_FILE_BYTES + 1)
-            return data, max(size, len(data))
-    except FileNotFoundError:
-        raise Unreadable(f"{name}: no such file") from None
-    except IsADirectoryError:
-        raise Unreadable(f"{name}: is a directory") from None
-    except OSError as error:
-        raise Unreadable(f"{name}: cannot read ({error.strerror or error})") from None
 
 
 def display_name(name: str) -> str:
