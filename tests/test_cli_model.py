@@ -163,3 +163,26 @@ def test_cli_errors_never_show_a_traceback(tmp_path):
         assert result.returncode == 2, (argv, result.stderr)
         assert "Traceback" not in result.stderr
         assert "error:" in result.stderr
+
+
+def test_apply_fuse_writes_a_model_equal_to_the_adapted_one(spec_file, tmp_path, capsys):
+    import mlx.core as mx
+    from mlx_lm.utils import load
+
+    path = spec_file("layers[-2:].self_attn.<q,v>_proj: lora(r=4, scale=2)\n")
+    trained = tmp_path / "trained"
+    assert main(["apply", LLAMA, path, "-o", str(trained)]) == 0
+    weights = mx.load(str(trained / "adapters.safetensors"))
+    mx.random.seed(1)
+    weights = {k: (mx.random.normal(v.shape) * 0.05 if k.endswith("lora_b") else v) for k, v in weights.items()}
+    loose = tmp_path / "weights.safetensors"
+    mx.save_safetensors(str(loose), weights)
+    fused = tmp_path / "fused"
+    assert main(["apply", LLAMA, path, "--adapters", str(loose), "--fuse", "-o", str(fused)]) == 0
+    assert "fused 4 adapter(s)" in capsys.readouterr().err
+    tokens = mx.array([[1, 5, 9, 13, 2]])
+    adapted, _ = load(LLAMA, adapter_path=str(trained))
+    adapted.load_weights(list(weights.items()), strict=False)
+    merged, _ = load(str(fused))
+    assert not any(hasattr(m, "lora_a") for _, m in merged.named_modules())
+    assert mx.allclose(adapted(tokens), merged(tokens), atol=1e-4).item()

@@ -62,7 +62,7 @@ def run(args) -> int:
     print_diagnostics(all_diagnostics, text, args.spec)
     if args.strict and all_diagnostics:
         return EXIT_ERRORS
-    protect = [model_dir] + ([Path(args.adapters).parent if Path(args.adapters).is_file() else args.adapters] if args.adapters else [])
+    protect = [model_dir] + ([args.adapters] if args.adapters else [])
     if not args.adapters:
         mx.random.seed(args.seed)
         apply(model, plan)
@@ -76,9 +76,13 @@ def run(args) -> int:
         shutil.copyfile(adapter_weights_file(args.adapters), staged / ADAPTER_WEIGHTS)
         if args.fuse:
             from ..fuse import fuse_model_dir
+            from ..fuse_progress import progress_for
+            from .fuse import print_outcome
 
-            fuse_model_dir(model_dir, staged, args.output, dequantize=args.dequantize, force=args.force)
-            print(f"fused {len(plan.entries)} modules into {args.output}", file=sys.stderr)
+            result = fuse_model_dir(model_dir, staged, args.output, dequantize=args.dequantize, force=args.force,
+                                    progress=progress_for(sys.stderr), protect=protect)
+            print(result.report.render(full=False))
+            print_outcome(result, args.output)
         else:
             load_adapters(model, staged)
             save_adapters(model, plan, args.output, force=args.force, protect=protect)

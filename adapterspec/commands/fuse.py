@@ -55,6 +55,12 @@ def run(args) -> int:
         _show_report(error.report, args)
         raise
     _show_report(result.report, args)
+    print_outcome(result, args.output)
+    return EXIT_OK
+
+
+def print_outcome(result, output: str) -> None:
+    """What a finished fuse did: notes, lost adapters with what to do, and the files written (stderr)."""
     for note in result.plan.notes:
         print(f"note: {note}", file=sys.stderr)
     for path in result.removed_stale:
@@ -75,11 +81,10 @@ def run(args) -> int:
     replaced = sum(1 for m in result.plan.modules if m.kind == "full")
     what = f"{len(result.plan.fused_units)} adapter(s)" + (f" and {replaced} fully trained module(s)" if replaced else "")
     print(
-        f"fused {what} into {args.output}: {shards} weight file{'s' * (shards != 1)}, "
+        f"fused {what} into {output}: {shards} weight file{'s' * (shards != 1)}, "
         f"{result.bytes_written / 1e9:.2f} GB in {result.seconds:.1f} s",
         file=sys.stderr,
     )
-    return EXIT_OK
 
 
 def _show_report(report, args) -> None:
