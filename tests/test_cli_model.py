@@ -186,3 +186,13 @@ def test_apply_fuse_writes_a_model_equal_to_the_adapted_one(spec_file, tmp_path,
     merged, _ = load(str(fused))
     assert not any(hasattr(m, "lora_a") for _, m in merged.named_modules())
     assert mx.allclose(adapted(tokens), merged(tokens), atol=1e-4).item()
+
+
+def test_plan_and_apply_report_the_same_matches(tmp_path, capsys):
+    spec = str(tiny.ROOT / "examples" / "specs" / "moe.aspec")
+    assert main(["plan", MOE, spec]) == 0
+    planned = capsys.readouterr().out.split("\n\n")[0]
+    assert main(["apply", MOE, spec, "-o", str(tmp_path / "a")]) == 0
+    applied = capsys.readouterr().out.split("\n\n")[0]
+    assert planned == applied
+    assert "switch_mlp.*          6        6" in planned

@@ -17,6 +17,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strict", action="store_true", help="fail (exit 1) on warnings too")
 
 
+def is_parameter_free_leaf(info) -> bool:
+    """RoPE, activations: listed by a live model, absent from a model directory's headers, never adapted."""
+    return info.family == "leaf" and info.num_params == 0
+
+
 def rule_rows(plan) -> list[list[object]]:
     rows = []
     for outcome in plan.outcomes:
@@ -26,7 +31,7 @@ def rule_rows(plan) -> list[list[object]]:
         rows.append([
             rule.span.line,
             rule.text,
-            len(outcome.matched),
+            sum(1 for path in outcome.matched if not is_parameter_free_leaf(plan.index[path])),
             len(outcome.decided),
             ", ".join(kinds),
             rule.transform.describe(),
