@@ -8,9 +8,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import fusemath
-from .basemodules import AdapterModule, dense_weight, last_dim, low_rank_init, matmul_without_bias
-from .embedding import dense_or_requantized_embedding
-from .lora import dense_or_requantized_linear
+from .basemodules import dense_weight, matmul_without_bias
+from .embedding import LoRAEmbedding, dense_or_requantized_embedding
+from .lora import LoRALinear, dense_or_requantized_linear
 
 
 def _adapted_row_norms(kind: str, module: nn.Module, base: nn.Module) -> mx.array:
@@ -18,18 +18,15 @@ def _adapted_row_norms(kind: str, module: nn.Module, base: nn.Module) -> mx.arra
     return mx.stop_gradient(fusemath.row_norms(dense_weight(base).astype(mx.float32) + delta))
 
 
-class DoRALinear(AdapterModule):
-    """A frozen linear base at `.linear`, float32 `lora_a` (in, r), `lora_b` (r, out) and `m` (out,)."""
+class DoRALinear(LoRALinear):
+    """LoRALinear's base and factors plus a float32 magnitude `m` (out,)."""
 
     kind = "dora"
 
     def __init__(
         self, base: nn.Module, r: int = 8, scale: float = 20.0, dropout: float = 0.0, freeze_base: bool = True
     ):
-        super().__init__(base, scale, dropout, freeze_base)
-        input_dims, output_dims = last_dim(base), base.weight.shape[0]
-        self.lora_a = low_rank_init((input_dims, r), fan_in=input_dims)
-        self.lora_b = mx.zeros((r, output_dims))
+        super().__init__(base, r=r, scale=scale, dropout=dropout, freeze_base=freeze_base)
         self.m = fusemath.row_norms(dense_weight(base))
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -50,19 +47,15 @@ class DoRALinear(AdapterModule):
         return dense_or_requantized_linear(self.linear, weight, dequantize)
 
 
-class DoRAEmbedding(AdapterModule):
-    """A frozen embedding at `.embedding`, float32 `lora_a` (num, r), `lora_b` (r, dims) and `m` (num,)."""
+class DoRAEmbedding(LoRAEmbedding):
+    """LoRAEmbedding's base and factors plus a float32 magnitude `m` (num,)."""
 
     kind = "dora-embedding"
-    base_name = "embedding"
 
     def __init__(
         self, base: nn.Module, r: int = 8, scale: float = 20.0, dropout: float = 0.0, freeze_base: bool = True
     ):
-        super().__init__(base, scale, dropout, freeze_base)
-        num_embeddings, dims = base.weight.shape[0], last_dim(base)
-        self.lora_a = low_rank_init((num_embeddings, r), fan_in=num_embeddings)
-        self.lora_b = mx.zeros((r, dims))
+        super().__init__(base, r=r, scale=scale, dropout=dropout, freeze_base=freeze_base)
         self.m = fusemath.row_norms(dense_weight(base))
 
     def __call__(self, ids: mx.array) -> mx.array:

@@ -4,7 +4,6 @@ and the modules a selector matches marked."""
 from __future__ import annotations
 
 import argparse
-from typing import Optional
 
 from ..errors import EXIT_ERRORS, EXIT_OK
 from .common import describe_shape, model_index, print_diagnostics
