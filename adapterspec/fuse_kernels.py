@@ -141,6 +141,42 @@ def adapter_rows(kind: str, adapter: dict[str, mx.array], index) -> dict[str, mx
     return rows
 
 
+def numpy_merges(unit: Unit) -> bool:
+    """Whether the unit's merge runs in numpy (`fuse_numpy`): plain LoRA on an affine-quantized weight, on the CPU.
+
+    Dense float16 weights stay with mlx: there the numpy merge saves CPU time but not wall time.
+    """
+    q = unit.quantization
+    if unit.adapter is None or unit.adapter.kind != "lora" or mx.default_device() != mx.cpu:
+        return False
+    if q is None or q.mode != "affine" or unit.dense_dtype not in ("float16", "float32"):
+        return False
+    try:
+        from .fuse_numpy import merge_works
+    except ImportError:
+        return False
+    return merge_works()
+
+
+def merge_inputs(
+    unit: Unit, base: dict[str, mx.array], adapters: dict[str, mx.array], rows: Optional[tuple[int, int]] = None
+) -> tuple[mx.array, mx.array, mx.array]:
+    """The weight dequantized to float32 and float32 A, B of a quantized LoRA unit's rows, lazy."""
+    weight = dequantize_float32(base["weight"], base["scales"], base.get("biases"), unit.quantization)
+    adapter = {param: adapters[source.name] for param, source in unit.adapter_tensors.items()}
+    if rows is not None:
+        adapter = adapter_rows(unit.adapter.kind, adapter, slice(*rows))
+    return weight, adapter["lora_a"].astype(mx.float32), adapter["lora_b"].astype(mx.float32)
+
+
+def outputs(unit: Unit, weight: mx.array) -> dict[str, mx.array]:
+    """The output tensors of a unit from its merged dense weight (requantized when the unit is)."""
+    q = unit.quantization
+    if q is not None and unit.requantize:
+        return {f"{unit.path}.{param}": value for param, value in requantize(weight, q).items()}
+    return {f"{unit.path}.weight": weight}
+
+
 def compute_chunk(
     unit: Unit, base: dict[str, mx.array], adapters: dict[str, mx.array], rows: Optional[tuple[int, int]] = None
 ) -> dict[str, mx.array]:
@@ -155,6 +191,4 @@ def compute_chunk(
         if rows is not None:
             adapter = adapter_rows(unit.adapter.kind, adapter, slice(*rows))
         weight = merge(unit.adapter.kind, weight, adapter, unit.adapter.scale, getattr(mx, unit.dense_dtype))
-    if q is not None and unit.requantize:
-        return {f"{unit.path}.{param}": value for param, value in requantize(weight, q).items()}
-    return {f"{unit.path}.weight": weight}
+    return outputs(unit, weight)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -11,25 +12,30 @@ from typing import Iterator, Optional
 import mlx.core as mx
 
 from .fuse_io import ShardWriter, SourceFiles, SourceTensor
-from .fuse_kernels import compute_chunk
+from .fuse_kernels import compute_chunk, merge_inputs, numpy_merges, outputs
 from .fuse_plan import SHARD_METADATA, OutputTensor, Shard, Unit
 from .fuse_progress import Progress
 
 STREAMS = 2
-CHUNK_BYTES = 48 << 20
-IN_FLIGHT_BYTES = 2 * CHUNK_BYTES
+CHUNK_BYTES = 12 << 20
+IN_FLIGHT_BYTES = 8 * CHUNK_BYTES
 CACHE_BYTES = 32 << 20
 DELAY_ENV = "ADAPTERSPEC_FUSE_TEST_DELAY"
 
 
 @dataclass(eq=False)
 class Chunk:
-    """Rows start:stop along the first axis of a unit's weight; `rows` is None when the chunk is the whole unit."""
+    """Rows start:stop along the first axis of a unit's weight; `rows` is None when the chunk is the whole unit.
+
+    Once submitted it has its `stream`, and `results` or, while a worker merges it in numpy, `merging`.
+    """
 
     unit: Unit
     number: int
     rows: Optional[tuple[int, int]]
     working_bytes: int
+    stream: Optional[mx.Stream] = None
+    merging: Optional[Future] = None
     results: Optional[dict[str, mx.array]] = None
 
 
@@ -48,41 +54,70 @@ def read_array(files: SourceFiles, source: SourceTensor, rows: Optional[tuple[in
 
 
 class ChunkQueue:
-    """Chunks submitted in output order while their working memory fits IN_FLIGHT_BYTES, alternating streams."""
+    """Chunks submitted in output order while their working memory fits IN_FLIGHT_BYTES, alternating streams.
+
+    A chunk whose merge runs in numpy goes through three steps: its merge inputs are computed on an mlx
+    stream, merged on a worker thread (numpy releases the GIL; the worker waits for the inputs itself,
+    so that the main thread goes on submitting and writing), and requantized on an mlx stream.
+    """
 
     def __init__(self, units: list[Unit], adapters: dict[str, mx.array], files: SourceFiles, chunk_bytes: int = CHUNK_BYTES):
         self._chunks = [chunk for unit in units for chunk in chunks_of(unit, chunk_bytes)]
         self._by_unit: dict[int, list[Chunk]] = {}
         for chunk in self._chunks:
             self._by_unit.setdefault(id(chunk.unit), []).append(chunk)
+        self._numpy = {id(unit): numpy_merges(unit) for unit in units}
         self._adapters = adapters
         self._files = files
         self._streams = [mx.new_stream(mx.default_device()) for _ in range(STREAMS)]
+        self._workers = ThreadPoolExecutor(STREAMS) if any(self._numpy.values()) else None
         self._next = 0
         self._in_flight: list[Chunk] = []
+
+    def close(self) -> None:
+        if self._workers is not None:
+            self._workers.shutdown(cancel_futures=True)
 
     def _submit(self) -> None:
         chunk = self._chunks[self._next]
         base = {param: read_array(self._files, source, chunk.rows) for param, source in chunk.unit.base.items()}
-        with mx.stream(self._streams[self._next % len(self._streams)]):
-            chunk.results = compute_chunk(chunk.unit, base, self._adapters, chunk.rows)
-        mx.async_eval(*chunk.results.values())
+        chunk.stream = self._streams[self._next % len(self._streams)]
+        with mx.stream(chunk.stream):
+            if self._numpy[id(chunk.unit)]:
+                inputs = merge_inputs(chunk.unit, base, self._adapters, chunk.rows)
+                mx.async_eval(*inputs)
+                chunk.merging = self._workers.submit(_merge, inputs, chunk.unit.adapter.scale, chunk.unit.dense_dtype)
+            else:
+                chunk.results = compute_chunk(chunk.unit, base, self._adapters, chunk.rows)
+                mx.async_eval(*chunk.results.values())
         self._in_flight.append(chunk)
         self._next += 1
 
+    def _advance(self, chunk: Chunk, wait: bool) -> None:
+        """Requantize a numpy-merged chunk once merged (`wait`: wait for the merge)."""
+        if chunk.merging is not None and (wait or chunk.merging.done()):
+            merged = mx.array(chunk.merging.result())
+            chunk.merging = None
+            with mx.stream(chunk.stream):
+                chunk.results = outputs(chunk.unit, merged)
+            mx.async_eval(*chunk.results.values())
+
     def fill(self) -> None:
-        """Submit chunks ahead while the memory they need fits (always at least one)."""
+        """Submit chunks ahead while the memory they need fits (always at least one), and move merges on."""
         while self._next < len(self._chunks):
             busy = sum(c.working_bytes for c in self._in_flight)
             if self._in_flight and busy + self._chunks[self._next].working_bytes > IN_FLIGHT_BYTES:
-                return
+                break
             self._submit()
+        for chunk in self._in_flight:
+            self._advance(chunk, wait=False)
 
     def parts(self, tensor: OutputTensor) -> Iterator[mx.array]:
         """The evaluated, contiguous pieces of an output tensor, chunk after chunk."""
         for chunk in self._by_unit[id(tensor.unit)]:
-            while chunk.results is None:
+            while chunk.stream is None:
                 self._submit()
+            self._advance(chunk, wait=True)
             array = chunk.results.pop(tensor.name)
             chunk.working_bytes = sum(a.nbytes for a in chunk.results.values())
             if not chunk.results:
@@ -95,6 +130,16 @@ class ChunkQueue:
             _check(tensor, array, chunk)
             yield array
             del array
+
+
+def _merge(inputs: tuple[mx.array, ...], scale: float, dtype: str):
+    """On a worker thread: wait for the merge inputs computing on their mlx stream, then merge them in numpy."""
+    import numpy as np
+
+    from .fuse_numpy import merge
+
+    mx.eval(*inputs)
+    return merge(*(np.asarray(x) for x in inputs), scale, dtype)
 
 
 def _check(tensor: OutputTensor, array: mx.array, chunk: Chunk) -> None:
@@ -152,5 +197,6 @@ def write_shards(
                 raise
             writer.close()
     finally:
+        queue.close()
         progress.close()
         mx.set_cache_limit(previous_cache_limit)
