@@ -16,6 +16,7 @@ from .validate import (  # noqa: F401  (re-exported: the planner and older calle
     TRANSFORM_KINDS,
     TYPE_WORDS,
     CheckedSpec,
+    TransformBehaviour,
     argument_problem,
     check_tree,
     describe_transform,
@@ -48,7 +49,7 @@ class LoraArguments(BaseModel):
         return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
-class Transform(BaseModel):
+class Transform(TransformBehaviour, BaseModel):
     """A rule's transform with every argument resolved (defaults merged, alpha turned into scale)."""
 
     model_config = ConfigDict(frozen=True)
@@ -59,13 +60,6 @@ class Transform(BaseModel):
     dropout: Optional[float] = None
     alpha: Optional[float] = None
     rslora: bool = False
-
-    @property
-    def adapts(self) -> bool:
-        return self.kind in ADAPTER_KINDS
-
-    def describe(self) -> str:
-        return describe_transform(self.kind, self.r, self.scale, self.alpha, self.rslora, self.dropout)
 
 
 class Rule(BaseModel):

@@ -100,8 +100,26 @@ def describe_transform(kind: str, r, scale, alpha, rslora: bool, dropout) -> str
     return text + ")"
 
 
+class TransformBehaviour:
+    """What a resolved transform can say of itself; shared by `ResolvedTransform` and `spec.Transform`."""
+
+    kind: str
+    r: Optional[int]
+    scale: Optional[float]
+    dropout: Optional[float]
+    alpha: Optional[float]
+    rslora: bool
+
+    @property
+    def adapts(self) -> bool:
+        return self.kind in ADAPTER_KINDS
+
+    def describe(self) -> str:
+        return describe_transform(self.kind, self.r, self.scale, self.alpha, self.rslora, self.dropout)
+
+
 @dataclass(frozen=True)
-class ResolvedTransform:
+class ResolvedTransform(TransformBehaviour):
     """A rule's transform with defaults merged and alpha turned into scale (the fields of `spec.Transform`)."""
 
     kind: str
@@ -110,13 +128,6 @@ class ResolvedTransform:
     dropout: Optional[float] = None
     alpha: Optional[float] = None
     rslora: bool = False
-
-    @property
-    def adapts(self) -> bool:
-        return self.kind in ADAPTER_KINDS
-
-    def describe(self) -> str:
-        return describe_transform(self.kind, self.r, self.scale, self.alpha, self.rslora, self.dropout)
 
 
 def resolve(kind: str, defaults: Optional[dict[str, Value]], given: Optional[dict[str, Value]]) -> ResolvedTransform:
