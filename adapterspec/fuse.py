@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
@@ -60,6 +61,8 @@ class FuseResult:
     kept_dense: list[str] = field(default_factory=list)
     removed_stale: list[Path] = field(default_factory=list)
     seconds: float = 0.0
+    # Peak resident memory of each worker process that merged quantized modules (none: no workers ran).
+    worker_peak_rss: list[int] = field(default_factory=list)
 
     @property
     def bytes_written(self) -> int:
@@ -95,12 +98,13 @@ def fuse_model_dir(
     removed = remove_stale_temp_dirs(out)
     from .fuse_erasure import measure
     from .fuse_io import SourceFiles
-    from .fuse_stream import write_shards
+    from .fuse_stream import merge_workers_for, write_shards
 
     with atomic_output_dir(out, force=force, protect=[plan.model_dir, plan.adapter_dir, *protect]) as tmp:
         marker = tmp / PID_MARKER
         marker.write_text(str(os.getpid()))
-        with SourceFiles() as files:
+        # Started first, worker processes (for quantized modules) get ready while the adapters are measured.
+        with SourceFiles() as files, merge_workers_for(plan.units) or nullcontext() as workers:
             adapters = _load_adapter_arrays(plan)
             measurements = measure(plan, adapters, files)
             kept_dense = modules_to_keep_dense(plan, measurements) if keep_precision == "auto" else []
@@ -109,12 +113,13 @@ def fuse_model_dir(
             if strict and report.lost:
                 raise ErasureError(report)
             shards = plan.shards(max_shard_bytes)
-            write_shards(shards, adapters, files, tmp, progress)
+            write_shards(shards, adapters, files, tmp, progress, workers=workers)
         _write_json(tmp / WEIGHT_INDEX_FILE, plan.index_json(shards))
         _write_json(tmp / CONFIG_FILE, plan.output_config())
         copy_model_side_files(plan.model_dir, tmp)
         marker.unlink()
-    return FuseResult(out, plan, report, shards, kept_dense, removed, time.monotonic() - started)
+    peaks = workers.peak_rss if workers is not None else []
+    return FuseResult(out, plan, report, shards, kept_dense, removed, time.monotonic() - started, peaks)
 
 
 def _load_adapter_arrays(plan: FusePlan) -> dict:

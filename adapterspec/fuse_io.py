@@ -96,7 +96,7 @@ class SourceFiles:
     def read_slab(self, source: SourceTensor, start: int, stop: int) -> bytes:
         """The bytes of source[start:stop] along its first axis."""
         step = source.nbytes // max(source.shape[0], 1) if source.shape else source.nbytes
-        return _pread_all(self.fd(source.path), (stop - start) * step, source.offset + start * step)
+        return pread_all(self.fd(source.path), (stop - start) * step, source.offset + start * step)
 
     def read_rows(self, source: SourceTensor, rows: Sequence[int]) -> bytes:
         """The bytes of some rows (indices over all but the last axis, ascending) of a tensor."""
@@ -108,7 +108,7 @@ class SourceFiles:
             end = start
             while end + 1 < len(rows) and rows[end + 1] == rows[end] + 1:
                 end += 1
-            chunks.append(_pread_all(fd, (end - start + 1) * row_bytes, source.offset + rows[start] * row_bytes))
+            chunks.append(pread_all(fd, (end - start + 1) * row_bytes, source.offset + rows[start] * row_bytes))
             start = end + 1
         return b"".join(chunks)
 
@@ -168,7 +168,7 @@ def _write_all(fd: int, data) -> None:
         view = view[written:]
 
 
-def _pread_all(fd: int, length: int, offset: int) -> bytes:
+def pread_all(fd: int, length: int, offset: int) -> bytes:
     data = os.pread(fd, length, offset)
     if len(data) == length:
         return data
@@ -196,6 +196,6 @@ def _copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
         except OSError:
             pass
     while done < length:
-        chunk = _pread_all(src_fd, min(COPY_CHUNK, length - done), offset + done)
+        chunk = pread_all(src_fd, min(COPY_CHUNK, length - done), offset + done)
         _write_all(dst_fd, chunk)
         done += len(chunk)

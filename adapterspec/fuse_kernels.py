@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 
+from . import fuse_numpy
 from .adapters import fusemath
 from .fuse_plan import DORA_KINDS, EMBEDDING_KINDS, Quantization, Unit
 
@@ -142,31 +143,16 @@ def adapter_rows(kind: str, adapter: dict[str, mx.array], index) -> dict[str, mx
 
 
 def numpy_merges(unit: Unit) -> bool:
-    """Whether the unit's merge runs in numpy (`fuse_numpy`): plain LoRA on an affine-quantized weight, on the CPU.
+    """Whether the unit merges in numpy (`fuse_numpy`): plain LoRA on an affine-quantized weight, on the CPU.
 
-    Dense float16 weights stay with mlx: there the numpy merge saves CPU time but not wall time.
+    Dense weights stay with mlx: there numpy's merge saves CPU time but not wall time.
     """
     q = unit.quantization
     if unit.adapter is None or unit.adapter.kind != "lora" or mx.default_device() != mx.cpu:
         return False
-    if q is None or q.mode != "affine" or unit.dense_dtype not in ("float16", "float32"):
+    if q is None or q.mode != "affine" or "biases" not in unit.base:
         return False
-    try:
-        from .fuse_numpy import merge_works
-    except ImportError:
-        return False
-    return merge_works()
-
-
-def merge_inputs(
-    unit: Unit, base: dict[str, mx.array], adapters: dict[str, mx.array], rows: Optional[tuple[int, int]] = None
-) -> tuple[mx.array, mx.array, mx.array]:
-    """The weight dequantized to float32 and float32 A, B of a quantized LoRA unit's rows, lazy."""
-    weight = dequantize_float32(base["weight"], base["scales"], base.get("biases"), unit.quantization)
-    adapter = {param: adapters[source.name] for param, source in unit.adapter_tensors.items()}
-    if rows is not None:
-        adapter = adapter_rows(unit.adapter.kind, adapter, slice(*rows))
-    return weight, adapter["lora_a"].astype(mx.float32), adapter["lora_b"].astype(mx.float32)
+    return fuse_numpy.supports(q.bits, q.group_size, unit.dense_dtype) and fuse_numpy.merge_works()
 
 
 def outputs(unit: Unit, weight: mx.array) -> dict[str, mx.array]:

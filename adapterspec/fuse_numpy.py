@@ -1,59 +1,310 @@
-"""The LoRA merge W + scale·BᵀAᵀ in numpy, summed in the order mlx's CPU matmul sums, for the same bits faster."""
+"""LoRA merged into an affine-quantized weight in numpy, a tile of rows at a time: mlx's bits, several times faster.
+
+For each tile: unpack the codes, dequantize as `mx.dequantize` rounds, add scale·(A·B)ᵀ summed in
+the order of mlx's CPU matmul (the reference BLAS: one term after another, separate multiplies
+and adds), round once to the scales' dtype, and quantize as `mx.quantize` does. A tile stays in
+the core's cache through all of it, where mlx's CPU kernels stream the whole weight through
+memory once per step.
+
+Within a tile the columns are kept in "code order": all first codes of every byte, then all
+second ones, …, so that unpacking and packing touch contiguous memory; a group's elements stay
+inside the group, and A's columns are permuted to match.
+"""
 
 from __future__ import annotations
 
 import functools
+import threading
 
 import numpy as np
 
-TILE_ROWS = 32
-# (weight, output) dtypes: a dense weight, and a dequantized one merged into its scales' dtype.
-DTYPES = (("float16", "float16"), ("float32", "float32"), ("float32", "float16"))
+BITS = (2, 4, 8)
+SCALE_DTYPES = ("float16", "float32")
+TILE_ELEMENTS = 1 << 17
+# Veltkamp's split keeps the 11 leading bits of a float32 (float16's precision), rounded to nearest even.
+FLOAT16_SPLIT = np.float32(2**13 + 1)
+FLOAT16_SMALLEST_NORMAL = np.float32(2.0**-14)
+FLOAT16_LARGEST = 65504.0
+# Adding 1.5·2²³ rounds a float32 in [0, 2²²) to an integer, which lands in the low bits of its mantissa.
+ROUND_TO_INTEGER = np.float32(1.5 * 2**23)
+EPSILON = np.float32(1e-7)
 
 
-def merge(weight: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray, scale: float, dtype: str) -> np.ndarray:
-    """float32 W + scale·(A·B)ᵀ rounded once to `dtype`, for W (out, in), A (in, r), B (r, out).
+class Unrepresentable(ValueError):
+    """A tile this path cannot round as mlx does (an overflow to ±inf, a NaN): the caller falls back to mlx."""
 
-    Each product sums its r terms one after another in float32 with separate multiplies and adds,
-    as the reference BLAS behind mlx's CPU matmul does (numpy's own matmul fuses and reorders them).
-    Rows are merged a cache-sized tile at a time.
+
+def supports(bits: int, group_size: int, scales_dtype: str) -> bool:
+    return bits in BITS and scales_dtype in SCALE_DTYPES and group_size % (8 // bits) == 0
+
+
+def merge_quantized(
+    packed: np.ndarray,
+    scales: np.ndarray,
+    biases: np.ndarray,
+    lora_a: np.ndarray,
+    lora_b: np.ndarray,
+    scale: float,
+    bits: int,
+    group_size: int,
+    requantize: bool = True,
+) -> tuple[np.ndarray, ...]:
+    """Q(deq(W) + scale·(A·B)ᵀ) as (weight, scales, biases), for W (rows, cols) stored as mlx's affine quantization.
+
+    packed (rows, cols·bits/32) uint32; scales, biases (rows, cols/group_size) float16 or float32;
+    lora_a (cols, r); lora_b (r, rows). Without `requantize`: (the merged weight in the scales' dtype,).
+    Raises Unrepresentable where a value overflows the scales' dtype.
     """
-    a_t = np.ascontiguousarray(lora_a.astype(np.float32).T)
-    b_t = np.ascontiguousarray(lora_b.astype(np.float32).T)
-    rows, cols = weight.shape
-    out = np.empty((rows, cols), dtype=dtype)
-    total, term, wide = (np.empty((min(TILE_ROWS, rows), cols), dtype=np.float32) for _ in range(3))
-    factor = np.float32(scale)
-    with np.errstate(all="ignore"):  # an overflow rounds to ±inf, as in mlx, without a warning
-        for start in range(0, rows, TILE_ROWS):
-            stop = min(start + TILE_ROWS, rows)
-            acc, tmp, w = total[: stop - start], term[: stop - start], wide[: stop - start]
-            np.multiply(b_t[start:stop, :1], a_t[:1], out=acc)
-            for k in range(1, a_t.shape[0]):
-                np.multiply(b_t[start:stop, k : k + 1], a_t[k : k + 1], out=tmp)
-                acc += tmp
-            acc *= factor
-            np.copyto(w, weight[start:stop])  # numpy widens float16 fast in a cast, slowly inside an add
-            acc += w
-            out[start:stop] = acc
-    return out
+    return QuantizedMerge(lora_a, scale, bits, group_size).rows(packed, scales, biases, lora_b, requantize)
+
+
+class QuantizedMerge:
+    """One LoRA (A, scale) merged into row chunks of one quantized weight; A is prepared once for all chunks."""
+
+    def __init__(self, lora_a: np.ndarray, scale: float, bits: int, group_size: int):
+        cols = lora_a.shape[0]
+        self.layout = _Layout(bits, group_size, cols // group_size)
+        self.a_t = self.layout.to_code_order(np.asarray(lora_a, dtype=np.float32).T)
+        self.factor = np.float32(scale)
+
+    def rows(self, packed, scales, biases, lora_b, requantize: bool = True) -> tuple[np.ndarray, ...]:
+        """The outputs of `merge_quantized` for these rows; lora_b holds their columns of B (r, rows)."""
+        layout, dtype = self.layout, scales.dtype
+        rows, groups = scales.shape
+        s32, b32 = scales.astype(np.float32), biases.astype(np.float32)
+        _check_dequantizable(s32, b32, layout, dtype)
+        b_t = np.ascontiguousarray(np.asarray(lora_b, dtype=np.float32).T)
+        if requantize:
+            out_packed = np.empty_like(packed)
+            out_scales, out_biases = np.empty((rows, groups), np.float32), np.empty((rows, groups), np.float32)
+            codes_out = out_packed.view(np.uint8)
+        else:
+            merged = np.empty((rows, layout.cols), dtype)
+        codes_in = packed.view(np.uint8)
+        tile = max(1, TILE_ELEMENTS // layout.cols)
+        work = _scratch(min(tile, rows), layout)
+        with np.errstate(all="ignore"):  # overflows are checked, not warned about
+            for start in range(0, rows, tile):
+                stop = min(start + tile, rows)
+                w, acc, term = work.view(stop - start)
+                _dequantize_tile(codes_in[start:stop], s32[start:stop], b32[start:stop], layout, dtype, w, work)
+                _accumulate(acc, term, b_t[start:stop], self.a_t)
+                acc *= self.factor
+                acc += w
+                _round_to(acc, dtype, term)
+                if requantize:
+                    out_scales[start:stop], out_biases[start:stop] = _quantize_tile(acc, layout, dtype, codes_out[start:stop])
+                else:
+                    _check_finite(acc, dtype)
+                    merged[start:stop] = layout.from_code_order(acc)
+        if requantize:
+            return out_packed, out_scales.astype(dtype), out_biases.astype(dtype)
+        return (merged,)
+
+
+def dequantize(packed: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group_size: int) -> np.ndarray:
+    """`mx.dequantize(...)` (affine) widened to float32, in the weight's own column order."""
+    rows, groups = scales.shape
+    layout = _Layout(bits, group_size, groups)
+    s32, b32 = scales.astype(np.float32), biases.astype(np.float32)
+    _check_dequantizable(s32, b32, layout, scales.dtype)
+    work = _Scratch(rows, layout)
+    w, _, _ = work.view(rows)
+    _dequantize_tile(packed.view(np.uint8), s32, b32, layout, scales.dtype, w, work)
+    return layout.from_code_order(w)
+
+
+def quantize(values: np.ndarray, bits: int, group_size: int, dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`mx.quantize(values.astype(dtype), ...)` (affine) as numpy arrays, for float32 values already of `dtype`'s precision."""
+    rows, cols = values.shape
+    layout = _Layout(bits, group_size, cols // group_size)
+    work = layout.to_code_order(values).astype(np.float32, copy=True)
+    out = np.empty((rows, cols * bits // 8), np.uint8)
+    with np.errstate(all="ignore"):
+        scales, biases = _quantize_tile(work, layout, np.dtype(dtype), out)
+    return out.view(np.uint32), scales.astype(dtype), biases.astype(dtype)
+
+
+class _Layout:
+    """How a row's `cols` elements sit in code order: (codes per byte, groups, elements of a group per code)."""
+
+    def __init__(self, bits: int, group_size: int, groups: int):
+        self.bits, self.group_size, self.groups = bits, group_size, groups
+        self.per_byte = 8 // bits
+        self.per_code = group_size // self.per_byte
+        self.cols = groups * group_size
+        self.n_bins = np.float32((1 << bits) - 1)
+
+    def grouped(self, x: np.ndarray) -> np.ndarray:
+        """(n, cols) in code order -> (n, per_byte, groups, per_code)."""
+        return x.reshape(x.shape[0], self.per_byte, self.groups, self.per_code)
+
+    def to_code_order(self, x: np.ndarray) -> np.ndarray:
+        n = x.shape[0]
+        return np.ascontiguousarray(x.reshape(n, self.cols // self.per_byte, self.per_byte).transpose(0, 2, 1)).reshape(n, self.cols)
+
+    def from_code_order(self, x: np.ndarray) -> np.ndarray:
+        n = x.shape[0]
+        return np.ascontiguousarray(x.reshape(n, self.per_byte, self.cols // self.per_byte).transpose(0, 2, 1)).reshape(n, self.cols)
+
+
+class _Scratch:
+    """The buffers a tile is computed in: the unpacked codes and three float32 tiles."""
+
+    def __init__(self, rows: int, layout: _Layout):
+        self.codes = np.empty((rows, layout.per_byte, layout.cols // layout.per_byte), np.uint8)
+        self._tiles = [np.empty((rows, layout.cols), np.float32) for _ in range(3)]
+
+    def view(self, n: int) -> list[np.ndarray]:
+        return [tile[:n] for tile in self._tiles]
+
+
+_scratches = threading.local()
+
+
+def _scratch(rows: int, layout: _Layout) -> _Scratch:
+    """This thread's scratch buffers for tiles of `rows` × layout.cols, kept between merges: new ones cost page faults."""
+    key = (rows, layout.per_byte, layout.cols)
+    if getattr(_scratches, "key", None) != key:
+        _scratches.key, _scratches.value = key, _Scratch(rows, layout)
+    return _scratches.value
+
+
+def _check_dequantizable(s32: np.ndarray, b32: np.ndarray, layout: _Layout, dtype: np.dtype) -> None:
+    if not (np.isfinite(s32).all() and np.isfinite(b32).all()):
+        raise Unrepresentable("non-finite scales or biases")
+    if dtype == np.float16 and s32.size and float(np.abs(s32).max()) * float(layout.n_bins) + float(np.abs(b32).max()) >= FLOAT16_LARGEST:
+        raise Unrepresentable("a dequantized value may overflow float16")
+
+
+def _dequantize_tile(codes: np.ndarray, s32, b32, layout: _Layout, dtype, w: np.ndarray, work: _Scratch) -> None:
+    """w (n, cols, code order) = the dequantized tile, rounded where mx.dequantize rounds (scale·q, then + bias)."""
+    n, bits, mask = codes.shape[0], layout.bits, (1 << layout.bits) - 1
+    unpacked = work.codes[:n]
+    for k in range(layout.per_byte):
+        if k == 0:
+            np.bitwise_and(codes, mask, out=unpacked[:, 0]) if layout.per_byte > 1 else np.copyto(unpacked[:, 0], codes)
+        else:
+            np.right_shift(codes, k * bits, out=unpacked[:, k])
+            if k < layout.per_byte - 1:
+                unpacked[:, k] &= mask
+    np.copyto(w.reshape(unpacked.shape), unpacked, casting="unsafe")
+    term = work.view(n)[2]
+    grouped = layout.grouped(w)
+    # scale·q is exact in float32 and a sum whose magnitude falls below float16's normals is exact too,
+    # so a split that rounds normal numbers rounds every value here as float16 would.
+    grouped *= s32[:, None, :, None]
+    _round_normal(w, dtype, term)
+    grouped += b32[:, None, :, None]
+    _round_normal(w, dtype, term)
+
+
+def _accumulate(acc: np.ndarray, term: np.ndarray, b_t: np.ndarray, a_t: np.ndarray) -> None:
+    """acc = Σₖ b_t[:, k]·a_t[k], term after term, as the reference BLAS sums."""
+    np.multiply(b_t[:, :1], a_t[:1], out=acc)
+    for k in range(1, a_t.shape[0]):
+        np.multiply(b_t[:, k : k + 1], a_t[k : k + 1], out=term)
+        acc += term
+
+
+def _round_normal(x: np.ndarray, dtype: np.dtype, term: np.ndarray) -> None:
+    if dtype == np.float16:
+        np.multiply(x, FLOAT16_SPLIT, out=term)
+        np.subtract(term, x, out=x)
+        np.subtract(term, x, out=x)
+
+
+def _round_to(x: np.ndarray, dtype: np.dtype, term: np.ndarray) -> None:
+    """x rounded in place to `dtype`'s precision as a cast rounds it (subnormals included; overflow is checked later)."""
+    if dtype != np.float16:
+        return
+    tiny = np.less(np.abs(x, out=term), FLOAT16_SMALLEST_NORMAL)
+    flat_tiny = np.flatnonzero(tiny) if tiny.any() else None
+    rounded_tiny = None if flat_tiny is None else x.reshape(-1)[flat_tiny].astype(np.float16).astype(np.float32)
+    _round_normal(x, dtype, term)
+    if flat_tiny is not None:
+        x.reshape(-1)[flat_tiny] = rounded_tiny
+
+
+def _check_finite(x: np.ndarray, dtype) -> None:
+    largest = float(np.abs(x).max()) if x.size else 0.0
+    if not np.isfinite(largest) or (dtype == np.float16 and largest > FLOAT16_LARGEST):
+        raise Unrepresentable("a merged value overflows float16 or is not a number")
+
+
+def _quantize_tile(x: np.ndarray, layout: _Layout, dtype, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize x (n, cols, code order) as mx.quantize does into `out` (n, cols·bits/8 bytes); x is consumed.
+
+    Returns the float32 scales and biases (n, groups) that mx.quantize stores in `dtype`.
+    """
+    grouped = layout.grouped(x)
+    w_max, w_min = _group_extremes(grouped)
+    _check_finite(np.maximum(np.abs(w_max), np.abs(w_min)), dtype)
+    mask = np.abs(w_min) > np.abs(w_max)
+    scales = np.maximum((w_max - w_min) / layout.n_bins, EPSILON)
+    scales = np.where(mask, scales, -scales)
+    edge = np.where(mask, w_min, w_max)
+    q0 = np.rint(edge / scales)
+    nonzero = q0 != 0
+    scales = np.where(nonzero, edge / np.where(nonzero, q0, np.float32(1)), scales)
+    biases = np.where(nonzero, edge, np.float32(0))
+    grouped -= biases[:, None, :, None]
+    grouped /= scales[:, None, :, None]
+    # Clamping before rounding gives rint-then-clamp's codes: the bounds are integers.
+    np.clip(x, 0, layout.n_bins, out=x)
+    x += ROUND_TO_INTEGER
+    codes = x.view(np.uint8)[:, ::4].reshape(x.shape[0], layout.per_byte, -1)
+    np.copyto(out, codes[:, -1])
+    for k in range(layout.per_byte - 2, -1, -1):
+        out <<= layout.bits
+        out |= codes[:, k]
+    return scales, biases
+
+
+def _group_extremes(grouped: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The max and min of every group of (n, per_byte, groups, per_code), each (n, groups)."""
+    n, per_byte, groups, width = grouped.shape
+    highs, lows = grouped[:, 0], grouped[:, 0]
+    for k in range(1, per_byte):
+        highs, lows = np.maximum(highs, grouped[:, k]), np.minimum(lows, grouped[:, k])
+    # Halving runs over contiguous memory, and a reduction along the first axis too; along the last it does not.
+    while width > 16 and width % 2 == 0:
+        width //= 2
+        highs = np.maximum(highs[..., :width], highs[..., width:])
+        lows = np.minimum(lows[..., :width], lows[..., width:])
+    highs = np.ascontiguousarray(highs.reshape(n * groups, width).T).max(axis=0)
+    lows = np.ascontiguousarray(lows.reshape(n * groups, width).T).min(axis=0)
+    return highs.reshape(n, groups), lows.reshape(n, groups)
 
 
 @functools.lru_cache(maxsize=None)
 def merge_works() -> bool:
-    """Whether `merge` gives here the bits of the mlx merge it replaces, on random weights of the dtypes it is used for."""
+    """Whether `merge_quantized` gives here the bits of the mlx path it replaces, on random and edge-case weights."""
     import mlx.core as mx
 
-    from .fuse_kernels import merge as mlx_merge
+    from .fuse_kernels import dequantize_float32, merge, requantize
+    from .fuse_plan import Quantization
 
     rng = np.random.default_rng(0)
-    for rank in (1, 8, 16):
-        for dtype, out in DTYPES:
-            weight = (rng.standard_normal((67, 320)) * 0.02).astype(dtype)
-            a = (rng.standard_normal((320, rank)) * 0.02).astype(np.float16)
-            b = (rng.standard_normal((rank, 67)) * 0.02).astype(np.float16)
-            adapter = {"lora_a": mx.array(a), "lora_b": mx.array(b)}
-            expected = mlx_merge("lora", mx.array(weight), adapter, 20.0, getattr(mx, out))
-            if not np.array_equal(np.asarray(expected).view(np.uint8), merge(weight, a, b, 20.0, out).view(np.uint8)):
-                return False
+    for bits in BITS:
+        for dtype in SCALE_DTYPES:
+            for rank, group_size in ((1, 32), (8, 64), (16, 128)):
+                q = Quantization(group_size, bits, "affine")
+                weight = (rng.standard_normal((67, 256)) * 0.02).astype(dtype)
+                weight[3] = 0.0
+                weight[5, :64] = 1e-6
+                parts = mx.quantize(mx.array(weight), group_size=group_size, bits=bits)
+                a = (rng.standard_normal((256, rank)) * 0.02).astype(np.float16)
+                b = (rng.standard_normal((rank, 67)) * 0.02).astype(np.float16)
+                b[:, 7] = 0.0
+                adapter = {"lora_a": mx.array(a), "lora_b": mx.array(b)}
+                merged = merge("lora", dequantize_float32(*parts, q), adapter, 20.0, getattr(mx, dtype))
+                expected = [np.asarray(p) for p in requantize(merged, q).values()]
+                inputs = (*(np.asarray(p) for p in parts), a, b, 20.0, bits, group_size)
+                got = merge_quantized(*inputs)
+                (dense,) = merge_quantized(*inputs, requantize=False)
+                pairs = list(zip(expected, got)) + [(np.asarray(merged), dense)]
+                if not all(np.array_equal(e.view(np.uint8), g.view(np.uint8)) for e, g in pairs):
+                    return False
     return True
+

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -12,9 +12,11 @@ from typing import Iterator, Optional
 import mlx.core as mx
 
 from .fuse_io import ShardWriter, SourceFiles, SourceTensor
-from .fuse_kernels import compute_chunk, merge_inputs, numpy_merges, outputs
+from .fuse_kernels import compute_chunk, numpy_merges
+from .fuse_numpy import Unrepresentable
 from .fuse_plan import SHARD_METADATA, OutputTensor, Shard, Unit
 from .fuse_progress import Progress
+from .fuse_workers import MergeWorkers, task_for
 
 STREAMS = 2
 CHUNK_BYTES = 12 << 20
@@ -39,6 +41,11 @@ class Chunk:
     results: Optional[dict[str, mx.array]] = None
 
 
+def merge_workers_for(units: list[Unit]) -> Optional[MergeWorkers]:
+    """Worker processes for the units that merge in numpy (None when there are none), started now."""
+    return MergeWorkers() if any(numpy_merges(unit) for unit in units) else None
+
+
 def chunks_of(unit: Unit, chunk_bytes: int) -> list[Chunk]:
     ranges = unit.row_chunks(chunk_bytes)
     if len(ranges) == 1:
@@ -56,12 +63,19 @@ def read_array(files: SourceFiles, source: SourceTensor, rows: Optional[tuple[in
 class ChunkQueue:
     """Chunks submitted in output order while their working memory fits IN_FLIGHT_BYTES, alternating streams.
 
-    A chunk whose merge runs in numpy goes through three steps: its merge inputs are computed on an mlx
-    stream, merged on a worker thread (numpy releases the GIL; the worker waits for the inputs itself,
-    so that the main thread goes on submitting and writing), and requantized on an mlx stream.
+    A chunk that merges in numpy goes to a worker process (`fuse_workers`), which reads its inputs; the
+    main thread goes on submitting and writing. One that numpy cannot round as mlx does (an overflow)
+    is computed by mlx instead.
     """
 
-    def __init__(self, units: list[Unit], adapters: dict[str, mx.array], files: SourceFiles, chunk_bytes: int = CHUNK_BYTES):
+    def __init__(
+        self,
+        units: list[Unit],
+        adapters: dict[str, mx.array],
+        files: SourceFiles,
+        chunk_bytes: int = CHUNK_BYTES,
+        workers: Optional[MergeWorkers] = None,
+    ):
         self._chunks = [chunk for unit in units for chunk in chunks_of(unit, chunk_bytes)]
         self._by_unit: dict[int, list[Chunk]] = {}
         for chunk in self._chunks:
@@ -70,37 +84,39 @@ class ChunkQueue:
         self._adapters = adapters
         self._files = files
         self._streams = [mx.new_stream(mx.default_device()) for _ in range(STREAMS)]
-        self._workers = ThreadPoolExecutor(STREAMS) if any(self._numpy.values()) else None
+        self._owns_workers = workers is None and any(self._numpy.values())
+        self._workers = MergeWorkers() if self._owns_workers else workers
         self._next = 0
         self._in_flight: list[Chunk] = []
 
     def close(self) -> None:
-        if self._workers is not None:
-            self._workers.shutdown(cancel_futures=True)
+        if self._owns_workers:
+            self._workers.close()
 
     def _submit(self) -> None:
         chunk = self._chunks[self._next]
-        base = {param: read_array(self._files, source, chunk.rows) for param, source in chunk.unit.base.items()}
         chunk.stream = self._streams[self._next % len(self._streams)]
-        with mx.stream(chunk.stream):
-            if self._numpy[id(chunk.unit)]:
-                inputs = merge_inputs(chunk.unit, base, self._adapters, chunk.rows)
-                mx.async_eval(*inputs)
-                chunk.merging = self._workers.submit(_merge, inputs, chunk.unit.adapter.scale, chunk.unit.dense_dtype)
-            else:
-                chunk.results = compute_chunk(chunk.unit, base, self._adapters, chunk.rows)
-                mx.async_eval(*chunk.results.values())
+        if self._numpy[id(chunk.unit)] and self._workers is not None:
+            chunk.merging = self._workers.submit(task_for(chunk.unit, chunk.rows))
+        else:
+            self._compute(chunk)
         self._in_flight.append(chunk)
         self._next += 1
 
-    def _advance(self, chunk: Chunk, wait: bool) -> None:
-        """Requantize a numpy-merged chunk once merged (`wait`: wait for the merge)."""
-        if chunk.merging is not None and (wait or chunk.merging.done()):
-            merged = mx.array(chunk.merging.result())
-            chunk.merging = None
-            with mx.stream(chunk.stream):
-                chunk.results = outputs(chunk.unit, merged)
+    def _compute(self, chunk: Chunk) -> None:
+        base = {param: read_array(self._files, source, chunk.rows) for param, source in chunk.unit.base.items()}
+        with mx.stream(chunk.stream):
+            chunk.results = compute_chunk(chunk.unit, base, self._adapters, chunk.rows)
             mx.async_eval(*chunk.results.values())
+
+    def _advance(self, chunk: Chunk, wait: bool) -> None:
+        """Take a numpy-merged chunk's results once merged (`wait`: wait for the merge)."""
+        if chunk.merging is not None and (wait or chunk.merging.done()):
+            merging, chunk.merging = chunk.merging, None
+            try:
+                chunk.results = merging.result()
+            except Unrepresentable:
+                self._compute(chunk)
 
     def fill(self) -> None:
         """Submit chunks ahead while the memory they need fits (always at least one), and move merges on."""
@@ -112,8 +128,8 @@ class ChunkQueue:
         for chunk in self._in_flight:
             self._advance(chunk, wait=False)
 
-    def parts(self, tensor: OutputTensor) -> Iterator[mx.array]:
-        """The evaluated, contiguous pieces of an output tensor, chunk after chunk."""
+    def parts(self, tensor: OutputTensor) -> Iterator:
+        """The evaluated, contiguous pieces of an output tensor (mx.arrays; numpy arrays from workers), chunk after chunk."""
         for chunk in self._by_unit[id(tensor.unit)]:
             while chunk.stream is None:
                 self._submit()
@@ -123,26 +139,17 @@ class ChunkQueue:
             if not chunk.results:
                 self._in_flight.remove(chunk)
             self.fill()
-            mx.eval(array)
-            if not memoryview(array).c_contiguous:
-                array = mx.contiguous(array)
+            if isinstance(array, mx.array):
                 mx.eval(array)
+                if not memoryview(array).c_contiguous:
+                    array = mx.contiguous(array)
+                    mx.eval(array)
             _check(tensor, array, chunk)
             yield array
             del array
 
 
-def _merge(inputs: tuple[mx.array, ...], scale: float, dtype: str):
-    """On a worker thread: wait for the merge inputs computing on their mlx stream, then merge them in numpy."""
-    import numpy as np
-
-    from .fuse_numpy import merge
-
-    mx.eval(*inputs)
-    return merge(*(np.asarray(x) for x in inputs), scale, dtype)
-
-
-def _check(tensor: OutputTensor, array: mx.array, chunk: Chunk) -> None:
+def _check(tensor: OutputTensor, array, chunk: Chunk) -> None:
     expected = tuple(tensor.shape)
     if chunk.rows is not None:
         expected = (chunk.rows[1] - chunk.rows[0],) + expected[1:]
@@ -151,7 +158,7 @@ def _check(tensor: OutputTensor, array: mx.array, chunk: Chunk) -> None:
         raise RuntimeError(f"{tensor.name}: computed {got}, planned {(tensor.dtype, expected)}")
 
 
-def _counted(parts: Iterator[mx.array], progress: Progress) -> Iterator[mx.array]:
+def _counted(parts: Iterator, progress: Progress) -> Iterator:
     for part in parts:
         yield part
         progress.advance(part.nbytes)
@@ -164,8 +171,12 @@ def write_shards(
     out_dir: Path,
     progress: Optional[Progress] = None,
     chunk_bytes: int = CHUNK_BYTES,
+    workers: Optional[MergeWorkers] = None,
 ) -> None:
-    """Write every shard into `out_dir`: copied tensors by byte range, computed ones chunk by chunk."""
+    """Write every shard into `out_dir`: copied tensors by byte range, computed ones chunk by chunk.
+
+    Numpy merges run on `workers`, or on a pool started here when none is given.
+    """
     progress = progress or Progress()
     order: list[Unit] = []
     seen: set[int] = set()
@@ -174,7 +185,7 @@ def write_shards(
             if tensor.unit is not None and id(tensor.unit) not in seen:
                 seen.add(id(tensor.unit))
                 order.append(tensor.unit)
-    queue = ChunkQueue(order, adapters, files, chunk_bytes)
+    queue = ChunkQueue(order, adapters, files, chunk_bytes, workers)
     delay = float(os.environ.get(DELAY_ENV) or 0)
     previous_cache_limit = mx.set_cache_limit(CACHE_BYTES)
     progress.start(sum(s.nbytes for s in shards), len(shards))

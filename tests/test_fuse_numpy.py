@@ -1,4 +1,4 @@
-"""The numpy LoRA merge: the bits of the mlx merge on varied inputs, used only where it applies, and the mlx path without it."""
+"""The numpy merge into quantized weights: mlx's bits on varied inputs, its fallbacks, and where the fuse uses it."""
 
 from __future__ import annotations
 
@@ -10,55 +10,97 @@ np = pytest.importorskip("numpy")
 import models as tiny  # noqa: E402
 from adapterspec import fuse_numpy  # noqa: E402
 from adapterspec.fuse import fuse_model_dir  # noqa: E402
-from adapterspec.fuse_kernels import merge as mlx_merge  # noqa: E402
-from adapterspec.fuse_kernels import numpy_merges  # noqa: E402
-from adapterspec.fuse_plan import plan_fuse  # noqa: E402
+from adapterspec.fuse_kernels import dequantize_float32, merge, numpy_merges, requantize  # noqa: E402
+from adapterspec.fuse_plan import Quantization, plan_fuse  # noqa: E402
 from test_fuse_support import MIXED_SPEC, fuse_in_memory, read_weights, write_adapters  # noqa: E402
 
 
-def random_case(rng, rows, cols, rank, dtype, magnitude, adapter_dtype=np.float16):
+def quantized_case(rng, rows, cols, rank, bits, group_size, dtype, magnitude, adapter_dtype=np.float16):
     weight = (rng.standard_normal((rows, cols)) * magnitude).astype(dtype)
+    parts = [np.asarray(p) for p in mx.quantize(mx.array(weight), group_size=group_size, bits=bits)]
     a = (rng.standard_normal((cols, rank)) * 0.02).astype(adapter_dtype)
     b = (rng.standard_normal((rank, rows)) * 0.02).astype(adapter_dtype)
-    return weight, a, b
+    return parts, a, b
 
 
-def assert_same_bits(weight, a, b, scale, dtype):
-    expected = mlx_merge("lora", mx.array(weight), {"lora_a": mx.array(a), "lora_b": mx.array(b)}, scale, getattr(mx, dtype))
-    got = fuse_numpy.merge(weight, a.astype(np.float32), b.astype(np.float32), scale, dtype)
-    assert got.dtype == np.dtype(dtype)
-    assert np.array_equal(np.asarray(expected).view(np.uint8), got.view(np.uint8))
+def mlx_reference(parts, a, b, scale, bits, group_size, dtype):
+    """What the mlx path computes: dequantize, merge in float32, round to the scales' dtype, requantize."""
+    q = Quantization(group_size, bits, "affine")
+    merged = merge("lora", dequantize_float32(*map(mx.array, parts), q), {"lora_a": mx.array(a), "lora_b": mx.array(b)}, scale, getattr(mx, dtype))
+    return [np.asarray(p) for p in requantize(merged, q).values()], np.asarray(merged)
 
 
-# A float32 weight merged into float16 is a dequantized 4-bit or 8-bit one.
-@pytest.mark.parametrize("dtype, out", [("float16", "float16"), ("float32", "float32"), ("float32", "float16")])
-@pytest.mark.parametrize("rank", [1, 3, 8, 16, 64])
-def test_merge_has_the_bits_of_the_mlx_merge(dtype, out, rank):
-    rng = np.random.default_rng(rank)
-    for rows, cols, magnitude, scale in ((33, 256, 0.02, 20.0), (512, 1024, 1.0, 2.0), (70, 96, 1e-4, -0.5), (1, 64, 300.0, 1e3)):
+def assert_same_bits(expected, got):
+    assert len(expected) == len(got)
+    for e, g in zip(expected, got):
+        assert e.dtype == g.dtype and e.shape == g.shape
+        assert np.array_equal(e.view(np.uint8), g.view(np.uint8))
+
+
+@pytest.mark.parametrize("bits", fuse_numpy.BITS)
+@pytest.mark.parametrize("dtype", fuse_numpy.SCALE_DTYPES)
+@pytest.mark.parametrize("rank, group_size", [(1, 32), (3, 64), (8, 64), (16, 128), (64, 32)])
+def test_merge_quantized_has_the_bits_of_the_mlx_path(bits, dtype, rank, group_size):
+    rng = np.random.default_rng(rank * 100 + bits)
+    for rows, cols, magnitude, scale in ((33, 256, 0.02, 20.0), (300, 512, 1.0, 2.0), (70, 128, 1e-4, -0.5), (5, 128, 300.0, 1e3)):
         for adapter_dtype in (np.float16, np.float32):
-            assert_same_bits(*random_case(rng, rows, cols, rank, dtype, magnitude, adapter_dtype), scale, out)
+            parts, a, b = quantized_case(rng, rows, cols, rank, bits, group_size, dtype, magnitude, adapter_dtype)
+            expected, merged = mlx_reference(parts, a, b, scale, bits, group_size, dtype)
+            inputs = (*parts, a, b, scale, bits, group_size)
+            assert_same_bits(expected, fuse_numpy.merge_quantized(*inputs))
+            assert_same_bits([merged], fuse_numpy.merge_quantized(*inputs, requantize=False))
 
 
-def test_merge_has_the_bits_of_the_mlx_merge_at_a_real_size():
+def test_merge_quantized_at_a_real_size_in_row_chunks():
+    """A 2048-column weight merged in chunks of rows gives the whole weight's bits (what the workers do)."""
     rng = np.random.default_rng(7)
-    weight, a, b = random_case(rng, 2048, 2048, 8, "float16", 0.02)
-    assert_same_bits(weight, a, b, 20.0, "float16")
-    assert_same_bits(weight.astype(np.float32), a, b, 20.0, "float16")
+    parts, a, b = quantized_case(rng, 1000, 2048, 8, 4, 64, "float16", 0.02)
+    expected, _ = mlx_reference(parts, a, b, 20.0, 4, 64, "float16")
+    prepared = fuse_numpy.QuantizedMerge(a, 20.0, 4, 64)
+    pieces = [prepared.rows(*(p[start:start + 300] for p in parts), b[:, start:start + 300]) for start in range(0, 1000, 300)]
+    assert_same_bits(expected, [np.concatenate(column) for column in zip(*pieces)])
 
 
-def test_merge_of_edge_values():
+def test_merge_quantized_of_edge_values():
+    """Zero rows and groups, a zero adapter column, values that round to float16 subnormals, a zero scale."""
     rng = np.random.default_rng(1)
-    weight = np.zeros((40, 128), np.float16)
-    weight[1] = 65504.0
-    weight[2] = -6e-8
-    weight[3] = 1.0
+    weight = (rng.standard_normal((40, 128)) * 0.02).astype(np.float16)
+    weight[1] = 0.0
+    weight[2, :64] = 3e-5
+    weight[3] = 1e-7
+    weight[4, 64:] = -6e-8
+    parts = [np.asarray(p) for p in mx.quantize(mx.array(weight), group_size=64, bits=4)]
     a = (rng.standard_normal((128, 8)) * 1e-3).astype(np.float32)
     b = (rng.standard_normal((8, 40)) * 1e-3).astype(np.float32)
-    b[:, 4] = 0.0
-    for scale in (20.0, 0.0, 1e-8, 5e4):
-        assert_same_bits(weight, a, b, scale, "float16")
-    assert_same_bits(weight, a.astype(np.float16), b.astype(np.float16), 20.0, "float16")
+    b[:, 5] = 0.0
+    for scale in (20.0, 0.0, 1e-8, -3.0):
+        expected, merged = mlx_reference(parts, a, b, scale, 4, 64, "float16")
+        assert_same_bits(expected, fuse_numpy.merge_quantized(*parts, a, b, scale, 4, 64))
+        assert_same_bits([merged], fuse_numpy.merge_quantized(*parts, a, b, scale, 4, 64, requantize=False))
+
+
+def test_merge_quantized_refuses_what_it_cannot_round_as_mlx_does():
+    rng = np.random.default_rng(2)
+    parts, a, b = quantized_case(rng, 16, 64, 4, 4, 64, "float16", 0.02)
+    with pytest.raises(fuse_numpy.Unrepresentable):  # the merged weight overflows float16
+        fuse_numpy.merge_quantized(*parts, a, b, 1e9, 4, 64)
+    scales = parts[1].copy()
+    scales[0, 0] = np.inf
+    with pytest.raises(fuse_numpy.Unrepresentable):
+        fuse_numpy.merge_quantized(parts[0], scales, parts[2], a, b, 1.0, 4, 64)
+
+
+@pytest.mark.parametrize("bits", fuse_numpy.BITS)
+@pytest.mark.parametrize("dtype", fuse_numpy.SCALE_DTYPES)
+def test_dequantize_and_quantize_have_mlx_bits(bits, dtype):
+    rng = np.random.default_rng(bits)
+    weight = (rng.standard_normal((50, 256)) * 0.05).astype(dtype)
+    weight[0, :32] = 0.0
+    parts = mx.quantize(mx.array(weight), group_size=32, bits=bits)
+    expected = mx.dequantize(*parts, group_size=32, bits=bits).astype(mx.float32)
+    values = fuse_numpy.dequantize(*(np.asarray(p) for p in parts), bits, 32)
+    assert np.array_equal(np.asarray(expected), values)
+    assert_same_bits([np.asarray(p) for p in parts], fuse_numpy.quantize(weight.astype(np.float32), bits, 32, dtype))
 
 
 def test_the_self_check_passes_here():
@@ -82,10 +124,27 @@ def test_without_the_numpy_merge_the_fuse_is_the_same(tmp_path, monkeypatch):
     quantization = {"group_size": 32, "bits": 4, "mode": "affine"}
     model = tiny.write(tmp_path / "model", "llama", dtype="float16", quantization=quantization)
     adapters = write_adapters(model, tmp_path / "adapters", MIXED_SPEC.replace("**.*norm: full\n", ""))
-    fuse_model_dir(model, adapters, tmp_path / "with")
+    with_workers = fuse_model_dir(model, adapters, tmp_path / "with")
+    assert len(with_workers.worker_peak_rss) >= 2
     monkeypatch.setattr(fuse_numpy, "merge_works", lambda: False)
     assert not any(numpy_merges(unit) for unit in plan_fuse(model, adapters).units)
-    fuse_model_dir(model, adapters, tmp_path / "without")
+    assert fuse_model_dir(model, adapters, tmp_path / "without").worker_peak_rss == []
     ours, theirs, reference = read_weights(tmp_path / "with"), read_weights(tmp_path / "without"), fuse_in_memory(model, adapters)
     for name, value in reference.items():
         assert mx.array_equal(ours[name], value).item() and mx.array_equal(theirs[name], value).item(), name
+
+
+def test_a_module_numpy_cannot_round_falls_back_to_mlx(tmp_path):
+    """An adapter whose merge overflows float16 comes back Unrepresentable from a worker; mlx computes it instead."""
+    quantization = {"group_size": 64, "bits": 4, "mode": "affine"}
+    model = tiny.write(tmp_path / "model", "llama", dtype="float16", quantization=quantization)
+    spec = "adapterspec 1\n\nlayers[0].self_attn.q_proj: lora(r=4, scale=2.0)\nlayers[1].mlp.up_proj: lora(r=4, scale=2.0)\n"
+    adapters = write_adapters(model, tmp_path / "adapters", spec, b_scales={"layers.0.self_attn.q_proj": 1e7})
+    assert all(numpy_merges(unit) for unit in plan_fuse(model, adapters).fused_units)
+    result = fuse_model_dir(model, adapters, tmp_path / "out")
+    assert result.worker_peak_rss
+    ours, reference = read_weights(tmp_path / "out"), fuse_in_memory(model, adapters)
+    assert not np.isfinite(np.asarray(ours["model.layers.0.self_attn.q_proj.scales"])).all()
+    for name, value in reference.items():
+        assert np.array_equal(np.asarray(ours[name]).view(np.uint8), np.asarray(value).view(np.uint8)), name
+
