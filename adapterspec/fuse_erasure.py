@@ -15,7 +15,9 @@ Rows are independent under every merge (DoRA normalises per row) and every quant
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 
+from . import fuse_numpy
 from .adapters import fusemath
 from .fuse_io import SourceFiles, SourceTensor
 from .fuse_kernels import adapter_rows, requantize
@@ -23,6 +25,11 @@ from .fuse_plan import DORA_KINDS, FusePlan, Unit
 from .fuse_report import Measurement, Survival
 
 MAX_SAMPLED_ROWS = 32
+# Of those rows, numpy measures this many evenly spaced groups of columns (of DENSE_GROUP on a dense weight).
+MAX_SAMPLED_GROUPS = 16
+DENSE_GROUP = 64
+# numpy measures units of one shape together, about this many sampled elements at a time.
+BATCH_ELEMENTS = 1 << 20
 
 
 def sampled_rows(total: int, limit: int = MAX_SAMPLED_ROWS) -> list[int]:
@@ -33,8 +40,88 @@ def sampled_rows(total: int, limit: int = MAX_SAMPLED_ROWS) -> list[int]:
 
 
 def measure(plan: FusePlan, adapters: dict[str, mx.array], files: SourceFiles, limit: int = MAX_SAMPLED_ROWS) -> list[Measurement]:
-    """A Measurement of every unit that merges an adapter."""
-    return [_measure_unit(unit, adapters, files, limit) for unit in plan.fused_units]
+    """A Measurement of every unit that merges an adapter, in the plan's order."""
+    units = plan.fused_units
+    batches: dict[tuple, list[list[Unit]]] = {}
+    for unit in units:
+        if _numpy_measures(unit):
+            batch = batches.setdefault((unit.quantization, unit.dense_dtype, unit.logical_shape[-1]), [[]])
+            if len(batch[-1]) * limit * MAX_SAMPLED_GROUPS * DENSE_GROUP >= BATCH_ELEMENTS:
+                batch.append([])
+            batch[-1].append(unit)
+    measured = {}
+    for batch in (b for same in batches.values() for b in same):
+        try:
+            measured.update(_measure_lora_in_numpy(batch, adapters, files, limit))
+        except fuse_numpy.Unrepresentable:  # an overflow to ±inf: mlx measures these units
+            pass
+    return [measured.get(unit.path) or _measure_unit(unit, adapters, files, limit) for unit in units]
+
+
+def _numpy_measures(unit: Unit) -> bool:
+    """Plain LoRA on a float16/float32 weight, or on an affine-quantized one `fuse_numpy` handles, on the CPU."""
+    q = unit.quantization
+    if unit.adapter.kind != "lora" or unit.dense_dtype not in fuse_numpy.SCALE_DTYPES or mx.default_device() != mx.cpu:
+        return False
+    return q is None or (q.mode == "affine" and "biases" in unit.base and fuse_numpy.supports(q.bits, q.group_size, unit.dense_dtype))
+
+
+def _measure_lora_in_numpy(units: list[Unit], adapters: dict[str, mx.array], files: SourceFiles, limit: int) -> dict[str, Measurement]:
+    """`_measure_unit` for units `_numpy_measures` of one shape and storage, all at once, on evenly spaced column groups
+    of their sampled rows (quantization groups run along a row, so whole groups keep their exact values).
+
+    For a few sampled rows, a dozen small mlx operations per unit cost more in dispatch than in work.
+    """
+    samples = [_lora_sample(unit, adapters, files, limit) for unit in units]
+    q, dtype = units[0].quantization, units[0].dense_dtype
+    weight = np.concatenate([w for w, _ in samples])
+    merged = weight + np.concatenate([d for _, d in samples])
+    intended = merged - weight
+    with np.errstate(over="ignore"):  # an overflow is stored as ±inf, as in the fused weight
+        stored = merged.astype(dtype).astype(np.float32)
+    if q is not None:
+        # Requantizing is not exact even without an adapter; measure against the requantized base.
+        def requantized(values: np.ndarray) -> np.ndarray:
+            return fuse_numpy.dequantize(*fuse_numpy.quantize(values, q.bits, q.group_size, dtype), q.bits, q.group_size)
+
+        requantized_stored, requantized_base = requantized(stored), requantized(weight)
+    measurements, start = {}, 0
+    for unit, (w, _) in zip(units, samples):
+        rows = slice(start, start + w.shape[0])
+        start = rows.stop
+        quantized = None if q is None else _numpy_survival(requantized_stored[rows], requantized_base[rows], intended[rows])
+        dense = _numpy_survival(stored[rows], weight[rows], intended[rows])
+        measurements[unit.path] = Measurement(unit.path, w.shape[0], unit.base["weight"].rows, dense, quantized)
+    return measurements
+
+
+def _lora_sample(unit: Unit, adapters: dict[str, mx.array], files: SourceFiles, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """The sampled rows and column groups of a unit's weight (float32, of its dtype's values) and of its ΔW."""
+    rows = sampled_rows(unit.base["weight"].rows, limit)
+    base = {param: np.frombuffer(files.read_rows(source, rows), source.dtype).reshape(len(rows), -1) for param, source in unit.base.items()}
+    q, cols = unit.quantization, unit.logical_shape[-1]
+    group_size = q.group_size if q else (DENSE_GROUP if cols % DENSE_GROUP == 0 else cols)
+    groups = cols // group_size
+    chosen = sampled_rows(groups, MAX_SAMPLED_GROUPS)
+    columns = (np.asarray(chosen)[:, None] * group_size + np.arange(group_size)).ravel()
+    if q is None:
+        weight = base["weight"][:, columns].astype(np.float32)
+    else:
+        packed = base["weight"].reshape(len(rows), groups, -1)[:, chosen].reshape(len(rows), -1)
+        scales, biases = (base[p].reshape(len(rows), groups)[:, chosen] for p in ("scales", "biases"))
+        weight = fuse_numpy.dequantize(packed, scales, biases, q.bits, q.group_size)
+    a, b = (np.asarray(adapters[unit.adapter_tensors[p].name].astype(mx.float32)) for p in ("lora_a", "lora_b"))
+    return weight, (a[columns] @ b[:, rows]).T * np.float32(unit.adapter.scale)
+
+
+def _numpy_survival(stored: np.ndarray, reference: np.ndarray, intended: np.ndarray) -> Survival:
+    realised = (stored - reference).astype(np.float64).ravel()
+    wanted = intended.astype(np.float64).ravel()
+    norm2 = float(wanted @ wanted)
+    if norm2 == 0.0:
+        return Survival(None, None)
+    miss = realised - wanted
+    return Survival(float(realised @ wanted) / norm2, (float(miss @ miss) / norm2) ** 0.5)
 
 
 def _measure_unit(unit: Unit, adapters: dict[str, mx.array], files: SourceFiles, limit: int) -> Measurement:
