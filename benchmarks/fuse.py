@@ -2,8 +2,9 @@
 
 The model (random weights, float16, written in N shards into a temporary directory) and its 4-bit
 quantization (group 64, as mlx_lm.convert) are fused with the same adapters (r=8, scale 20, random
-nonzero B) by both tools, each in a fresh process; the wall time and peak RSS of each process come
-from wait4. The floor is the time to read the model's weight files and write as many bytes.
+nonzero B) by both tools, each in a fresh process: wall and CPU time from wait4, peak memory of the
+whole process tree (adapterspec's worker processes included) sampled from /proc. The floor is the
+time to read the model's weight files and write as many bytes.
 
     python benchmarks/fuse.py                     # ≈1 GB float16 model in 4 shards, float16 and 4-bit
     python benchmarks/fuse.py --size-gb 2.4 --shards 1 --runs 2
@@ -37,6 +38,8 @@ layers[*].mlp.<gate,up,down>_proj: lora(r=8, scale=20.0)
 GOAL_RATIO_TO_MLX_LM = 1 / 3
 GOAL_RATIO_TO_FLOOR = 2.0
 RSS_ALLOWANCE = 300 << 20
+SAMPLE_SECONDS = 0.02
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass
@@ -193,16 +196,44 @@ def write_adapters(model_dir: Path, path: Path, seed: int = 1) -> None:
 
 
 def measure(command: list[str], tool: str, variant: str) -> Run:
-    """Wall time and peak RSS of a command run in a fresh process."""
+    """Wall time, CPU time and peak memory of a command run in a fresh process.
+
+    The peak is that of the whole process tree (the fuse's worker processes included), summed over
+    the processes alive at each moment; /proc is sampled every SAMPLE_SECONDS where there is one,
+    and wait4's peak (the largest single process) is the floor of it.
+    """
+    errors = tempfile.TemporaryFile()
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
-    _, status, usage = os.wait4(process.pid, 0)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors, cwd=ROOT)
+    tree_peak = 0
+    while True:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid:
+            break
+        tree_peak = max(tree_peak, tree_rss(process.pid))
+        time.sleep(SAMPLE_SECONDS)
     wall = time.perf_counter() - started
-    stderr = process.stderr.read().decode(errors="replace")
-    process.stderr.close()
-    if os.waitstatus_to_exitcode(status) != 0:
+    process.returncode = os.waitstatus_to_exitcode(status)
+    errors.seek(0)
+    stderr = errors.read().decode(errors="replace")
+    errors.close()
+    if process.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{stderr}")
-    return Run(tool, variant, wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024)
+    return Run(tool, variant, wall, usage.ru_utime + usage.ru_stime, max(tree_peak / 2**20, usage.ru_maxrss / 1024))
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of a process and all its descendants now (0 where /proc cannot tell)."""
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            total += int(Path(f"/proc/{current}/statm").read_text().split()[1]) * PAGE_BYTES
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo.extend(int(child) for child in (task / "children").read_text().split())
+        except (OSError, ValueError):
+            continue
+    return total
 
 
 def floor_seconds(model_dir: Path, scratch: Path) -> float:
