@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from . import __version__
 from .diagnostics import SpecError
 from .errors import UserError
-from .lint import parse_spec
 from .modules import ModuleIndex
-from .plan import Plan, make_plan
+
+if TYPE_CHECKING:
+    from .plan import Plan
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -99,6 +100,8 @@ def load_adapters(model, path, *, strict: bool = True) -> Plan:
     import mlx.core as mx
 
     from .apply import build_adapters, has_adapters, install, trainable_shapes
+    from .lint import parse_spec
+    from .plan import make_plan
 
     path = Path(path)
     config = read_adapter_config(path)
