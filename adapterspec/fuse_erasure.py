@@ -111,17 +111,23 @@ def _lora_sample(unit: Unit, adapters: dict[str, mx.array], files: SourceFiles, 
         scales, biases = (base[p].reshape(len(rows), groups)[:, chosen] for p in ("scales", "biases"))
         weight = fuse_numpy.dequantize(packed, scales, biases, q.bits, q.group_size)
     a, b = (np.asarray(adapters[unit.adapter_tensors[p].name].astype(mx.float32)) for p in ("lora_a", "lora_b"))
-    return weight, (a[columns] @ b[:, rows]).T * np.float32(unit.adapter.scale)
+    return weight, np.einsum("cr,rn->nc", a[columns], b[:, rows]) * np.float32(unit.adapter.scale)
 
 
 def _numpy_survival(stored: np.ndarray, reference: np.ndarray, intended: np.ndarray) -> Survival:
     realised = (stored - reference).astype(np.float64).ravel()
     wanted = intended.astype(np.float64).ravel()
-    norm2 = float(wanted @ wanted)
+    norm2 = _dot(wanted, wanted)
     if norm2 == 0.0:
         return Survival(None, None)
     miss = realised - wanted
-    return Survival(float(realised @ wanted) / norm2, (float(miss @ miss) / norm2) ** 0.5)
+    return Survival(_dot(realised, wanted) / norm2, (_dot(miss, miss) / norm2) ** 0.5)
+
+
+def _dot(x: np.ndarray, y: np.ndarray) -> float:
+    # einsum, not BLAS (here and for ΔW above): every BLAS call wakes one BLAS thread per core, which then
+    # spins. With BLAS, a CPU fuse on a 16-core host measured in 1.35 s instead of 0.66, using 20 s of CPU instead of 3.6.
+    return float(np.einsum("i,i->", x, y))
 
 
 def _measure_unit(unit: Unit, adapters: dict[str, mx.array], files: SourceFiles, limit: int) -> Measurement:

@@ -113,59 +113,99 @@ class SourceFiles:
         return b"".join(chunks)
 
 
+class ShardFile:
+    """One safetensors file laid out at once (header written, full size set), its tensors written by position.
+
+    Any process may fill a tensor's bytes (`target`), in any order; the owner counts what was reported
+    written and `close` checks that every tensor is complete.
+    """
+
+    def __init__(self, path: Path, entries: Sequence[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]):
+        self.path = path
+        header = encode_header(entries, metadata)
+        self._spans: dict[str, tuple[int, int]] = {}
+        offset = len(header)
+        for name, dtype, shape in entries:
+            size = nbytes_of(dtype, shape)
+            self._spans[name] = (offset, size)
+            offset += size
+        self._missing = {name: size for name, (_, size) in self._spans.items()}
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        pwrite_all(self._fd, header, 0)
+        os.ftruncate(self._fd, offset)
+
+    def target(self, name: str, start: int = 0) -> tuple[str, int]:
+        """(path, absolute offset) of byte `start` of tensor `name`."""
+        return str(self.path), self._spans[name][0] + start
+
+    def write(self, name: str, start: int, data) -> None:
+        """Write a C-contiguous buffer (an evaluated mx.array, a numpy array, bytes) at byte `start` of a tensor."""
+        view = memoryview(data).cast("B")
+        offset, size = self._spans[name]
+        if start + view.nbytes > size:
+            raise RuntimeError(f"{self.path.name}: {view.nbytes} bytes at {start} overrun tensor {name!r} of {size} bytes")
+        pwrite_all(self._fd, view, offset + start)
+        self.written(name, view.nbytes)
+
+    def written(self, name: str, nbytes: int) -> None:
+        """Count bytes of a tensor written (here or by another process through `target`)."""
+        self._missing[name] -= nbytes
+
+    def copy(self, name: str, source: SourceTensor, files: SourceFiles) -> None:
+        """Fill a tensor by copying its bytes from an input file, without reading them into this process."""
+        offset, size = self._spans[name]
+        if size != source.nbytes:
+            raise RuntimeError(f"{self.path.name}: tensor {name!r} has {size} bytes in the header, {source.nbytes} in {source.path.name}")
+        copy_range(files.fd(source.path), self._fd, source.offset, size, offset)
+        self.written(name, size)
+
+    def close(self) -> None:
+        try:
+            incomplete = [name for name, missing in self._missing.items() if missing]
+            if incomplete:
+                raise RuntimeError(f"{self.path.name}: {len(incomplete)} tensor(s) not completely written, e.g. {incomplete[0]!r}")
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 class ShardWriter:
     """One safetensors file written front to back: the header, then every tensor's bytes in header order."""
 
     def __init__(self, path: Path, entries: Sequence[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]):
         self.path = path
+        self._file = ShardFile(path, entries, metadata)
         self._names = [name for name, _, _ in entries]
-        self._sizes = [nbytes_of(dtype, shape) for _, dtype, shape in entries]
         self._next = 0
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        _write_all(self._fd, encode_header(entries, metadata))
-
-    def _check_next(self, name: str) -> None:
-        if self._next >= len(self._names) or self._names[self._next] != name:
-            expected = self._names[self._next] if self._next < len(self._names) else "nothing"
-            raise RuntimeError(f"{self.path.name}: tensor {name!r} written out of order (expected {expected})")
-
-    def _finish(self, name: str, nbytes: int) -> None:
-        if nbytes != self._sizes[self._next]:
-            raise RuntimeError(f"{self.path.name}: tensor {name!r} has {nbytes} bytes, its header says {self._sizes[self._next]}")
-        self._next += 1
 
     def write(self, name: str, parts: Iterable) -> None:
         """Write a tensor from C-contiguous buffers (evaluated mx.arrays, bytes) that follow each other in it."""
-        self._check_next(name)
-        written = 0
+        if self._next >= len(self._names) or self._names[self._next] != name:
+            expected = self._names[self._next] if self._next < len(self._names) else "nothing"
+            raise RuntimeError(f"{self.path.name}: tensor {name!r} written out of order (expected {expected})")
+        start = 0
         for part in parts:
-            view = memoryview(part).cast("B")
-            _write_all(self._fd, view)
-            written += view.nbytes
-        self._finish(name, written)
-
-    def copy(self, name: str, source: SourceTensor, files: SourceFiles) -> None:
-        """Write a tensor by copying its bytes from an input file, without reading them into this process."""
-        self._check_next(name)
-        _copy_range(files.fd(source.path), self._fd, source.offset, source.nbytes)
-        self._finish(name, source.nbytes)
+            self._file.write(name, start, part)
+            start += memoryview(part).nbytes
+        self._next += 1
 
     def close(self) -> None:
-        try:
-            if self._next != len(self._names):
-                raise RuntimeError(f"{self.path.name}: {len(self._names) - self._next} tensor(s) were never written")
-        finally:
-            os.close(self._fd)
+        self._file.close()
 
     def abort(self) -> None:
-        os.close(self._fd)
+        self._file.abort()
 
 
-def _write_all(fd: int, data) -> None:
-    view = memoryview(data)
+def pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data).cast("B")
     while view.nbytes:
-        written = os.write(fd, view[:MAX_WRITE])
+        written = os.pwrite(fd, view[:MAX_WRITE], offset)
         view = view[written:]
+        offset += written
 
 
 def pread_all(fd: int, length: int, offset: int) -> bytes:
@@ -183,13 +223,13 @@ def pread_all(fd: int, length: int, offset: int) -> bytes:
     return b"".join(parts)
 
 
-def _copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
-    """Append `length` bytes from `src_fd` at `offset` to `dst_fd`: in the kernel where it can, else by chunks."""
+def copy_range(src_fd: int, dst_fd: int, offset: int, length: int, dst_offset: int) -> None:
+    """Copy `length` bytes from `src_fd` at `offset` to `dst_fd` at `dst_offset`: in the kernel where it can, else by chunks."""
     done = 0
     if hasattr(os, "copy_file_range"):
         try:
             while done < length:
-                n = os.copy_file_range(src_fd, dst_fd, length - done, offset + done)
+                n = os.copy_file_range(src_fd, dst_fd, length - done, offset + done, dst_offset + done)
                 if n == 0:
                     break
                 done += n
@@ -197,5 +237,5 @@ def _copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
             pass
     while done < length:
         chunk = pread_all(src_fd, min(COPY_CHUNK, length - done), offset + done)
-        _write_all(dst_fd, chunk)
+        pwrite_all(dst_fd, chunk, dst_offset + done)
         done += len(chunk)

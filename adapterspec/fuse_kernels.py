@@ -143,16 +143,16 @@ def adapter_rows(kind: str, adapter: dict[str, mx.array], index) -> dict[str, mx
 
 
 def numpy_merges(unit: Unit) -> bool:
-    """Whether the unit merges in numpy (`fuse_numpy`): plain LoRA on an affine-quantized weight, on the CPU.
-
-    Dense weights stay with mlx: there numpy's merge saves CPU time but not wall time.
-    """
+    """Whether the unit merges in numpy (`fuse_numpy`, on worker processes): plain LoRA on the CPU, into a
+    float16/float32 weight or an affine-quantized one with float16/float32 scales."""
     q = unit.quantization
     if unit.adapter is None or unit.adapter.kind != "lora" or mx.default_device() != mx.cpu:
         return False
-    if q is None or q.mode != "affine" or "biases" not in unit.base:
-        return False
-    return fuse_numpy.supports(q.bits, q.group_size, unit.dense_dtype) and fuse_numpy.merge_works()
+    if q is None:
+        supported = unit.dense_dtype in fuse_numpy.DENSE_DTYPES
+    else:
+        supported = q.mode == "affine" and "biases" in unit.base and fuse_numpy.supports(q.bits, q.group_size, unit.dense_dtype)
+    return supported and fuse_numpy.merge_works()
 
 
 def outputs(unit: Unit, weight: mx.array) -> dict[str, mx.array]:

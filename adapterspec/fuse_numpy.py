@@ -1,12 +1,13 @@
-"""LoRA merged into an affine-quantized weight in numpy, a tile of rows at a time: mlx's bits, several times faster.
+"""LoRA merged into weights in numpy, a tile of rows at a time, with the bits of mlx's CPU path, faster.
 
-For each tile: unpack the codes, dequantize as `mx.dequantize` rounds, add scale·(A·B)ᵀ summed in
-the order of mlx's CPU matmul (the reference BLAS: one term after another, separate multiplies
-and adds), round once to the scales' dtype, and quantize as `mx.quantize` does. A tile stays in
-the core's cache through all of it, where mlx's CPU kernels stream the whole weight through
-memory once per step.
+The rank-r product is summed in the order of mlx's CPU matmul (the reference BLAS: one term after
+another, separate multiplies and adds). Dense (float16, float32) weights: the base is added and the
+sum rounded once. Affine-quantized weights, per tile: unpack the codes, dequantize as
+`mx.dequantize` rounds, merge, round once to the scales' dtype, and quantize as `mx.quantize` does.
+A tile stays in the core's cache through all of it, where mlx's CPU kernels stream the whole weight
+through memory once per step.
 
-Within a tile the columns are kept in "code order": all first codes of every byte, then all
+Within a quantized tile the columns are kept in "code order": all first codes of every byte, then all
 second ones, …, so that unpacking and packing touch contiguous memory; a group's elements stay
 inside the group, and A's columns are permuted to match.
 """
@@ -19,7 +20,9 @@ import threading
 import numpy as np
 
 BITS = (2, 4, 8)
+# The dtypes numpy rounds to as mlx does: of quantization scales (the dequantized weight), of dense weights.
 SCALE_DTYPES = ("float16", "float32")
+DENSE_DTYPES = SCALE_DTYPES
 TILE_ELEMENTS = 1 << 17
 # Veltkamp's split keeps the 11 leading bits of a float32 (float16's precision), rounded to nearest even.
 FLOAT16_SPLIT = np.float32(2**13 + 1)
@@ -82,7 +85,7 @@ class QuantizedMerge:
             merged = np.empty((rows, layout.cols), dtype)
         codes_in = packed.view(np.uint8)
         tile = max(1, TILE_ELEMENTS // layout.cols)
-        work = _scratch(min(tile, rows), layout)
+        work = _scratch(min(tile, rows), layout.cols, layout.per_byte)
         with np.errstate(all="ignore"):  # overflows are checked, not warned about
             for start in range(0, rows, tile):
                 stop = min(start + tile, rows)
@@ -102,13 +105,39 @@ class QuantizedMerge:
         return (merged,)
 
 
+class DenseMerge:
+    """One LoRA (A, scale) merged into row chunks of one float16 or float32 weight: W + scale·(A·B)ᵀ, rounded once."""
+
+    def __init__(self, lora_a: np.ndarray, scale: float):
+        self.a_t = np.ascontiguousarray(np.asarray(lora_a, dtype=np.float32).T)
+        self.factor = np.float32(scale)
+
+    def rows(self, weight: np.ndarray, lora_b: np.ndarray) -> np.ndarray:
+        """The merged rows of `weight`; lora_b holds their columns of B (r, rows)."""
+        rows, cols = weight.shape
+        b_t = np.ascontiguousarray(np.asarray(lora_b, dtype=np.float32).T)
+        merged = np.empty((rows, cols), weight.dtype)
+        tile = max(1, TILE_ELEMENTS // cols)
+        work = _scratch(min(tile, rows), cols)
+        with np.errstate(all="ignore"):  # an overflow rounds to ±inf, as in mlx
+            for start in range(0, rows, tile):
+                stop = min(start + tile, rows)
+                w, acc, term = work.view(stop - start)
+                _accumulate(acc, term, b_t[start:stop], self.a_t)
+                acc *= self.factor
+                np.copyto(w, weight[start:stop])  # numpy widens float16 fast in a copy, slowly inside an add
+                acc += w
+                np.copyto(merged[start:stop], acc, casting="unsafe")
+        return merged
+
+
 def dequantize(packed: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group_size: int) -> np.ndarray:
     """`mx.dequantize(...)` (affine) widened to float32, in the weight's own column order."""
     rows, groups = scales.shape
     layout = _Layout(bits, group_size, groups)
     s32, b32 = scales.astype(np.float32), biases.astype(np.float32)
     _check_dequantizable(s32, b32, layout, scales.dtype)
-    work = _Scratch(rows, layout)
+    work = _Scratch(rows, layout.cols, layout.per_byte)
     w, _, _ = work.view(rows)
     _dequantize_tile(packed.view(np.uint8), s32, b32, layout, scales.dtype, w, work)
     return layout.from_code_order(w)
@@ -149,11 +178,11 @@ class _Layout:
 
 
 class _Scratch:
-    """The buffers a tile is computed in: the unpacked codes and three float32 tiles."""
+    """The buffers a tile is computed in: three float32 tiles, and the unpacked codes of a quantized one."""
 
-    def __init__(self, rows: int, layout: _Layout):
-        self.codes = np.empty((rows, layout.per_byte, layout.cols // layout.per_byte), np.uint8)
-        self._tiles = [np.empty((rows, layout.cols), np.float32) for _ in range(3)]
+    def __init__(self, rows: int, cols: int, per_byte: int = 0):
+        self.codes = np.empty((rows, per_byte, cols // per_byte), np.uint8) if per_byte else None
+        self._tiles = [np.empty((rows, cols), np.float32) for _ in range(3)]
 
     def view(self, n: int) -> list[np.ndarray]:
         return [tile[:n] for tile in self._tiles]
@@ -162,11 +191,11 @@ class _Scratch:
 _scratches = threading.local()
 
 
-def _scratch(rows: int, layout: _Layout) -> _Scratch:
-    """This thread's scratch buffers for tiles of `rows` × layout.cols, kept between merges: new ones cost page faults."""
-    key = (rows, layout.per_byte, layout.cols)
+def _scratch(rows: int, cols: int, per_byte: int = 0) -> _Scratch:
+    """This thread's scratch buffers for tiles of `rows` × `cols`, kept between merges: new ones cost page faults."""
+    key = (rows, cols, per_byte)
     if getattr(_scratches, "key", None) != key:
-        _scratches.key, _scratches.value = key, _Scratch(rows, layout)
+        _scratches.key, _scratches.value = key, _Scratch(rows, cols, per_byte)
     return _scratches.value
 
 
@@ -279,7 +308,7 @@ def _group_extremes(grouped: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @functools.lru_cache(maxsize=None)
 def merge_works() -> bool:
-    """Whether `merge_quantized` gives here the bits of the mlx path it replaces, on random and edge-case weights."""
+    """Whether `merge_quantized` and `DenseMerge` give here the bits of the mlx path they replace, on random and edge-case weights."""
     import mlx.core as mx
 
     from .fuse_kernels import dequantize_float32, merge, requantize
@@ -306,5 +335,13 @@ def merge_works() -> bool:
                 pairs = list(zip(expected, got)) + [(np.asarray(merged), dense)]
                 if not all(np.array_equal(e.view(np.uint8), g.view(np.uint8)) for e, g in pairs):
                     return False
+    for dtype in DENSE_DTYPES:
+        weight = (rng.standard_normal((67, 320)) * 0.02).astype(dtype)
+        weight[2, :5] = (0.0, 6e-8, -1e-5, 65504.0, -3e-4)
+        a = (rng.standard_normal((320, 8)) * 0.02).astype(np.float16)
+        b = (rng.standard_normal((8, 67)) * 0.02).astype(np.float16)
+        expected = np.asarray(merge("lora", mx.array(weight), {"lora_a": mx.array(a), "lora_b": mx.array(b)}, 20.0))
+        if not np.array_equal(expected.view(np.uint8), DenseMerge(a, 20.0).rows(weight, b).view(np.uint8)):
+            return False
     return True
 

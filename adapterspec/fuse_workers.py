@@ -1,11 +1,12 @@
-"""Worker processes that merge LoRA into quantized weights in numpy, reading their inputs from the files themselves.
+"""Worker processes that merge LoRA into weights in numpy (`fuse_numpy`), reading and writing the files themselves.
 
 Processes, not threads: the merge is a few dozen short numpy calls per tile, and between them a
 thread needs the GIL back; two threads of it ran 1.15× one thread's speed on two cores, two
 processes 2×. Each worker is `python -m adapterspec.fuse_workers`, fed pickled tasks on its stdin and
 answering on its stdout, so nothing of the caller's program is imported again (multiprocessing's
-spawn would re-run an unguarded script). A task names byte ranges of the input files (a chunk of
-rows, the adapter tensors), so only the results travel. Workers import numpy and `fuse_numpy`, never
+spawn would re-run an unguarded script). A task names byte ranges: of the input files (a chunk of
+rows, the adapter tensors) and of the output shards, laid out beforehand, where the worker writes
+the merged rows; only a count of bytes comes back. Workers import numpy and `fuse_numpy`, never
 mlx; they ignore SIGINT, and exit when their stdin closes (the parent ended, or was killed).
 """
 
@@ -29,8 +30,8 @@ from typing import Optional
 import numpy as np
 
 from .errors import EXIT_ERRORS, UserError
-from .fuse_io import SourceTensor, pread_all
-from .fuse_numpy import QuantizedMerge
+from .fuse_io import SourceTensor, pread_all, pwrite_all
+from .fuse_numpy import DenseMerge, QuantizedMerge
 
 MAX_WORKERS = 8
 WORKERS_ENV = "ADAPTERSPEC_FUSE_WORKERS"
@@ -40,28 +41,38 @@ CLOSE_TIMEOUT = 10.0
 
 @dataclass(frozen=True)
 class MergeTask:
-    """Rows start:stop of a quantized LoRA unit: where its tensors are, how to merge, what the outputs are named."""
+    """Rows start:stop of a plain LoRA unit: where its tensors are, how to merge, and where the outputs' rows go.
+
+    `quantization` is (bits, group_size) of an affine-quantized base, None for a dense one. `targets` holds,
+    per output name, the (file, absolute offset) its rows' bytes are written at; without targets the
+    arrays are returned instead.
+    """
 
     base: tuple[tuple[str, SourceTensor], ...]
     lora_a: SourceTensor
     lora_b: SourceTensor
     rows: tuple[int, int]
     scale: float
-    bits: int
-    group_size: int
+    quantization: Optional[tuple[int, int]]
     requantize: bool
     names: tuple[str, ...]
+    targets: tuple[tuple[str, int], ...] = ()
 
 
-def task_for(unit, rows: Optional[tuple[int, int]]) -> MergeTask:
-    """The task merging rows (all when None) of a plain LoRA unit on an affine-quantized weight (a fuse_plan.Unit)."""
+def task_for(unit, rows: Optional[tuple[int, int]], targets: tuple[tuple[str, int], ...] = ()) -> MergeTask:
+    """The task merging rows (all when None) of a plain LoRA unit (a fuse_plan.Unit that `numpy_merges`)."""
     q = unit.quantization
-    names = ("weight", "scales", "biases") if unit.requantize else ("weight",)
     return MergeTask(
         tuple(unit.base.items()), unit.adapter_tensors["lora_a"], unit.adapter_tensors["lora_b"],
-        rows or (0, unit.logical_shape[0]), float(unit.adapter.scale), q.bits, q.group_size, unit.requantize,
-        tuple(f"{unit.path}.{name}" for name in names),
+        rows or (0, unit.logical_shape[0]), float(unit.adapter.scale), None if q is None else (q.bits, q.group_size),
+        unit.requantize, output_names(unit), targets,
     )  # fmt: skip
+
+
+def output_names(unit) -> tuple[str, ...]:
+    """The names of the tensors a unit's merge writes, in the order the merge gives them."""
+    params = ("weight", "scales", "biases") if unit.quantization is not None and unit.requantize else ("weight",)
+    return tuple(f"{unit.path}.{param}" for param in params)
 
 
 def worker_count() -> int:
@@ -214,19 +225,34 @@ def peak_rss() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def merge_task(task: MergeTask) -> dict[str, np.ndarray]:
-    """In a worker: read the task's inputs and merge them (raises fuse_numpy.Unrepresentable)."""
+def merge_task(task: MergeTask) -> dict:
+    """In a worker: read the task's inputs, merge them, and write the outputs to their targets.
+
+    Returns the output arrays by name, or with targets the bytes written by name. Raises fuse_numpy.Unrepresentable.
+    """
     start, stop = task.rows
     base = {param: _read_rows(source, start, stop) for param, source in task.base}
-    merge = _prepared(task.lora_a, task.scale, task.bits, task.group_size)
     lora_b = _read_tensor(task.lora_b)[:, start:stop]
-    parts = merge.rows(base["weight"], base["scales"], base["biases"], lora_b, task.requantize)
-    return dict(zip(task.names, parts))
+    if task.quantization is None:
+        parts = (_dense(task.lora_a, task.scale).rows(base["weight"], lora_b),)
+    else:
+        merge = _quantized(task.lora_a, task.scale, *task.quantization)
+        parts = merge.rows(base["weight"], base["scales"], base["biases"], lora_b, task.requantize)
+    if not task.targets:
+        return dict(zip(task.names, parts))
+    for (path, offset), part in zip(task.targets, parts):
+        pwrite_all(_output_fd(path), part, offset)
+    return {name: part.nbytes for name, part in zip(task.names, parts)}
 
 
 @functools.lru_cache(maxsize=ADAPTER_CACHE)
-def _prepared(lora_a: SourceTensor, scale: float, bits: int, group_size: int) -> QuantizedMerge:
+def _quantized(lora_a: SourceTensor, scale: float, bits: int, group_size: int) -> QuantizedMerge:
     return QuantizedMerge(_read_tensor(lora_a), scale, bits, group_size)
+
+
+@functools.lru_cache(maxsize=ADAPTER_CACHE)
+def _dense(lora_a: SourceTensor, scale: float) -> DenseMerge:
+    return DenseMerge(_read_tensor(lora_a), scale)
 
 
 def _read_rows(source: SourceTensor, start: int, stop: int) -> np.ndarray:
@@ -251,6 +277,11 @@ def _as_numpy(raw: bytes, dtype: str) -> np.ndarray:
 @functools.lru_cache(maxsize=None)
 def _fd(path: str) -> int:
     return os.open(path, os.O_RDONLY)
+
+
+@functools.lru_cache(maxsize=None)
+def _output_fd(path: str) -> int:
+    return os.open(path, os.O_WRONLY)
 
 
 if __name__ == "__main__":

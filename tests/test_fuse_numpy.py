@@ -1,4 +1,4 @@
-"""The numpy merge into quantized weights: mlx's bits on varied inputs, its fallbacks, and where the fuse uses it."""
+"""The numpy merges (quantized and dense weights): mlx's bits on varied inputs, the fallbacks, and where the fuse uses them."""
 
 from __future__ import annotations
 
@@ -107,17 +107,51 @@ def test_the_self_check_passes_here():
     assert fuse_numpy.merge_works()
 
 
-def test_numpy_merges_only_plain_lora_on_affine_quantized_weights(tmp_path):
-    dense = tiny.write(tmp_path / "dense", "llama", dtype="float16")
-    adapters = write_adapters(dense, tmp_path / "adapters", MIXED_SPEC)
-    assert not any(numpy_merges(unit) for unit in plan_fuse(dense, adapters).units)
+def test_numpy_merges_plain_lora_on_float16_float32_and_affine_quantized_weights(tmp_path):
+    for dtype in ("float16", "float32", "bfloat16"):
+        dense = tiny.write(tmp_path / dtype, "llama", dtype=dtype)
+        adapters = write_adapters(dense, tmp_path / f"adapters-{dtype}", MIXED_SPEC)
+        units = [unit for unit in plan_fuse(dense, adapters).units if unit.adapter]
+        chosen = {unit.path: numpy_merges(unit) for unit in units}
+        assert chosen == {unit.path: dtype != "bfloat16" and unit.adapter.kind == "lora" for unit in units}
+        assert any(chosen.values()) == (dtype != "bfloat16")
     for mode, bits in (("affine", 4), ("mxfp4", 4)):
         quantized = tiny.write(tmp_path / mode, "llama", dtype="float16", quantization={"group_size": 32, "bits": bits, "mode": mode})
         adapters = write_adapters(quantized, tmp_path / f"adapters-{mode}", MIXED_SPEC.replace("**.*norm: full\n", ""))
-        chosen = {unit.path: numpy_merges(unit) for unit in plan_fuse(quantized, adapters).units if unit.adapter}
-        kinds = {unit.path: unit.adapter.kind for unit in plan_fuse(quantized, adapters).units if unit.adapter}
-        assert chosen == {path: mode == "affine" and kind == "lora" for path, kind in kinds.items()}
-        assert any(chosen.values()) == (mode == "affine")
+        units = [unit for unit in plan_fuse(quantized, adapters).units if unit.adapter]
+        quantized_lora = {unit.path for unit in units if unit.adapter.kind == "lora" and unit.quantization is not None}
+        assert quantized_lora, "the spec must put LoRA on quantized modules"
+        for unit in units:
+            expected = unit.adapter.kind == "lora" and (unit.quantization is None or mode == "affine")
+            assert numpy_merges(unit) == expected, unit.path
+
+
+@pytest.mark.parametrize("dtype", fuse_numpy.DENSE_DTYPES)
+@pytest.mark.parametrize("rank", [1, 3, 8, 16, 64])
+def test_dense_merge_has_the_bits_of_the_mlx_merge(dtype, rank):
+    rng = np.random.default_rng(rank)
+    for rows, cols, magnitude, scale in ((33, 256, 0.02, 20.0), (512, 1024, 1.0, 2.0), (70, 96, 1e-4, -0.5), (1, 64, 300.0, 1e3)):
+        for adapter_dtype in (np.float16, np.float32):
+            weight = (rng.standard_normal((rows, cols)) * magnitude).astype(dtype)
+            a = (rng.standard_normal((cols, rank)) * 0.02).astype(adapter_dtype)
+            b = (rng.standard_normal((rank, rows)) * 0.02).astype(adapter_dtype)
+            expected = np.asarray(merge("lora", mx.array(weight), {"lora_a": mx.array(a), "lora_b": mx.array(b)}, scale))
+            assert_same_bits([expected], [fuse_numpy.DenseMerge(a, scale).rows(weight, b)])
+
+
+def test_dense_merge_of_edge_values():
+    """Float16's largest value, subnormals, zeros, a zero adapter column; scales that overflow and vanish."""
+    rng = np.random.default_rng(1)
+    weight = np.zeros((40, 128), np.float16)
+    weight[1] = 65504.0
+    weight[2] = -6e-8
+    weight[3] = 1.0
+    a = (rng.standard_normal((128, 8)) * 1e-3).astype(np.float32)
+    b = (rng.standard_normal((8, 40)) * 1e-3).astype(np.float32)
+    b[:, 4] = 0.0
+    for scale in (20.0, 0.0, 1e-8, 5e4):
+        expected = np.asarray(merge("lora", mx.array(weight), {"lora_a": mx.array(a), "lora_b": mx.array(b)}, scale))
+        assert_same_bits([expected], [fuse_numpy.DenseMerge(a, scale).rows(weight, b)])
 
 
 def test_without_the_numpy_merge_the_fuse_is_the_same(tmp_path, monkeypatch):

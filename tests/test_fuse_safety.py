@@ -72,15 +72,15 @@ def test_peak_memory_stays_near_one_shard_on_a_multi_shard_model(tmp_path, quant
                            cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert probe.returncode == 0, probe.stderr
     memory = json.loads(probe.stdout.strip().splitlines()[-1])
-    growth = memory["peak"] - memory["baseline"] + sum(memory["workers"])
-    assert bool(memory["workers"]) == (quantization is not None)
+    own_growth = memory["peak"] - memory["baseline"]
+    growth = own_growth + sum(memory["workers"])
+    assert len(memory["workers"]) >= 2  # plain LoRA merges on worker processes, dense or quantized
     assert growth <= largest + adapter_bytes + (300 << 20)
+    # A worker holds one chunk at a time: its peak is its interpreter and numpy, whatever the model's size.
+    assert all(peak < 128 << 20 for peak in memory["workers"]), memory["workers"]
     if quantization is None:
-        # Far less than the model: it never holds more than a few chunks of modules.
-        assert growth < 0.75 * total, (growth / 1e6, total / 1e6)
-    else:
-        # A worker holds one chunk at a time: its peak is its interpreter and numpy, whatever the model's size.
-        assert all(peak < 128 << 20 for peak in memory["workers"]), memory["workers"]
+        # Far less than the model: the fuse itself never holds more than a few chunks of modules.
+        assert own_growth < 0.75 * total, (own_growth / 1e6, total / 1e6)
     assert len(list((tmp_path / "out").glob("*.safetensors"))) == 1
 
 

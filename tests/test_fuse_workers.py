@@ -44,6 +44,15 @@ def test_a_worker_imports_neither_mlx_nor_pydantic():
     assert probe.stdout.strip() == "[]"
 
 
+def test_the_fuse_path_imports_neither_pydantic_nor_lark():
+    """Spec parsing and validation stay off a fuse's start: an adapter directory of ours holds its resolved plan."""
+    code = ("import sys, adapterspec.fuse, adapterspec.fuse_erasure, adapterspec.fuse_stream, adapterspec.commands.fuse; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'pydantic', 'lark', 'mlx_lm'}))")  # fmt: skip
+    probe = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.strip() == "[]"
+
+
 def test_workers_give_what_the_task_computes_in_process(quantized):
     tasks = tasks_of(*quantized)
     assert len(tasks) > 4
