@@ -125,7 +125,7 @@ class DenseMerge:
                 w, acc, term = work.view(stop - start)
                 _accumulate(acc, term, b_t[start:stop], self.a_t)
                 acc *= self.factor
-                np.copyto(w, weight[start:stop])  # numpy widens float16 fast in a copy, slowly inside an add
+                _widen(weight[start:stop], w, work)
                 acc += w
                 np.copyto(merged[start:stop], acc, casting="unsafe")
         return merged
@@ -178,10 +178,12 @@ class _Layout:
 
 
 class _Scratch:
-    """The buffers a tile is computed in: three float32 tiles, and the unpacked codes of a quantized one."""
+    """The buffers a tile is computed in: three float32 tiles, and the unpacked codes of a quantized one
+    (or the float16 bit patterns of a dense one, as table indices)."""
 
     def __init__(self, rows: int, cols: int, per_byte: int = 0):
         self.codes = np.empty((rows, per_byte, cols // per_byte), np.uint8) if per_byte else None
+        self.indices = None if per_byte else np.empty((rows, cols), np.intp)
         self._tiles = [np.empty((rows, cols), np.float32) for _ in range(3)]
 
     def view(self, n: int) -> list[np.ndarray]:
@@ -197,6 +199,22 @@ def _scratch(rows: int, cols: int, per_byte: int = 0) -> _Scratch:
     if getattr(_scratches, "key", None) != key:
         _scratches.key, _scratches.value = key, _Scratch(rows, cols, per_byte)
     return _scratches.value
+
+
+def _widen(weight: np.ndarray, out: np.ndarray, work: _Scratch) -> None:
+    """out = weight as float32. A float16 weight is looked up in a table of all 65536 values: numpy's own
+    conversion runs 1.25 ns per value here, the lookup 0.68."""
+    if weight.dtype != np.float16:
+        np.copyto(out, weight)
+        return
+    indices = work.indices[: weight.shape[0]]
+    np.copyto(indices, weight.view(np.uint16))
+    np.take(_float16_values(), indices, out=out)
+
+
+@functools.lru_cache(maxsize=None)
+def _float16_values() -> np.ndarray:
+    return np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
 
 def _check_dequantizable(s32: np.ndarray, b32: np.ndarray, layout: _Layout, dtype: np.dtype) -> None:
