@@ -1,7 +1,8 @@
 """Fuse trained adapters into a model directory, streaming tensor by tensor with bounded memory, written atomically.
 
-No model class is built: each adapted module's weight is read, dequantized, merged with `fusemath`,
-requantized and written, while untouched tensors are copied byte for byte. Before anything is
+No model class is built: each adapted module's weight is read, dequantized, merged (plain LoRA in
+numpy on worker processes, the rest with `fusemath` in mlx; the same bits), requantized and written,
+while untouched tensors are copied byte for byte. Before anything is
 written, every fused module is measured for how much of its adapter survives being stored
 (`fuse_erasure`); `strict` refuses a fuse that loses most of an adapter, `keep_precision="auto"`
 stores such modules unquantized instead.
@@ -61,7 +62,7 @@ class FuseResult:
     kept_dense: list[str] = field(default_factory=list)
     removed_stale: list[Path] = field(default_factory=list)
     seconds: float = 0.0
-    # Peak resident memory of each worker process that merged quantized modules (none: no workers ran).
+    # Peak resident memory of each worker process that merged modules in numpy (none: no workers ran).
     worker_peak_rss: list[int] = field(default_factory=list)
 
     @property
@@ -103,7 +104,7 @@ def fuse_model_dir(
     with atomic_output_dir(out, force=force, protect=[plan.model_dir, plan.adapter_dir, *protect]) as tmp:
         marker = tmp / PID_MARKER
         marker.write_text(str(os.getpid()))
-        # Started first, worker processes (for quantized modules) get ready while the adapters are measured.
+        # Started first, the worker processes (for the numpy merges) get ready while the adapters are measured.
         with SourceFiles() as files, merge_workers_for(plan.units) or nullcontext() as workers:
             adapters = _load_adapter_arrays(plan)
             measurements = measure(plan, adapters, files)
