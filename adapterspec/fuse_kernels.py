@@ -143,10 +143,14 @@ def adapter_rows(kind: str, adapter: dict[str, mx.array], index) -> dict[str, mx
 
 
 def numpy_merges(unit: Unit) -> bool:
-    """Whether the unit merges in numpy (`fuse_numpy`, on worker processes): plain LoRA on the CPU, into a
-    float16/float32 weight or an affine-quantized one with float16/float32 scales."""
+    """Whether the unit merges in numpy (`fuse_numpy`, on worker processes): plain LoRA into a float16/float32
+    weight or an affine-quantized one with float16/float32 scales, with the bits of mlx's CPU path.
+
+    Also where mlx runs on a GPU: a merge is a few operations per weight, and the host's cores do them
+    faster than round trips to the device (on an H200 host, 2.6 s against 5.0 s for a 2.4 GB float16 model).
+    """
     q = unit.quantization
-    if unit.adapter is None or unit.adapter.kind != "lora" or mx.default_device() != mx.cpu:
+    if unit.adapter is None or unit.adapter.kind != "lora":
         return False
     if q is None:
         supported = unit.dense_dtype in fuse_numpy.DENSE_DTYPES
