@@ -59,9 +59,9 @@ def measure(plan: FusePlan, adapters: dict[str, mx.array], files: SourceFiles, l
 
 
 def _numpy_measures(unit: Unit) -> bool:
-    """Plain LoRA on a float16/float32 weight, or on an affine-quantized one `fuse_numpy` handles, on the CPU."""
+    """Plain LoRA on a float16/float32 weight, or on an affine-quantized one `fuse_numpy` handles."""
     q = unit.quantization
-    if unit.adapter.kind != "lora" or unit.dense_dtype not in fuse_numpy.SCALE_DTYPES or mx.default_device() != mx.cpu:
+    if unit.adapter.kind != "lora" or unit.dense_dtype not in fuse_numpy.SCALE_DTYPES:
         return False
     return q is None or (q.mode == "affine" and "biases" in unit.base and fuse_numpy.supports(q.bits, q.group_size, unit.dense_dtype))
 
