@@ -19,6 +19,8 @@ import threading
 
 import numpy as np
 
+from . import fuse_native
+
 BITS = (2, 4, 8)
 # The dtypes numpy rounds to as mlx does: of quantization scales (the dequantized weight), of dense weights.
 SCALE_DTYPES = ("float16", "float32")
@@ -67,16 +69,25 @@ class QuantizedMerge:
     def __init__(self, lora_a: np.ndarray, scale: float, bits: int, group_size: int):
         cols = lora_a.shape[0]
         self.layout = _Layout(bits, group_size, cols // group_size)
-        self.a_t = self.layout.to_code_order(np.asarray(lora_a, dtype=np.float32).T)
+        self.native = fuse_native.kernels()
+        a_t = np.ascontiguousarray(np.asarray(lora_a, dtype=np.float32).T)
+        self.a_t = a_t if self.native is not None else self.layout.to_code_order(a_t)
         self.factor = np.float32(scale)
 
     def rows(self, packed, scales, biases, lora_b, requantize: bool = True) -> tuple[np.ndarray, ...]:
         """The outputs of `merge_quantized` for these rows; lora_b holds their columns of B (r, rows)."""
         layout, dtype = self.layout, scales.dtype
+        b_t = np.ascontiguousarray(np.asarray(lora_b, dtype=np.float32).T)
+        if self.native is not None:
+            merged = fuse_native.merge_affine(
+                self.native, packed, scales, biases, self.a_t, b_t, float(self.factor), layout.bits, layout.group_size, requantize
+            )  # fmt: skip
+            if merged is None:
+                raise Unrepresentable("a merged value is not finite")
+            return merged
         rows, groups = scales.shape
         s32, b32 = scales.astype(np.float32), biases.astype(np.float32)
         _check_dequantizable(s32, b32, layout, dtype)
-        b_t = np.ascontiguousarray(np.asarray(lora_b, dtype=np.float32).T)
         if requantize:
             out_packed = np.empty_like(packed)
             out_scales, out_biases = np.empty((rows, groups), np.float32), np.empty((rows, groups), np.float32)
@@ -116,6 +127,9 @@ class DenseMerge:
         """The merged rows of `weight`; lora_b holds their columns of B (r, rows)."""
         rows, cols = weight.shape
         b_t = np.ascontiguousarray(np.asarray(lora_b, dtype=np.float32).T)
+        native = fuse_native.kernels()
+        if native is not None:
+            return fuse_native.merge_dense(native, weight, self.a_t, b_t, float(self.factor))
         merged = np.empty((rows, cols), weight.dtype)
         tile = max(1, TILE_ELEMENTS // cols)
         work = _scratch(min(tile, rows), cols)
@@ -326,10 +340,16 @@ def _group_extremes(grouped: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @functools.lru_cache(maxsize=None)
 def merge_works() -> bool:
-    """Whether `merge_quantized` and `DenseMerge` give here the bits of mlx's CPU path, on random and edge-case weights."""
+    """Whether `merge_quantized` and `DenseMerge` give here the bits of mlx's CPU path, on random and edge-case weights.
+
+    The compiled kernels (`fuse_native`) are checked first; if they differ, numpy's loops are used instead.
+    """
     import mlx.core as mx
 
     with mx.stream(mx.cpu):
+        if fuse_native.kernels() is not None and _same_bits_as_mlx():
+            return True
+        fuse_native.disable()
         return _same_bits_as_mlx()
 
 

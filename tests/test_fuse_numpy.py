@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 mx = pytest.importorskip("mlx.core")
 np = pytest.importorskip("numpy")
 
 import models as tiny  # noqa: E402
-from adapterspec import fuse_numpy  # noqa: E402
+from adapterspec import fuse_native, fuse_numpy  # noqa: E402
 from adapterspec.fuse import fuse_model_dir  # noqa: E402
 from adapterspec.fuse_kernels import dequantize_float32, merge, numpy_merges, requantize  # noqa: E402
 from adapterspec.fuse_plan import Quantization, plan_fuse  # noqa: E402
 from test_fuse_support import MIXED_SPEC, fuse_in_memory, read_weights, write_adapters  # noqa: E402
+
+
+@pytest.fixture(params=["native", "numpy"])
+def merge_path(request, monkeypatch):
+    """The compiled kernels (where this machine builds them), or numpy's loops."""
+    if request.param == "numpy":
+        monkeypatch.setenv(fuse_native.NATIVE_ENV, "0")
+    elif fuse_native.kernels() is None:
+        pytest.skip("no C compiler here: the fuse uses numpy's loops")
+    return request.param
 
 
 def quantized_case(rng, rows, cols, rank, bits, group_size, dtype, magnitude, adapter_dtype=np.float16):
@@ -40,7 +52,7 @@ def assert_same_bits(expected, got):
 @pytest.mark.parametrize("bits", fuse_numpy.BITS)
 @pytest.mark.parametrize("dtype", fuse_numpy.SCALE_DTYPES)
 @pytest.mark.parametrize("rank, group_size", [(1, 32), (3, 64), (8, 64), (16, 128), (64, 32)])
-def test_merge_quantized_has_the_bits_of_the_mlx_path(bits, dtype, rank, group_size):
+def test_merge_quantized_has_the_bits_of_the_mlx_path(bits, dtype, rank, group_size, merge_path):
     rng = np.random.default_rng(rank * 100 + bits)
     for rows, cols, magnitude, scale in ((33, 256, 0.02, 20.0), (300, 512, 1.0, 2.0), (70, 128, 1e-4, -0.5), (5, 128, 300.0, 1e3)):
         for adapter_dtype in (np.float16, np.float32):
@@ -51,7 +63,7 @@ def test_merge_quantized_has_the_bits_of_the_mlx_path(bits, dtype, rank, group_s
             assert_same_bits([merged], fuse_numpy.merge_quantized(*inputs, requantize=False))
 
 
-def test_merge_quantized_at_a_real_size_in_row_chunks():
+def test_merge_quantized_at_a_real_size_in_row_chunks(merge_path):
     """A 2048-column weight merged in chunks of rows gives the whole weight's bits (what the workers do)."""
     rng = np.random.default_rng(7)
     parts, a, b = quantized_case(rng, 1000, 2048, 8, 4, 64, "float16", 0.02)
@@ -61,7 +73,7 @@ def test_merge_quantized_at_a_real_size_in_row_chunks():
     assert_same_bits(expected, [np.concatenate(column) for column in zip(*pieces)])
 
 
-def test_merge_quantized_of_edge_values():
+def test_merge_quantized_of_edge_values(merge_path):
     """Zero rows and groups, a zero adapter column, values that round to float16 subnormals, a zero scale."""
     rng = np.random.default_rng(1)
     weight = (rng.standard_normal((40, 128)) * 0.02).astype(np.float16)
@@ -79,7 +91,7 @@ def test_merge_quantized_of_edge_values():
         assert_same_bits([merged], fuse_numpy.merge_quantized(*parts, a, b, scale, 4, 64, requantize=False))
 
 
-def test_merge_quantized_refuses_what_it_cannot_round_as_mlx_does():
+def test_merge_quantized_refuses_what_it_cannot_round_as_mlx_does(merge_path):
     rng = np.random.default_rng(2)
     parts, a, b = quantized_case(rng, 16, 64, 4, 4, 64, "float16", 0.02)
     with pytest.raises(fuse_numpy.Unrepresentable):  # the merged weight overflows float16
@@ -107,6 +119,40 @@ def test_the_self_check_passes_here():
     assert fuse_numpy.merge_works()
 
 
+def test_the_kernels_are_compiled_where_there_is_a_c_compiler():
+    if shutil.which("cc") is None and shutil.which("gcc") is None and shutil.which("clang") is None:
+        pytest.skip("no C compiler here")
+    assert fuse_native.kernels() is not None
+
+
+def test_without_a_compiler_numpy_does_the_work(monkeypatch):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    fuse_native._load.cache_clear()
+    try:
+        assert fuse_native.kernels() is None
+        rng = np.random.default_rng(3)
+        parts, a, b = quantized_case(rng, 20, 128, 4, 4, 64, "float16", 0.02)
+        expected, _ = mlx_reference(parts, a, b, 2.0, 4, 64, "float16")
+        assert_same_bits(expected, fuse_numpy.merge_quantized(*parts, a, b, 2.0, 4, 64))
+    finally:
+        fuse_native._load.cache_clear()
+
+
+def test_kernels_that_differ_from_mlx_are_not_used(monkeypatch):
+    """The self-check compares the compiled kernels first; where they differ, numpy's loops take over."""
+    monkeypatch.setenv(fuse_native.NATIVE_ENV, "1")
+    checked = []
+
+    def same_bits():
+        checked.append(fuse_native.enabled())
+        return not fuse_native.enabled() or fuse_native.kernels() is None
+
+    monkeypatch.setattr(fuse_numpy, "_same_bits_as_mlx", same_bits)
+    assert fuse_numpy.merge_works.__wrapped__()
+    assert not fuse_native.enabled()
+    assert checked[-1] is False
+
+
 def test_numpy_merges_plain_lora_on_float16_float32_and_affine_quantized_weights(tmp_path):
     for dtype in ("float16", "float32", "bfloat16"):
         dense = tiny.write(tmp_path / dtype, "llama", dtype=dtype)
@@ -128,7 +174,7 @@ def test_numpy_merges_plain_lora_on_float16_float32_and_affine_quantized_weights
 
 @pytest.mark.parametrize("dtype", fuse_numpy.DENSE_DTYPES)
 @pytest.mark.parametrize("rank", [1, 3, 8, 16, 64])
-def test_dense_merge_has_the_bits_of_the_mlx_merge(dtype, rank):
+def test_dense_merge_has_the_bits_of_the_mlx_merge(dtype, rank, merge_path):
     rng = np.random.default_rng(rank)
     for rows, cols, magnitude, scale in ((33, 256, 0.02, 20.0), (512, 1024, 1.0, 2.0), (70, 96, 1e-4, -0.5), (1, 64, 300.0, 1e3)):
         for adapter_dtype in (np.float16, np.float32):
@@ -139,7 +185,7 @@ def test_dense_merge_has_the_bits_of_the_mlx_merge(dtype, rank):
             assert_same_bits([expected], [fuse_numpy.DenseMerge(a, scale).rows(weight, b)])
 
 
-def test_dense_merge_of_edge_values():
+def test_dense_merge_of_edge_values(merge_path):
     """Float16's largest value, subnormals, zeros, a zero adapter column; scales that overflow and vanish."""
     rng = np.random.default_rng(1)
     weight = np.zeros((40, 128), np.float16)

@@ -1,0 +1,144 @@
+"""fuse_numpy's inner loops in C (`fuse_native.c`), compiled once per machine with the system's C compiler.
+
+MLX compiles its own CPU kernels the same way. Without a compiler, or with ADAPTERSPEC_FUSE_NATIVE=0,
+`kernels()` is None and numpy computes the same bits more slowly. The library is cached under
+~/.cache/adapterspec, keyed by the source, the flags, the compiler and the CPU (it is built for the
+CPU it runs on).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+SOURCE = Path(__file__).with_name("fuse_native.c")
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared")
+NATIVE_ENV = "ADAPTERSPEC_FUSE_NATIVE"
+COMPILE_TIMEOUT = 120
+
+def enabled() -> bool:
+    return os.environ.get(NATIVE_ENV, "1").strip() != "0"
+
+
+def disable() -> None:
+    """Use numpy from now on, in this process and in worker processes started after."""
+    os.environ[NATIVE_ENV] = "0"
+
+
+def kernels() -> Optional[ctypes.CDLL]:
+    """The compiled library, or None (disabled, no compiler, or it failed to build or load)."""
+    return _load() if enabled() else None
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> Optional[ctypes.CDLL]:
+    try:
+        path = _built()
+        if path is None:
+            return None
+        library = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    pointer, i32, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    library.merge_dense_f16.argtypes = (pointer, pointer, pointer, pointer, i32, i32, i32, f32)
+    library.merge_dense_f32.argtypes = (pointer, pointer, pointer, pointer, i32, i32, i32, f32)
+    library.merge_affine.argtypes = (pointer, pointer, pointer, i32, pointer, pointer, i32, i32, i32, f32, i32, i32, i32,
+                                     pointer, pointer, pointer, pointer)  # fmt: skip
+    for function in (library.merge_dense_f16, library.merge_dense_f32, library.merge_affine):
+        function.restype = i32
+    return library
+
+
+def _built() -> Optional[Path]:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    cache = _cache_dir()
+    if compiler is None or cache is None:
+        return None
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=COMPILE_TIMEOUT).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, compiler, version, platform.machine(), _cpu()]).encode())
+    path = cache / f"fuse-native-{key.hexdigest()[:16]}.so"
+    if path.exists():
+        return path
+    with tempfile.TemporaryDirectory(dir=cache) as scratch:
+        built = Path(scratch) / path.name
+        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], capture_output=True, timeout=COMPILE_TIMEOUT)
+        if result.returncode != 0:
+            return None
+        os.replace(built, path)  # atomic: processes building at once each get a whole library
+    return path
+
+
+def _cache_dir() -> Optional[Path]:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    if not os.path.isabs(base):
+        return None
+    directory = Path(base) / "adapterspec"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return directory
+
+
+def _cpu() -> str:
+    """What -march=native depends on: the CPU's model and flags, where the system tells."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    return "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags", "Features"))}))
+
+
+def _ptr(array: np.ndarray) -> int:
+    return array.ctypes.data
+
+
+def merge_dense(library: ctypes.CDLL, weight: np.ndarray, a_t: np.ndarray, b_t: np.ndarray, scale: float) -> np.ndarray:
+    """W + scale·(A·B)ᵀ for a float16 or float32 W (rows, cols); a_t (r, cols), b_t (rows, r), float32, C order."""
+    weight = np.ascontiguousarray(weight)
+    out = np.empty_like(weight)
+    rows, cols = weight.shape
+    function = library.merge_dense_f16 if weight.dtype == np.float16 else library.merge_dense_f32
+    _check(function(_ptr(weight), _ptr(out), _ptr(a_t), _ptr(b_t), rows, cols, a_t.shape[0], scale))
+    return out
+
+
+def merge_affine(
+    library: ctypes.CDLL, packed, scales, biases, a_t, b_t, scale: float, bits: int, group_size: int, requantize: bool
+) -> Optional[tuple[np.ndarray, ...]]:
+    """`fuse_numpy.QuantizedMerge.rows` in C, a_t in the weight's own column order; None where a merged value is
+    not finite (the caller leaves those to mlx)."""
+    packed, scales, biases = (np.ascontiguousarray(x) for x in (packed, scales, biases))
+    rows, groups = scales.shape
+    cols = groups * group_size
+    if requantize:
+        outputs = (np.empty_like(packed), np.empty_like(scales), np.empty_like(biases))
+        pointers = (_ptr(outputs[0]), _ptr(outputs[1]), _ptr(outputs[2]), None)
+    else:
+        outputs = (np.empty((rows, cols), scales.dtype),)
+        pointers = (None, None, None, _ptr(outputs[0]))
+    status = library.merge_affine(
+        _ptr(packed), _ptr(scales), _ptr(biases), int(scales.dtype == np.float16), _ptr(a_t), _ptr(b_t),
+        rows, cols, a_t.shape[0], scale, bits, group_size, int(requantize), *pointers,
+    )  # fmt: skip
+    if status == 1:
+        return None
+    _check(status)
+    return outputs
+
+
+def _check(status: int) -> None:
+    if status == 2:
+        raise MemoryError("the native fuse kernel could not allocate a row")
+    if status != 0:
+        raise RuntimeError(f"the native fuse kernel failed ({status})")
