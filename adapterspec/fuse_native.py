@@ -71,11 +71,12 @@ def _built() -> Optional[Path]:
         return path
     with tempfile.TemporaryDirectory(dir=cache) as scratch:
         built = Path(scratch) / path.name
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], capture_output=True, timeout=COMPILE_TIMEOUT)
-        if result.returncode != 0:
-            return None
-        os.replace(built, path)  # atomic: processes building at once each get a whole library
-    return path
+        for flags in (FLAGS, tuple(f for f in FLAGS if f != "-march=native")):  # some compilers know no -march=native
+            result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built), "-lm"], capture_output=True, timeout=COMPILE_TIMEOUT)
+            if result.returncode == 0:
+                os.replace(built, path)  # atomic: processes building at once each get a whole library
+                return path
+    return None
 
 
 def _cache_dir() -> Optional[Path]:
