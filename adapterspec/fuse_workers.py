@@ -1,4 +1,4 @@
-"""Worker processes that merge LoRA into weights in numpy (`fuse_numpy`), reading and writing the files themselves.
+"""Worker processes that merge LoRA into weights (`fuse_numpy`: compiled kernels or numpy), reading and writing the files themselves.
 
 Processes, not threads: the merge is a few dozen short numpy calls per tile, and between them a
 thread needs the GIL back; two threads of it ran 1.15× one thread's speed on two cores, two
@@ -6,8 +6,9 @@ processes 2×. Each worker is `python -m adapterspec.fuse_workers`, fed pickled 
 answering on its stdout, so nothing of the caller's program is imported again (multiprocessing's
 spawn would re-run an unguarded script). A task names byte ranges: of the input files (a chunk of
 rows, the adapter tensors) and of the output shards, laid out beforehand, where the worker writes
-the merged rows; only a count of bytes comes back. Workers import numpy and `fuse_numpy`, never
-mlx; they ignore SIGINT, and exit when their stdin closes (the parent ended, or was killed).
+the merged rows; only a count of bytes comes back. Workers import numpy, `fuse_numpy` and
+`fuse_native`, never mlx; they ignore SIGINT, and exit when their stdin closes (the parent ended, or
+was killed).
 """
 
 from __future__ import annotations
