@@ -71,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return EXIT_OK
+    except OSError as error:  # a full disk, a vanished file: the system's words, not a traceback
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"adapterspec {args.command}: error: {error.strerror or error}{where}", file=sys.stderr)
+        print("  help: check the free space and permissions where it reads and writes", file=sys.stderr)
+        return EXIT_ERRORS
 
 
 if __name__ == "__main__":

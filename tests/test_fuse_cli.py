@@ -191,3 +191,16 @@ def test_progress_is_silent_off_a_terminal_and_counts_bytes_on_one():
     bar.advance(1_000_000_000)
     bar.close()
     assert "shard 2/2" in stream.getvalue() and "2.00/2.00 GB" in stream.getvalue()
+
+
+def test_a_system_error_is_a_message_and_exit_1_not_a_traceback(dense, tmp_path, capsys, monkeypatch):
+    import adapterspec.fuse as fuse
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "out" / "model.safetensors"))
+
+    monkeypatch.setattr(fuse, "fuse_model_dir", full_disk)
+    model, adapters = dense
+    assert main(["fuse", str(model), str(adapters), "-o", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "error: No space left on device" in err and "model.safetensors" in err and "Traceback" not in err
