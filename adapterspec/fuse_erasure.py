@@ -9,7 +9,9 @@ dense dtype, B = Q(W) (requantized, which is not exactly W) when S = Q(W + ΔW).
   relative error of the module's added output on random Gaussian inputs.
 
 Rows are independent under every merge (DoRA normalises per row) and every quantization mode
-(groups run along a row), so a sample of rows gives the exact values of those rows.
+(groups run along a row), so a sample of rows gives the exact values of those rows; for plain LoRA,
+whose elements are independent too, whole quantization groups of those rows are sampled (in numpy,
+units of one shape together).
 """
 
 from __future__ import annotations
