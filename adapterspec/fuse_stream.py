@@ -247,9 +247,9 @@ def write_shards(
     by_mlx = [chunk for unit in units if id(unit) not in numpy_ids for chunk in chunks_of(unit, chunk_bytes)]
     previous_cache_limit = mx.set_cache_limit(CACHE_BYTES)
     progress.start(sum(s.nbytes for s in shards), len(shards))
-    failed = True
-    outputs = Outputs(shards, out_dir)
+    failed, outputs = True, None
     try:
+        outputs = Outputs(shards, out_dir)
         writing = _Writing(outputs, MlxChunks(by_mlx, adapters, files, IN_FLIGHT_BYTES if on_cpu else GPU_IN_FLIGHT_BYTES), progress)
         for unit in in_numpy:
             for chunk in chunks_of(unit, chunk_bytes):
@@ -269,7 +269,7 @@ def write_shards(
         outputs.close()
         failed = False
     finally:
-        if failed:
+        if failed and outputs is not None:
             outputs.abort()
         if own_workers:
             workers.close(wait=not failed)
