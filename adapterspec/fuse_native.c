@@ -2,13 +2,14 @@
  *
  * Every value is computed with the operations, in the order and with the roundings of mlx's CPU path:
  * the rank-r sum term by term (the reference BLAS behind mlx's matmul), no fused multiply-adds
- * (compiled with -ffp-contract=off), float16 roundings through _Float16 conversions (round to
- * nearest even), mx.dequantize's and mx.quantize's arithmetic. fuse_numpy checks the bits against
- * mlx at run time before any of it is used.
+ * (compiled with -ffp-contract=off), float16 roundings through F16C or _Float16 conversions and
+ * bfloat16 roundings on the bits, as mlx rounds (to nearest even), mx.dequantize's and mx.quantize's
+ * arithmetic. fuse_numpy checks the bits against mlx at run time before any of it is used.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #if defined(__F16C__) && defined(__AVX__)
 #include <immintrin.h>
 #endif
@@ -43,6 +44,62 @@ static void round_half(float *x, int n) {
     for (; i < n; i++) x[i] = (float)(half)x[i];
 }
 
+enum { FLOAT32 = 0, FLOAT16 = 1, BFLOAT16 = 2 };
+
+static inline uint32_t bits_of(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+static inline float float_of(uint32_t u) {
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* mlx's float -> bfloat16: round to nearest even on the bits, any NaN to 0x7FC0. */
+static inline uint16_t bfloat16_of(float f) {
+    const uint32_t u = bits_of(f);
+    return isnan(f) ? (uint16_t)0x7FC0 : (uint16_t)((u + ((u >> 16) & 1u) + 0x7FFFu) >> 16);
+}
+
+/* A row of `dtype` values widened to float32, and back (rounding to nearest even); x rounded in place. */
+static void to_float(const void *in, float *out, int n, int dtype) {
+    if (dtype == FLOAT16)
+        half_to_float(in, out, n);
+    else if (dtype == BFLOAT16)
+        for (int i = 0; i < n; i++) out[i] = float_of((uint32_t)((const uint16_t *)in)[i] << 16);
+    else
+        memcpy(out, in, sizeof(float) * (size_t)n);
+}
+
+static void from_float(const float *in, void *out, int n, int dtype) {
+    if (dtype == FLOAT16)
+        float_to_half(in, out, n);
+    else if (dtype == BFLOAT16)
+        for (int i = 0; i < n; i++) ((uint16_t *)out)[i] = bfloat16_of(in[i]);
+    else
+        memcpy(out, in, sizeof(float) * (size_t)n);
+}
+
+static void round_to(float *x, int n, int dtype) {
+    if (dtype == FLOAT16)
+        round_half(x, n);
+    else if (dtype == BFLOAT16)
+        for (int i = 0; i < n; i++) x[i] = float_of((uint32_t)bfloat16_of(x[i]) << 16);
+}
+
+static inline float load(const void *p, size_t i, int dtype) {
+    float v;
+    to_float((const char *)p + i * (dtype == FLOAT32 ? 4 : 2), &v, 1, dtype);
+    return v;
+}
+
+static inline void store(void *p, size_t i, float v, int dtype) {
+    from_float(&v, (char *)p + i * (dtype == FLOAT32 ? 4 : 2), 1, dtype);
+}
+
 /* acc[c] = scale * (b[0]*a_t[0][c] + b[1]*a_t[1][c] + ...), summed term after term. */
 static void low_rank_row(float *acc, const float *a_t, const float *b, int rank, int cols, float scale) {
     const float b0 = b[0];
@@ -55,9 +112,10 @@ static void low_rank_row(float *acc, const float *a_t, const float *b, int rank,
     for (int c = 0; c < cols; c++) acc[c] = acc[c] * scale;
 }
 
-/* out = W + scale·(A·B)ᵀ rounded once, W float16 (rows, cols); a_t (rank, cols), b_t (rows, rank). */
-int merge_dense_f16(const uint16_t *w, uint16_t *out, const float *a_t, const float *b_t, int rows, int cols,
-                    int rank, float scale) {
+/* out = W + scale·(A·B)ᵀ rounded once to W's dtype; W (rows, cols), a_t (rank, cols), b_t (rows, rank). */
+int merge_dense(const void *w, void *out, int dtype, const float *a_t, const float *b_t, int rows, int cols, int rank,
+                float scale) {
+    const size_t item = dtype == FLOAT32 ? 4 : 2;
     float *acc = malloc(sizeof(float) * (size_t)cols), *wide = malloc(sizeof(float) * (size_t)cols);
     int status = 0;
     if (!acc || !wide) {
@@ -66,40 +124,14 @@ int merge_dense_f16(const uint16_t *w, uint16_t *out, const float *a_t, const fl
     }
     for (int r = 0; r < rows; r++) {
         low_rank_row(acc, a_t, b_t + (size_t)r * rank, rank, cols, scale);
-        half_to_float(w + (size_t)r * cols, wide, cols);
+        to_float((const char *)w + (size_t)r * cols * item, wide, cols, dtype);
         for (int c = 0; c < cols; c++) acc[c] = acc[c] + wide[c];
-        float_to_half(acc, out + (size_t)r * cols, cols);
+        from_float(acc, (char *)out + (size_t)r * cols * item, cols, dtype);
     }
 done:
     free(acc);
     free(wide);
     return status;
-}
-
-/* The same for a float32 W. */
-int merge_dense_f32(const float *w, float *out, const float *a_t, const float *b_t, int rows, int cols, int rank,
-                    float scale) {
-    float *acc = malloc(sizeof(float) * (size_t)cols);
-    if (!acc) return 2;
-    for (int r = 0; r < rows; r++) {
-        low_rank_row(acc, a_t, b_t + (size_t)r * rank, rank, cols, scale);
-        const float *wr = w + (size_t)r * cols;
-        float *o = out + (size_t)r * cols;
-        for (int c = 0; c < cols; c++) o[c] = acc[c] + wr[c];
-    }
-    free(acc);
-    return 0;
-}
-
-static inline float load(const void *p, size_t i, int is_half) {
-    return is_half ? (float)((const half *)p)[i] : ((const float *)p)[i];
-}
-
-static inline void store(void *p, size_t i, float v, int is_half) {
-    if (is_half)
-        ((half *)p)[i] = (half)v;
-    else
-        ((float *)p)[i] = v;
 }
 
 /* codes[c] = the c-th code of a row of packed words, as a float (BITS a compile-time constant). */
@@ -130,12 +162,12 @@ PACK(4)
 PACK(8)
 
 /* Q(deq(W) + scale·(A·B)ᵀ) for W stored as mlx's affine quantization with `bits` (2, 4 or 8) and
- * `group_size`; scales and biases (rows, cols/group_size) float16 (is_half) or float32. With
+ * `group_size`; scales and biases (rows, cols/group_size) of `dtype` (FLOAT32, FLOAT16, BFLOAT16). With
  * `requantize` the outputs are out_packed, out_scales, out_biases like the inputs; without it,
  * out_dense (rows, cols) in the scales' dtype. Returns 1 for a merged value that is not finite
  * (requantize only: fuse_numpy leaves those to mlx), 2 when out of memory, 3 for unsupported bits,
  * 0 otherwise. */
-int merge_affine(const uint32_t *packed, const void *scales, const void *biases, int is_half, const float *a_t,
+int merge_affine(const uint32_t *packed, const void *scales, const void *biases, int dtype, const float *a_t,
                  const float *b_t, int rows, int cols, int rank, float scale, int bits, int group_size, int requantize,
                  uint32_t *out_packed, void *out_scales, void *out_biases, void *out_dense) {
     const int groups = cols / group_size, words = cols / (32 / bits);
@@ -153,22 +185,19 @@ int merge_affine(const uint32_t *packed, const void *scales, const void *biases,
         else if (bits == 4) unpack_4(pr, w, cols);
         else unpack_8(pr, w, cols);
         for (int g = 0; g < groups; g++) {
-            const float s = load(scales, (size_t)r * groups + g, is_half), b = load(biases, (size_t)r * groups + g, is_half);
+            const float s = load(scales, (size_t)r * groups + g, dtype), b = load(biases, (size_t)r * groups + g, dtype);
             float *wg = w + (size_t)g * group_size;
             /* mx.dequantize computes in the scales' dtype: s·q rounds before the bias is added. */
             for (int j = 0; j < group_size; j++) wg[j] = s * wg[j];
-            if (is_half) round_half(wg, group_size);
+            round_to(wg, group_size, dtype);
             for (int j = 0; j < group_size; j++) wg[j] = wg[j] + b;
         }
-        if (is_half) round_half(w, cols);
+        round_to(w, cols, dtype);
         low_rank_row(acc, a_t, b_t + (size_t)r * rank, rank, cols, scale);
         for (int c = 0; c < cols; c++) acc[c] = acc[c] + w[c];
-        if (is_half) round_half(acc, cols);
+        round_to(acc, cols, dtype);
         if (!requantize) {
-            if (is_half)
-                float_to_half(acc, (uint16_t *)out_dense + (size_t)r * cols, cols);
-            else
-                for (int c = 0; c < cols; c++) ((float *)out_dense)[(size_t)r * cols + c] = acc[c];
+            from_float(acc, (char *)out_dense + (size_t)r * cols * (dtype == FLOAT32 ? 4 : 2), cols, dtype);
             continue;
         }
         for (int g = 0; g < groups; g++) {
@@ -201,8 +230,8 @@ int merge_affine(const uint32_t *packed, const void *scales, const void *biases,
                 q = q < 0.0f ? 0.0f : q;
                 v[j] = n_bins < q ? n_bins : q;
             }
-            store(out_scales, (size_t)r * groups + g, step, is_half);
-            store(out_biases, (size_t)r * groups + g, bias, is_half);
+            store(out_scales, (size_t)r * groups + g, step, dtype);
+            store(out_biases, (size_t)r * groups + g, bias, dtype);
         }
         uint32_t *po = out_packed + (size_t)r * words;
         if (bits == 2) pack_2(acc, po, cols);

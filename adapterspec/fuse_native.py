@@ -24,6 +24,8 @@ import numpy as np
 SOURCE = Path(__file__).with_name("fuse_native.c")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared")
 NATIVE_ENV = "ADAPTERSPEC_FUSE_NATIVE"
+# The dtypes the kernels compute in; bfloat16 arrays travel as their uint16 bit patterns (numpy has no bfloat16).
+DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
 COMPILE_TIMEOUT = 120
 
 def enabled() -> bool:
@@ -50,11 +52,10 @@ def _load() -> Optional[ctypes.CDLL]:
     except (OSError, subprocess.SubprocessError):
         return None
     pointer, i32, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    library.merge_dense_f16.argtypes = (pointer, pointer, pointer, pointer, i32, i32, i32, f32)
-    library.merge_dense_f32.argtypes = (pointer, pointer, pointer, pointer, i32, i32, i32, f32)
+    library.merge_dense.argtypes = (pointer, pointer, i32, pointer, pointer, i32, i32, i32, f32)
     library.merge_affine.argtypes = (pointer, pointer, pointer, i32, pointer, pointer, i32, i32, i32, f32, i32, i32, i32,
                                      pointer, pointer, pointer, pointer)  # fmt: skip
-    for function in (library.merge_dense_f16, library.merge_dense_f32, library.merge_affine):
+    for function in (library.merge_dense, library.merge_affine):
         function.restype = i32
     return library
 
@@ -104,21 +105,20 @@ def _ptr(array: np.ndarray) -> int:
     return array.ctypes.data
 
 
-def merge_dense(library: ctypes.CDLL, weight: np.ndarray, a_t: np.ndarray, b_t: np.ndarray, scale: float) -> np.ndarray:
-    """W + scale·(A·B)ᵀ for a float16 or float32 W (rows, cols); a_t (r, cols), b_t (rows, r), float32, C order."""
+def merge_dense(library: ctypes.CDLL, weight: np.ndarray, dtype: str, a_t: np.ndarray, b_t: np.ndarray, scale: float) -> np.ndarray:
+    """W + scale·(A·B)ᵀ rounded once to `dtype`, for W (rows, cols); a_t (r, cols), b_t (rows, r), float32, C order."""
     weight = np.ascontiguousarray(weight)
     out = np.empty_like(weight)
     rows, cols = weight.shape
-    function = library.merge_dense_f16 if weight.dtype == np.float16 else library.merge_dense_f32
-    _check(function(_ptr(weight), _ptr(out), _ptr(a_t), _ptr(b_t), rows, cols, a_t.shape[0], scale))
+    _check(library.merge_dense(_ptr(weight), _ptr(out), DTYPES[dtype], _ptr(a_t), _ptr(b_t), rows, cols, a_t.shape[0], scale))
     return out
 
 
 def merge_affine(
-    library: ctypes.CDLL, packed, scales, biases, a_t, b_t, scale: float, bits: int, group_size: int, requantize: bool
+    library: ctypes.CDLL, packed, scales, biases, dtype: str, a_t, b_t, scale: float, bits: int, group_size: int, requantize: bool
 ) -> Optional[tuple[np.ndarray, ...]]:
-    """`fuse_numpy.QuantizedMerge.rows` in C, a_t in the weight's own column order; None where a merged value is
-    not finite (the caller leaves those to mlx)."""
+    """`fuse_numpy.QuantizedMerge.rows` in C, scales of `dtype`, a_t in the weight's own column order; None where a
+    merged value is not finite (the caller leaves those to mlx)."""
     packed, scales, biases = (np.ascontiguousarray(x) for x in (packed, scales, biases))
     rows, groups = scales.shape
     cols = groups * group_size
@@ -129,7 +129,7 @@ def merge_affine(
         outputs = (np.empty((rows, cols), scales.dtype),)
         pointers = (None, None, None, _ptr(outputs[0]))
     status = library.merge_affine(
-        _ptr(packed), _ptr(scales), _ptr(biases), int(scales.dtype == np.float16), _ptr(a_t), _ptr(b_t),
+        _ptr(packed), _ptr(scales), _ptr(biases), DTYPES[dtype], _ptr(a_t), _ptr(b_t),
         rows, cols, a_t.shape[0], scale, bits, group_size, int(requantize), *pointers,
     )  # fmt: skip
     if status == 1:

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import functools
 import threading
+from typing import Optional
 
 import numpy as np
 
 from . import fuse_native
 
 BITS = (2, 4, 8)
-# The dtypes numpy rounds to as mlx does: of quantization scales (the dequantized weight), of dense weights.
+# The dtypes numpy's loops round to as mlx does: of quantization scales (the dequantized weight), of dense weights.
 SCALE_DTYPES = ("float16", "float32")
 DENSE_DTYPES = SCALE_DTYPES
 TILE_ELEMENTS = 1 << 17
@@ -40,7 +41,17 @@ class Unrepresentable(ValueError):
 
 
 def supports(bits: int, group_size: int, scales_dtype: str) -> bool:
-    return bits in BITS and scales_dtype in SCALE_DTYPES and group_size % (8 // bits) == 0
+    return bits in BITS and scales_dtype in merge_dtypes() and group_size % (8 // bits) == 0
+
+
+def merge_dtypes() -> tuple[str, ...]:
+    """The dtypes merged here (of a dense weight, or of a quantized one's scales): bfloat16 only by the compiled kernels."""
+    return SCALE_DTYPES + (("bfloat16",) if fuse_native.kernels() is not None else ())
+
+
+def _require_numpy_dtype(name: str) -> None:
+    if name not in SCALE_DTYPES:
+        raise ValueError(f"numpy's loops merge {' and '.join(SCALE_DTYPES)} weights, not {name}")
 
 
 def merge_quantized(
@@ -74,17 +85,22 @@ class QuantizedMerge:
         self.a_t = a_t if self.native is not None else self.layout.to_code_order(a_t)
         self.factor = np.float32(scale)
 
-    def rows(self, packed, scales, biases, lora_b, requantize: bool = True) -> tuple[np.ndarray, ...]:
-        """The outputs of `merge_quantized` for these rows; lora_b holds their columns of B (r, rows)."""
-        layout, dtype = self.layout, scales.dtype
+    def rows(self, packed, scales, biases, lora_b, requantize: bool = True, dtype: Optional[str] = None) -> tuple[np.ndarray, ...]:
+        """The outputs of `merge_quantized` for these rows; lora_b holds their columns of B (r, rows).
+
+        `dtype` names the scales' dtype where their array cannot: bfloat16, as uint16 bit patterns (compiled kernels only).
+        """
+        layout, name = self.layout, dtype or scales.dtype.name
         b_t = np.ascontiguousarray(np.asarray(lora_b, dtype=np.float32).T)
         if self.native is not None:
             merged = fuse_native.merge_affine(
-                self.native, packed, scales, biases, self.a_t, b_t, float(self.factor), layout.bits, layout.group_size, requantize
+                self.native, packed, scales, biases, name, self.a_t, b_t, float(self.factor), layout.bits, layout.group_size, requantize
             )  # fmt: skip
             if merged is None:
                 raise Unrepresentable("a merged value is not finite")
             return merged
+        _require_numpy_dtype(name)
+        dtype = scales.dtype
         rows, groups = scales.shape
         s32, b32 = scales.astype(np.float32), biases.astype(np.float32)
         _check_dequantizable(s32, b32, layout, dtype)
@@ -117,19 +133,21 @@ class QuantizedMerge:
 
 
 class DenseMerge:
-    """One LoRA (A, scale) merged into row chunks of one float16 or float32 weight: W + scale·(A·B)ᵀ, rounded once."""
+    """One LoRA (A, scale) merged into row chunks of one dense weight: W + scale·(A·B)ᵀ, rounded once."""
 
     def __init__(self, lora_a: np.ndarray, scale: float):
         self.a_t = np.ascontiguousarray(np.asarray(lora_a, dtype=np.float32).T)
         self.factor = np.float32(scale)
 
-    def rows(self, weight: np.ndarray, lora_b: np.ndarray) -> np.ndarray:
-        """The merged rows of `weight`; lora_b holds their columns of B (r, rows)."""
+    def rows(self, weight: np.ndarray, lora_b: np.ndarray, dtype: Optional[str] = None) -> np.ndarray:
+        """The merged rows of `weight`; lora_b holds their columns of B (r, rows); `dtype` as in QuantizedMerge.rows."""
         rows, cols = weight.shape
+        name = dtype or weight.dtype.name
         b_t = np.ascontiguousarray(np.asarray(lora_b, dtype=np.float32).T)
         native = fuse_native.kernels()
         if native is not None:
-            return fuse_native.merge_dense(native, weight, self.a_t, b_t, float(self.factor))
+            return fuse_native.merge_dense(native, weight, name, self.a_t, b_t, float(self.factor))
+        _require_numpy_dtype(name)
         merged = np.empty((rows, cols), weight.dtype)
         tile = max(1, TILE_ELEMENTS // cols)
         work = _scratch(min(tile, rows), cols)
@@ -359,34 +377,37 @@ def _same_bits_as_mlx() -> bool:
     from .fuse_kernels import dequantize_float32, merge, requantize
     from .fuse_plan import Quantization
 
+    def bits_of(array) -> np.ndarray:  # numpy has no bfloat16: its bit patterns
+        return np.asarray(array.view(mx.uint16) if array.dtype == mx.bfloat16 else array)
+
     rng = np.random.default_rng(0)
     for bits in BITS:
-        for dtype in SCALE_DTYPES:
+        for dtype in merge_dtypes():
             for rank, group_size in ((1, 32), (8, 64), (16, 128)):
                 q = Quantization(group_size, bits, "affine")
-                weight = (rng.standard_normal((67, 256)) * 0.02).astype(dtype)
+                weight = rng.standard_normal((67, 256)).astype(np.float32) * 0.02
                 weight[3] = 0.0
                 weight[5, :64] = 1e-6
-                parts = mx.quantize(mx.array(weight), group_size=group_size, bits=bits)
+                parts = mx.quantize(mx.array(weight).astype(getattr(mx, dtype)), group_size=group_size, bits=bits)
                 a = (rng.standard_normal((256, rank)) * 0.02).astype(np.float16)
                 b = (rng.standard_normal((rank, 67)) * 0.02).astype(np.float16)
                 b[:, 7] = 0.0
                 adapter = {"lora_a": mx.array(a), "lora_b": mx.array(b)}
                 merged = merge("lora", dequantize_float32(*parts, q), adapter, 20.0, getattr(mx, dtype))
-                expected = [np.asarray(p) for p in requantize(merged, q).values()]
-                inputs = (*(np.asarray(p) for p in parts), a, b, 20.0, bits, group_size)
-                got = merge_quantized(*inputs)
-                (dense,) = merge_quantized(*inputs, requantize=False)
-                pairs = list(zip(expected, got)) + [(np.asarray(merged), dense)]
+                expected = [bits_of(p) for p in requantize(merged, q).values()]
+                prepared = QuantizedMerge(a, 20.0, bits, group_size)
+                got = prepared.rows(*(bits_of(p) for p in parts), b, True, dtype)
+                (dense,) = prepared.rows(*(bits_of(p) for p in parts), b, False, dtype)
+                pairs = list(zip(expected, got)) + [(bits_of(merged), dense)]
                 if not all(np.array_equal(e.view(np.uint8), g.view(np.uint8)) for e, g in pairs):
                     return False
-    for dtype in DENSE_DTYPES:
-        weight = (rng.standard_normal((67, 320)) * 0.02).astype(dtype)
+    for dtype in merge_dtypes():
+        weight = rng.standard_normal((67, 320)).astype(np.float32) * 0.02
         weight[2, :5] = (0.0, 6e-8, -1e-5, 65504.0, -3e-4)
+        weight = mx.array(weight).astype(getattr(mx, dtype))
         a = (rng.standard_normal((320, 8)) * 0.02).astype(np.float16)
         b = (rng.standard_normal((8, 67)) * 0.02).astype(np.float16)
-        expected = np.asarray(merge("lora", mx.array(weight), {"lora_a": mx.array(a), "lora_b": mx.array(b)}, 20.0))
-        if not np.array_equal(expected.view(np.uint8), DenseMerge(a, 20.0).rows(weight, b).view(np.uint8)):
+        expected = bits_of(merge("lora", weight, {"lora_a": mx.array(a), "lora_b": mx.array(b)}, 20.0))
+        if not np.array_equal(expected.view(np.uint8), DenseMerge(a, 20.0).rows(bits_of(weight), b, dtype).view(np.uint8)):
             return False
     return True
-

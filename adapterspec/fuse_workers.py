@@ -232,13 +232,14 @@ def merge_task(task: MergeTask) -> dict:
     Returns the output arrays by name, or with targets the bytes written by name. Raises fuse_numpy.Unrepresentable.
     """
     start, stop = task.rows
-    base = {param: _read_rows(source, start, stop) for param, source in task.base}
+    sources = dict(task.base)
+    base = {param: _read_rows(source, start, stop) for param, source in sources.items()}
     lora_b = _read_tensor(task.lora_b)[:, start:stop]
     if task.quantization is None:
-        parts = (_dense(task.lora_a, task.scale).rows(base["weight"], lora_b),)
+        parts = (_dense(task.lora_a, task.scale).rows(base["weight"], lora_b, sources["weight"].dtype),)
     else:
         merge = _quantized(task.lora_a, task.scale, *task.quantization)
-        parts = merge.rows(base["weight"], base["scales"], base["biases"], lora_b, task.requantize)
+        parts = merge.rows(base["weight"], base["scales"], base["biases"], lora_b, task.requantize, sources["scales"].dtype)
     if not task.targets:
         return dict(zip(task.names, parts))
     for (path, offset), part in zip(task.targets, parts):
@@ -257,9 +258,11 @@ def _dense(lora_a: SourceTensor, scale: float) -> DenseMerge:
 
 
 def _read_rows(source: SourceTensor, start: int, stop: int) -> np.ndarray:
+    """Rows start:stop of a tensor as stored (bfloat16 as its uint16 bit patterns)."""
     row_bytes = source.nbytes // max(source.shape[0], 1)
     raw = pread_all(_fd(str(source.path)), (stop - start) * row_bytes, source.offset + start * row_bytes)
-    return _as_numpy(raw, source.dtype).reshape((stop - start,) + tuple(source.shape[1:]))
+    dtype = np.uint16 if source.dtype == "bfloat16" else source.dtype
+    return np.frombuffer(raw, dtype).reshape((stop - start,) + tuple(source.shape[1:]))
 
 
 @functools.lru_cache(maxsize=ADAPTER_CACHE)

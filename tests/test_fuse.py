@@ -31,11 +31,12 @@ QUANTIZATIONS = {
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
-    """Tiny llamas: dense float16 / bfloat16 / float32, and float16 quantized three ways."""
+    """Tiny llamas: dense float16 / bfloat16 / float32, float16 quantized three ways, bfloat16 in 4 bits."""
     root = tmp_path_factory.mktemp("models")
     dirs = {dtype: tiny.write(root / dtype, "llama", dtype=dtype) for dtype in ("float16", "bfloat16", "float32")}
     for name, quantization in QUANTIZATIONS.items():
         dirs[name] = tiny.write(root / name, "llama", dtype="float16", quantization=quantization)
+    dirs["4bit-bfloat16"] = tiny.write(root / "4bit-bfloat16", "llama", dtype="bfloat16", quantization=QUANTIZATIONS["4bit"])
     return dirs
 
 
@@ -82,12 +83,12 @@ def test_dense_fuse_equals_in_memory_fuse_bit_for_bit(model_dirs, tmp_path, dtyp
     assert_equal(read_weights(tmp_path / "out"), fuse_in_memory(model_dirs[dtype], adapters))
 
 
-@pytest.mark.parametrize("name", list(QUANTIZATIONS))
+@pytest.mark.parametrize("name", [*QUANTIZATIONS, "4bit-bfloat16"])
 def test_quantized_fuse_equals_in_memory_fuse(model_dirs, tmp_path, name):
     adapters = write_adapters(model_dirs[name], tmp_path / "adapters", MIXED_SPEC.replace("**.*norm: full\n", ""))
     fuse_model_dir(model_dirs[name], adapters, tmp_path / "out")
     ours, reference = read_weights(tmp_path / "out"), fuse_in_memory(model_dirs[name], adapters)
-    assert_close_quantized(ours, reference, QUANTIZATIONS[name])
+    assert_close_quantized(ours, reference, QUANTIZATIONS[name.split("-")[0]])
     # In fact the streaming arithmetic is the same as the layers' own, so the files are identical.
     assert_equal(ours, reference)
 

@@ -154,13 +154,15 @@ def test_kernels_that_differ_from_mlx_are_not_used(monkeypatch):
 
 
 def test_numpy_merges_plain_lora_on_float16_float32_and_affine_quantized_weights(tmp_path):
+    """And on bfloat16 ones where the kernels are compiled."""
     for dtype in ("float16", "float32", "bfloat16"):
         dense = tiny.write(tmp_path / dtype, "llama", dtype=dtype)
         adapters = write_adapters(dense, tmp_path / f"adapters-{dtype}", MIXED_SPEC)
         units = [unit for unit in plan_fuse(dense, adapters).units if unit.adapter]
         chosen = {unit.path: numpy_merges(unit) for unit in units}
-        assert chosen == {unit.path: dtype != "bfloat16" and unit.adapter.kind == "lora" for unit in units}
-        assert any(chosen.values()) == (dtype != "bfloat16")
+        merged_here = dtype != "bfloat16" or fuse_native.kernels() is not None  # numpy's loops have no bfloat16
+        assert chosen == {unit.path: merged_here and unit.adapter.kind == "lora" for unit in units}
+        assert any(chosen.values()) == merged_here
     for mode, bits in (("affine", 4), ("mxfp4", 4)):
         quantized = tiny.write(tmp_path / mode, "llama", dtype="float16", quantization={"group_size": 32, "bits": bits, "mode": mode})
         adapters = write_adapters(quantized, tmp_path / f"adapters-{mode}", MIXED_SPEC.replace("**.*norm: full\n", ""))
@@ -228,3 +230,29 @@ def test_a_module_numpy_cannot_round_falls_back_to_mlx(tmp_path):
     for name, value in reference.items():
         assert np.array_equal(np.asarray(ours[name]).view(np.uint8), np.asarray(value).view(np.uint8)), name
 
+
+
+@pytest.mark.parametrize("bits", fuse_numpy.BITS)
+def test_bfloat16_merges_have_the_bits_of_the_mlx_path(bits):
+    """bfloat16 weights and bfloat16 scales, as their uint16 bit patterns: the compiled kernels only."""
+    if fuse_native.kernels() is None:
+        pytest.skip("no C compiler here: bfloat16 merges stay with mlx")
+    rng = np.random.default_rng(bits)
+
+    def bits_of(array):
+        return np.asarray(array.view(mx.uint16) if array.dtype == mx.bfloat16 else array)
+
+    for rank, group_size, magnitude in ((1, 32, 0.02), (8, 64, 1.0), (16, 128, 1e-3)):
+        weight = mx.array(rng.standard_normal((70, 256)).astype(np.float32) * magnitude).astype(mx.bfloat16)
+        a = (rng.standard_normal((256, rank)) * 0.02).astype(np.float32)
+        b = (rng.standard_normal((rank, 70)) * 0.02).astype(np.float32)
+        adapter = {"lora_a": mx.array(a), "lora_b": mx.array(b)}
+        expected = bits_of(merge("lora", weight, adapter, 20.0))
+        assert_same_bits([expected], [fuse_numpy.DenseMerge(a, 20.0).rows(bits_of(weight), b, "bfloat16")])
+        q = Quantization(group_size, bits, "affine")
+        parts = mx.quantize(weight, group_size=group_size, bits=bits)
+        merged = merge("lora", dequantize_float32(*parts, q), adapter, 20.0, mx.bfloat16)
+        prepared = fuse_numpy.QuantizedMerge(a, 20.0, bits, group_size)
+        got = prepared.rows(*(bits_of(p) for p in parts), b, True, "bfloat16")
+        assert_same_bits([bits_of(p) for p in requantize(merged, q).values()], got)
+        assert_same_bits([bits_of(merged)], prepared.rows(*(bits_of(p) for p in parts), b, False, "bfloat16"))
