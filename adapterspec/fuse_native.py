@@ -21,12 +21,15 @@ from typing import Optional
 
 import numpy as np
 
+from .cache import cache_dir
+
 SOURCE = Path(__file__).with_name("fuse_native.c")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared")
 NATIVE_ENV = "ADAPTERSPEC_FUSE_NATIVE"
 # The dtypes the kernels compute in; bfloat16 arrays travel as their uint16 bit patterns (numpy has no bfloat16).
 DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
 COMPILE_TIMEOUT = 120
+
 
 def enabled() -> bool:
     return os.environ.get(NATIVE_ENV, "1").strip() != "0"
@@ -62,7 +65,7 @@ def _load() -> Optional[ctypes.CDLL]:
 
 def _built() -> Optional[Path]:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    cache = _cache_dir()
+    cache = cache_dir()
     if compiler is None or cache is None:
         return None
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=COMPILE_TIMEOUT).stdout
@@ -78,18 +81,6 @@ def _built() -> Optional[Path]:
                 os.replace(built, path)  # atomic: processes building at once each get a whole library
                 return path
     return None
-
-
-def _cache_dir() -> Optional[Path]:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    if not os.path.isabs(base):
-        return None
-    directory = Path(base) / "adapterspec"
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return None
-    return directory
 
 
 def _cpu() -> str:

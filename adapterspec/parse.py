@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import threading
 import unicodedata
@@ -14,6 +13,7 @@ from lark import Lark, Token, Tree
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 
 from . import syntax as ast
+from .cache import cache_dir
 from .diagnostics import Diagnostic, Severity, Span
 
 MAX_FILE_BYTES = 1 << 20
@@ -117,16 +117,11 @@ def grammar_text() -> str:
 
 def _cache_file(grammar: str) -> str | None:
     """Where the analysed parser is kept between runs (it loads ~7× faster than it builds)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    if not os.path.isabs(base):
-        return None
-    directory = os.path.join(base, "adapterspec")
-    try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError:
+    directory = cache_dir()
+    if directory is None:
         return None
     digest = hashlib.sha256(grammar.encode("utf-8")).hexdigest()[:16]
-    return os.path.join(directory, f"parser-{digest}.lark")
+    return str(directory / f"parser-{digest}.lark")
 
 
 _scanner = _LineScanner()
