@@ -41,7 +41,6 @@ class Chunk:
     """Rows start:stop along the first axis of a unit's weight; `rows` is None when the chunk is the whole unit."""
 
     unit: Unit
-    number: int
     rows: Optional[tuple[int, int]]
     working_bytes: int
     results: Optional[dict[str, mx.array]] = None
@@ -55,8 +54,8 @@ def merge_workers_for(units: list[Unit]) -> Optional[MergeWorkers]:
 def chunks_of(unit: Unit, chunk_bytes: int) -> list[Chunk]:
     ranges = unit.row_chunks(chunk_bytes)
     if len(ranges) == 1:
-        return [Chunk(unit, 0, None, unit.row_bytes * unit.logical_shape[0])]
-    return [Chunk(unit, i, r, unit.row_bytes * (r[1] - r[0])) for i, r in enumerate(ranges)]
+        return [Chunk(unit, None, unit.row_bytes * unit.logical_shape[0])]
+    return [Chunk(unit, r, unit.row_bytes * (r[1] - r[0])) for r in ranges]
 
 
 def read_array(files: SourceFiles, source: SourceTensor, rows: Optional[tuple[int, int]]) -> mx.array:
