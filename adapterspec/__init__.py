@@ -5,19 +5,19 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _LAZY = {
-    "parse_spec": ("lint", "parse_spec"),
-    "load_spec": ("lint", "load_spec"),
-    "lint_text": ("lint", "lint_text"),
-    "Spec": ("spec", "Spec"),
-    "Diagnostic": ("diagnostics", "Diagnostic"),
-    "SpecError": ("diagnostics", "SpecError"),
-    "Severity": ("diagnostics", "Severity"),
-    "ModuleIndex": ("modules", "ModuleIndex"),
-    "Plan": ("plan", "Plan"),
-    "make_plan": ("plan", "make_plan"),
-    "apply": ("apply", "apply"),
-    "load_adapters": ("adapter_dir", "load_adapters"),
-    "save_adapters": ("adapter_dir", "save_adapters"),
+    "parse_spec": ("language.lint", "parse_spec"),
+    "load_spec": ("language.lint", "load_spec"),
+    "lint_text": ("language.lint", "lint_text"),
+    "Spec": ("language.spec", "Spec"),
+    "Diagnostic": ("language.diagnostics", "Diagnostic"),
+    "SpecError": ("language.diagnostics", "SpecError"),
+    "Severity": ("language.diagnostics", "Severity"),
+    "ModuleIndex": ("model.index", "ModuleIndex"),
+    "Plan": ("model.plan", "Plan"),
+    "make_plan": ("model.plan", "make_plan"),
+    "apply": ("adapters.install", "apply"),
+    "load_adapters": ("adapters.weights", "load_adapters"),
+    "save_adapters": ("adapters.weights", "save_adapters"),
 }
 
 __all__ = sorted(_LAZY)

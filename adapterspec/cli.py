@@ -7,7 +7,7 @@ import sys
 from importlib import import_module
 
 from . import __version__
-from .diagnostics import SpecError
+from .language.diagnostics import SpecError
 from .errors import EXIT_ERRORS, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UserError
 
 COMMANDS = {

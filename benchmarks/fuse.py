@@ -109,7 +109,7 @@ def write_model(path: Path, config: dict, shards: int, quantize: bool, seed: int
     """A model directory in mlx-lm's layout with random float16 weights (4-bit quantized when asked)."""
     import mlx.core as mx
 
-    from adapterspec.fuse_io import ShardWriter, nbytes_of
+    from adapterspec.fuse.shards import ShardWriter, nbytes_of
 
     path.mkdir(parents=True)
     mx.random.seed(seed)
@@ -172,10 +172,10 @@ def write_adapters(model_dir: Path, path: Path, seed: int = 1) -> None:
     """LoRA r=8 on the seven linears of every block, random nonzero B, in an adapter directory both tools read."""
     import mlx.core as mx
 
-    from adapterspec.adapter_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config
-    from adapterspec.lint import parse_spec
-    from adapterspec.modules import ModuleIndex
-    from adapterspec.plan import make_plan
+    from adapterspec.model.adapter_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config
+    from adapterspec.language.lint import parse_spec
+    from adapterspec.model.index import ModuleIndex
+    from adapterspec.model.plan import make_plan
 
     index = ModuleIndex.from_model_dir(model_dir)
     plan = make_plan(parse_spec(SPEC, "bench.aspec"), index)

@@ -43,9 +43,9 @@ LORA_PARAMETERS = {"rank": 8, "scale": 20.0, "dropout": 0.0}
 DIR_PLAN_SCRIPT = r"""
 import json, sys, time
 started = time.perf_counter()
-from adapterspec.lint import parse_spec
-from adapterspec.modules import ModuleIndex
-from adapterspec.plan import make_plan
+from adapterspec.language.lint import parse_spec
+from adapterspec.model.index import ModuleIndex
+from adapterspec.model.plan import make_plan
 imported = time.perf_counter()
 spec_text, model_dir, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3])
 spec = parse_spec(spec_text)
@@ -128,7 +128,7 @@ def run_mlx_lm(config: dict, blocks: int, count: bool = False) -> tuple[float, o
 
 
 def run_adapterspec(config: dict) -> tuple[float, object]:
-    from adapterspec.apply import apply
+    from adapterspec.adapters.install import apply
 
     model = fresh_model(config)
     return timed(lambda: apply(model, SPEC)), model
@@ -144,10 +144,10 @@ def stages(config: dict, repeats: int) -> dict[str, float]:
 
 
 def stages_once(config: dict) -> dict[str, float]:
-    from adapterspec.apply import build_adapters, has_adapters, install
-    from adapterspec.lint import parse_spec
-    from adapterspec.modules import ModuleIndex
-    from adapterspec.plan import make_plan
+    from adapterspec.adapters.install import build_adapters, has_adapters, install
+    from adapterspec.language.lint import parse_spec
+    from adapterspec.model.index import ModuleIndex
+    from adapterspec.model.plan import make_plan
 
     model = fresh_model(config)
     out, values = {}, {}
@@ -168,9 +168,9 @@ def stages_once(config: dict) -> dict[str, float]:
 
 
 def multi_rule_plan(config: dict, repeats: int) -> tuple[float, int, int]:
-    from adapterspec.lint import parse_spec
-    from adapterspec.modules import ModuleIndex
-    from adapterspec.plan import make_plan
+    from adapterspec.language.lint import parse_spec
+    from adapterspec.model.index import ModuleIndex
+    from adapterspec.model.plan import make_plan
 
     index = ModuleIndex.from_module(fresh_model(config))
     spec = parse_spec(MULTI_RULE_SPEC)

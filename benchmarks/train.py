@@ -2,7 +2,7 @@
 
 Both sides train LoRA (r=8, scale=20) on q_proj and v_proj of every block; mlx-lm through its
 `train_model` (what `mlx_lm.lora --train` runs: `linear_to_lora_layers` + `train()`), adapterspec
-through `adapterspec.train.run` (what `adapterspec train` runs) with the equivalent spec. Every run
+through `adapterspec.train.run.run` (what `adapterspec train` runs) with the equivalent spec. Every run
 is a fresh process; runs alternate in the order A B B A … so that drifting machine load hits both.
 Throughput is trained tokens / training-step time (evaluation and saving excluded) after the
 first report window (which holds compilation); the best run of each side is the one least
@@ -84,8 +84,8 @@ def run_adapterspec(model_dir: Path, args, out: Path, spec_path: Path) -> dict:
     import mlx_lm.tuner.datasets  # noqa: F401  (imported before the clock starts, as on the mlx-lm side)
     import mlx_lm.tuner.trainer  # noqa: F401
     import mlx_lm.utils  # noqa: F401
-    from adapterspec.train import run
-    from adapterspec.train_options import TrainOptions
+    from adapterspec.train.run import run
+    from adapterspec.train.options import TrainOptions
 
     options = TrainOptions(**common_options(args), model=str(model_dir), spec=str(spec_path), data=str(args.data), adapter_path=str(out), force=True)
     tic = time.perf_counter()

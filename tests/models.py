@@ -1,4 +1,4 @@
-"""Tiny real mlx-lm models for tests: build in memory, write in mlx-lm's layout, load back through adapterspec.io."""
+"""Tiny real mlx-lm models for tests: build in memory, write in mlx-lm's layout, load back through adapterspec.model.files."""
 
 from __future__ import annotations
 
@@ -48,8 +48,8 @@ def save(path: str | Path, model, config: dict, *, with_tokenizer: bool = True) 
 
 
 def load(path: str | Path, lazy: bool = False):
-    """(model, config) of a model directory, through adapterspec.io.load_model."""
-    from adapterspec.io import load_model
+    """(model, config) of a model directory, through adapterspec.model.files.load_model."""
+    from adapterspec.adapters.loading import load_model
 
     return load_model(path, lazy=lazy)
 

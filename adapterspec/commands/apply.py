@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def adapter_weights_file(path: str) -> Path:
-    from ..adapter_dir import ADAPTER_WEIGHTS
+    from ..model.adapter_format import ADAPTER_WEIGHTS
 
     given = Path(path)
     if given.is_dir():
@@ -40,10 +40,12 @@ def adapter_weights_file(path: str) -> Path:
 def run(args) -> int:
     import mlx.core as mx
 
-    from ..adapter_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, load_adapters, save_adapters
-    from ..apply import apply, plan_for_model
-    from ..diagnostics import SpecError
-    from ..io import load_model, resolve_model_path
+    from ..model.adapter_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config
+    from ..adapters.weights import load_adapters, save_adapters
+    from ..adapters.install import apply, plan_for_model
+    from ..language.diagnostics import SpecError
+    from ..adapters.loading import load_model
+    from ..model.files import resolve_model_path
     from .plan import render
 
     if args.fuse and not args.adapters:
@@ -75,8 +77,8 @@ def run(args) -> int:
         (staged / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(plan), indent=2) + "\n", encoding="utf-8")
         shutil.copyfile(adapter_weights_file(args.adapters), staged / ADAPTER_WEIGHTS)
         if args.fuse:
-            from ..fuse import fuse_model_dir
-            from ..fuse_progress import progress_for
+            from ..fuse.run import fuse_model_dir
+            from ..fuse.progress import progress_for
             from .fuse import print_outcome
 
             result = fuse_model_dir(model_dir, staged, args.output, dequantize=args.dequantize, force=args.force,

@@ -6,12 +6,12 @@ import os
 import sys
 from typing import TYPE_CHECKING, Optional, Sequence
 
-from ..diagnostics import Diagnostic, render_text
+from ..language.diagnostics import Diagnostic, render_text
 from ..errors import EXIT_ERRORS, UserError
-from ..parse import MAX_FILE_BYTES
+from ..language.parse import MAX_FILE_BYTES
 
 if TYPE_CHECKING:
-    from ..spec import Spec
+    from ..language.spec import Spec
 
 STDIN = "-"
 
@@ -40,7 +40,7 @@ def read_input(name: str) -> tuple[bytes, int]:
 
 def read_spec(path: str) -> tuple[Optional["Spec"], list[Diagnostic], Optional[str]]:
     """A spec file's Spec (None on errors), its diagnostics and its text; unreadable files are UserErrors."""
-    from ..lint import check_bytes
+    from ..language.lint import check_bytes
 
     try:
         data, _size = read_input(path)
@@ -77,8 +77,8 @@ def spec_or_exit(path: str) -> tuple[Optional["Spec"], list[Diagnostic], Optiona
 
 def model_index(model: str):
     """The ModuleIndex of a model directory (or locally cached repo id), read without mlx."""
-    from ..io import resolve_model_path
-    from ..modules import ModuleIndex
+    from ..model.files import resolve_model_path
+    from ..model.index import ModuleIndex
 
     return ModuleIndex.from_model_dir(resolve_model_path(model))
 

@@ -19,8 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from ..explain import explain, render, selected_paths
-    from ..plan import make_plan
+    from ..model.explain import explain, render, selected_paths
+    from ..model.plan import make_plan
 
     if Path(args.spec).is_dir() and Path(args.model).is_file():
         raise UserError("the spec comes first: adapterspec explain SPEC MODEL", help=f"adapterspec explain {args.model} {args.spec}")

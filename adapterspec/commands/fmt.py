@@ -10,10 +10,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..diagnostics import render_text
+from ..language.diagnostics import render_text
 from ..errors import EXIT_ERRORS, EXIT_OK, EXIT_USAGE
-from ..format import format_source
-from ..parse import decode
+from ..language.format import format_source
+from ..language.parse import decode
 from .lint import STDIN, Unreadable, display_name, read_input, spec_paths
 
 

@@ -39,8 +39,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ..fuse import ErasureError, fuse_model_dir
-    from ..fuse_progress import Progress, progress_for
+    from ..fuse.run import ErasureError, fuse_model_dir
+    from ..fuse.progress import Progress, progress_for
 
     max_shard_bytes = parse_size(args.max_shard_size)
     progress = Progress() if args.quiet else progress_for(sys.stderr)
@@ -89,7 +89,7 @@ def print_outcome(result, output: str) -> None:
 
 def _show_report(report, args) -> None:
     if args.report_json:
-        from ..io import write_json_atomic
+        from ..outputs import write_json_atomic
 
         write_json_atomic(args.report_json, report.to_json(), indent=2)
     if not args.quiet:

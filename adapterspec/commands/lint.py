@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ..diagnostics import Diagnostic, Severity, render_github, render_json, render_text, sort_key
+from ..language.diagnostics import Diagnostic, Severity, render_github, render_json, render_text, sort_key
 from ..errors import EXIT_ERRORS, EXIT_OK, EXIT_USAGE
-from ..lint import diagnose_bytes
+from ..language.lint import diagnose_bytes
 from .common import STDIN, Unreadable, read_input
 
 SPEC_SUFFIX = ".aspec"
@@ -48,8 +48,8 @@ def display_name(name: str) -> str:
 
 def plan_diagnostics(checked, index, known: list[Diagnostic]) -> list[Diagnostic]:
     """The plan's diagnostics, less those the static checks already gave at the same place (AS401)."""
-    from ..plan import make_plan
-    from ..spec import spec_from_checked
+    from ..model.plan import make_plan
+    from ..language.spec import spec_from_checked
 
     seen = {(d.code, d.span.line, d.span.column) for d in known if d.span is not None}
     planned = make_plan(spec_from_checked(checked), index).diagnostics
@@ -72,7 +72,7 @@ def fails(diagnostics: list[Diagnostic], strict: bool) -> bool:
 def run(args: argparse.Namespace) -> int:
     index = None
     if args.model:
-        from ..modules import ModuleIndex
+        from ..model.index import ModuleIndex
 
         index = ModuleIndex.from_model_dir(args.model)
     every: list[Diagnostic] = []

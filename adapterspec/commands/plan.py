@@ -49,7 +49,7 @@ def module_rows(plan) -> list[list[object]]:
 
 
 def render(plan, verbose: bool) -> str:
-    from ..mlxlm import mlx_lm_config
+    from ..model.mlxlm import mlx_lm_config
 
     out = [format_table(["line", "rule", "matched", "decides", "adapter", "transform", "trainable"],
                         rule_rows(plan), right=(0, 2, 3, 6))]
@@ -71,7 +71,7 @@ def render(plan, verbose: bool) -> str:
 
 
 def run(args) -> int:
-    from ..plan import make_plan
+    from ..model.plan import make_plan
 
     spec, diagnostics, text, code = spec_or_exit(args.spec)
     if spec is None:

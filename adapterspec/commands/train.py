@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from ..errors import EXIT_INTERRUPTED, EXIT_OK, UserError
-from ..train_options import OPTIMIZERS
+from ..train.options import OPTIMIZERS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,8 +51,8 @@ def _size(text: str) -> int:
 
 
 def run(args) -> int:
-    from ..train import run as train_run
-    from ..train_options import merge_options, read_yaml_config
+    from ..train.run import run as train_run
+    from ..train.options import merge_options, read_yaml_config
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "run", "config")}
     config = read_yaml_config(args.config) if args.config else {}

@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def compile_selector(text: str):
     """A selector given on the command line, parsed by the spec grammar (as the rule 'SELECTOR: none')."""
-    from ..lint import check_text
+    from ..language.lint import check_text
 
     spec, diagnostics = check_text(f"{text}: none\n", "<selector>")
     errors = [d for d in diagnostics if d.is_error]
@@ -29,8 +29,8 @@ def compile_selector(text: str):
 
 
 def matched_paths(rule, index) -> set[str]:
-    from ..plan import passes_type_filter
-    from ..selectors import SelectorMatcher
+    from ..model.plan import passes_type_filter
+    from ..model.selectors import SelectorMatcher
 
     marked = set()
     for path in SelectorMatcher(rule.selector).match(index).paths:

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-from ..modules import ModuleIndex, ModuleInfo
+from ..model.index import ModuleIndex, ModuleInfo
 
 W123 = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 EXPERT_RENAMES: dict[str, dict[str, str]] = {"mixtral": W123, "phimoe": W123}

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import UserError
-from ..mlxlm import block_list_path, spec_from_mlx_lm
-from ..modules import ModuleIndex
+from ..model.mlxlm import block_list_path, spec_from_mlx_lm
+from ..model.index import ModuleIndex
 from .findings import Finding, as_comments, lossy, note
 from .spec_writer import Assignment, explicit_rules
 
@@ -165,8 +165,8 @@ def _structural(fine_tune_type: str, num_layers: int, parameters: dict) -> tuple
 
 
 def _same(rules: list[str], choice: dict, index: ModuleIndex) -> bool:
-    from ..lint import check_text
-    from ..plan import make_plan
+    from ..language.lint import check_text
+    from ..model.plan import make_plan
 
     spec, _ = check_text("\n".join(rules) + "\n")
     if spec is None:

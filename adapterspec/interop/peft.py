@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import UserError
-from ..modules import ModuleIndex
+from ..model.index import ModuleIndex
 from .findings import Finding
 from .peft_config import CONFIG_FILE, PREFIX, WEIGHTS_FILE, read_peft_config
 from .peft_import import PeftTranslation, translate
@@ -31,7 +31,7 @@ class PeftImport:
 
 def resolve_base_model(model: Optional[str], config: dict) -> tuple[Optional[Path], Optional[str]]:
     """The model directory to resolve against: --model, else the config's base model when it is cached locally."""
-    from ..io import resolve_model_path
+    from ..model.files import resolve_model_path
 
     if model:
         return resolve_model_path(model), model
@@ -55,8 +55,8 @@ def import_peft(path, model: Optional[str] = None, *, need_model: bool = False) 
     source = Path(path).name if Path(path).is_dir() else str(Path(path).name)
     result = PeftImport(translate(config, index, source=f"{source}/{CONFIG_FILE}", model=model_name), model_dir)
     if index is not None:
-        from ..lint import parse_spec
-        from ..plan import make_plan
+        from ..language.lint import parse_spec
+        from ..model.plan import make_plan
 
         result.plan = make_plan(parse_spec(result.text, "<imported spec>"), index)
     return result
@@ -77,8 +77,8 @@ def write_imported_adapters(result: PeftImport, peft_dir, dest, *, force: bool =
     """Convert the PEFT weights for the imported spec's plan and write an adapterspec adapter directory."""
     import mlx.core as mx
 
-    from ..adapter_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config
-    from ..io import atomic_output_dir
+    from ..model.adapter_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config
+    from ..outputs import atomic_output_dir
     from .peft_weights import peft_to_adapters
 
     plan = result.plan
@@ -99,7 +99,8 @@ def changed_base_copies(tensors: dict, model_dir: Path) -> list[str]:
     """Base weights PEFT saved beside the adapter (embeddings) that differ from the model's own."""
     import mlx.core as mx
 
-    from ..io import read_safetensors_header, weight_files
+    from ..model.safetensors import read_safetensors_header
+    from ..model.files import weight_files
 
     copies = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in tensors.items() if k.endswith(".base_layer.weight")}
     changed = []
@@ -119,11 +120,12 @@ def export_peft(model: str, adapters, dest, *, base_model: Optional[str] = None,
     """Write an adapterspec (or mlx-lm) adapter directory as a PEFT LoRA adapter for the Hugging Face model."""
     import mlx.core as mx
 
-    from ..adapter_dir import ADAPTER_WEIGHTS, read_adapter_config, spec_text_of
-    from ..diagnostics import SpecError
-    from ..io import atomic_output_dir, resolve_model_path
-    from ..lint import parse_spec
-    from ..plan import make_plan
+    from ..model.adapter_format import ADAPTER_WEIGHTS, read_adapter_config, spec_text_of
+    from ..language.diagnostics import SpecError
+    from ..outputs import atomic_output_dir
+    from ..model.files import resolve_model_path
+    from ..language.lint import parse_spec
+    from ..model.plan import make_plan
     from .peft_export import peft_config
     from .peft_weights import adapters_to_peft
 

@@ -9,9 +9,9 @@ from collections import Counter
 from typing import Optional
 
 from ..errors import UserError
-from ..mlxlm import block_list_path
-from ..modules import ModuleIndex
-from ..plan import Plan
+from ..model.mlxlm import block_list_path
+from ..model.index import ModuleIndex
+from ..model.plan import Plan
 from . import peft_match
 from .findings import Finding, note
 from .hf_names import hf_modules

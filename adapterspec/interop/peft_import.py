@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..errors import UserError
-from ..modules import ModuleIndex
+from ..model.index import ModuleIndex
 from . import peft_match
 from .findings import Finding, as_comments, lossy, note
 from .hf_names import HfModule, hf_modules, mlx_selector_name
@@ -328,8 +328,8 @@ def _compose(source, model, explicit, findings, defaults_lines, rules) -> str:
 
 def _drop_unmatched(rules: list[str], defaults_lines: list[str], index: ModuleIndex) -> tuple[list[str], list[Finding]]:
     """Rules whose selector matches nothing in the model left out (PEFT ignores such names), with a note each."""
-    from ..lint import check_text
-    from ..selectors import SelectorMatcher
+    from ..language.lint import check_text
+    from ..model.selectors import SelectorMatcher
 
     kept, dropped = [], []
     for rule in rules:
@@ -342,8 +342,8 @@ def _drop_unmatched(rules: list[str], defaults_lines: list[str], index: ModuleIn
 
 
 def _plan_key(text: str, index: ModuleIndex):
-    from ..lint import check_text
-    from ..plan import make_plan
+    from ..language.lint import check_text
+    from ..model.plan import make_plan
 
     spec, _ = check_text(text)
     if spec is None:

@@ -16,8 +16,8 @@ from typing import Optional
 import mlx.core as mx
 
 from ..errors import UserError
-from ..modules import ModuleIndex
-from ..plan import Plan, PlanEntry
+from ..model.index import ModuleIndex
+from ..model.plan import Plan, PlanEntry
 from .hf_names import expert_prefix, hf_expert_name, mlx_module
 from .peft_config import PREFIX
 

@@ -1,0 +1,166 @@
+"""The arithmetic of a fuse on mlx arrays: dequantize, merge with `fusemath`, requantize; compiled where it pays.
+
+Every function here gives the bits the adapter layers' own `.fuse()` gives (the tests compare them):
+compiling only fuses elementwise steps into one loop, the dequantize below rounds where
+`mx.dequantize` rounds, and merging a float32 copy of a weight and rounding the sum once is what
+`fusemath` does to the weight itself.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional
+
+import mlx.core as mx
+
+from ..adapters import fusemath
+from .plan import DORA_KINDS, EMBEDDING_KINDS, Quantization, Unit
+
+FAST_DEQUANTIZE_BITS = (2, 4, 8)
+FLOAT_DTYPES = (mx.float16, mx.bfloat16, mx.float32)
+# Veltkamp's split keeps the 11 leading bits of a float32 (float16's precision), rounded to nearest even.
+FLOAT16_SPLIT = float(2**13 + 1)
+FLOAT16_SMALLEST_NORMAL = 2.0**-14
+FLOAT16_OVERFLOW = 65520.0
+
+
+@functools.lru_cache(maxsize=None)
+def compile_works() -> bool:
+    """Whether mx.compile can build kernels here (on the CPU it needs a C++ compiler at run time)."""
+    try:
+        probe = mx.compile(lambda x: (x.astype(mx.float32) * 2 + 1).astype(mx.float16))
+        mx.eval(probe(mx.ones((4,), dtype=mx.float16)))
+        return True
+    except Exception:
+        return False
+
+
+def compiled(function: Callable) -> Callable:
+    return mx.compile(function) if compile_works() else function
+
+
+def dequantize(weight: mx.array, scales: mx.array, biases: Optional[mx.array], q: Quantization) -> mx.array:
+    """The dense weight of a quantized one, equal bit for bit to `mx.dequantize` with the same arguments."""
+    if _fast_affine(scales, biases, q):
+        return _affine_dequantize(q.group_size, q.bits, False)(weight, scales, biases)
+    return mx.dequantize(weight, scales, biases, group_size=q.group_size, bits=q.bits, mode=q.mode)
+
+
+def dequantize_float32(weight: mx.array, scales: mx.array, biases: Optional[mx.array], q: Quantization) -> mx.array:
+    """`dequantize(...)` widened to float32 (the same values), without materialising the narrow copy."""
+    if _fast_affine(scales, biases, q):
+        return _affine_dequantize(q.group_size, q.bits, True)(weight, scales, biases)
+    return dequantize(weight, scales, biases, q).astype(mx.float32)
+
+
+def _fast_affine(scales: mx.array, biases: Optional[mx.array], q: Quantization) -> bool:
+    return q.mode == "affine" and q.bits in FAST_DEQUANTIZE_BITS and scales.dtype in FLOAT_DTYPES and biases is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _affine_dequantize(group_size: int, bits: int, widen: bool) -> Callable:
+    per_word = 32 // bits
+    shifts = mx.arange(0, 32, bits).astype(mx.uint32)
+    mask = (1 << bits) - 1
+
+    def dequantize(weight, scales, biases):
+        lead, groups, dtype = weight.shape[:-1], scales.shape[-1], scales.dtype
+        codes = (weight.reshape(*lead, groups, group_size // per_word, 1) >> shifts) & mask
+        scale = scales.reshape(*lead, groups, 1, 1).astype(mx.float32)
+        bias = biases.reshape(*lead, groups, 1, 1).astype(mx.float32)
+        # scale·q rounds to the weight dtype before the bias is added, as mx.dequantize rounds.
+        value = round_to(round_to(codes.astype(mx.float32) * scale, dtype) + bias, dtype)
+        return (value if widen else value.astype(dtype)).reshape(*lead, groups * group_size)
+
+    return compiled(dequantize)
+
+
+def round_to(x: mx.array, dtype: mx.Dtype) -> mx.array:
+    """float32 `x` rounded to `dtype`'s precision and kept in float32: x.astype(dtype).astype(float32)."""
+    if dtype == mx.float32:
+        return x
+    if dtype == mx.float16 and float16_split_works():
+        return _round_float16(x)
+    return x.astype(dtype).astype(mx.float32)
+
+
+def _round_float16(x: mx.array) -> mx.array:
+    split = x * FLOAT16_SPLIT
+    normal = split - (split - x)
+    subnormal = (x + 0.75) - 0.75  # float16's subnormal spacing 2**-24 is float32's spacing at 0.75
+    rounded = mx.where(mx.abs(x) < FLOAT16_SMALLEST_NORMAL, subnormal, normal)
+    return mx.where(mx.abs(x) >= FLOAT16_OVERFLOW, x * float("inf"), rounded)
+
+
+@functools.lru_cache(maxsize=None)
+def float16_split_works() -> bool:
+    """Whether `_round_float16`, compiled for this device, rounds exactly as a float16 cast does.
+
+    A compiler that contracts or reassociates floating point would break the split; then casts are used.
+    """
+    finite = mx.arange(0, 0x7C00, dtype=mx.uint32).astype(mx.uint16).view(mx.float16).astype(mx.float32)
+    bits = finite.view(mx.uint32)
+    ties = (finite[:-1] + finite[1:]) * 0.5
+    probe = mx.concatenate([finite, -finite, ties, -ties, (bits + 1).view(mx.float32), (bits[1:] - 1).view(mx.float32),
+                            mx.array([65504.0, 65519.0, 65520.0, 1e6, -1e6, float("inf")])])  # fmt: skip
+    expected = probe.astype(mx.float16).astype(mx.float32)
+    try:
+        got = compiled(_round_float16)(probe)
+        return bool(mx.array_equal(got, expected).item())
+    except Exception:
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def _merge(kind: str, scale: float, dtype: mx.Dtype) -> Callable:
+    if kind in DORA_KINDS:
+        return compiled(lambda w, a, b, m: fusemath.dora_fused_weight(kind, w, a, b, m, scale).astype(dtype))
+    return compiled(lambda w, a, b: fusemath.fused_weight(kind, w, a, b, scale).astype(dtype))
+
+
+def merge(kind: str, weight: mx.array, adapter: dict[str, mx.array], scale: float, dtype: Optional[mx.Dtype] = None) -> mx.array:
+    """W + ΔW (DoRA: renormalised) through `fusemath`, rounded once to `dtype` (default: the weight's)."""
+    args = (weight, adapter["lora_a"], adapter["lora_b"]) + ((adapter["m"],) if kind in DORA_KINDS else ())
+    return _merge(kind, float(scale), dtype or weight.dtype)(*args)
+
+
+def requantize(weight: mx.array, q: Quantization) -> dict[str, mx.array]:
+    """weight, scales (and biases for affine) of `weight` quantized like the base, as mlx's layers quantize."""
+    parts = mx.quantize(weight, group_size=q.group_size, bits=q.bits, mode=q.mode)
+    return dict(zip(("weight", "scales", "biases"), parts))
+
+
+def adapter_rows(kind: str, adapter: dict[str, mx.array], index) -> dict[str, mx.array]:
+    """The adapter tensors that merge into `index` (a slice or indices) along the weight's first axis."""
+    a, b = adapter["lora_a"], adapter["lora_b"]
+    if kind == "switch-lora":
+        return {"lora_a": a[index], "lora_b": b[index]}
+    rows = {"lora_a": a[index], "lora_b": b} if kind in EMBEDDING_KINDS else {"lora_a": a, "lora_b": b[:, index]}
+    if "m" in adapter:
+        rows["m"] = adapter["m"][index]
+    return rows
+
+
+def outputs(unit: Unit, weight: mx.array) -> dict[str, mx.array]:
+    """The output tensors of a unit from its merged dense weight (requantized when the unit is)."""
+    q = unit.quantization
+    if q is not None and unit.requantize:
+        return {f"{unit.path}.{param}": value for param, value in requantize(weight, q).items()}
+    return {f"{unit.path}.weight": weight}
+
+
+def compute_chunk(
+    unit: Unit, base: dict[str, mx.array], adapters: dict[str, mx.array], rows: Optional[tuple[int, int]] = None
+) -> dict[str, mx.array]:
+    """The output tensors of a unit (lazy), or of rows[0]:rows[1] along their first axis when `rows` is given."""
+    q = unit.quantization
+    weight = base["weight"]
+    if q is not None:
+        widen = dequantize_float32 if unit.adapter is not None else dequantize
+        weight = widen(base["weight"], base["scales"], base.get("biases"), q)
+    if unit.adapter is not None:
+        adapter = {param: adapters[source.name] for param, source in unit.adapter_tensors.items()}
+        if rows is not None:
+            adapter = adapter_rows(unit.adapter.kind, adapter, slice(*rows))
+        weight = merge(unit.adapter.kind, weight, adapter, unit.adapter.scale, getattr(mx, unit.dense_dtype))
+    return outputs(unit, weight)

@@ -1,0 +1,361 @@
+"""What a fuse does with every tensor of a model directory, decided from headers and configs alone (no mlx)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from ..model.adapter_format import ADAPTER_WEIGHTS, read_adapter_config, spec_text_of
+from ..language.diagnostics import SpecError
+from ..errors import UserError
+from .shards import SourceTensor, nbytes_of, read_sources
+from ..model.files import read_model_config, resolve_model_path, weight_files
+from ..model.index import ModuleIndex, ModuleInfo, natural_key
+
+LOW_RANK_FAMILIES = {
+    "lora": "linear",
+    "dora": "linear",
+    "switch-lora": "switch",
+    "embedding-lora": "embedding",
+    "dora-embedding": "embedding",
+}
+DORA_KINDS = ("dora", "dora-embedding")
+EMBEDDING_KINDS = ("embedding-lora", "dora-embedding")
+MODULE_TENSORS = ("weight", "scales", "biases")
+MAX_SHARD_BYTES = 5 << 30
+# Bytes of memory per weight element while a module is merged: the input, a float32 ΔW, the result.
+WORKING_BYTES_PER_ELEMENT = 16
+SHARD_METADATA = {"format": "mlx"}
+
+
+@dataclass(frozen=True)
+class AdaptedModule:
+    """One module of the adapter plan: its path, adapter kind (or 'full'), rank and scale."""
+
+    path: str
+    kind: str
+    r: Optional[int] = None
+    scale: Optional[float] = None
+
+    def describe(self) -> str:
+        return self.kind if self.r is None else f"{self.kind} r={self.r}"
+
+
+@dataclass(frozen=True)
+class Quantization:
+    group_size: int
+    bits: int
+    mode: str
+
+    def describe(self) -> str:
+        mode = "" if self.mode == "affine" else f" {self.mode}"
+        return f"{self.bits}-bit{mode} g{self.group_size}"
+
+
+@dataclass
+class Unit:
+    """A module whose tensors are computed: an adapter merged into it, or (--dequantize) a weight dequantized."""
+
+    path: str
+    adapter: Optional[AdaptedModule]
+    base: dict[str, SourceTensor]
+    adapter_tensors: dict[str, SourceTensor]
+    quantization: Optional[Quantization]
+    dense_dtype: str
+    logical_shape: tuple[int, ...]
+    requantize: bool
+
+    def outputs(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(name, dtype, shape) of every tensor this unit writes."""
+        if self.quantization is not None and self.requantize:
+            return [(s.name, s.dtype, s.shape) for s in self.base.values()]
+        return [(f"{self.path}.weight", self.dense_dtype, self.logical_shape)]
+
+    @property
+    def row_bytes(self) -> int:
+        """Working memory while one row along the weight's first axis (a row; an expert of a switch) is merged."""
+        n = WORKING_BYTES_PER_ELEMENT
+        for d in self.logical_shape[1:]:
+            n *= d
+        return n
+
+    def row_chunks(self, max_working_bytes: int) -> list[tuple[int, int]]:
+        """Ranges along the weight's first axis small enough to merge one at a time."""
+        leading = self.logical_shape[0]
+        step = max(1, max_working_bytes // max(self.row_bytes, 1))
+        return [(start, min(start + step, leading)) for start in range(0, leading, step)]
+
+    @property
+    def base_description(self) -> str:
+        return self.quantization.describe() if self.quantization else self.dense_dtype
+
+    @property
+    def output_description(self) -> str:
+        return self.quantization.describe() if self.quantization and self.requantize else self.dense_dtype
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """One tensor of the fused model: computed by a unit, or copied from a source file."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    unit: Optional[Unit] = None
+    source: Optional[SourceTensor] = None
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes_of(self.dtype, self.shape)
+
+
+@dataclass
+class Shard:
+    filename: str
+    tensors: list[OutputTensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+@dataclass
+class FusePlan:
+    """Everything `fuse` will write, before a byte is read: units of work, copied tensors, the config."""
+
+    model_dir: Path
+    adapter_dir: Path
+    config: dict
+    modules: list[AdaptedModule]
+    units: list[Unit]
+    sources: list[SourceTensor]
+    replaced: dict[str, SourceTensor]
+    dequantize: bool
+    quantized_bits: dict[str, int]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fused_units(self) -> list[Unit]:
+        return [u for u in self.units if u.adapter is not None]
+
+    def keep_dense(self, paths) -> None:
+        """Write these adapted modules unquantized (mixed precision), recorded per module in the config."""
+        wanted = set(paths)
+        for unit in self.units:
+            if unit.path in wanted:
+                unit.requantize = False
+
+    def outputs(self) -> list[OutputTensor]:
+        """Every output tensor, in the order of the input files and of the tensors inside them."""
+        owner = {s.name: unit for unit in self.units for s in unit.base.values()}
+        out = []
+        for source in self.sources:
+            unit = owner.get(source.name)
+            if unit is None:
+                replacement = self.replaced.get(source.name, source)
+                out.append(OutputTensor(source.name, replacement.dtype, replacement.shape, source=replacement))
+                continue
+            for name, dtype, shape in unit.outputs():
+                if name == source.name:
+                    out.append(OutputTensor(name, dtype, shape, unit=unit))
+        return out
+
+    def shards(self, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[Shard]:
+        """The outputs split into files as mlx-lm's save_model splits them (a new file when the next tensor would overflow)."""
+        groups: list[list[OutputTensor]] = []
+        size = 0
+        for tensor in self.outputs():
+            if not groups or size + tensor.nbytes > max_shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(tensor)
+            size += tensor.nbytes
+        if len(groups) == 1:
+            return [Shard("model.safetensors", groups[0])]
+        return [Shard(f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors", g) for i, g in enumerate(groups)]
+
+    def output_config(self) -> dict:
+        """config.json of the fused model: quantization dropped (--dequantize) or marked off per kept module."""
+        config = copy.deepcopy(self.config)
+        if self.dequantize:
+            config.pop("quantization", None)
+            config.pop("quantization_config", None)
+            return config
+        kept = [u.path for u in self.units if u.quantization is not None and not u.requantize]
+        if kept and isinstance(config.get("quantization"), dict):
+            mirrored = config.get("quantization_config") == config["quantization"]
+            for path in kept:
+                config["quantization"][path] = False
+            if mirrored:
+                config["quantization_config"] = copy.deepcopy(config["quantization"])
+        return config
+
+    def index_json(self, shards: list[Shard]) -> dict:
+        """model.safetensors.index.json as mlx-lm writes it: total size, parameter count, sorted weight map."""
+        weight_map = {t.name: shard.filename for shard in shards for t in shard.tensors}
+        return {
+            "metadata": {"total_size": sum(s.nbytes for s in shards), "total_parameters": total_parameters(shards, self.quantized_bits)},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
+
+
+def total_parameters(shards: list[Shard], quantized_bits: dict[str, int]) -> int:
+    """Logical parameters as mlx-lm counts them: packed weights unpacked, quantization scales and biases left out."""
+    names = {t.name for shard in shards for t in shard.tensors}
+    count = 0
+    for shard in shards:
+        for tensor in shard.tensors:
+            owner, _, param = tensor.name.rpartition(".")
+            quantized = f"{owner}.scales" in names
+            if quantized and param in ("scales", "biases"):
+                continue
+            size = 1
+            for d in tensor.shape:
+                size *= d
+            if quantized and param == "weight":
+                size = size * 32 // quantized_bits[owner]
+            count += size
+    return count
+
+
+# ── building the plan ───────────────────────────────────────────────────────
+
+
+def plan_fuse(model, adapter_dir, *, dequantize: bool = False) -> FusePlan:
+    """Read a model directory and an adapter directory and decide what fusing them writes; nothing is loaded."""
+    model_dir = resolve_model_path(model)
+    adapter_dir = Path(adapter_dir)
+    config = read_model_config(model_dir)
+    adapter_config = read_adapter_config(adapter_dir)
+    index = ModuleIndex.from_model_dir(model_dir)
+    modules, notes = adapted_modules(adapter_config, index)
+    sources: list[SourceTensor] = []
+    for path in weight_files(model_dir):
+        sources.extend(read_sources(path).values())
+    by_name = {s.name: s for s in sources}
+    weights_path = adapter_dir / ADAPTER_WEIGHTS
+    if not weights_path.is_file():
+        raise UserError(f"{adapter_dir}: {ADAPTER_WEIGHTS} is missing")
+    adapter_sources = read_sources(weights_path)
+    _check_quantization_config(config, index)
+    units, replaced = _units_for_adapters(modules, index, by_name, adapter_sources, adapter_dir, dequantize)
+    adapted = {u.path for u in units}
+    if dequantize:
+        units += [_unit(info, None, by_name, {}, False) for info in index if info.quantized and info.path not in adapted]
+    units.sort(key=lambda u: natural_key(u.path))
+    bits = {info.path: info.bits for info in index if info.quantized}
+    return FusePlan(model_dir, adapter_dir, config, modules, units, sources, replaced, dequantize, bits, notes)
+
+
+def adapted_modules(adapter_config: dict, index: ModuleIndex) -> tuple[list[AdaptedModule], list[str]]:
+    """The adapted modules an adapter config stands for: our saved plan, or mlx-lm's keys translated on this model."""
+    ours = adapter_config.get("adapterspec")
+    if ours is not None and isinstance(ours.get("plan"), dict):
+        try:
+            return [
+                AdaptedModule(m["path"], m["adapter"], m.get("r"), m.get("scale"))
+                for m in ours["plan"]["modules"]
+            ], []
+        except (KeyError, TypeError) as error:
+            raise UserError(f"the adapter config's plan is damaged ({error})") from error
+    from ..language.lint import parse_spec
+    from ..model.plan import make_plan
+
+    text, filename, notes = spec_text_of(adapter_config, index)
+    spec = parse_spec(text, filename)
+    plan = make_plan(spec, index)
+    if not plan.ok:
+        raise SpecError(plan.diagnostics, text)
+    return [AdaptedModule(e.path, e.adapter, e.r, e.scale) for e in plan.entries], notes
+
+
+def _check_quantization_config(config: dict, index: ModuleIndex) -> None:
+    if any(info.quantized for info in index) and not isinstance(config.get("quantization"), dict):
+        raise UserError(
+            "the model has quantized weights but its config.json has no mlx 'quantization' section",
+            help="fuse reads models in mlx-lm's layout; convert the model with mlx_lm.convert first",
+        )
+
+
+def _units_for_adapters(modules, index, by_name, adapter_sources, adapter_dir, dequantize):
+    units: list[Unit] = []
+    replaced: dict[str, SourceTensor] = {}
+    claimed: set[str] = set()
+    problems: list[str] = []
+    for module in modules:
+        info = index.modules.get(module.path)
+        if module.kind == "full":
+            found = {n: s for n, s in adapter_sources.items() if n.rpartition(".")[0] == module.path}
+            for name, source in found.items():
+                base = by_name.get(name)
+                if base is None:
+                    problems.append(f"'{name}' is not a tensor of the model")
+                elif tuple(base.shape) != tuple(source.shape):
+                    problems.append(f"'{name}' has shape {source.shape}, the model's is {base.shape}")
+                else:
+                    replaced[name] = source
+            claimed.update(found)
+            continue
+        family = LOW_RANK_FAMILIES.get(module.kind)
+        if family is None:
+            raise UserError(f"the adapter plan names an unknown adapter kind {module.kind!r} for '{module.path}'")
+        if info is None or info.family != family:
+            what = "no such module" if info is None else f"a {info.cls}"
+            raise UserError(
+                f"{adapter_dir} was made for another model: '{module.path}' ({module.kind}) is {what} in this model",
+                help="fuse the adapters into the model they were trained on",
+            )
+        names = {p: f"{module.path}.{p}" for p in _adapter_params(module.kind)}
+        tensors = {}
+        for param, name in names.items():
+            source = adapter_sources.get(name)
+            expected = _adapter_shape(module.kind, param, info, module.r)
+            if source is None:
+                problems.append(f"'{name}' is missing")
+            elif tuple(source.shape) != expected:
+                problems.append(f"'{name}' has shape {source.shape}, this model needs {expected}")
+            else:
+                tensors[param] = source
+        claimed.update(names.values())
+        units.append(_unit(info, module, by_name, tensors, not dequantize))
+    unclaimed = sorted(set(adapter_sources) - claimed, key=natural_key)
+    if unclaimed:
+        problems.append(f"{len(unclaimed)} tensor(s) belong to no adapted module, e.g. '{unclaimed[0]}'")
+    if problems:
+        raise UserError(
+            f"{adapter_dir / ADAPTER_WEIGHTS} does not fit the adapter plan and this model: " + "; ".join(problems[:3]),
+            help="fuse the adapters into the model they were trained on",
+        )
+    return units, replaced
+
+
+def _adapter_params(kind: str) -> tuple[str, ...]:
+    return ("lora_a", "lora_b", "m") if kind in DORA_KINDS else ("lora_a", "lora_b")
+
+
+def _adapter_shape(kind: str, param: str, info: ModuleInfo, r: Optional[int]) -> tuple[int, ...]:
+    n_in, n_out = info.input_dims, info.output_dims
+    if kind == "switch-lora":
+        return {"lora_a": (info.num_experts, r, n_in), "lora_b": (info.num_experts, n_out, r)}[param]
+    if kind in EMBEDDING_KINDS:
+        return {"lora_a": (n_in, r), "lora_b": (r, n_out), "m": (n_in,)}[param]
+    return {"lora_a": (n_in, r), "lora_b": (r, n_out), "m": (n_out,)}[param]
+
+
+def _unit(info: ModuleInfo, module: Optional[AdaptedModule], by_name, adapter_tensors, requantize: bool) -> Unit:
+    base = {p: by_name[f"{info.path}.{p}"] for p in MODULE_TENSORS if f"{info.path}.{p}" in by_name}
+    if f"{info.path}.global_scale" in by_name:
+        raise UserError(
+            f"'{info.path}' is quantized with a global scale (nvfp4), which fuse cannot requantize yet",
+            help="fuse into the unquantized model and quantize the result with mlx_lm.convert",
+        )
+    weight = base["weight"]
+    if not info.quantized:
+        return Unit(info.path, module, {"weight": weight}, adapter_tensors, None, weight.dtype, weight.shape, False)
+    quantization = Quantization(info.group_size, info.bits, info.mode or "affine")
+    scales = base["scales"]
+    dense_dtype = scales.dtype if quantization.mode == "affine" else "bfloat16"
+    logical = tuple(weight.shape[:-1]) + (scales.shape[-1] * info.group_size,)
+    return Unit(info.path, module, base, adapter_tensors, quantization, dense_dtype, logical, requantize)

@@ -1,0 +1,196 @@
+"""Fuse trained adapters into a model directory, streaming tensor by tensor with bounded memory, written atomically.
+
+No model class is built: each adapted module's weight is read, dequantized, merged (plain LoRA in
+numpy on worker processes, the rest with `fusemath` in mlx; the same bits), requantized and written,
+while untouched tensors are copied byte for byte. Before anything is
+written, every fused module is measured for how much of its adapter survives being stored
+(`fuse_erasure`); `strict` refuses a fuse that loses most of an adapter, `keep_precision="auto"`
+stores such modules unquantized instead.
+
+An interrupted fuse leaves nothing at the output path. A process killed outright (SIGKILL) can leave
+a hidden `.OUT.tmp-*` directory beside it; the next fuse to the same output removes it once the
+process that made it is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+from ..errors import EXIT_ERRORS, UserError
+from .plan import MAX_SHARD_BYTES, FusePlan, Shard, plan_fuse
+from .progress import Progress
+from .report import LOST_BELOW, ErasureReport, build_report, modules_to_keep_dense
+from ..model.files import CONFIG_FILE, WEIGHT_INDEX_FILE, copy_model_side_files
+from ..outputs import atomic_output_dir
+
+KEEP_PRECISION = ("never", "auto")
+PID_MARKER = ".adapterspec-fuse.pid"
+
+
+class ErasureError(UserError):
+    """--strict: some module would lose most of its adapter; nothing was written."""
+
+    def __init__(self, report: ErasureReport):
+        lost = report.lost
+        if any(m.requantized for m in lost):
+            help_text = "write those modules unquantized with --keep-precision auto, or the whole model with --dequantize"
+        else:
+            help_text = "their change is below the precision of the weights' dtype; check the adapter's scale"
+        super().__init__(
+            f"{len(lost)} module(s) would keep less than {LOST_BELOW:.0%} of their adapter, e.g. "
+            f"'{lost[0].path}' keeps {_percent(lost[0].kept)} as {lost[0].stored}; nothing was written",
+            help=help_text,
+            exit_code=EXIT_ERRORS,
+        )
+        self.report = report
+
+
+@dataclass
+class FuseResult:
+    """What a fuse wrote and what it measured."""
+
+    output: Path
+    plan: FusePlan
+    report: ErasureReport
+    shards: list[Shard]
+    kept_dense: list[str] = field(default_factory=list)
+    removed_stale: list[Path] = field(default_factory=list)
+    seconds: float = 0.0
+    # Peak resident memory of each worker process that merged modules in numpy (none: no workers ran).
+    worker_peak_rss: list[int] = field(default_factory=list)
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(s.nbytes for s in self.shards)
+
+
+def fuse_model_dir(
+    model_dir,
+    adapter_dir,
+    out_dir,
+    *,
+    dequantize: bool = False,
+    keep_precision: str = "never",
+    strict: bool = False,
+    force: bool = False,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    progress: Optional[Progress] = None,
+    protect: Iterable = (),
+) -> FuseResult:
+    """Merge the adapters of `adapter_dir` into the model at `model_dir` and write the model to `out_dir`.
+
+    `dequantize` writes every weight unquantized; `keep_precision="auto"` writes unquantized only the
+    fused modules that requantization would strip of most of their adapter (per-module entries in
+    the config's `quantization`); `strict` raises ErasureError instead of writing when a module
+    would still lose most of its adapter. Refuses to write into the inputs (and into `protect`) or
+    over a non-empty `out_dir` unless `force`.
+    """
+    started = time.monotonic()
+    if keep_precision not in KEEP_PRECISION:
+        raise UserError(f"keep_precision must be one of {', '.join(KEEP_PRECISION)}, not {keep_precision!r}")
+    plan = plan_fuse(model_dir, adapter_dir, dequantize=dequantize)
+    out = Path(out_dir).expanduser()
+    removed = remove_stale_temp_dirs(out)
+    from .erasure import measure
+    from .shards import SourceFiles
+    from .stream import merge_workers_for, write_shards
+
+    with atomic_output_dir(out, force=force, protect=[plan.model_dir, plan.adapter_dir, *protect]) as tmp:
+        marker = tmp / PID_MARKER
+        marker.write_text(str(os.getpid()))
+        # Started first, the worker processes (for the numpy merges) get ready while the adapters are measured.
+        with SourceFiles() as files, merge_workers_for(plan.units) or nullcontext() as workers, _device_for(plan):
+            adapters = _load_adapter_arrays(plan)
+            measurements = measure(plan, adapters, files)
+            kept_dense = modules_to_keep_dense(plan, measurements) if keep_precision == "auto" else []
+            plan.keep_dense(kept_dense)
+            report = build_report(plan, measurements)
+            if strict and report.lost:
+                raise ErasureError(report)
+            shards = plan.shards(max_shard_bytes)
+            write_shards(shards, adapters, files, tmp, progress, workers=workers)
+        _write_json(tmp / WEIGHT_INDEX_FILE, plan.index_json(shards))
+        _write_json(tmp / CONFIG_FILE, plan.output_config())
+        copy_model_side_files(plan.model_dir, tmp)
+        marker.unlink()
+    peaks = workers.peak_rss if workers is not None else []
+    return FuseResult(out, plan, report, shards, kept_dense, removed, time.monotonic() - started, peaks)
+
+
+@contextmanager
+def _device_for(plan: FusePlan) -> Iterator[None]:
+    """The CPU as mlx's default device while numpy merges every unit: the little mlx work left (loading the
+    adapters) then never starts a GPU, which would cost its start-up time and its runtime's memory (600 MB on CUDA)."""
+    import mlx.core as mx
+
+    from .merge import numpy_merges
+
+    if not plan.units or not all(numpy_merges(unit) for unit in plan.units):
+        yield
+        return
+    previous = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    try:
+        yield
+    finally:
+        mx.set_default_device(previous)
+
+
+def _load_adapter_arrays(plan: FusePlan) -> dict:
+    """The low-rank adapter tensors, loaded and evaluated (`full` replacements are copied from the file instead)."""
+    import mlx.core as mx
+
+    from ..model.adapter_format import ADAPTER_WEIGHTS
+
+    names = {source.name for unit in plan.fused_units for source in unit.adapter_tensors.values()}
+    if not names:
+        return {}
+    loaded = mx.load(str(plan.adapter_dir / ADAPTER_WEIGHTS))
+    arrays = {name: loaded[name] for name in names}
+    mx.eval(list(arrays.values()))
+    return arrays
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=4) + "\n", encoding="utf-8")
+
+
+def _percent(value: Optional[float]) -> str:
+    return "nothing" if value is None else f"{100 * value:.0f}%"
+
+
+def remove_stale_temp_dirs(out: Path) -> list[Path]:
+    """Remove the `.OUT.tmp-*` directories beside `out` left by fuses whose process no longer runs."""
+    parent = out.absolute().parent
+    if not parent.is_dir():
+        return []
+    removed = []
+    for candidate in sorted(parent.glob(f".{out.name}.tmp-*")):
+        marker = candidate / PID_MARKER
+        try:
+            pid = int(marker.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if not _process_alive(pid):
+            shutil.rmtree(candidate, ignore_errors=True)
+            removed.append(candidate)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

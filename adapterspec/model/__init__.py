@@ -1,0 +1,1 @@
+"""What a model is, without mlx: the module index (from a live module or a model directory), selectors, adapter kinds, the planner, explain, mlx-lm configs, and the file formats of model and adapter directories."""

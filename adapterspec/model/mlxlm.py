@@ -1,0 +1,135 @@
+"""mlx-lm's adapter config (`keys`, `num_layers`, `rank`, `scale`, `dropout`) ↔ specs and plans; pure Python."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .index import ModuleIndex
+from .plan import Plan
+
+LORA_ADAPTERS = {"lora", "switch-lora", "embedding-lora"}
+DORA_ADAPTERS = {"dora", "dora-embedding"}
+
+
+def block_list_path(index: ModuleIndex) -> Optional[str]:
+    """The path of the list mlx-lm calls `model.layers`: the shallowest list named `layers`."""
+    lists = [m.path for m in index if m.family == "list" and m.name == "layers"]
+    return min(lists, key=lambda p: (p.count("."), p)) if lists else None
+
+
+@dataclass
+class MlxLmFit:
+    """Whether a plan is expressible as an mlx-lm adapter config, and the config or the reasons why not."""
+
+    config: Optional[dict] = None
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def compatible(self) -> bool:
+        return self.config is not None
+
+
+def mlx_lm_config(plan: Plan, index: ModuleIndex) -> MlxLmFit:
+    """The mlx-lm `adapter_config.json` keys that make mlx-lm build exactly this plan's adapters."""
+    entries = plan.entries
+    reasons = []
+    if not entries:
+        reasons.append("the plan adapts no module")
+    kinds = {e.adapter for e in entries}
+    if "full" in kinds:
+        reasons.append("it trains some modules fully ('full'), which mlx-lm's lora/dora configs cannot say")
+    if kinds & LORA_ADAPTERS and kinds & DORA_ADAPTERS:
+        reasons.append("it mixes lora and dora")
+    for name, values in (("rank", {e.r for e in entries}), ("scale", {e.scale for e in entries}),
+                         ("dropout", {e.dropout for e in entries})):
+        values.discard(None)
+        if len(values) > 1:
+            reasons.append(f"it uses {len(values)} different {name} values ({', '.join(f'{v:g}' for v in sorted(values))}); mlx-lm has one")
+    blocks = block_list_path(index)
+    if reasons:
+        return MlxLmFit(None, reasons)
+    block_prefix = blocks + "." if blocks else None
+    relative_keys: set[str] = set()
+    block_numbers: set[int] = set()
+    top_keys: set[str] = set()
+    for entry in entries:
+        if block_prefix and entry.path.startswith(block_prefix):
+            number, _, key = entry.path[len(block_prefix):].partition(".")
+            block_numbers.add(int(number))
+            relative_keys.add(key)
+        else:
+            top_keys.add(entry.path)
+    length = index.list_length(blocks) if blocks else 0
+    num_layers = length - min(block_numbers) if block_numbers else 0
+    keys = relative_keys | top_keys
+    wanted = {e.path for e in entries}
+    produced = set()
+    for number in range(length - num_layers, length) if block_numbers else ():
+        for key in relative_keys:
+            path = f"{block_prefix}{number}.{key}"
+            if path in index and index[path].adaptable:
+                produced.add(path)
+    produced |= {p for p in top_keys if p in index}
+    if produced != wanted:
+        missing = sorted(produced - wanted)
+        reasons.append(
+            "mlx-lm adapts the same keys in each of the last num_layers blocks, but this plan "
+            f"leaves out e.g. '{missing[0]}'" if missing else "the adapted blocks are not the same in each block"
+        )
+        return MlxLmFit(None, reasons)
+    first = entries[0]
+    config = {
+        "fine_tune_type": "dora" if kinds & DORA_ADAPTERS else "lora",
+        "num_layers": num_layers if block_numbers else 0,
+        "lora_parameters": {"rank": first.r, "scale": first.scale, "dropout": first.dropout, "keys": sorted(keys)},
+    }
+    return MlxLmFit(config, [])
+
+
+def _format_number(value: float) -> str:
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+def spec_from_mlx_lm(lora_parameters: dict, num_layers: int, fine_tune_type: str, index: ModuleIndex) -> tuple[str, list[str]]:
+    """A spec whose plan on this model equals what mlx-lm's `linear_to_lora_layers` builds; plus notes.
+
+    Keys that match nothing are dropped with a note (mlx-lm ignores them silently).
+    """
+    if fine_tune_type not in ("lora", "dora"):
+        raise ValueError(f"fine_tune_type '{fine_tune_type}' has no adapter layers to translate")
+    kind = fine_tune_type
+    args = (
+        f"r={int(lora_parameters.get('rank', 8))}, scale={_format_number(lora_parameters.get('scale', 20.0))}, "
+        f"dropout={_format_number(lora_parameters.get('dropout', 0.0))}"
+    )
+    blocks = block_list_path(index)
+    length = index.list_length(blocks) if blocks else 0
+    count = num_layers if 0 < num_layers < length else length
+    block_selector = f"/{blocks}[-{count}:]" if count < length else f"/{blocks}[*]"
+    notes: list[str] = []
+    lines = [f"# translated from an mlx-lm adapter config (fine_tune_type={fine_tune_type}, num_layers={num_layers})"]
+    keys = lora_parameters.get("keys")
+    if keys is None:
+        lines.append(f"{block_selector}: {kind}({args})")
+        return "\n".join(lines) + "\n", notes
+    chosen = range(length - count, length)
+    for key in sorted(keys):
+        in_blocks = blocks is not None and any(
+            f"{blocks}.{n}.{key}" in index and index[f"{blocks}.{n}.{key}"].adaptable for n in chosen
+        )
+        at_top = key in index and index[key].adaptable
+        if in_blocks:
+            lines.append(f"{block_selector}.{key}: {kind}({args})")
+        if at_top:
+            lines.append(f"/{key}: {kind}({args})")
+        if not in_blocks and not at_top:
+            found = [index[p] for p in [key] + [f"{blocks}.{n}.{key}" for n in chosen if blocks] if p in index]
+            if found:
+                notes.append(f"key '{key}' names a module that is no Linear, SwitchLinear or Embedding "
+                             f"({found[0].cls}); mlx-lm fails on it, the translation leaves it out")
+            else:
+                notes.append(f"key '{key}' matches no module of this model (mlx-lm ignores it)")
+    if len(lines) == 1:  # a spec needs a rule: say "nothing" explicitly, as mlx-lm adapts nothing here
+        lines += ["# no key names an adaptable module of this model", "/**: none"]
+    return "\n".join(lines) + "\n", notes

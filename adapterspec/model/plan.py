@@ -1,0 +1,292 @@
+"""Spec × ModuleIndex → Plan: which module gets which adapter, decided by the last matching rule (AS3xx)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from difflib import get_close_matches
+from typing import Optional
+
+from ..language.diagnostics import Diagnostic, Severity, Span, sort_key
+from .index import ModuleIndex, ModuleInfo
+from .selectors import SelectorMatcher, literal_names
+from ..language.spec import Rule, Spec
+
+ADAPTER_KIND = {
+    ("lora", "linear"): "lora",
+    ("lora", "switch"): "switch-lora",
+    ("lora", "embedding"): "embedding-lora",
+    ("dora", "linear"): "dora",
+    ("dora", "embedding"): "dora-embedding",
+}
+TYPE_FAMILIES = {"linear": "linear", "switch": "switch", "embedding": "embedding"}
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """One adapted (or fully trained) module."""
+
+    path: str
+    base: str
+    adapter: str
+    r: Optional[int]
+    scale: Optional[float]
+    dropout: Optional[float]
+    trainable: int
+    rule_index: int
+    rule_span: Span
+
+    def to_json(self) -> dict:
+        return {
+            "path": self.path,
+            "base": self.base,
+            "adapter": self.adapter,
+            "r": self.r,
+            "scale": self.scale,
+            "dropout": self.dropout,
+            "trainable": self.trainable,
+            "rule": {"index": self.rule_index, "line": self.rule_span.line, "column": self.rule_span.column},
+        }
+
+
+@dataclass
+class RuleOutcome:
+    """What one rule matched, which modules it reached, and which of those it finally decides."""
+
+    rule: Rule
+    matched: list[str] = field(default_factory=list)
+    reached: list[str] = field(default_factory=list)
+    decided: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    spec: Spec
+    entries: list[PlanEntry]
+    total_parameters: int
+    diagnostics: list[Diagnostic]
+    outcomes: list[RuleOutcome] = field(default_factory=list)
+    index: Optional[ModuleIndex] = None
+
+    @property
+    def trainable_parameters(self) -> int:
+        return sum(e.trainable for e in self.entries)
+
+    @property
+    def ok(self) -> bool:
+        return not any(d.is_error for d in self.diagnostics)
+
+    def to_json(self) -> dict:
+        return {
+            "modules": [e.to_json() for e in self.entries],
+            "trainable_parameters": self.trainable_parameters,
+            "total_parameters": self.total_parameters,
+            "diagnostics": [d.to_json() for d in self.diagnostics],
+        }
+
+
+def adapter_parameters(adapter: str, info: ModuleInfo, r: int) -> int:
+    n_in, n_out = info.input_dims or 0, info.output_dims or 0
+    low_rank = r * (n_in + n_out)
+    if adapter == "switch-lora":
+        return (info.num_experts or 1) * low_rank
+    if adapter == "dora":
+        return low_rank + n_out
+    if adapter == "dora-embedding":
+        return low_rank + n_in
+    return low_rank
+
+
+def passes_type_filter(info: ModuleInfo, type_filter: Optional[str]) -> bool:
+    if type_filter is None:
+        return True
+    if type_filter in TYPE_FAMILIES:
+        return info.family == TYPE_FAMILIES[type_filter]
+    return info.cls == type_filter
+
+
+def receives(info: ModuleInfo, kind: str) -> bool:
+    """Whether a module can take a transform of this kind at all (dora on experts is judged later)."""
+    if kind in ("lora", "dora"):
+        return info.adaptable
+    if kind == "full":
+        return info.num_params > 0
+    return info.adaptable or info.num_params > 0
+
+
+class _Planner:
+    def __init__(self, spec: Spec, index: ModuleIndex):
+        self.spec = spec
+        self.index = index
+        self.diagnostics: list[Diagnostic] = []
+        self._segment_names: Optional[list[str]] = None
+
+    def report(self, severity: Severity, code: str, message: str, span: Span, help: str | None = None, notes=()):
+        self.diagnostics.append(Diagnostic(code, severity, message, span, help, self.spec.filename, tuple(notes)))
+
+    def segment_names(self) -> list[str]:
+        if self._segment_names is None:
+            self._segment_names = sorted({info.name for info in self.index})
+        return self._segment_names
+
+    def reach(self, rule: Rule, matched: list[str]) -> tuple[list[ModuleInfo], list[ModuleInfo]]:
+        """Modules a rule hands its transform to, and the ones its type filter turned away."""
+        kind = rule.transform.kind
+        seen: set[str] = set()
+        reached, filtered = [], []
+        covered = None  # the last container handed down: matches beneath it add nothing (paths come in order)
+        for path in matched:
+            if covered is not None and path.startswith(covered):
+                continue
+            info = self.index[path]
+            candidates = [info]
+            if info.family in ("container", "list"):
+                candidates += self.index.descendants(path)
+                covered = path + "."
+            for candidate in candidates:
+                if candidate.path in seen or not receives(candidate, kind):
+                    continue
+                seen.add(candidate.path)
+                if passes_type_filter(candidate, rule.type_filter):
+                    reached.append(candidate)
+                else:
+                    filtered.append(candidate)
+        return reached, filtered
+
+    def out_of_range(self, rule: Rule, out_of_range) -> None:
+        value, list_path, length = out_of_range[0]
+        self.report(Severity.ERROR, "AS305", f"index {value} is outside '{list_path}' ({length} elements)",
+                    rule.selector.span, f"valid positions are 0…{length - 1} or -{length}…-1")
+
+    def no_match(self, rule: Rule) -> None:
+        selector = rule.selector
+        suggestions = []
+        for name in literal_names(selector):
+            if name not in self.segment_names():
+                suggestions += get_close_matches(name, self.segment_names(), n=1, cutoff=0.6)
+        help_text = "run 'adapterspec tree MODEL' to see the module names"
+        if suggestions:
+            help_text = f"did you mean '{suggestions[0]}'? " + help_text
+        self.report(Severity.ERROR, "AS301", f"'{selector.text}' matches no module of the model", selector.span, help_text)
+
+    def cannot_adapt(self, rule: Rule, matched: list[str], filtered: list[ModuleInfo]) -> None:
+        kind = rule.transform.kind
+        if filtered:
+            example = filtered[0]
+            self.report(Severity.ERROR, "AS304",
+                        f"no module matched by '{rule.selector.text}' is of type @{rule.type_filter}",
+                        rule.type_filter_span or rule.selector.span,
+                        f"it matches e.g. '{example.path}' ({example.cls}); change or drop the type filter")
+            return
+        example = self.index[matched[0]]
+        if kind == "full":
+            message = f"'{rule.selector.text}' matches only modules without parameters, e.g. '{example.path}' ({example.cls})"
+            help_text = "full trains a module's own parameters; select modules that have some"
+        else:
+            message = f"{kind} cannot adapt '{example.path}' ({example.cls})"
+            if len(matched) > 1:
+                message += f" or the {len(matched) - 1} other module(s) it matches"
+            help_text = "lora and dora adapt Linear, SwitchLinear and Embedding layers (quantized too); use 'full' to train norms"
+        self.report(Severity.ERROR, "AS302", message, rule.selector.span, help_text)
+
+    def check_reached(self, rule: Rule, reached: list[ModuleInfo]) -> bool:
+        kind = rule.transform.kind
+        experts = [m for m in reached if m.family == "switch"]
+        if kind == "dora" and experts:
+            self.report(Severity.ERROR, "AS303", f"dora cannot adapt the experts '{experts[0].path}' ({experts[0].cls})",
+                        rule.transform_span, "use lora for SwitchLinear experts, or add the type filter @linear")
+            return False
+        if kind == "full":
+            quantized = [m for m in reached if m.quantized]
+            if quantized:
+                self.report(Severity.ERROR, "AS310",
+                            f"full cannot train the quantized weights of '{quantized[0].path}' ({quantized[0].cls})",
+                            rule.transform_span, "use lora on quantized layers, or dequantize the model first")
+                return False
+        if rule.transform.adapts:
+            r = rule.transform.r
+            too_wide = [m for m in reached if r >= min(m.input_dims or r + 1, m.output_dims or r + 1)]
+            if too_wide:
+                m = too_wide[0]
+                self.report(Severity.WARNING, "AS306",
+                            f"r={r} is not below min(in, out) = {min(m.input_dims, m.output_dims)} of '{m.path}'",
+                            rule.transform_span, "a low-rank adapter at full rank costs more than training the layer")
+        return True
+
+    def check_prefixes(self, rule: Rule, prefixes: dict[str, str]) -> None:
+        from ..language import syntax as ast
+
+        segments = rule.selector.segments
+        if rule.selector.anchored or (segments and isinstance(segments[0], ast.DeepSegment)):
+            return
+        tops: dict[str, str] = {}
+        for prefix in prefixes.values():
+            if prefix:
+                tops.setdefault(prefix.split(".", 1)[0], prefix)
+        if len(tops) > 1:
+            first, second = list(tops.values())[:2]
+            self.report(Severity.WARNING, "AS307",
+                        f"'{rule.selector.text}' matches under two different prefixes: '{first}' and '{second}'",
+                        rule.selector.span, f"anchor it to pick one, e.g. '/{first}.{rule.selector.text}'")
+
+    def run(self) -> Plan:
+        decisions: dict[str, int] = {}
+        outcomes: list[RuleOutcome] = []
+        for rule in self.spec.rules:
+            outcome = RuleOutcome(rule)
+            outcomes.append(outcome)
+            result = SelectorMatcher(rule.selector).match(self.index)
+            outcome.matched = result.paths
+            if result.out_of_range:
+                self.out_of_range(rule, result.out_of_range)
+            if not result.paths:
+                if not result.out_of_range:
+                    self.no_match(rule)
+                continue
+            self.check_prefixes(rule, result.prefixes)
+            reached, filtered = self.reach(rule, result.paths)
+            if not reached:
+                self.cannot_adapt(rule, result.paths, filtered)
+                continue
+            if not self.check_reached(rule, reached):
+                continue
+            outcome.reached = [m.path for m in reached]
+            for module in reached:
+                decisions[module.path] = rule.index
+        entries = []
+        tied_rules: set[int] = set()
+        for path in self.index.modules:
+            if path not in decisions:
+                continue
+            rule = self.spec.rules[decisions[path]]
+            outcomes[rule.index].decided.append(path)
+            transform = rule.transform
+            if transform.kind == "none":
+                continue
+            info = self.index[path]
+            if transform.kind == "full":
+                entries.append(PlanEntry(path, info.cls, "full", None, None, None, info.num_params, rule.index, rule.span))
+                continue
+            adapter = ADAPTER_KIND[(transform.kind, info.family)]
+            trainable = adapter_parameters(adapter, info, transform.r)
+            entries.append(PlanEntry(path, info.cls, adapter, transform.r, transform.scale, transform.dropout,
+                                     trainable, rule.index, rule.span))
+            if info.family == "embedding" and self.index.tied_embeddings:
+                tied_rules.add(rule.index)
+        for rule_index in sorted(tied_rules):
+            rule = self.spec.rules[rule_index]
+            self.report(Severity.INFO, "AS308", "the embedding is tied to the output head: this adapter changes the output layer too",
+                        rule.selector.span, "that is usually what you want; select @linear modules only to leave it out")
+        for outcome in outcomes:
+            if outcome.reached and not outcome.decided:
+                later = self.spec.rules[decisions[outcome.reached[0]]]
+                where = f" (e.g. line {later.span.line} decides '{outcome.reached[0]}')"
+                self.report(Severity.WARNING, "AS401",
+                            f"this rule decides no module: later rules override it everywhere{where}",
+                            outcome.rule.span, "the last matching rule wins; delete this rule or move it down")
+        self.diagnostics.sort(key=sort_key)
+        return Plan(self.spec, entries, self.index.total_params, self.diagnostics, outcomes, self.index)
+
+
+def make_plan(spec: Spec, index: ModuleIndex) -> Plan:
+    """Match every rule of the spec against the model's modules and resolve what each module gets."""
+    return _Planner(spec, index).run()

@@ -1,0 +1,89 @@
+"""Training data through mlx-lm's loaders and batcher, with a private, seeded data order that can be replayed."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import types
+from pathlib import Path
+from typing import Iterator, Optional
+
+from ..errors import UserError
+
+FORMATS_HELP = 'the formats are mlx-lm\'s: jsonl lines of {"text"}, {"prompt", "completion"} or {"messages"}'
+
+
+def load_datasets(options, tokenizer) -> tuple:
+    """(train, valid, test) as mlx-lm's CacheDatasets (test empty unless --test)."""
+    from mlx_lm.tuner.datasets import CacheDataset, load_dataset
+
+    from ..model.files import HF_REPO_ID
+
+    data = options.data
+    local = bool(data) and Path(data).exists()
+    remote = options.dataset.get("hf_dataset") or (data and not local and HF_REPO_ID.match(data) and not data.startswith((".", "/", "~")))
+    if not local and not remote:
+        raise UserError(f"{data}: no such data directory", help="give a directory with train.jsonl and valid.jsonl (and test.jsonl for --test)")
+    args = types.SimpleNamespace(data=data, train=True, test=options.test, mask_prompt=options.mask_prompt, **options.dataset)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            train, valid, test = load_dataset(args, tokenizer)
+    except (ValueError, KeyError) as error:
+        raise UserError(f"{data}: cannot load the dataset: {error}", help=FORMATS_HELP) from None
+    except Exception as error:
+        if local:
+            raise
+        raise UserError(f"{data}: not a local directory, and loading it as a Hugging Face dataset failed: {error}") from None
+    if len(train) < options.batch_size:
+        raise UserError(f"{data}: the training set has {len(train)} examples, fewer than the batch size {options.batch_size}")
+    if len(valid) and len(valid) < options.batch_size:
+        raise UserError(f"{data}: the validation set has {len(valid)} examples, fewer than the batch size {options.batch_size}")
+    if options.test and len(test) < options.batch_size:
+        raise UserError(f"{data}: the test set has {len(test)} examples, fewer than the batch size {options.batch_size}")
+    return tuple(CacheDataset(split) if len(split) else None for split in (train, valid, test))
+
+
+def data_fingerprint(data: Optional[str]) -> Optional[str]:
+    """sha256 of a local train.jsonl, so that a resumed run can tell the data changed."""
+    path = Path(data or "") / "train.jsonl"
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def seeded_batches(dataset, batch_size: int, max_seq_length: int, loop: bool = False, seed: int = 0,
+                   comm_group=None) -> Iterator:
+    """mlx-lm's `iterate_batches`, drawing its shuffles from a private numpy RNG seeded with `seed`.
+
+    mlx-lm shuffles with numpy's global RNG, which evaluation draws from too; a private RNG makes the
+    order depend on the seed alone, so a resumed run can replay it.
+    """
+    import numpy as np
+    from mlx_lm.tuner.trainer import iterate_batches
+
+    private = np.random.RandomState(seed).get_state()
+    batches = iterate_batches(dataset, batch_size, max_seq_length, loop=loop, comm_group=comm_group)
+    while True:
+        outer = np.random.get_state()
+        np.random.set_state(private)
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        finally:
+            private = np.random.get_state()
+            np.random.set_state(outer)
+        yield batch
+
+
+def skip(batches: Iterator, count: int) -> Iterator:
+    """`batches` after its first `count` items (warnings about long examples are not repeated)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        for _ in range(count):
+            next(batches)
+    return batches

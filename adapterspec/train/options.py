@@ -1,0 +1,144 @@
+"""Training options: mlx-lm's names and defaults, merged from the command line and a YAML config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+from ..errors import UserError
+
+OPTIMIZERS = ("adam", "adamw", "muon", "sgd", "adafactor")
+
+# mlx-lm keys that choose adapters; the spec does that here.
+SPEC_DECIDES = ("fine_tune_type", "num_layers", "lora_parameters")
+# mlx-lm keys without a meaning for `adapterspec train` (it always trains; it never loads remote code).
+NOT_USED = ("train", "trust_remote_code")
+# mlx-lm's dataset keys, passed through to its dataset loader unchanged.
+DATASET_KEYS = ("hf_dataset", "text_feature", "prompt_feature", "completion_feature", "chat_feature")
+
+
+@dataclass
+class TrainOptions:
+    """Everything `adapterspec train` needs; names and defaults are mlx_lm.lora's where it has them."""
+
+    model: Optional[str] = None
+    spec: Optional[str] = None
+    data: Optional[str] = None
+    adapter_path: str = "adapters"
+    optimizer: str = "adam"
+    optimizer_config: dict = field(default_factory=dict)
+    learning_rate: float = 1e-5
+    lr_schedule: Optional[dict] = None
+    batch_size: int = 4
+    iters: int = 1000
+    val_batches: int = 25
+    steps_per_report: int = 10
+    steps_per_eval: int = 200
+    save_every: int = 100
+    keep_checkpoints: int = 0
+    max_seq_length: int = 2048
+    grad_checkpoint: bool = False
+    grad_accumulation_steps: int = 1
+    clear_cache_threshold: int = 0
+    mask_prompt: bool = False
+    seed: int = 0
+    resume: bool = False
+    resume_adapter_file: Optional[str] = None
+    force: bool = False
+    test: bool = False
+    test_batches: int = 500
+    report_to: Optional[str] = None
+    project_name: Optional[str] = None
+    dataset: dict = field(default_factory=dict)
+
+    @property
+    def optimizer_settings(self) -> dict:
+        """The keyword arguments of the chosen optimizer (mlx-lm's optimizer_config[name])."""
+        return dict(self.optimizer_config.get(self.optimizer, {}) or {})
+
+    def trajectory(self) -> dict:
+        """The options that decide the weights after each step; a resumed run must keep them."""
+        return {
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "grad_accumulation_steps": self.grad_accumulation_steps,
+            "max_seq_length": self.max_seq_length,
+            "mask_prompt": self.mask_prompt,
+            "optimizer": self.optimizer,
+            "optimizer_config": self.optimizer_settings,
+            "learning_rate": self.learning_rate,
+            "lr_schedule": self.lr_schedule,
+        }
+
+
+OPTION_NAMES = tuple(f.name for f in fields(TrainOptions))
+
+
+def read_yaml_config(path: str | Path) -> dict:
+    """A YAML config as mlx_lm.lora reads it (its loader: `1e-5` is a float)."""
+    from mlx_lm.lora import yaml_loader
+    import yaml
+
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            config = yaml.load(f, yaml_loader)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such config file") from None
+    except (OSError, yaml.YAMLError) as error:
+        raise UserError(f"{path}: cannot read the YAML config: {error}") from None
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: the YAML config is not a mapping of option names to values")
+    return config
+
+
+def merge_options(given: dict[str, Any], config: dict[str, Any]) -> tuple[TrainOptions, list[str]]:
+    """Options from the command line (`given`, None = not given) over the YAML config over the defaults.
+
+    Returns the options and notes about config keys that are ignored.
+    """
+    notes = []
+    values: dict[str, Any] = {}
+    dataset = {}
+    for key, value in config.items():
+        if key in SPEC_DECIDES:
+            notes.append(f"config key '{key}' is ignored: the spec decides which modules get which adapters")
+        elif key in NOT_USED or key == "config":
+            continue
+        elif key in DATASET_KEYS:
+            dataset[key] = value
+        elif key == "adapter_file":
+            notes.append("config key 'adapter_file' is ignored: the adapters go to adapter_path (-o)")
+        elif key in OPTION_NAMES and key != "dataset":
+            values[key] = value
+        else:
+            raise UserError(f"unknown key '{key}' in the YAML config", help=f"known keys: {', '.join(sorted(OPTION_NAMES + DATASET_KEYS))}")
+    for key, value in given.items():
+        if value is not None:
+            values[key] = value
+    options = TrainOptions(**values, dataset=dataset)
+    check_options(options)
+    return options, notes
+
+
+def check_options(options: TrainOptions) -> None:
+    """UserError for options that cannot work, before anything is loaded."""
+    missing = [name for name in ("model", "spec", "data") if not getattr(options, name)]
+    if missing and not (missing == ["data"] and options.dataset.get("hf_dataset")):
+        raise UserError(f"missing {', '.join(missing)}", help="give MODEL and SPEC as arguments and --data DIR, or set them in the -c config")
+    if options.optimizer.lower() not in OPTIMIZERS:
+        raise UserError(f"unknown optimizer '{options.optimizer}'", help=f"choose one of {', '.join(OPTIMIZERS)}")
+    options.optimizer = options.optimizer.lower()
+    positive = ("batch_size", "steps_per_report", "steps_per_eval", "save_every", "grad_accumulation_steps", "max_seq_length")
+    for name in positive:
+        if int(getattr(options, name)) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("iters", "keep_checkpoints"):
+        if int(getattr(options, name)) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must not be negative")
+    if options.lr_schedule is not None and not (isinstance(options.lr_schedule, dict) and "name" in options.lr_schedule and "arguments" in options.lr_schedule):
+        raise UserError("lr_schedule needs 'name' and 'arguments' (as mlx_lm.lora's config)", help="e.g. {name: cosine_decay, arguments: [1e-5, 1000], warmup: 100}")
+    if options.resume and options.force:
+        raise UserError("--resume and --force contradict each other", help="--resume continues the run in the output directory; --force starts over")

@@ -1,0 +1,150 @@
+"""`adapterspec train` in process: the loss falls, only adapters change, saved adapters reload and fuse,
+resuming from a checkpoint gives the uninterrupted run's weights, options and refusals."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from mlx.utils import tree_flatten, tree_unflatten
+
+import models as tiny
+from adapterspec.adapters.weights import load_adapters
+from adapterspec.errors import UserError
+from adapterspec.adapters.loading import load_model
+from adapterspec.train.run import run
+from adapterspec.train.checkpoint import list_checkpoints, read_checkpoint
+from adapterspec.train.options import TrainOptions, merge_options
+from adapterspec.train.report import format_duration
+
+ROOT = Path(__file__).resolve().parents[2]
+LLAMA = str(tiny.example_model_dir("tiny-llama"))
+DATA = str(ROOT / "examples" / "data")
+ATTENTION = "adapterspec 1\nself_attn.<q_proj,v_proj>: lora(r=8, scale=20)\n"
+WITH_DROPOUT = "adapterspec 1\nself_attn.<q_proj,v_proj>: lora(r=4, scale=10, dropout=0.2)\nlayers[-1].mlp.down_proj: dora(r=2)\n"
+
+
+def train(tmp_path: Path, name: str, spec: str = ATTENTION, **overrides):
+    spec_path = tmp_path / f"{name}.aspec"
+    spec_path.write_text(spec)
+    settings = dict(model=LLAMA, spec=str(spec_path), data=DATA, adapter_path=str(tmp_path / name), learning_rate=1e-3,
+                    iters=10, steps_per_report=5, steps_per_eval=1000, val_batches=2, save_every=5)
+    options = TrainOptions(**{**settings, **overrides})
+    return run(options, stream=io.StringIO())
+
+
+def weights(path) -> dict:
+    return mx.load(str(Path(path) / "adapters.safetensors"))
+
+
+def identical(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]).item() for k in a)
+
+
+def a_batch():
+    return mx.array([[1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 2]])
+
+
+def test_training_lowers_the_loss_changes_only_adapters_and_saves_reloadable_fusable_adapters(tmp_path):
+    result = train(tmp_path, "run", iters=30, steps_per_eval=30, val_batches=4, save_every=10)
+    (first_step, first), (last_step, last) = result.val_losses[0], result.val_losses[-1]
+    assert (first_step, last_step) == (0, 30)
+    assert last < first - 0.5, result.val_losses
+    assert [step for step, _ in list_checkpoints(result.out)] == [10, 20, 30]
+
+    model, base = result.model, dict(tree_flatten(load_model(LLAMA)[0].parameters()))
+    trainable = dict(tree_flatten(model.trainable_parameters()))
+    assert set(trainable) == set(weights(result.out)) and all(k.endswith((".lora_a", ".lora_b")) for k in trainable)
+    frozen = {k.replace(".linear.", "."): v for k, v in tree_flatten(model.parameters()) if k not in trainable}
+    assert frozen.keys() == base.keys()
+    assert all(mx.array_equal(frozen[k], base[k]).item() for k in base), "a base weight changed"
+    assert all(mx.any(v != 0).item() for k, v in trainable.items() if k.endswith("lora_b"))
+
+    model.eval()
+    expected = model(a_batch())
+    reloaded = load_model(LLAMA)[0]
+    load_adapters(reloaded, result.out)
+    assert mx.array_equal(reloaded(a_batch()), expected).item()
+    fused = [(path, m.fuse()) for path, m in reloaded.named_modules() if hasattr(m, "lora_a")]
+    reloaded.update_modules(tree_unflatten(fused))
+    assert fused and not any(hasattr(m, "lora_a") for _, m in reloaded.named_modules())
+    assert mx.allclose(reloaded(a_batch()), expected, atol=1e-4, rtol=1e-4).item()
+
+    from mlx_lm.tuner.utils import load_adapters as mlx_lm_load_adapters
+
+    config = json.loads((result.out / "adapter_config.json").read_text())
+    assert config["training"]["step"] == 30 and config["fine_tune_type"] == "lora"
+    by_mlx_lm = mlx_lm_load_adapters(load_model(LLAMA)[0], str(result.out))
+    by_mlx_lm.eval()
+    assert mx.allclose(by_mlx_lm(a_batch()), expected, atol=1e-5, rtol=1e-5).item()
+
+
+def test_resuming_gives_the_uninterrupted_runs_weights_with_dropout_and_gradient_accumulation(tmp_path):
+    settings = dict(spec=WITH_DROPOUT, grad_accumulation_steps=2, batch_size=2, save_every=3)
+    straight = train(tmp_path, "straight", iters=9, **settings)
+    first = train(tmp_path, "resumed", iters=3, **settings)
+    state = read_checkpoint(first.out / "checkpoints" / "0000003")
+    assert state.grad_accum() is not None, "step 3 is between two updates: its checkpoint holds the accumulated gradient"
+    resumed = train(tmp_path, "resumed", iters=9, resume=True, **settings)
+    assert resumed.resumed_from == 3 and resumed.step == 9
+    assert identical(weights(resumed.out), weights(straight.out))
+    assert identical(weights(resumed.out / "checkpoints" / "0000009"), weights(straight.out))
+    later = read_checkpoint(resumed.out / "checkpoints" / "0000009")
+    assert identical(later.arrays, read_checkpoint(straight.out / "checkpoints" / "0000009").arrays)
+
+
+def test_resume_refuses_other_settings_and_new_runs_refuse_a_used_directory(tmp_path):
+    train(tmp_path, "run", iters=5)
+    with pytest.raises(UserError, match="learning_rate"):
+        train(tmp_path, "run", iters=10, resume=True, learning_rate=5e-4)
+    with pytest.raises(UserError, match="not empty"):
+        train(tmp_path, "run", iters=10)
+    with pytest.raises(UserError, match="no checkpoint"):
+        train(tmp_path, "elsewhere", iters=10, resume=True)
+    with pytest.raises(UserError, match="past --iters"):
+        train(tmp_path, "run", iters=3, resume=True)
+    again = train(tmp_path, "run", iters=2, force=True)
+    assert [step for step, _ in list_checkpoints(again.out)] == [2]
+
+
+def test_test_split_reports_loss_and_perplexity(tmp_path, capsys):
+    from adapterspec.cli import main
+
+    spec = tmp_path / "a.aspec"
+    spec.write_text(ATTENTION)
+    code = main(["train", LLAMA, str(spec), "--data", DATA, "--iters", "2", "--steps-per-report", "1", "--val-batches", "1",
+                 "--test", "--test-batches", "2", "-o", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "Test loss" in out and "Test ppl" in out and "ETA" in out and "tok/s" in out
+
+
+def test_yaml_config_under_the_command_line_and_mlx_lm_keys_the_spec_replaces(tmp_path):
+    from adapterspec.train.options import read_yaml_config
+
+    config_path = tmp_path / "c.yaml"
+    config_path.write_text("model: m\nspec: s.aspec\ndata: d\niters: 50\nlearning_rate: 1e-4\nnum_layers: 8\n"
+                           "lora_parameters: {rank: 8}\noptimizer: AdamW\noptimizer_config: {adamw: {weight_decay: 0.01}}\n")
+    options, notes = merge_options({"iters": 7, "batch_size": None}, read_yaml_config(config_path))
+    assert (options.iters, options.learning_rate, options.batch_size) == (7, 1e-4, 4)
+    assert options.optimizer == "adamw" and options.optimizer_settings == {"weight_decay": 0.01}
+    assert any("num_layers" in n for n in notes) and any("lora_parameters" in n for n in notes)
+    with pytest.raises(UserError, match="unknown key 'iterations'"):
+        merge_options({}, {"iterations": 3, "model": "m", "spec": "s", "data": "d"})
+    with pytest.raises(UserError, match="missing spec"):
+        merge_options({"model": "m", "data": "d"}, {})
+
+
+def test_format_duration():
+    assert [format_duration(s) for s in (0, 7.4, 125, 3723, None)] == ["0:00", "0:07", "2:05", "1:02:03", "?"]
+
+
+def test_example_data_is_what_its_script_writes(tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "examples" / "data" / "make_data.py"), "--out", str(tmp_path)], check=True, capture_output=True)
+    for split in ("train", "valid", "test"):
+        assert (tmp_path / f"{split}.jsonl").read_bytes() == (ROOT / "examples" / "data" / f"{split}.jsonl").read_bytes()
