@@ -7,8 +7,8 @@ import sys
 from importlib import import_module
 
 from . import __version__
-from .language.diagnostics import SpecError
 from .errors import EXIT_ERRORS, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UserError
+from .language.diagnostics import SpecError
 
 COMMANDS = {
     "lint": "check spec files (and, with --model, match them against a model)",

@@ -9,11 +9,7 @@ from .lora import LoRALinear
 from .switch import LoRASwitchLinear
 
 ADAPTER_CLASSES: dict[str, type[nn.Module]] = {
-    "lora": LoRALinear,
-    "switch-lora": LoRASwitchLinear,
-    "embedding-lora": LoRAEmbedding,
-    "dora": DoRALinear,
-    "dora-embedding": DoRAEmbedding,
+    cls.kind: cls for cls in (LoRALinear, LoRASwitchLinear, LoRAEmbedding, DoRALinear, DoRAEmbedding)
 }
 
 

@@ -2,10 +2,7 @@
 
 import mlx.core as mx
 
-LINEAR_KINDS = ("lora", "dora")
-SWITCH_KINDS = ("switch-lora",)
-EMBEDDING_KINDS = ("embedding-lora", "dora-embedding")
-DORA_KINDS = ("dora", "dora-embedding")
+from ..model.kinds import DORA_KINDS, EMBEDDING_KINDS, LINEAR_KINDS, SWITCH_KINDS
 
 
 def lora_delta(kind: str, lora_a: mx.array, lora_b: mx.array, scale: float, dtype=mx.float32) -> mx.array:

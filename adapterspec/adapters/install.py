@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from typing import Union
 
-from ..language.diagnostics import SpecError
-from ..language.lint import parse_spec
-from ..model.index import ModuleIndex
-from ..model.plan import Plan, make_plan
 from ..language.spec import Spec
+from ..model.index import ModuleIndex
+from ..model.plan import Plan, plan_spec
 
 ADAPTER_LEAVES = ("lora_a", "lora_b")
 
@@ -37,12 +35,7 @@ def module_at(model, path: str):
 
 def plan_for_model(model, spec: Union[Spec, str]) -> Plan:
     """The plan of a spec on a live model, raising SpecError (with every diagnostic) when it has errors."""
-    if isinstance(spec, str):
-        spec = parse_spec(spec)
-    plan = make_plan(spec, ModuleIndex.from_module(model))
-    if not plan.ok:
-        raise SpecError(plan.diagnostics, spec.source)
-    return plan
+    return plan_spec(spec, ModuleIndex.from_module(model))
 
 
 def build_adapters(model, plan: Plan) -> list[tuple[str, object]]:

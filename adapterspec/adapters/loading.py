@@ -7,7 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..model.files import CONFIG_FILE, read_model_config, resolve_model_path, weight_files
+from ..model.files import (
+    CONFIG_FILE,
+    read_model_config,
+    resolve_model_path,
+    weight_files,
+)
 
 
 class ModelLoadError(UserError):

@@ -4,7 +4,13 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import fusemath, lowrank
-from .basemodules import AdapterModule, dense_weight, last_dim, low_rank_init, quantization
+from .basemodules import (
+    AdapterModule,
+    dense_weight,
+    last_dim,
+    low_rank_init,
+    quantization,
+)
 
 
 class LoRALinear(AdapterModule):

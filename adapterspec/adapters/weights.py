@@ -7,8 +7,13 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import UserError
-from ..language.diagnostics import SpecError
-from ..model.adapter_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, read_adapter_config, spec_text_of
+from ..model.adapter_format import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    adapter_config,
+    read_adapter_config,
+    spec_text_of,
+)
 from ..model.index import ModuleIndex
 from ..model.plan import Plan
 
@@ -36,20 +41,13 @@ def save_adapters(model, plan: Plan, dest, *, force: bool = False, protect=(), e
 
 def load_adapters(model, path, *, strict: bool = True) -> Plan:
     """Install the adapters an adapter directory describes into `model` and load their weights."""
-    import mlx.core as mx
-
-    from .install import build_adapters, has_adapters, install, trainable_shapes
-    from ..language.lint import parse_spec
-    from ..model.plan import make_plan
+    from ..model.plan import plan_spec
 
     path = Path(path)
     config = read_adapter_config(path)
     index = ModuleIndex.from_module(model)
     text, filename, _notes = spec_text_of(config, index)
-    spec = parse_spec(text, filename)
-    plan = make_plan(spec, index)
-    if not plan.ok:
-        raise SpecError(plan.diagnostics, text)
+    plan = plan_spec(text, index, filename)
     saved = config.get("adapterspec", {}).get("plan")
     if saved is not None:
         expected = [(m["path"], m["adapter"], m["r"]) for m in saved["modules"]]
@@ -60,6 +58,16 @@ def load_adapters(model, path, *, strict: bool = True) -> Plan:
     weights_path = path / ADAPTER_WEIGHTS
     if not weights_path.is_file():
         raise UserError(f"{path}: {ADAPTER_WEIGHTS} is missing")
+    install_weights(model, plan, weights_path, strict=strict)
+    return plan
+
+
+def install_weights(model, plan: Plan, weights_path: Path, *, strict: bool = True) -> None:
+    """Install the plan's adapters into `model` with the weights of a safetensors file; nothing changes on a misfit."""
+    import mlx.core as mx
+
+    from .install import build_adapters, has_adapters, install, trainable_shapes
+
     try:
         weights = mx.load(str(weights_path))
     except (RuntimeError, ValueError) as error:
@@ -81,4 +89,3 @@ def load_adapters(model, path, *, strict: bool = True) -> Plan:
         raise UserError(f"{weights_path} does not fit the adapters: " + "; ".join(problems[:3]))
     install(model, plan, adapters)
     model.load_weights(list(weights.items()), strict=False)
-    return plan

@@ -4,14 +4,11 @@
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from ..errors import EXIT_ERRORS, EXIT_OK, UserError
-from .common import print_diagnostics, spec_or_exit, unique
+from .common import print_diagnostics, spec_or_exit
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,11 +37,10 @@ def adapter_weights_file(path: str) -> Path:
 def run(args) -> int:
     import mlx.core as mx
 
-    from ..model.adapter_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config
-    from ..adapters.weights import load_adapters, save_adapters
     from ..adapters.install import apply, plan_for_model
-    from ..language.diagnostics import SpecError
     from ..adapters.loading import load_model
+    from ..adapters.weights import install_weights, save_adapters
+    from ..language.diagnostics import SpecError
     from ..model.files import resolve_model_path
     from .plan import render
 
@@ -58,9 +54,9 @@ def run(args) -> int:
     try:
         plan = plan_for_model(model, spec)
     except SpecError as error:
-        print_diagnostics(unique(list(diagnostics) + error.diagnostics), text, args.spec)
+        print_diagnostics(list(diagnostics) + error.diagnostics, text, args.spec)
         return EXIT_ERRORS
-    all_diagnostics = unique(list(diagnostics) + plan.diagnostics)
+    all_diagnostics = list(diagnostics) + plan.diagnostics
     print_diagnostics(all_diagnostics, text, args.spec)
     if args.strict and all_diagnostics:
         return EXIT_ERRORS
@@ -72,21 +68,19 @@ def run(args) -> int:
         print(render(plan, verbose=False))
         print(f"\nwrote fresh adapters (seed {args.seed}) to {args.output}")
         return EXIT_OK
-    with tempfile.TemporaryDirectory(prefix=".adapterspec-") as staging:
-        staged = Path(staging)
-        (staged / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(plan), indent=2) + "\n", encoding="utf-8")
-        shutil.copyfile(adapter_weights_file(args.adapters), staged / ADAPTER_WEIGHTS)
-        if args.fuse:
-            from ..fuse.run import fuse_model_dir
-            from ..fuse.progress import progress_for
-            from .fuse import print_outcome
+    weights = adapter_weights_file(args.adapters)
+    if args.fuse:
+        from ..fuse.plan import AdapterSource
+        from ..fuse.progress import progress_for
+        from ..fuse.run import fuse_model_dir
+        from .fuse import print_outcome
 
-            result = fuse_model_dir(model_dir, staged, args.output, dequantize=args.dequantize, force=args.force,
-                                    progress=progress_for(sys.stderr), protect=protect)
-            print(result.report.render(full=False))
-            print_outcome(result, args.output)
-        else:
-            load_adapters(model, staged)
-            save_adapters(model, plan, args.output, force=args.force, protect=protect)
-            print(f"wrote the given adapters with this spec to {args.output}", file=sys.stderr)
+        result = fuse_model_dir(model_dir, AdapterSource.from_plan(plan, weights), args.output, dequantize=args.dequantize,
+                                force=args.force, progress=progress_for(sys.stderr), protect=protect)
+        print(result.report.render(full=False))
+        print_outcome(result, args.output)
+    else:
+        install_weights(model, plan, weights)
+        save_adapters(model, plan, args.output, force=args.force, protect=protect)
+        print(f"wrote the given adapters with this spec to {args.output}", file=sys.stderr)
     return EXIT_OK

@@ -6,8 +6,8 @@ import os
 import sys
 from typing import TYPE_CHECKING, Optional, Sequence
 
-from ..language.diagnostics import Diagnostic, render_text
 from ..errors import EXIT_ERRORS, UserError
+from ..language.diagnostics import Diagnostic, render_text
 from ..language.parse import MAX_FILE_BYTES
 
 if TYPE_CHECKING:
@@ -52,18 +52,7 @@ def read_spec(path: str) -> tuple[Optional["Spec"], list[Diagnostic], Optional[s
 def print_diagnostics(diagnostics: Sequence[Diagnostic], source: Optional[str], filename: str, stream=None) -> None:
     if diagnostics:
         stream = stream or sys.stderr
-        print(render_text(unique(diagnostics), {filename: source} if source is not None else {}), file=stream)
-
-
-def unique(diagnostics: Sequence[Diagnostic]) -> list[Diagnostic]:
-    """Diagnostics without repeats of the same code at the same place (static and model checks overlap)."""
-    seen, out = set(), []
-    for d in diagnostics:
-        key = (d.code, d.filename, d.span.line if d.span else None, d.span.column if d.span else None)
-        if key not in seen:
-            seen.add(key)
-            out.append(d)
-    return out
+        print(render_text(diagnostics, {filename: source} if source is not None else {}), file=stream)
 
 
 def spec_or_exit(path: str) -> tuple[Optional["Spec"], list[Diagnostic], Optional[str], int]:
@@ -81,18 +70,6 @@ def model_index(model: str):
     from ..model.index import ModuleIndex
 
     return ModuleIndex.from_model_dir(resolve_model_path(model))
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]], right: Sequence[int] = ()) -> str:
-    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-
-    def line(row):
-        parts = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
-        return "  ".join(parts).rstrip()
-
-    rule = "  ".join("─" * w for w in widths)
-    return "\n".join([line(cells[0]), rule] + [line(r) for r in cells[1:]])
 
 
 def describe_shape(info) -> str:

@@ -7,13 +7,12 @@ import difflib
 import os
 import stat
 import sys
-import tempfile
-from pathlib import Path
 
-from ..language.diagnostics import render_text
 from ..errors import EXIT_ERRORS, EXIT_OK, EXIT_USAGE
+from ..language.diagnostics import render_text
 from ..language.format import format_source
 from ..language.parse import decode
+from ..outputs import write_file_atomic
 from .lint import STDIN, Unreadable, display_name, read_input, spec_paths
 
 
@@ -36,21 +35,8 @@ def unified_diff(before: str, after: str, name: str) -> str:
 
 
 def write_atomically(path: str, text: str) -> None:
-    """Replace a file's content in one step (temp file + rename), keeping its permissions."""
-    target = Path(os.path.realpath(path))
-    mode = stat.S_IMODE(target.stat().st_mode)
-    fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, mode)
-        os.replace(temporary, target)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    """Replace a file's content in one step, keeping its permissions."""
+    write_file_atomic(path, text, mode=stat.S_IMODE(os.stat(path).st_mode))
 
 
 class _Run:

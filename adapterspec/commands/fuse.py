@@ -39,8 +39,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ..fuse.run import ErasureError, fuse_model_dir
     from ..fuse.progress import Progress, progress_for
+    from ..fuse.run import ErasureError, fuse_model_dir
 
     max_shard_bytes = parse_size(args.max_shard_size)
     progress = Progress() if args.quiet else progress_for(sys.stderr)
@@ -78,7 +78,7 @@ def print_outcome(result, output: str) -> None:
     if result.kept_dense:
         print(f"kept {len(result.kept_dense)} module(s) unquantized so that their adapter survives", file=sys.stderr)
     shards = len(result.shards)
-    replaced = sum(1 for m in result.plan.modules if m.kind == "full")
+    replaced = sum(1 for m in result.plan.adapters.modules if m.kind == "full")
     what = f"{len(result.plan.fused_units)} adapter(s)" + (f" and {replaced} fully trained module(s)" if replaced else "")
     print(
         f"fused {what} into {output}: {shards} weight file{'s' * (shards != 1)}, "

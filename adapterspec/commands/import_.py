@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from ..errors import EXIT_OK, UserError
+from ..outputs import write_file_atomic
 
 SOURCES = ("peft", "mlx-lm")
 
@@ -33,9 +33,7 @@ def write_spec(text: str, output: str | None, force: bool) -> None:
     if path.exists() and not force:
         raise UserError(f"{output} exists", help="pass --force to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    staged = path.with_name(f".{path.name}.tmp")
-    staged.write_text(text, encoding="utf-8")
-    os.replace(staged, path)
+    write_file_atomic(path, text)
 
 
 def report(findings, allow_lossy: bool) -> None:

@@ -8,8 +8,15 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ..language.diagnostics import Diagnostic, Severity, render_github, render_json, render_text, sort_key
 from ..errors import EXIT_ERRORS, EXIT_OK, EXIT_USAGE
+from ..language.diagnostics import (
+    Diagnostic,
+    Severity,
+    render_github,
+    render_json,
+    render_text,
+    sort_key,
+)
 from ..language.lint import diagnose_bytes
 from .common import STDIN, Unreadable, read_input
 
@@ -46,14 +53,12 @@ def display_name(name: str) -> str:
     return "<stdin>" if name == STDIN else name
 
 
-def plan_diagnostics(checked, index, known: list[Diagnostic]) -> list[Diagnostic]:
-    """The plan's diagnostics, less those the static checks already gave at the same place (AS401)."""
-    from ..model.plan import make_plan
+def plan_diagnostics(checked, index) -> list[Diagnostic]:
+    """The plan's diagnostics (model-dependent: they never repeat the static checks')."""
     from ..language.spec import spec_from_checked
+    from ..model.plan import make_plan
 
-    seen = {(d.code, d.span.line, d.span.column) for d in known if d.span is not None}
-    planned = make_plan(spec_from_checked(checked), index).diagnostics
-    return [d for d in planned if d.span is None or (d.code, d.span.line, d.span.column) not in seen]
+    return make_plan(spec_from_checked(checked), index).diagnostics
 
 
 def summary(diagnostics: list[Diagnostic], files: int) -> str:
@@ -87,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         checked, diagnostics, text = diagnose_bytes(data, filename, size)
         if index is not None and checked is not None:
-            diagnostics = sorted(diagnostics + plan_diagnostics(checked, index, diagnostics), key=sort_key)
+            diagnostics = sorted(diagnostics + plan_diagnostics(checked, index), key=sort_key)
         every += diagnostics
         if diagnostics:
             blocks.append(render(diagnostics, args.format, filename, text))

@@ -6,7 +6,8 @@ import argparse
 import json
 
 from ..errors import EXIT_ERRORS, EXIT_OK
-from .common import format_table, model_index, print_diagnostics, spec_or_exit, unique
+from ..tables import format_table
+from .common import model_index, print_diagnostics, spec_or_exit
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,7 +78,7 @@ def run(args) -> int:
     if spec is None:
         return code
     plan = make_plan(spec, model_index(args.model))
-    all_diagnostics = unique(list(diagnostics) + plan.diagnostics)
+    all_diagnostics = list(diagnostics) + plan.diagnostics
     failed = any(d.is_error for d in all_diagnostics) or (args.strict and any(d.severity.value == "warning" for d in all_diagnostics))
     if args.json:
         payload = plan.to_json()

@@ -51,8 +51,8 @@ def _size(text: str) -> int:
 
 
 def run(args) -> int:
-    from ..train.run import run as train_run
     from ..train.options import merge_options, read_yaml_config
+    from ..train.run import run as train_run
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "run", "config")}
     config = read_yaml_config(args.config) if args.config else {}

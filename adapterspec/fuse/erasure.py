@@ -19,12 +19,13 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from . import merge_numpy
 from ..adapters import fusemath
-from .shards import SourceFiles, SourceTensor
+from ..model.kinds import DORA_KINDS
+from . import merge_numpy
 from .merge_mlx import adapter_rows, requantize
-from .plan import DORA_KINDS, FusePlan, Unit
+from .plan import FusePlan, Unit
 from .report import Measurement, Survival
+from .shards import SourceFiles, SourceTensor
 
 MAX_SAMPLED_ROWS = 32
 # Of those rows, numpy measures this many evenly spaced groups of columns (of DENSE_GROUP on a dense weight).

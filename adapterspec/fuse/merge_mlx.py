@@ -14,7 +14,8 @@ from typing import Callable, Optional
 import mlx.core as mx
 
 from ..adapters import fusemath
-from .plan import DORA_KINDS, EMBEDDING_KINDS, Quantization, Unit
+from ..model.kinds import DORA_KINDS, EMBEDDING_KINDS
+from .plan import Quantization, Unit
 
 FAST_DEQUANTIZE_BITS = (2, 4, 8)
 FLOAT_DTYPES = (mx.float16, mx.bfloat16, mx.float32)

@@ -3,26 +3,18 @@
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..model.adapter_format import ADAPTER_WEIGHTS, read_adapter_config, spec_text_of
-from ..language.diagnostics import SpecError
 from ..errors import UserError
-from .shards import SourceTensor, nbytes_of, read_sources
+from ..model.adapter_format import ADAPTER_WEIGHTS, read_adapter_config, spec_text_of
 from ..model.files import read_model_config, resolve_model_path, weight_files
 from ..model.index import ModuleIndex, ModuleInfo, natural_key
+from ..model.kinds import KINDS
+from .shards import SourceTensor, nbytes_of, read_sources
 
-LOW_RANK_FAMILIES = {
-    "lora": "linear",
-    "dora": "linear",
-    "switch-lora": "switch",
-    "embedding-lora": "embedding",
-    "dora-embedding": "embedding",
-}
-DORA_KINDS = ("dora", "dora-embedding")
-EMBEDDING_KINDS = ("embedding-lora", "dora-embedding")
 MODULE_TENSORS = ("weight", "scales", "biases")
 MAX_SHARD_BYTES = 5 << 30
 # Bytes of memory per weight element while a module is merged: the input, a float32 ΔW, the result.
@@ -41,6 +33,47 @@ class AdaptedModule:
 
     def describe(self) -> str:
         return self.kind if self.r is None else f"{self.kind} r={self.r}"
+
+
+@dataclass(frozen=True)
+class AdapterSource:
+    """What a fuse merges: the adapted modules (from a plan) and the safetensors file holding their weights.
+
+    `origin` is what the user named (an adapter directory, or the weights file): messages name it, and the
+    output may not overlap it."""
+
+    modules: tuple[AdaptedModule, ...]
+    weights: Path
+    origin: Path
+    notes: tuple[str, ...] = ()
+
+    @classmethod
+    def from_plan(cls, plan, weights) -> "AdapterSource":
+        """A plan in memory (`model.plan.Plan`, or its entries' JSON) with the weights file it goes with."""
+        entries = plan.to_json()["modules"] if hasattr(plan, "to_json") else plan
+        try:
+            modules = tuple(AdaptedModule(m["path"], m["adapter"], m.get("r"), m.get("scale")) for m in entries)
+        except (KeyError, TypeError) as error:
+            raise UserError(f"the adapter config's plan is damaged ({error})") from error
+        return cls(modules, Path(weights), Path(weights))
+
+    @classmethod
+    def from_dir(cls, adapter_dir, index: ModuleIndex) -> "AdapterSource":
+        """An adapter directory: our saved plan, or mlx-lm's keys translated on this model."""
+        adapter_dir = Path(adapter_dir)
+        config = read_adapter_config(adapter_dir)
+        ours = config.get("adapterspec")
+        if ours is not None and isinstance(ours.get("plan"), dict):
+            source = cls.from_plan(ours["plan"].get("modules"), adapter_dir / ADAPTER_WEIGHTS)
+            notes: tuple[str, ...] = ()
+        else:
+            from ..model.plan import plan_spec
+
+            text, filename, translation_notes = spec_text_of(config, index)
+            source, notes = cls.from_plan(plan_spec(text, index, filename), adapter_dir / ADAPTER_WEIGHTS), tuple(translation_notes)
+        if not source.weights.is_file():
+            raise UserError(f"{adapter_dir}: {ADAPTER_WEIGHTS} is missing")
+        return cls(source.modules, source.weights, adapter_dir, notes)
 
 
 @dataclass(frozen=True)
@@ -76,10 +109,7 @@ class Unit:
     @property
     def row_bytes(self) -> int:
         """Working memory while one row along the weight's first axis (a row; an expert of a switch) is merged."""
-        n = WORKING_BYTES_PER_ELEMENT
-        for d in self.logical_shape[1:]:
-            n *= d
-        return n
+        return WORKING_BYTES_PER_ELEMENT * math.prod(self.logical_shape[1:])
 
     def row_chunks(self, max_working_bytes: int) -> list[tuple[int, int]]:
         """Ranges along the weight's first axis small enough to merge one at a time."""
@@ -126,9 +156,8 @@ class FusePlan:
     """Everything `fuse` will write, before a byte is read: units of work, copied tensors, the config."""
 
     model_dir: Path
-    adapter_dir: Path
+    adapters: AdapterSource
     config: dict
-    modules: list[AdaptedModule]
     units: list[Unit]
     sources: list[SourceTensor]
     replaced: dict[str, SourceTensor]
@@ -211,9 +240,7 @@ def total_parameters(shards: list[Shard], quantized_bits: dict[str, int]) -> int
             quantized = f"{owner}.scales" in names
             if quantized and param in ("scales", "biases"):
                 continue
-            size = 1
-            for d in tensor.shape:
-                size *= d
+            size = math.prod(tensor.shape)
             if quantized and param == "weight":
                 size = size * 32 // quantized_bits[owner]
             count += size
@@ -223,52 +250,27 @@ def total_parameters(shards: list[Shard], quantized_bits: dict[str, int]) -> int
 # ── building the plan ───────────────────────────────────────────────────────
 
 
-def plan_fuse(model, adapter_dir, *, dequantize: bool = False) -> FusePlan:
-    """Read a model directory and an adapter directory and decide what fusing them writes; nothing is loaded."""
+def plan_fuse(model, adapters, *, dequantize: bool = False) -> FusePlan:
+    """Read a model directory and the adapters (an adapter directory, or an AdapterSource from a plan in memory)
+    and decide what fusing them writes; nothing is loaded."""
     model_dir = resolve_model_path(model)
-    adapter_dir = Path(adapter_dir)
     config = read_model_config(model_dir)
-    adapter_config = read_adapter_config(adapter_dir)
     index = ModuleIndex.from_model_dir(model_dir)
-    modules, notes = adapted_modules(adapter_config, index)
+    if not isinstance(adapters, AdapterSource):
+        adapters = AdapterSource.from_dir(adapters, index)
     sources: list[SourceTensor] = []
     for path in weight_files(model_dir):
         sources.extend(read_sources(path).values())
     by_name = {s.name: s for s in sources}
-    weights_path = adapter_dir / ADAPTER_WEIGHTS
-    if not weights_path.is_file():
-        raise UserError(f"{adapter_dir}: {ADAPTER_WEIGHTS} is missing")
-    adapter_sources = read_sources(weights_path)
+    adapter_sources = read_sources(adapters.weights)
     _check_quantization_config(config, index)
-    units, replaced = _units_for_adapters(modules, index, by_name, adapter_sources, adapter_dir, dequantize)
+    units, replaced = _units_for_adapters(adapters, index, by_name, adapter_sources, dequantize)
     adapted = {u.path for u in units}
     if dequantize:
         units += [_unit(info, None, by_name, {}, False) for info in index if info.quantized and info.path not in adapted]
     units.sort(key=lambda u: natural_key(u.path))
     bits = {info.path: info.bits for info in index if info.quantized}
-    return FusePlan(model_dir, adapter_dir, config, modules, units, sources, replaced, dequantize, bits, notes)
-
-
-def adapted_modules(adapter_config: dict, index: ModuleIndex) -> tuple[list[AdaptedModule], list[str]]:
-    """The adapted modules an adapter config stands for: our saved plan, or mlx-lm's keys translated on this model."""
-    ours = adapter_config.get("adapterspec")
-    if ours is not None and isinstance(ours.get("plan"), dict):
-        try:
-            return [
-                AdaptedModule(m["path"], m["adapter"], m.get("r"), m.get("scale"))
-                for m in ours["plan"]["modules"]
-            ], []
-        except (KeyError, TypeError) as error:
-            raise UserError(f"the adapter config's plan is damaged ({error})") from error
-    from ..language.lint import parse_spec
-    from ..model.plan import make_plan
-
-    text, filename, notes = spec_text_of(adapter_config, index)
-    spec = parse_spec(text, filename)
-    plan = make_plan(spec, index)
-    if not plan.ok:
-        raise SpecError(plan.diagnostics, text)
-    return [AdaptedModule(e.path, e.adapter, e.r, e.scale) for e in plan.entries], notes
+    return FusePlan(model_dir, adapters, config, units, sources, replaced, dequantize, bits, list(adapters.notes))
 
 
 def _check_quantization_config(config: dict, index: ModuleIndex) -> None:
@@ -279,12 +281,12 @@ def _check_quantization_config(config: dict, index: ModuleIndex) -> None:
         )
 
 
-def _units_for_adapters(modules, index, by_name, adapter_sources, adapter_dir, dequantize):
+def _units_for_adapters(adapters: AdapterSource, index, by_name, adapter_sources, dequantize):
     units: list[Unit] = []
     replaced: dict[str, SourceTensor] = {}
     claimed: set[str] = set()
     problems: list[str] = []
-    for module in modules:
+    for module in adapters.modules:
         info = index.modules.get(module.path)
         if module.kind == "full":
             found = {n: s for n, s in adapter_sources.items() if n.rpartition(".")[0] == module.path}
@@ -298,20 +300,21 @@ def _units_for_adapters(modules, index, by_name, adapter_sources, adapter_dir, d
                     replaced[name] = source
             claimed.update(found)
             continue
-        family = LOW_RANK_FAMILIES.get(module.kind)
-        if family is None:
+        kind = KINDS.get(module.kind)
+        if kind is None:
             raise UserError(f"the adapter plan names an unknown adapter kind {module.kind!r} for '{module.path}'")
-        if info is None or info.family != family:
+        if info is None or info.family != kind.family:
             what = "no such module" if info is None else f"a {info.cls}"
             raise UserError(
-                f"{adapter_dir} was made for another model: '{module.path}' ({module.kind}) is {what} in this model",
+                f"{adapters.origin} was made for another model: '{module.path}' ({module.kind}) is {what} in this model",
                 help="fuse the adapters into the model they were trained on",
             )
-        names = {p: f"{module.path}.{p}" for p in _adapter_params(module.kind)}
+        shapes = kind.shapes(info.input_dims, info.output_dims, module.r, info.num_experts)
+        names = {p: f"{module.path}.{p}" for p in kind.params}
         tensors = {}
         for param, name in names.items():
             source = adapter_sources.get(name)
-            expected = _adapter_shape(module.kind, param, info, module.r)
+            expected = shapes[param]
             if source is None:
                 problems.append(f"'{name}' is missing")
             elif tuple(source.shape) != expected:
@@ -325,23 +328,10 @@ def _units_for_adapters(modules, index, by_name, adapter_sources, adapter_dir, d
         problems.append(f"{len(unclaimed)} tensor(s) belong to no adapted module, e.g. '{unclaimed[0]}'")
     if problems:
         raise UserError(
-            f"{adapter_dir / ADAPTER_WEIGHTS} does not fit the adapter plan and this model: " + "; ".join(problems[:3]),
+            f"{adapters.weights} does not fit the adapter plan and this model: " + "; ".join(problems[:3]),
             help="fuse the adapters into the model they were trained on",
         )
     return units, replaced
-
-
-def _adapter_params(kind: str) -> tuple[str, ...]:
-    return ("lora_a", "lora_b", "m") if kind in DORA_KINDS else ("lora_a", "lora_b")
-
-
-def _adapter_shape(kind: str, param: str, info: ModuleInfo, r: Optional[int]) -> tuple[int, ...]:
-    n_in, n_out = info.input_dims, info.output_dims
-    if kind == "switch-lora":
-        return {"lora_a": (info.num_experts, r, n_in), "lora_b": (info.num_experts, n_out, r)}[param]
-    if kind in EMBEDDING_KINDS:
-        return {"lora_a": (n_in, r), "lora_b": (r, n_out), "m": (n_in,)}[param]
-    return {"lora_a": (n_in, r), "lora_b": (r, n_out), "m": (n_out,)}[param]
 
 
 def _unit(info: ModuleInfo, module: Optional[AdaptedModule], by_name, adapter_tensors, requantize: bool) -> Unit:

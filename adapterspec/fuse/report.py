@@ -7,6 +7,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Optional
 
+from ..tables import format_table
 from .plan import FusePlan
 
 LOST_BELOW = 0.5
@@ -174,11 +175,4 @@ def _module_rows(modules: list[ModuleReport]) -> list[list[str]]:
 
 def _table(rows: list[list[str]]) -> str:
     headers = ["modules", "n", "adapter", "stored as", "kept min", "kept median", "error max", "status"]
-    right = {1, 4, 5, 6}
-    cells = [headers] + rows
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-
-    def line(row):
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
-
-    return "\n".join([line(headers), "  ".join("─" * w for w in widths)] + [line(r) for r in rows])
+    return format_table(headers, rows, right={1, 4, 5, 6})

@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 from ..errors import EXIT_ERRORS, UserError
+from ..model.files import CONFIG_FILE, WEIGHT_INDEX_FILE, copy_model_side_files
+from ..outputs import atomic_output_dir
 from .plan import MAX_SHARD_BYTES, FusePlan, Shard, plan_fuse
 from .progress import Progress
 from .report import LOST_BELOW, ErasureReport, build_report, modules_to_keep_dense
-from ..model.files import CONFIG_FILE, WEIGHT_INDEX_FILE, copy_model_side_files
-from ..outputs import atomic_output_dir
 
 KEEP_PRECISION = ("never", "auto")
 PID_MARKER = ".adapterspec-fuse.pid"
@@ -73,7 +73,7 @@ class FuseResult:
 
 def fuse_model_dir(
     model_dir,
-    adapter_dir,
+    adapters,
     out_dir,
     *,
     dequantize: bool = False,
@@ -84,7 +84,8 @@ def fuse_model_dir(
     progress: Optional[Progress] = None,
     protect: Iterable = (),
 ) -> FuseResult:
-    """Merge the adapters of `adapter_dir` into the model at `model_dir` and write the model to `out_dir`.
+    """Merge `adapters` (an adapter directory, or a plan.AdapterSource) into the model at `model_dir` and write
+    the model to `out_dir`.
 
     `dequantize` writes every weight unquantized; `keep_precision="auto"` writes unquantized only the
     fused modules that requantization would strip of most of their adapter (per-module entries in
@@ -95,14 +96,14 @@ def fuse_model_dir(
     started = time.monotonic()
     if keep_precision not in KEEP_PRECISION:
         raise UserError(f"keep_precision must be one of {', '.join(KEEP_PRECISION)}, not {keep_precision!r}")
-    plan = plan_fuse(model_dir, adapter_dir, dequantize=dequantize)
+    plan = plan_fuse(model_dir, adapters, dequantize=dequantize)
     out = Path(out_dir).expanduser()
     removed = remove_stale_temp_dirs(out)
     from .erasure import measure
     from .shards import SourceFiles
     from .stream import merge_workers_for, write_shards
 
-    with atomic_output_dir(out, force=force, protect=[plan.model_dir, plan.adapter_dir, *protect]) as tmp:
+    with atomic_output_dir(out, force=force, protect=[plan.model_dir, plan.adapters.origin, *protect]) as tmp:
         marker = tmp / PID_MARKER
         marker.write_text(str(os.getpid()))
         # Started first, the worker processes (for the numpy merges) get ready while the adapters are measured.
@@ -147,12 +148,10 @@ def _load_adapter_arrays(plan: FusePlan) -> dict:
     """The low-rank adapter tensors, loaded and evaluated (`full` replacements are copied from the file instead)."""
     import mlx.core as mx
 
-    from ..model.adapter_format import ADAPTER_WEIGHTS
-
     names = {source.name for unit in plan.fused_units for source in unit.adapter_tensors.values()}
     if not names:
         return {}
-    loaded = mx.load(str(plan.adapter_dir / ADAPTER_WEIGHTS))
+    loaded = mx.load(str(plan.adapters.weights))
     arrays = {name: loaded[name] for name in names}
     mx.eval(list(arrays.values()))
     return arrays

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -28,10 +29,7 @@ class SourceTensor:
     @property
     def rows(self) -> int:
         """The number of rows: the product of every axis but the last."""
-        n = 1
-        for d in self.shape[:-1]:
-            n *= d
-        return n
+        return math.prod(self.shape[:-1])
 
 
 def read_sources(path: str | os.PathLike) -> dict[str, SourceTensor]:

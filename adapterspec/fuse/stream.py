@@ -7,9 +7,7 @@ copies untouched tensors and writes what mlx merges, a few chunks ahead on paral
 
 from __future__ import annotations
 
-import os
 import queue
-import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +15,12 @@ from typing import Iterator, Optional
 
 import mlx.core as mx
 
-from .shards import ShardFile, SourceFiles, SourceTensor
 from .merge import numpy_merges
 from .merge_mlx import compute_chunk
 from .merge_numpy import Unrepresentable
 from .plan import SHARD_METADATA, OutputTensor, Shard, Unit
 from .progress import Progress
+from .shards import ShardFile, SourceFiles, SourceTensor
 from .workers import MergeWorkers, output_names, task_for
 
 STREAMS = 2
@@ -34,7 +32,6 @@ IN_FLIGHT_BYTES = 8 * CHUNK_BYTES
 GPU_CHUNK_BYTES = 96 << 20
 GPU_IN_FLIGHT_BYTES = 4 * GPU_CHUNK_BYTES
 CACHE_BYTES = 32 << 20
-DELAY_ENV = "ADAPTERSPEC_FUSE_TEST_DELAY"
 
 
 @dataclass(eq=False)
@@ -182,7 +179,6 @@ class _Writing:
         self.progress = progress
         self.pending = 0
         self._finished: queue.SimpleQueue = queue.SimpleQueue()
-        self.delay = float(os.environ.get(DELAY_ENV) or 0)
 
     def submitted(self, future: Future, chunk: Chunk) -> None:
         self.pending += 1
@@ -214,10 +210,8 @@ class _Writing:
                 self.progress.advance(nbytes)
 
     def step(self) -> None:
-        """Between two pieces of main-thread work: take in finished merges (and wait, in tests that ask)."""
+        """Between two pieces of main-thread work: take in finished merges."""
         self.collect(block=False)
-        if self.delay:
-            time.sleep(self.delay)
 
 
 def write_shards(
@@ -231,18 +225,13 @@ def write_shards(
 ) -> None:
     """Write every shard into `out_dir`: copied tensors by byte range, computed ones chunk by chunk.
 
-    Numpy merges run on `workers`, or on a pool started here when none is given.
+    The units that merge in numpy run on `workers` (`merge_workers_for`); without workers, mlx merges every unit.
     """
     progress = progress or Progress()
     on_cpu = mx.default_device() == mx.cpu
     chunk_bytes = chunk_bytes or (CHUNK_BYTES if on_cpu else GPU_CHUNK_BYTES)
     units = list({id(t.unit): t.unit for shard in shards for t in shard.tensors if t.unit is not None}.values())
-    in_numpy = [unit for unit in units if numpy_merges(unit)]
-    own_workers = workers is None and bool(in_numpy)
-    if own_workers:
-        workers = MergeWorkers()
-    if workers is None:
-        in_numpy = []
+    in_numpy = [unit for unit in units if numpy_merges(unit)] if workers is not None else []
     numpy_ids = {id(unit) for unit in in_numpy}
     by_mlx = [chunk for unit in units if id(unit) not in numpy_ids for chunk in chunks_of(unit, chunk_bytes)]
     previous_cache_limit = mx.set_cache_limit(CACHE_BYTES)
@@ -271,7 +260,5 @@ def write_shards(
     finally:
         if failed and outputs is not None:
             outputs.abort()
-        if own_workers:
-            workers.close(wait=not failed)
         progress.close()
         mx.set_cache_limit(previous_cache_limit)

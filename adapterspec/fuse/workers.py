@@ -31,8 +31,8 @@ from typing import Optional
 import numpy as np
 
 from ..errors import EXIT_ERRORS, UserError
-from .shards import SourceTensor, pread_all, pwrite_all
 from .merge_numpy import DenseMerge, QuantizedMerge
+from .shards import SourceTensor, pread_all, pwrite_all
 
 MAX_WORKERS = 8
 WORKERS_ENV = "ADAPTERSPEC_FUSE_WORKERS"

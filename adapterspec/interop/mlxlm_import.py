@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import UserError
-from ..model.mlxlm import block_list_path, spec_from_mlx_lm
 from ..model.index import ModuleIndex
+from ..model.mlxlm import block_list_path, spec_from_mlx_lm
 from .findings import Finding, as_comments, lossy, note
 from .spec_writer import Assignment, explicit_rules
 

@@ -99,8 +99,8 @@ def changed_base_copies(tensors: dict, model_dir: Path) -> list[str]:
     """Base weights PEFT saved beside the adapter (embeddings) that differ from the model's own."""
     import mlx.core as mx
 
-    from ..model.safetensors import read_safetensors_header
     from ..model.files import weight_files
+    from ..model.safetensors import read_safetensors_header
 
     copies = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in tensors.items() if k.endswith(".base_layer.weight")}
     changed = []
@@ -120,12 +120,14 @@ def export_peft(model: str, adapters, dest, *, base_model: Optional[str] = None,
     """Write an adapterspec (or mlx-lm) adapter directory as a PEFT LoRA adapter for the Hugging Face model."""
     import mlx.core as mx
 
-    from ..model.adapter_format import ADAPTER_WEIGHTS, read_adapter_config, spec_text_of
-    from ..language.diagnostics import SpecError
-    from ..outputs import atomic_output_dir
+    from ..model.adapter_format import (
+        ADAPTER_WEIGHTS,
+        read_adapter_config,
+        spec_text_of,
+    )
     from ..model.files import resolve_model_path
-    from ..language.lint import parse_spec
-    from ..model.plan import make_plan
+    from ..model.plan import plan_spec
+    from ..outputs import atomic_output_dir
     from .peft_export import peft_config
     from .peft_weights import adapters_to_peft
 
@@ -133,9 +135,7 @@ def export_peft(model: str, adapters, dest, *, base_model: Optional[str] = None,
     index = ModuleIndex.from_model_dir(model_dir)
     config = read_adapter_config(adapters)
     text, filename, _ = spec_text_of(config, index)
-    plan = make_plan(parse_spec(text, filename), index)
-    if not plan.ok:
-        raise SpecError(plan.diagnostics, text)
+    plan = plan_spec(text, index, filename)
     weights_file = Path(adapters) / ADAPTER_WEIGHTS
     if not weights_file.is_file():
         raise UserError(f"{adapters}: {ADAPTER_WEIGHTS} is missing")

@@ -9,15 +9,14 @@ from collections import Counter
 from typing import Optional
 
 from ..errors import UserError
-from ..model.mlxlm import block_list_path
 from ..model.index import ModuleIndex
+from ..model.kinds import KINDS
+from ..model.mlxlm import block_list_path
 from ..model.plan import Plan
 from . import peft_match
 from .findings import Finding, note
 from .hf_names import hf_modules
 from .peft_weights import hf_names_of
-
-PEFT_ADAPTER_KINDS = {"lora": "lora", "switch-lora": "lora", "embedding-lora": "lora", "dora": "dora"}
 
 
 def _alpha(r: int, scale: float) -> float:
@@ -34,10 +33,10 @@ def wanted_modules(plan: Plan, index: ModuleIndex) -> tuple[dict[str, tuple[int,
         if entry.adapter == "full":
             saved += hf_names_of(entry.path, index)
             continue
-        if entry.adapter not in PEFT_ADAPTER_KINDS:
+        if entry.adapter == "dora-embedding":
             raise UserError(f"'{entry.path}' has a {entry.adapter} adapter, which PEFT has no equivalent for",
                             help="PEFT's DoRA embedding normalises columns, adapterspec's rows; use lora on embeddings")
-        kinds.add(PEFT_ADAPTER_KINDS[entry.adapter])
+        kinds.add(KINDS[entry.adapter].transform)
         for name in hf_names_of(entry.path, index):
             adapted[name] = (entry.r, _alpha(entry.r, entry.scale))
     if len(kinds) > 1:

@@ -17,14 +17,13 @@ import mlx.core as mx
 
 from ..errors import UserError
 from ..model.index import ModuleIndex
+from ..model.kinds import EMBEDDING_KINDS, LINEAR_KINDS
 from ..model.plan import Plan, PlanEntry
 from .hf_names import expert_prefix, hf_expert_name, mlx_module
 from .peft_config import PREFIX
 
 FACTOR = re.compile(r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|"
                     r"lora_magnitude_vector)(\.[A-Za-z0-9_-]+)?(\.weight)?$")
-LINEAR_KINDS = ("lora", "dora")
-EMBEDDING_KINDS = ("embedding-lora", "dora-embedding")
 
 
 def _hf_key(key: str) -> str:

@@ -6,8 +6,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Optional
 
-from ..model.mlxlm import block_list_path
 from ..model.index import ModuleIndex, natural_key
+from ..model.mlxlm import block_list_path
 
 BUILTIN_QUIET = {"rslora": False, "dropout": 0.0}
 

@@ -12,9 +12,10 @@ from pathlib import Path
 from lark import Lark, Token, Tree
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 
-from . import syntax as ast
 from ..cache import cache_dir
-from .diagnostics import Diagnostic, Severity, Span
+from . import syntax as ast
+from .codes import diagnostic
+from .diagnostics import Diagnostic, Span
 
 MAX_FILE_BYTES = 1 << 20
 MAX_LINE_CHARS = 4096
@@ -142,7 +143,7 @@ def line_parser() -> Lark:
 
 
 def _error(code: str, message: str, span: Span | None, help: str | None = None, filename: str = "<spec>") -> Diagnostic:
-    return Diagnostic(code, Severity.ERROR, message, span, help, filename)
+    return diagnostic(code, message, span, help, filename)
 
 
 def decode(data: bytes, filename: str, size: int | None = None) -> tuple[str | None, list[Diagnostic]]:

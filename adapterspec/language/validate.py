@@ -11,7 +11,8 @@ from difflib import get_close_matches
 from typing import Any, Callable, Optional, Union
 
 from . import syntax as ast
-from .diagnostics import Diagnostic, Severity, Span
+from .codes import diagnostic
+from .diagnostics import Diagnostic, Span
 
 SPEC_VERSION = 1
 ADAPTER_KINDS = ("lora", "dora")
@@ -206,12 +207,8 @@ class _Validator:
         self.tree = tree
         self.diagnostics: list[Diagnostic] = []
 
-    def report(self, severity: Severity, code: str, message: str, span: Optional[Span], help: Optional[str] = None,
-               notes: tuple[str, ...] = ()) -> None:
-        self.diagnostics.append(Diagnostic(code, severity, message, span, help, self.tree.filename, notes))
-
-    def error(self, code: str, message: str, span: Optional[Span], help: Optional[str] = None, notes=()) -> None:
-        self.report(Severity.ERROR, code, message, span, help, notes)
+    def report(self, code: str, message: str, span: Optional[Span], help: Optional[str] = None, notes=()) -> None:
+        self.diagnostics.append(diagnostic(code, message, span, help, self.tree.filename, notes))
 
     def run(self) -> Optional[CheckedSpec]:
         items = self.tree.items
@@ -224,7 +221,7 @@ class _Validator:
             if rule is not None:
                 rules.append(rule)
         if not rule_lines and not self.tree.failed_lines:
-            self.error("AS214", "the spec has no rules", Span(1, 1, 1, 1, 0, 0),
+            self.report("AS214", "the spec has no rules", Span(1, 1, 1, 1, 0, 0),
                        "add a rule such as 'self_attn.<q,v>_proj: lora'")
         if self.tree.failed_lines or any(d.is_error for d in self.diagnostics):
             return None
@@ -235,10 +232,10 @@ class _Validator:
             if not isinstance(item, ast.VersionLine):
                 continue
             if position != 0:
-                self.error("AS210", "the version line must come before every other line", item.span,
+                self.report("AS210", "the version line must come before every other line", item.span,
                            "move 'adapterspec 1' to the top (comments may precede it)")
             elif item.version != SPEC_VERSION:
-                self.error("AS210", f"unsupported spec version {item.version}", item.span,
+                self.report("AS210", f"unsupported spec version {item.version}", item.span,
                            f"this adapterspec reads 'adapterspec {SPEC_VERSION}'")
         return SPEC_VERSION
 
@@ -259,16 +256,16 @@ class _Validator:
         if kind is None:
             return
         if kind not in ADAPTER_KINDS:
-            self.error("AS212", f"'{kind}' takes no arguments, so it has no defaults", call.name_span,
+            self.report("AS212", f"'{kind}' takes no arguments, so it has no defaults", call.name_span,
                        "defaults exist for lora and dora")
             return
         if kind in spans:
-            self.error("AS211", f"a second 'defaults {kind}' line (the first is on line {spans[kind].line})",
+            self.report("AS211", f"a second 'defaults {kind}' line (the first is on line {spans[kind].line})",
                        item.span, "merge both into one defaults line")
             return
         spans[kind] = item.span
         if after_rule:
-            self.report(Severity.WARNING, "AS404", f"'defaults {kind}' comes after the first rule", item.span,
+            self.report("AS404", f"'defaults {kind}' comes after the first rule", item.span,
                         "defaults apply to every rule of the file; move this line above the rules")
         given = self.arguments(call, kind)
         if given is not None:
@@ -277,7 +274,7 @@ class _Validator:
     def transform_kind(self, call: ast.TransformCall) -> Optional[str]:
         if call.name in TRANSFORM_KINDS:
             return call.name
-        self.error("AS202",
+        self.report("AS202",
                    f"unknown transform '{call.name}'{_did_you_mean(call.name, TRANSFORM_KINDS, TRANSFORM_SYNONYMS)}",
                    call.name_span, "a transform is one of lora, dora, full, none")
         return None
@@ -288,21 +285,21 @@ class _Validator:
             return {}
         if kind not in ADAPTER_KINDS:
             span = call.arguments[0].span if call.arguments else call.span
-            self.error("AS208", f"'{kind}' takes no arguments", span, f"write '{kind}' alone")
+            self.report("AS208", f"'{kind}' takes no arguments", span, f"write '{kind}' alone")
             return None
         given: dict[str, Value] = {}
         seen: dict[str, ast.Argument] = {}
         ok = True
         for argument in call.arguments:
             if argument.name not in ARGUMENTS:
-                self.error("AS201",
+                self.report("AS201",
                            f"unknown argument '{argument.name}' for {kind}"
                            f"{_did_you_mean(argument.name, ARGUMENT_NAMES, ARGUMENT_SYNONYMS)}",
                            argument.name_span, f"{kind} takes {', '.join(ARGUMENT_NAMES)}")
                 ok = False
                 continue
             if argument.name in seen:
-                self.error("AS209", f"argument '{argument.name}' is given twice", argument.name_span,
+                self.report("AS209", f"argument '{argument.name}' is given twice", argument.name_span,
                            f"keep one '{argument.name}='", (f"first given at column {seen[argument.name].span.column}",))
                 ok = False
                 continue
@@ -311,12 +308,12 @@ class _Validator:
             problem = argument_problem(argument.name, value)
             if problem is not None:
                 code, text = problem
-                self.error(code, f"{text}, got {argument.raw}", argument.value_span, ARGUMENTS[argument.name].help)
+                self.report(code, f"{text}, got {argument.raw}", argument.value_span, ARGUMENTS[argument.name].help)
                 ok = False
                 continue
             given[argument.name] = value
         if "scale" in given and "alpha" in given:
-            self.error("AS206", "give either scale or alpha, not both", seen["alpha"].span,
+            self.report("AS206", "give either scale or alpha, not both", seen["alpha"].span,
                        "scale multiplies B·A directly; alpha sets scale = alpha / r")
             ok = False
         return given if ok else None
@@ -341,7 +338,7 @@ class _Validator:
     def rslora_without_alpha(self, call: ast.TransformCall, kind: str, given, defaults_spans) -> None:
         written = next((a for a in call.arguments or () if a.name == "rslora"), None)
         notes = () if written else (f"rslora=true comes from 'defaults {kind}' on line {defaults_spans[kind].line}",)
-        self.error("AS207", "rslora needs alpha", written.span if written else call.span,
+        self.report("AS207", "rslora needs alpha", written.span if written else call.span,
                    "add alpha=… (scale becomes alpha / sqrt(r))", notes)
 
     def selector(self, selector: ast.Selector) -> bool:
@@ -349,7 +346,7 @@ class _Validator:
         for segment in selector.segments:
             if isinstance(segment, ast.NameSegment) and isinstance(segment.index, ast.IndexSlice):
                 if segment.index.step == 0:
-                    self.error("AS213", "slice step cannot be zero", segment.index.span,
+                    self.report("AS213", "slice step cannot be zero", segment.index.span,
                                "use [::1] or leave the step out")
                     ok = False
         return ok
@@ -358,7 +355,7 @@ class _Validator:
         name = type_filter.name
         if name in TYPE_WORDS or name[:1].isupper():
             return name
-        self.error("AS203", f"unknown type filter '@{name}'{_did_you_mean(name, TYPE_WORDS, TYPE_SYNONYMS)}",
+        self.report("AS203", f"unknown type filter '@{name}'{_did_you_mean(name, TYPE_WORDS, TYPE_SYNONYMS)}",
                    type_filter.span, "use @linear, @switch, @embedding, or an exact class name such as @QuantizedLinear")
         return None
 

@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..language import syntax as ast
+from ..language.spec import Rule
 from .index import ModuleIndex, ModuleInfo
 from .plan import TYPE_FAMILIES, Plan, PlanEntry, passes_type_filter, receives
 from .selectors import SelectorMatcher
-from ..language.spec import Rule
 
 DECIDES, OVERRIDDEN, CANNOT, MISSES = "decides", "overridden", "cannot apply", "does not match"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -274,7 +275,7 @@ def _weight_info(
     else:
         input_dims, output_dims, experts = shape[-1], shape[-2], (shape[0] if family == "switch" else None)
     bias = own.get("bias")
-    num_params = _numel(shape) + (_numel(bias[1]) if bias is not None else 0)
+    num_params = math.prod(shape) + (math.prod(bias[1]) if bias is not None else 0)
     bits, group_size, mode = quant or (None, None, None)
     return ModuleInfo(
         path, cls, family, input_dims, output_dims, experts, bias is not None, dtype,
@@ -286,14 +287,7 @@ def _own_param_fields(own: dict[str, Tensor]) -> dict:
     if not own:
         return {}
     first = own["weight"] if "weight" in own else own[min(own)]
-    return {"dtype": first[0], "num_params": sum(_numel(s) for _, s in own.values()), "has_params": True}
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+    return {"dtype": first[0], "num_params": sum(math.prod(s) for _, s in own.values()), "has_params": True}
 
 
 def _quantization_config(config: dict) -> dict:

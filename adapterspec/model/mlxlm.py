@@ -6,10 +6,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .index import ModuleIndex
+from .kinds import DORA_KINDS, KINDS
 from .plan import Plan
-
-LORA_ADAPTERS = {"lora", "switch-lora", "embedding-lora"}
-DORA_ADAPTERS = {"dora", "dora-embedding"}
 
 
 def block_list_path(index: ModuleIndex) -> Optional[str]:
@@ -39,7 +37,7 @@ def mlx_lm_config(plan: Plan, index: ModuleIndex) -> MlxLmFit:
     kinds = {e.adapter for e in entries}
     if "full" in kinds:
         reasons.append("it trains some modules fully ('full'), which mlx-lm's lora/dora configs cannot say")
-    if kinds & LORA_ADAPTERS and kinds & DORA_ADAPTERS:
+    if {KINDS[k].transform for k in kinds - {"full"}} == {"lora", "dora"}:
         reasons.append("it mixes lora and dora")
     for name, values in (("rank", {e.r for e in entries}), ("scale", {e.scale for e in entries}),
                          ("dropout", {e.dropout for e in entries})):
@@ -80,7 +78,7 @@ def mlx_lm_config(plan: Plan, index: ModuleIndex) -> MlxLmFit:
         return MlxLmFit(None, reasons)
     first = entries[0]
     config = {
-        "fine_tune_type": "dora" if kinds & DORA_ADAPTERS else "lora",
+        "fine_tune_type": "dora" if kinds & set(DORA_KINDS) else "lora",
         "num_layers": num_layers if block_numbers else 0,
         "lora_parameters": {"rank": first.r, "scale": first.scale, "dropout": first.dropout, "keys": sorted(keys)},
     }

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from difflib import get_close_matches
-from typing import Optional
+from typing import Optional, Union
 
-from ..language.diagnostics import Diagnostic, Severity, Span, sort_key
-from .index import ModuleIndex, ModuleInfo
-from .selectors import SelectorMatcher, literal_names
+from ..language.checks import overridden, overriding_rules
+from ..language.codes import diagnostic
+from ..language.diagnostics import Diagnostic, Span, SpecError, sort_key
+from ..language.lint import parse_spec
 from ..language.spec import Rule, Spec
+from .index import ModuleIndex, ModuleInfo
+from .kinds import kind_for
+from .selectors import SelectorMatcher, literal_names
 
-ADAPTER_KIND = {
-    ("lora", "linear"): "lora",
-    ("lora", "switch"): "switch-lora",
-    ("lora", "embedding"): "embedding-lora",
-    ("dora", "linear"): "dora",
-    ("dora", "embedding"): "dora-embedding",
-}
 TYPE_FAMILIES = {"linear": "linear", "switch": "switch", "embedding": "embedding"}
 
 
@@ -84,18 +81,6 @@ class Plan:
         }
 
 
-def adapter_parameters(adapter: str, info: ModuleInfo, r: int) -> int:
-    n_in, n_out = info.input_dims or 0, info.output_dims or 0
-    low_rank = r * (n_in + n_out)
-    if adapter == "switch-lora":
-        return (info.num_experts or 1) * low_rank
-    if adapter == "dora":
-        return low_rank + n_out
-    if adapter == "dora-embedding":
-        return low_rank + n_in
-    return low_rank
-
-
 def passes_type_filter(info: ModuleInfo, type_filter: Optional[str]) -> bool:
     if type_filter is None:
         return True
@@ -120,8 +105,8 @@ class _Planner:
         self.diagnostics: list[Diagnostic] = []
         self._segment_names: Optional[list[str]] = None
 
-    def report(self, severity: Severity, code: str, message: str, span: Span, help: str | None = None, notes=()):
-        self.diagnostics.append(Diagnostic(code, severity, message, span, help, self.spec.filename, tuple(notes)))
+    def report(self, code: str, message: str, span: Span, help: str | None = None, notes=()):
+        self.diagnostics.append(diagnostic(code, message, span, help, self.spec.filename, notes))
 
     def segment_names(self) -> list[str]:
         if self._segment_names is None:
@@ -154,7 +139,7 @@ class _Planner:
 
     def out_of_range(self, rule: Rule, out_of_range) -> None:
         value, list_path, length = out_of_range[0]
-        self.report(Severity.ERROR, "AS305", f"index {value} is outside '{list_path}' ({length} elements)",
+        self.report("AS305", f"index {value} is outside '{list_path}' ({length} elements)",
                     rule.selector.span, f"valid positions are 0…{length - 1} or -{length}…-1")
 
     def no_match(self, rule: Rule) -> None:
@@ -166,13 +151,13 @@ class _Planner:
         help_text = "run 'adapterspec tree MODEL' to see the module names"
         if suggestions:
             help_text = f"did you mean '{suggestions[0]}'? " + help_text
-        self.report(Severity.ERROR, "AS301", f"'{selector.text}' matches no module of the model", selector.span, help_text)
+        self.report("AS301", f"'{selector.text}' matches no module of the model", selector.span, help_text)
 
     def cannot_adapt(self, rule: Rule, matched: list[str], filtered: list[ModuleInfo]) -> None:
         kind = rule.transform.kind
         if filtered:
             example = filtered[0]
-            self.report(Severity.ERROR, "AS304",
+            self.report("AS304",
                         f"no module matched by '{rule.selector.text}' is of type @{rule.type_filter}",
                         rule.type_filter_span or rule.selector.span,
                         f"it matches e.g. '{example.path}' ({example.cls}); change or drop the type filter")
@@ -186,19 +171,19 @@ class _Planner:
             if len(matched) > 1:
                 message += f" or the {len(matched) - 1} other module(s) it matches"
             help_text = "lora and dora adapt Linear, SwitchLinear and Embedding layers (quantized too); use 'full' to train norms"
-        self.report(Severity.ERROR, "AS302", message, rule.selector.span, help_text)
+        self.report("AS302", message, rule.selector.span, help_text)
 
     def check_reached(self, rule: Rule, reached: list[ModuleInfo]) -> bool:
         kind = rule.transform.kind
         experts = [m for m in reached if m.family == "switch"]
         if kind == "dora" and experts:
-            self.report(Severity.ERROR, "AS303", f"dora cannot adapt the experts '{experts[0].path}' ({experts[0].cls})",
+            self.report("AS303", f"dora cannot adapt the experts '{experts[0].path}' ({experts[0].cls})",
                         rule.transform_span, "use lora for SwitchLinear experts, or add the type filter @linear")
             return False
         if kind == "full":
             quantized = [m for m in reached if m.quantized]
             if quantized:
-                self.report(Severity.ERROR, "AS310",
+                self.report("AS310",
                             f"full cannot train the quantized weights of '{quantized[0].path}' ({quantized[0].cls})",
                             rule.transform_span, "use lora on quantized layers, or dequantize the model first")
                 return False
@@ -207,7 +192,7 @@ class _Planner:
             too_wide = [m for m in reached if r >= min(m.input_dims or r + 1, m.output_dims or r + 1)]
             if too_wide:
                 m = too_wide[0]
-                self.report(Severity.WARNING, "AS306",
+                self.report("AS306",
                             f"r={r} is not below min(in, out) = {min(m.input_dims, m.output_dims)} of '{m.path}'",
                             rule.transform_span, "a low-rank adapter at full rank costs more than training the layer")
         return True
@@ -224,7 +209,7 @@ class _Planner:
                 tops.setdefault(prefix.split(".", 1)[0], prefix)
         if len(tops) > 1:
             first, second = list(tops.values())[:2]
-            self.report(Severity.WARNING, "AS307",
+            self.report("AS307",
                         f"'{rule.selector.text}' matches under two different prefixes: '{first}' and '{second}'",
                         rule.selector.span, f"anchor it to pick one, e.g. '/{first}.{rule.selector.text}'")
 
@@ -266,23 +251,21 @@ class _Planner:
             if transform.kind == "full":
                 entries.append(PlanEntry(path, info.cls, "full", None, None, None, info.num_params, rule.index, rule.span))
                 continue
-            adapter = ADAPTER_KIND[(transform.kind, info.family)]
-            trainable = adapter_parameters(adapter, info, transform.r)
-            entries.append(PlanEntry(path, info.cls, adapter, transform.r, transform.scale, transform.dropout,
+            kind = kind_for(transform.kind, info.family)
+            trainable = kind.parameters(info.input_dims or 0, info.output_dims or 0, transform.r, info.num_experts)
+            entries.append(PlanEntry(path, info.cls, kind.name, transform.r, transform.scale, transform.dropout,
                                      trainable, rule.index, rule.span))
             if info.family == "embedding" and self.index.tied_embeddings:
                 tied_rules.add(rule.index)
         for rule_index in sorted(tied_rules):
             rule = self.spec.rules[rule_index]
-            self.report(Severity.INFO, "AS308", "the embedding is tied to the output head: this adapter changes the output layer too",
+            self.report("AS308", "the embedding is tied to the output head: this adapter changes the output layer too",
                         rule.selector.span, "that is usually what you want; select @linear modules only to leave it out")
+        statically_overridden = overriding_rules(self.spec)
         for outcome in outcomes:
-            if outcome.reached and not outcome.decided:
+            if outcome.reached and not outcome.decided and outcome.rule.index not in statically_overridden:
                 later = self.spec.rules[decisions[outcome.reached[0]]]
-                where = f" (e.g. line {later.span.line} decides '{outcome.reached[0]}')"
-                self.report(Severity.WARNING, "AS401",
-                            f"this rule decides no module: later rules override it everywhere{where}",
-                            outcome.rule.span, "the last matching rule wins; delete this rule or move it down")
+                self.diagnostics.append(overridden(outcome.rule, later, self.spec.filename, outcome.reached[0]))
         self.diagnostics.sort(key=sort_key)
         return Plan(self.spec, entries, self.index.total_params, self.diagnostics, outcomes, self.index)
 
@@ -290,3 +273,13 @@ class _Planner:
 def make_plan(spec: Spec, index: ModuleIndex) -> Plan:
     """Match every rule of the spec against the model's modules and resolve what each module gets."""
     return _Planner(spec, index).run()
+
+
+def plan_spec(spec: Union[Spec, str], index: ModuleIndex, filename: str = "<spec>") -> Plan:
+    """The plan of a spec (a Spec, or its text) on a model; SpecError with every diagnostic when either has errors."""
+    if isinstance(spec, str):
+        spec = parse_spec(spec, filename)
+    plan = make_plan(spec, index)
+    if not plan.ok:
+        raise SpecError(plan.diagnostics, spec.source)
+    return plan

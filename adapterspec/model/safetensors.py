@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -10,7 +11,6 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from ..errors import UserError
-
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -55,10 +55,7 @@ class TensorInfo:
 
     @property
     def size(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def ndim(self) -> int:
@@ -123,10 +120,7 @@ ITEM_SIZES = {name: size for name, size in SAFETENSORS_DTYPES.values()}
 
 
 def nbytes_of(dtype: str, shape: Sequence[int]) -> int:
-    n = ITEM_SIZES[dtype]
-    for d in shape:
-        n *= d
-    return n
+    return ITEM_SIZES[dtype] * math.prod(shape)
 
 
 def encode_header(entries: Iterable[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..model.adapter_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from ..adapters.weights import save_adapters
 from ..errors import UserError
+from ..model.adapter_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from ..outputs import copy_file_atomic
 
 CHECKPOINTS = "checkpoints"
 STATE_JSON = "trainer_state.json"
@@ -88,14 +87,7 @@ def publish(checkpoint: Path, out: Path) -> None:
     """Make out/ an adapter directory holding the checkpoint's adapters: weights first, config last,
     each replaced atomically (the config is what marks a directory as holding adapters)."""
     for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=out)
-        os.close(fd)
-        try:
-            shutil.copyfile(checkpoint / name, tmp)
-            os.replace(tmp, Path(out) / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        copy_file_atomic(checkpoint / name, Path(out) / name)
 
 
 def prune(out: Path, keep: int) -> list[Path]:

@@ -77,8 +77,8 @@ OPTION_NAMES = tuple(f.name for f in fields(TrainOptions))
 
 def read_yaml_config(path: str | Path) -> dict:
     """A YAML config as mlx_lm.lora reads it (its loader: `1e-5` is a float)."""
-    from mlx_lm.lora import yaml_loader
     import yaml
+    from mlx_lm.lora import yaml_loader
 
     try:
         with open(path, "r", encoding="utf-8") as f:

@@ -290,7 +290,7 @@ def run(options: TrainOptions, *, stream=None, training_callback=None) -> TrainR
     from ..adapters.install import apply, plan_for_model
     from ..adapters.loading import load_model, load_tokenizer
     from ..model.files import resolve_model_path
-    from .checkpoint import publish, prune, save_checkpoint, trainer_arrays
+    from .checkpoint import prune, publish, save_checkpoint, trainer_arrays
     from .data import load_datasets
     from .report import ProgressReport
 

@@ -41,10 +41,14 @@ print(json.dumps({"baseline": baseline, "peak": rss("VmHWM:"), "workers": result
 """
 
 
-def run_fuse(*args, env=None, **popen) -> subprocess.Popen:
-    environment = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "adapterspec", "fuse", *map(str, args)], cwd=ROOT, env=environment,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)  # fmt: skip
+SLOW_FUSE = Path(__file__).with_name("slow_fuse.py")
+
+
+def run_fuse(*args, pause: float = 0.0, **popen) -> subprocess.Popen:
+    """`adapterspec fuse ARGS` in a process of its own, pausing `pause` seconds between its pieces of work."""
+    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, str(SLOW_FUSE), str(pause), "fuse", *map(str, args)]
+    return subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +110,7 @@ def test_an_interrupted_fuse_leaves_nothing_at_the_output(small, tmp_path, how):
     model, adapters = small
     before = tree_hash(model), tree_hash(adapters)
     out = tmp_path / "out"
-    process = run_fuse(model, adapters, "-o", out, "--max-shard-size", "20000", env={"ADAPTERSPEC_FUSE_TEST_DELAY": "0.2"})
+    process = run_fuse(model, adapters, "-o", out, "--max-shard-size", "20000", pause=0.2)
     try:
         wait_for(lambda: written_shard(tmp_path, "out") is not None or process.poll() is not None)
         assert process.poll() is None, process.communicate()
@@ -134,7 +138,7 @@ def test_a_running_fuse_keeps_its_temporary_directory(small, tmp_path):
     from adapterspec.fuse.run import remove_stale_temp_dirs
 
     model, adapters = small
-    process = run_fuse(model, adapters, "-o", tmp_path / "out", env={"ADAPTERSPEC_FUSE_TEST_DELAY": "0.2"})
+    process = run_fuse(model, adapters, "-o", tmp_path / "out", pause=0.2)
     try:
         wait_for(lambda: written_shard(tmp_path, "out") is not None or process.poll() is not None)
         assert remove_stale_temp_dirs(tmp_path / "out") == []
