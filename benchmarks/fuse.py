@@ -172,8 +172,8 @@ def write_adapters(model_dir: Path, path: Path, seed: int = 1) -> None:
     """LoRA r=8 on the seven linears of every block, random nonzero B, in an adapter directory both tools read."""
     import mlx.core as mx
 
-    from adapterspec.model.adapter_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config
     from adapterspec.language.lint import parse_spec
+    from adapterspec.model.adapter_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config
     from adapterspec.model.index import ModuleIndex
     from adapterspec.model.plan import make_plan
 
@@ -282,7 +282,18 @@ def bench_variant(work: Path, variant: str, layers: int, shards: int, runs: int)
     scratch = work / "scratch"
     scratch.mkdir(exist_ok=True)
     floors, ours, theirs = [], [], []
-    ours_command = [sys.executable, "-m", "adapterspec", "fuse", str(model_dir), str(adapter_dir), "-o", str(work / f"out-adapterspec-{variant}"), "--quiet", "--force"]
+    ours_command = [
+        sys.executable,
+        "-m",
+        "adapterspec",
+        "fuse",
+        str(model_dir),
+        str(adapter_dir),
+        "-o",
+        str(work / f"out-adapterspec-{variant}"),
+        "--quiet",
+        "--force",
+    ]
     measure(ours_command, "warm-up", variant)  # MLX builds its CPU kernels once per machine; not timed
     shutil.rmtree(work / f"out-adapterspec-{variant}")
     for i in range(runs):

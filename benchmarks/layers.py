@@ -26,14 +26,41 @@ from mlx.utils import tree_unflatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adapterspec.adapters import from_base, lowrank  # noqa: E402
+from adapterspec.adapters import lowrank  # noqa: E402
+from adapterspec.adapters.install import from_base  # noqa: E402
 
 CONFIGS = ("dense", "moe", "qlora", "embedding")
 PRESETS = {
-    "cpu": dict(layers=2, hidden=256, intermediate=768, heads=4, kv_heads=2, vocab=2048, batch=2, seq=64,
-                experts=4, top_k=2, moe_intermediate=256, warmup=1, iters=5),
-    "gpu": dict(layers=8, hidden=4096, intermediate=11008, heads=32, kv_heads=8, vocab=32000, batch=8, seq=1024,
-                experts=8, top_k=2, moe_intermediate=4096, warmup=3, iters=10),
+    "cpu": dict(
+        layers=2,
+        hidden=256,
+        intermediate=768,
+        heads=4,
+        kv_heads=2,
+        vocab=2048,
+        batch=2,
+        seq=64,
+        experts=4,
+        top_k=2,
+        moe_intermediate=256,
+        warmup=1,
+        iters=5,
+    ),
+    "gpu": dict(
+        layers=8,
+        hidden=4096,
+        intermediate=11008,
+        heads=32,
+        kv_heads=8,
+        vocab=32000,
+        batch=8,
+        seq=1024,
+        experts=8,
+        top_k=2,
+        moe_intermediate=4096,
+        warmup=3,
+        iters=10,
+    ),
 }
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -61,17 +88,27 @@ def build_model(config: str, args: argparse.Namespace, dtype: mx.Dtype) -> nn.Mo
 
     if config == "moe":
         model_args = mixtral.ModelArgs(
-            model_type="mixtral", vocab_size=args.vocab, hidden_size=args.hidden,
-            intermediate_size=args.moe_intermediate, num_hidden_layers=args.layers,
-            num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-            num_local_experts=args.experts, num_experts_per_tok=args.top_k,
+            model_type="mixtral",
+            vocab_size=args.vocab,
+            hidden_size=args.hidden,
+            intermediate_size=args.moe_intermediate,
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.heads,
+            num_key_value_heads=args.kv_heads,
+            num_local_experts=args.experts,
+            num_experts_per_tok=args.top_k,
         )
         model = mixtral.Model(model_args)
     else:
         model_args = llama.ModelArgs(
-            model_type="llama", hidden_size=args.hidden, num_hidden_layers=args.layers,
-            intermediate_size=args.intermediate, num_attention_heads=args.heads,
-            num_key_value_heads=args.kv_heads, rms_norm_eps=1e-5, vocab_size=args.vocab,
+            model_type="llama",
+            hidden_size=args.hidden,
+            num_hidden_layers=args.layers,
+            intermediate_size=args.intermediate,
+            num_attention_heads=args.heads,
+            num_key_value_heads=args.kv_heads,
+            rms_norm_eps=1e-5,
+            vocab_size=args.vocab,
             tie_word_embeddings=(config == "embedding"),
         )
         model = llama.Model(model_args)
@@ -138,6 +175,7 @@ def in_mode(mode: str, fn):
     def run():
         lowrank.merge_mode = mode
         return fn()
+
     return run
 
 
@@ -184,8 +222,11 @@ def run_config(config: str, args: argparse.Namespace) -> ConfigResult:
     paths = adapted_paths(model, config)
     description = (
         f"{'mixtral' if config == 'moe' else 'llama'} {args.layers}x{args.hidden}"
-        + (f" experts {args.experts} top-{args.top_k} ffn {args.moe_intermediate}" if config == "moe"
-           else f" ffn {args.intermediate}")
+        + (
+            f" experts {args.experts} top-{args.top_k} ffn {args.moe_intermediate}"
+            if config == "moe"
+            else f" ffn {args.intermediate}"
+        )
         + f" vocab {args.vocab} {str(dtype).split('.')[-1]}{dtype_note}"
         + (f" 4-bit g{args.group_size}" if config == "qlora" else "")
         + (" tied embeddings" if config == "embedding" else "")
@@ -194,7 +235,7 @@ def run_config(config: str, args: argparse.Namespace) -> ConfigResult:
 
     def view(adapt, training: bool) -> nn.Module:
         """A model sharing the base weights, with its own adapters, in training or eval mode."""
-        twin = clone(model)
+        twin = clone(model)  # noqa: F821 (deleted at the end of the function, after its last use)
         adapt(twin)
         twin.train(training)
         return twin
@@ -209,7 +250,7 @@ def run_config(config: str, args: argparse.Namespace) -> ConfigResult:
         apply_adapterspec(twin, paths, args.rank, args.scale)
 
     base_model = view(lambda twin: None, training=False)
-    forward = {"base": in_mode("auto", lambda: base_model(inputs))}
+    forward = {"base": in_mode("auto", lambda: base_model(inputs))}  # noqa: F821 (deleted at the end, after its last use)
     step = {"floor": in_mode("auto", training_step(view(floor_view, True), inputs, targets))}
     variants = [("mlx-lm", "auto", mlxlm_view)]
     variants += [("adapterspec" if m == "auto" else f"adapterspec[{m}]", m, ours_view) for m in args.modes]
@@ -221,26 +262,36 @@ def run_config(config: str, args: argparse.Namespace) -> ConfigResult:
     forward_timings = measure_all(forward, args.warmup, args.iters)
     step_timings = measure_all(step, args.warmup, args.iters)
     lowrank.merge_mode = "auto"
-    result = ConfigResult(config, description, len(paths), forward_timings.pop("base"), step_timings.pop("floor"),
-                          forward_timings, step_timings)
+    result = ConfigResult(
+        config,
+        description,
+        len(paths),
+        forward_timings.pop("base"),
+        step_timings.pop("floor"),
+        forward_timings,
+        step_timings,
+    )
     del model, base_model, forward, step
     mx.clear_cache()
     return result
 
 
 def report(result: ConfigResult) -> str:
-    lines = [f"== {result.config}: {result.description}, {result.adapted_modules} adapted modules",
-             f"{'':24}{'fwd ms':>9}{'x base':>8}{'peak GB':>9}{'step ms':>10}{'x floor':>9}{'peak GB':>9}"
-             f"{'fwd x mlx-lm':>14}{'step x mlx-lm':>15}",
-             f"{'base / floor':24}{result.base_forward.ms:9.2f}{1:8.3f}{result.base_forward.peak_gb:9.3f}"
-             f"{result.floor_step.ms:10.2f}{1:9.3f}{result.floor_step.peak_gb:9.3f}"]
+    lines = [
+        f"== {result.config}: {result.description}, {result.adapted_modules} adapted modules",
+        f"{'':24}{'fwd ms':>9}{'x base':>8}{'peak GB':>9}{'step ms':>10}{'x floor':>9}{'peak GB':>9}"
+        f"{'fwd x mlx-lm':>14}{'step x mlx-lm':>15}",
+        f"{'base / floor':24}{result.base_forward.ms:9.2f}{1:8.3f}{result.base_forward.peak_gb:9.3f}"
+        f"{result.floor_step.ms:10.2f}{1:9.3f}{result.floor_step.peak_gb:9.3f}",
+    ]
     theirs_f, theirs_s = result.forward["mlx-lm"], result.step["mlx-lm"]
     for name in result.forward:
         f, s = result.forward[name], result.step[name]
         lines.append(
             f"{name:24}{f.ms:9.2f}{f.ms / result.base_forward.ms:8.3f}{f.peak_gb:9.3f}"
             f"{s.ms:10.2f}{s.ms / result.floor_step.ms:9.3f}{s.peak_gb:9.3f}"
-            f"{f.ms / theirs_f.ms:14.3f}{s.ms / theirs_s.ms:15.3f}")
+            f"{f.ms / theirs_f.ms:14.3f}{s.ms / theirs_s.ms:15.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -248,8 +299,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {CONFIGS}")
-    parser.add_argument("--modes", default="auto",
-                        help=f"comma-separated adapterspec merge modes to time, of {lowrank.MERGE_MODES}")
+    parser.add_argument(
+        "--modes", default="auto", help=f"comma-separated adapterspec merge modes to time, of {lowrank.MERGE_MODES}"
+    )
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--scale", type=float, default=20.0)

@@ -61,10 +61,14 @@ def main() -> int:
         many = median_wall(lint + files, max(3, args.runs // 2), env)
     print(f"python -c pass                       {empty * 1000:7.1f} ms")
     print(f"python -c 'import lark, pydantic'    {baseline * 1000:7.1f} ms  (baseline)")
-    print(f"adapterspec lint (1 file)            {single * 1000:7.1f} ms  {single / baseline:5.2f}× baseline"
-          f"  (goal ≤ {GOAL_ONE_FILE_RATIO}×)")
-    print(f"adapterspec lint (1,000 files)       {many * 1000:7.1f} ms  {many / baseline:5.2f}× baseline"
-          f"  (goal < {GOAL_THOUSAND_FILES_S:.0f} s)")
+    print(
+        f"adapterspec lint (1 file)            {single * 1000:7.1f} ms  {single / baseline:5.2f}× baseline"
+        f"  (goal ≤ {GOAL_ONE_FILE_RATIO}×)"
+    )
+    print(
+        f"adapterspec lint (1,000 files)       {many * 1000:7.1f} ms  {many / baseline:5.2f}× baseline"
+        f"  (goal < {GOAL_THOUSAND_FILES_S:.0f} s)"
+    )
     met = single / baseline <= GOAL_ONE_FILE_RATIO and many < GOAL_THOUSAND_FILES_S
     print("goals met" if met else "goals NOT met")
     return 0

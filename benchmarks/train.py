@@ -64,10 +64,19 @@ def run_mlx_lm(model_dir: Path, args, out: Path) -> dict:
     from mlx_lm.tuner.datasets import load_dataset
     from mlx_lm.utils import load
 
-    options = types.SimpleNamespace(**{**CONFIG_DEFAULTS, **common_options(args), "model": str(model_dir), "data": str(args.data),
-                                       "train": True, "fine_tune_type": "lora", "num_layers": args.num_layers,
-                                       "lora_parameters": {"rank": 8, "scale": 20.0, "dropout": 0.0, "keys": KEYS},
-                                       "adapter_path": str(out)})
+    options = types.SimpleNamespace(
+        **{
+            **CONFIG_DEFAULTS,
+            **common_options(args),
+            "model": str(model_dir),
+            "data": str(args.data),
+            "train": True,
+            "fine_tune_type": "lora",
+            "num_layers": args.num_layers,
+            "lora_parameters": {"rank": 8, "scale": 20.0, "dropout": 0.0, "keys": KEYS},
+            "adapter_path": str(out),
+        }
+    )
     tic = time.perf_counter()
     model, tokenizer = load(str(model_dir))
     train_set, valid_set, _ = load_dataset(options, tokenizer)
@@ -77,27 +86,54 @@ def run_mlx_lm(model_dir: Path, args, out: Path) -> dict:
     train_model(options, model, train_set, valid_set, collect)
     wall = time.perf_counter() - tic
     every, steady = throughput(collect.reports)
-    return {"tokens_per_second": every, "steady_tokens_per_second": steady, "wall_seconds": wall, "final_train_loss": collect.reports[-1]["train_loss"]}
+    return {
+        "tokens_per_second": every,
+        "steady_tokens_per_second": steady,
+        "wall_seconds": wall,
+        "final_train_loss": collect.reports[-1]["train_loss"],
+    }
 
 
 def run_adapterspec(model_dir: Path, args, out: Path, spec_path: Path) -> dict:
     import mlx_lm.tuner.datasets  # noqa: F401  (imported before the clock starts, as on the mlx-lm side)
     import mlx_lm.tuner.trainer  # noqa: F401
     import mlx_lm.utils  # noqa: F401
-    from adapterspec.train.run import run
-    from adapterspec.train.options import TrainOptions
 
-    options = TrainOptions(**common_options(args), model=str(model_dir), spec=str(spec_path), data=str(args.data), adapter_path=str(out), force=True)
+    from adapterspec.train.options import TrainOptions
+    from adapterspec.train.run import run
+
+    options = TrainOptions(
+        **common_options(args),
+        model=str(model_dir),
+        spec=str(spec_path),
+        data=str(args.data),
+        adapter_path=str(out),
+        force=True,
+    )
     tic = time.perf_counter()
     result = run(options, stream=io.StringIO())
     wall = time.perf_counter() - tic
     every, steady = throughput(result.reports)
-    return {"tokens_per_second": every, "steady_tokens_per_second": steady, "wall_seconds": wall, "final_train_loss": result.train_losses[-1][1]}
+    return {
+        "tokens_per_second": every,
+        "steady_tokens_per_second": steady,
+        "wall_seconds": wall,
+        "final_train_loss": result.train_losses[-1][1],
+    }
 
 
 def common_options(args) -> dict:
-    return {"iters": args.iters, "batch_size": args.batch_size, "learning_rate": 1e-4, "steps_per_report": args.steps_per_report,
-            "steps_per_eval": 10 ** 9, "val_batches": 1, "save_every": 10 ** 9, "max_seq_length": 2048, "seed": args.seed}
+    return {
+        "iters": args.iters,
+        "batch_size": args.batch_size,
+        "learning_rate": 1e-4,
+        "steps_per_report": args.steps_per_report,
+        "steps_per_eval": 10**9,
+        "val_batches": 1,
+        "save_every": 10**9,
+        "max_seq_length": 2048,
+        "seed": args.seed,
+    }
 
 
 def model_directory(args, tmp: Path) -> Path:
@@ -132,9 +168,26 @@ def worker(args) -> int:
 
 def spawn(side: str, model_dir: Path, args, tmp: Path) -> dict:
     out = Path(tempfile.mkdtemp(dir=tmp))
-    command = [sys.executable, __file__, "--worker", side, "--model", str(model_dir), "--out", str(out), "--data", str(args.data),
-               "--iters", str(args.iters), "--batch-size", str(args.batch_size), "--steps-per-report", str(args.steps_per_report),
-               "--seed", str(args.seed)]
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        side,
+        "--model",
+        str(model_dir),
+        "--out",
+        str(out),
+        "--data",
+        str(args.data),
+        "--iters",
+        str(args.iters),
+        "--batch-size",
+        str(args.batch_size),
+        "--steps-per-report",
+        str(args.steps_per_report),
+        "--seed",
+        str(args.seed),
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{side} run failed:\n{result.stderr}")
@@ -168,22 +221,37 @@ def main(argv=None) -> int:
         for round_ in range(args.rounds):
             for side in SIDES if round_ % 2 == 0 else SIDES[::-1]:
                 runs[side].append(spawn(side, model_dir, args, tmp))
-                print(f"round {round_ + 1}: {side:<18} {runs[side][-1]['steady_tokens_per_second']:8,.0f} tok/s", file=sys.stderr)
+                print(
+                    f"round {round_ + 1}: {side:<18} {runs[side][-1]['steady_tokens_per_second']:8,.0f} tok/s",
+                    file=sys.stderr,
+                )
     key = "steady_tokens_per_second"
-    summary = {side: {"best_tokens_per_second": max(r[key] for r in results),
-                      **{k: statistics.median(r[k] for r in results) for k in results[0]}} for side, results in runs.items()}
+    summary = {
+        side: {
+            "best_tokens_per_second": max(r[key] for r in results),
+            **{k: statistics.median(r[k] for r in results) for k in results[0]},
+        }
+        for side, results in runs.items()
+    }
     ratio = summary["adapterspec train"]["best_tokens_per_second"] / summary["mlx_lm.lora"]["best_tokens_per_second"]
     median_ratio = summary["adapterspec train"][key] / summary["mlx_lm.lora"][key]
-    print(f"model {model_dir.name if args.hidden is None and args.layers is None else f'llama hidden {args.hidden or 64}'} "
-          f"({args.num_layers} blocks), {args.iters} iterations of batch {args.batch_size}, LoRA r=8 on q_proj, v_proj; "
-          f"{mx.default_device()}; {args.rounds} runs each")
+    print(
+        f"model {model_dir.name if args.hidden is None and args.layers is None else f'llama hidden {args.hidden or 64}'} "
+        f"({args.num_layers} blocks), {args.iters} iterations of batch {args.batch_size}, LoRA r=8 on q_proj, v_proj; "
+        f"{mx.default_device()}; {args.rounds} runs each"
+    )
     print(f"{'':<18} {'best tok/s':>10} {'median':>8} {'wall s':>7} {'last loss':>10}")
     for side, values in summary.items():
-        print(f"{side:<18} {values['best_tokens_per_second']:10,.0f} {values[key]:8,.0f} "
-              f"{values['wall_seconds']:7.1f} {values['final_train_loss']:10.3f}")
+        print(
+            f"{side:<18} {values['best_tokens_per_second']:10,.0f} {values[key]:8,.0f} "
+            f"{values['wall_seconds']:7.1f} {values['final_train_loss']:10.3f}"
+        )
     print(f"adapterspec / mlx-lm: best {ratio:.3f}, median {median_ratio:.3f}")
     if args.json:
-        args.json.write_text(json.dumps({"summary": summary, "runs": runs, "ratio_best": ratio, "ratio_median": median_ratio}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps({"summary": summary, "runs": runs, "ratio_best": ratio, "ratio_median": median_ratio}, indent=2)
+            + "\n"
+        )
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Apply a spec to a live MLX model: plan and check everything first, then change the model in one step."""
+"""Install a plan into a live MLX model: the layer of each adapter kind, everything built and checked first, then the model changed in one step."""
 
 from __future__ import annotations
 
@@ -9,6 +9,24 @@ from ..model.index import ModuleIndex
 from ..model.plan import Plan, plan_spec
 
 ADAPTER_LEAVES = ("lora_a", "lora_b")
+
+
+def adapter_classes() -> dict[str, type]:
+    """The layer class of every adapter kind (`model.kinds.KINDS`)."""
+    from .dora import DoRAEmbedding, DoRALinear
+    from .embedding import LoRAEmbedding
+    from .lora import LoRALinear
+    from .switch import LoRASwitchLinear
+
+    return {cls.kind: cls for cls in (LoRALinear, LoRASwitchLinear, LoRAEmbedding, DoRALinear, DoRAEmbedding)}
+
+
+def from_base(kind: str, base, r: int = 8, scale: float = 20.0, dropout: float = 0.0, freeze_base: bool = True):
+    """Wrap `base` in the adapter of `kind`; the base is frozen unless told not to."""
+    classes = adapter_classes()
+    if kind not in classes:
+        raise ValueError(f"unknown adapter kind {kind!r}; expected one of {sorted(classes)}")
+    return classes[kind].from_base(base, r=r, scale=scale, dropout=dropout, freeze_base=freeze_base)
 
 
 def has_adapters(model) -> bool:
@@ -41,11 +59,14 @@ def plan_for_model(model, spec: Union[Spec, str]) -> Plan:
 def build_adapters(model, plan: Plan) -> list[tuple[str, object]]:
     """Every adapter module the plan asks for, built beside the model (the model is not changed:
     the bases are left unfrozen here, `install` freezes the whole base in one pass)."""
-    from . import from_base
 
     return [
-        (entry.path, from_base(entry.adapter, module_at(model, entry.path), entry.r, entry.scale, entry.dropout,
-                               freeze_base=False))
+        (
+            entry.path,
+            from_base(
+                entry.adapter, module_at(model, entry.path), entry.r, entry.scale, entry.dropout, freeze_base=False
+            ),
+        )
         for entry in plan.entries
         if entry.adapter != "full"
     ]

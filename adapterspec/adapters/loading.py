@@ -62,4 +62,6 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     try:
         return mlx_lm_load_tokenizer(path)
     except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"{path}: cannot load the tokenizer: {e}", help="the directory needs tokenizer.json or tokenizer.model") from e
+        raise UserError(
+            f"{path}: cannot load the tokenizer: {e}", help="the directory needs tokenizer.json or tokenizer.model"
+        ) from e

@@ -25,7 +25,9 @@ def adapter_weights(model) -> dict:
     return dict(tree_flatten(model.trainable_parameters()))
 
 
-def save_adapters(model, plan: Plan, dest, *, force: bool = False, protect=(), extra_config: Optional[dict] = None) -> Path:
+def save_adapters(
+    model, plan: Plan, dest, *, force: bool = False, protect=(), extra_config: Optional[dict] = None
+) -> Path:
     """Write the model's adapter weights and config into `dest`, atomically."""
     import mlx.core as mx
 
@@ -53,8 +55,10 @@ def load_adapters(model, path, *, strict: bool = True) -> Plan:
         expected = [(m["path"], m["adapter"], m["r"]) for m in saved["modules"]]
         actual = [(e.path, e.adapter, e.r) for e in plan.entries]
         if expected != actual:
-            raise UserError(f"{path} was made for another model: its plan does not match this model's modules",
-                            help="load the adapters onto the model they were trained for")
+            raise UserError(
+                f"{path} was made for another model: its plan does not match this model's modules",
+                help="load the adapters onto the model they were trained for",
+            )
     weights_path = path / ADAPTER_WEIGHTS
     if not weights_path.is_file():
         raise UserError(f"{path}: {ADAPTER_WEIGHTS} is missing")

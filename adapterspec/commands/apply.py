@@ -14,10 +14,17 @@ from .common import print_diagnostics, spec_or_exit
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="a local mlx-lm model directory (or a repo id in the local cache)")
     parser.add_argument("spec", help="the spec file (.aspec)")
-    parser.add_argument("-o", "--output", required=True, help="the adapter directory to write (with --fuse: the model directory)")
+    parser.add_argument(
+        "-o", "--output", required=True, help="the adapter directory to write (with --fuse: the model directory)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the adapters' random initialisation (default 0)")
-    parser.add_argument("--adapters", help="trained adapter weights to use instead of fresh ones: an adapter directory or a .safetensors file")
-    parser.add_argument("--fuse", action="store_true", help="fuse the adapters into the model and write a model directory")
+    parser.add_argument(
+        "--adapters",
+        help="trained adapter weights to use instead of fresh ones: an adapter directory or a .safetensors file",
+    )
+    parser.add_argument(
+        "--fuse", action="store_true", help="fuse the adapters into the model and write a model directory"
+    )
     parser.add_argument("--dequantize", action="store_true", help="with --fuse: write the fused model unquantized")
     parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     parser.add_argument("--strict", action="store_true", help="fail (exit 1) on warnings too")
@@ -30,7 +37,9 @@ def adapter_weights_file(path: str) -> Path:
     if given.is_dir():
         given = given / ADAPTER_WEIGHTS
     if not given.is_file():
-        raise UserError(f"{path}: no adapter weights found", help=f"pass an adapter directory or a {ADAPTER_WEIGHTS} file")
+        raise UserError(
+            f"{path}: no adapter weights found", help=f"pass an adapter directory or a {ADAPTER_WEIGHTS} file"
+        )
     return given
 
 
@@ -42,10 +51,13 @@ def run(args) -> int:
     from ..adapters.weights import install_weights, save_adapters
     from ..language.diagnostics import SpecError
     from ..model.files import resolve_model_path
-    from .plan import render
+    from .reports import render
 
     if args.fuse and not args.adapters:
-        raise UserError("--fuse needs trained adapters", help="add --adapters DIR_OR_FILE (fresh adapters would fuse to the unchanged model)")
+        raise UserError(
+            "--fuse needs trained adapters",
+            help="add --adapters DIR_OR_FILE (fresh adapters would fuse to the unchanged model)",
+        )
     spec, diagnostics, text, code = spec_or_exit(args.spec)
     if spec is None:
         return code
@@ -73,10 +85,17 @@ def run(args) -> int:
         from ..fuse.plan import AdapterSource
         from ..fuse.progress import progress_for
         from ..fuse.run import fuse_model_dir
-        from .fuse import print_outcome
+        from .reports import print_outcome
 
-        result = fuse_model_dir(model_dir, AdapterSource.from_plan(plan, weights), args.output, dequantize=args.dequantize,
-                                force=args.force, progress=progress_for(sys.stderr), protect=protect)
+        result = fuse_model_dir(
+            model_dir,
+            AdapterSource.from_plan(plan, weights),
+            args.output,
+            dequantize=args.dequantize,
+            force=args.force,
+            progress=progress_for(sys.stderr),
+            protect=protect,
+        )
         print(result.report.render(full=False))
         print_outcome(result, args.output)
     else:

@@ -1,9 +1,10 @@
-"""Pieces the subcommands share: reading a spec file with diagnostics, indexing a model, plain tables."""
+"""Pieces the subcommands share: reading spec files (paths, standard input) with diagnostics, indexing a model."""
 
 from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
 from ..errors import EXIT_ERRORS, UserError
@@ -14,6 +15,7 @@ if TYPE_CHECKING:
     from ..language.spec import Spec
 
 STDIN = "-"
+SPEC_SUFFIX = ".aspec"
 
 
 class Unreadable(Exception):
@@ -85,3 +87,23 @@ def describe_shape(info) -> str:
         mode = "" if info.mode in (None, "affine") else f" {info.mode}"
         text += f" q{info.bits}/g{info.group_size}{mode}"
     return text
+
+
+def spec_paths(names: list[str]) -> tuple[list[str], list[str]]:
+    """The inputs in the order given, each directory replaced by the spec files beneath it (sorted),
+    and a message for each directory that holds none."""
+    paths: list[str] = []
+    problems: list[str] = []
+    for name in names:
+        if name != STDIN and os.path.isdir(name):
+            found = sorted(str(p) for p in Path(name).rglob(f"*{SPEC_SUFFIX}") if p.is_file())
+            paths += found
+            if not found:
+                problems.append(f"{name}: no *{SPEC_SUFFIX} files there")
+        else:
+            paths.append(name)
+    return paths, problems
+
+
+def display_name(name: str) -> str:
+    return "<stdin>" if name == STDIN else name

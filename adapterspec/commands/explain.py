@@ -13,8 +13,12 @@ from .common import model_index, print_diagnostics, spec_or_exit
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", help="the spec file (.aspec)")
     parser.add_argument("model", help="a local mlx-lm model directory (or a repo id in the local cache)")
-    parser.add_argument("module", nargs="?", help="only this module path, or the modules a selector matches and all beneath them")
-    parser.add_argument("-v", "--verbose", action="store_true", help="also list near misses of modules that a rule decides")
+    parser.add_argument(
+        "module", nargs="?", help="only this module path, or the modules a selector matches and all beneath them"
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="also list near misses of modules that a rule decides"
+    )
     parser.add_argument("--json", action="store_true", help="print the explanations as JSON")
 
 
@@ -23,7 +27,9 @@ def run(args) -> int:
     from ..model.plan import make_plan
 
     if Path(args.spec).is_dir() and Path(args.model).is_file():
-        raise UserError("the spec comes first: adapterspec explain SPEC MODEL", help=f"adapterspec explain {args.model} {args.spec}")
+        raise UserError(
+            "the spec comes first: adapterspec explain SPEC MODEL", help=f"adapterspec explain {args.model} {args.spec}"
+        )
     spec, diagnostics, text, code = spec_or_exit(args.spec)
     if spec is None:
         return code
@@ -32,8 +38,15 @@ def run(args) -> int:
     paths = selected_paths(args.module, index) if args.module else None
     explanations = explain(plan, index, paths)
     if args.json:
-        print(json.dumps({"modules": [e.to_json() for e in explanations],
-                          "diagnostics": [d.to_json() for d in plan.diagnostics]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "modules": [e.to_json() for e in explanations],
+                    "diagnostics": [d.to_json() for d in plan.diagnostics],
+                },
+                indent=2,
+            )
+        )
         return EXIT_OK
     print_diagnostics(plan.diagnostics, text, args.spec)
     print(render(explanations, verbose=args.verbose))

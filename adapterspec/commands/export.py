@@ -25,6 +25,9 @@ def run(args) -> int:
         print(f"adapterspec export: {finding.render()}", file=sys.stderr)
     targets = config["target_modules"]
     shown = targets if isinstance(targets, str) else ", ".join(targets[:6]) + (" …" if len(targets) > 6 else "")
-    print(f"wrote a PEFT {'DoRA' if config['use_dora'] else 'LoRA'} adapter to {args.output} "
-          f"(r={config['r']}, lora_alpha={config['lora_alpha']:g}, target_modules: {shown})", file=sys.stderr)
+    print(
+        f"wrote a PEFT {'DoRA' if config['use_dora'] else 'LoRA'} adapter to {args.output} "
+        f"(r={config['r']}, lora_alpha={config['lora_alpha']:g}, target_modules: {shown})",
+        file=sys.stderr,
+    )
     return EXIT_OK

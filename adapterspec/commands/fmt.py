@@ -13,14 +13,19 @@ from ..language.diagnostics import render_text
 from ..language.format import format_source
 from ..language.parse import decode
 from ..outputs import write_file_atomic
-from .lint import STDIN, Unreadable, display_name, read_input, spec_paths
+from .common import STDIN, Unreadable, display_name, read_input, spec_paths
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("files", nargs="+", metavar="FILE",
-                        help="spec files, directories (searched for *.aspec), or - (standard input to standard output)")
-    parser.add_argument("--check", action="store_true",
-                        help="write nothing; print a diff and exit 1 when a file is not formatted")
+    parser.add_argument(
+        "files",
+        nargs="+",
+        metavar="FILE",
+        help="spec files, directories (searched for *.aspec), or - (standard input to standard output)",
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="write nothing; print a diff and exit 1 when a file is not formatted"
+    )
     parser.add_argument("--diff", action="store_true", help="write nothing; print a diff of what would change")
 
 

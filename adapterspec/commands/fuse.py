@@ -8,9 +8,21 @@ import signal
 import sys
 
 from ..errors import EXIT_OK, UserError
+from .reports import print_outcome
 
 SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
-UNITS = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
+UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1e3,
+    "m": 1e6,
+    "g": 1e9,
+    "t": 1e12,
+    "ki": 1 << 10,
+    "mi": 1 << 20,
+    "gi": 1 << 30,
+    "ti": 1 << 40,
+}
 
 
 EPILOG = """\
@@ -24,17 +36,28 @@ def add_arguments(parser) -> None:
     parser.epilog = EPILOG
     parser.add_argument("model", help="the base model: a directory in mlx-lm's layout, or a locally cached repo id")
     parser.add_argument("adapters", help="the adapter directory (adapterspec's or mlx-lm's)")
-    parser.add_argument("-o", "--output", required=True, help="the model directory to write (must not exist or be empty)")
+    parser.add_argument(
+        "-o", "--output", required=True, help="the model directory to write (must not exist or be empty)"
+    )
     parser.add_argument("--dequantize", action="store_true", help="write every weight unquantized")
     parser.add_argument(
         "--keep-precision", choices=("never", "auto"), default="never",
         help="auto: write unquantized only the fused modules whose adapter requantization would erase",
     )  # fmt: skip
-    parser.add_argument("--strict", action="store_true", help="fail (exit 1, nothing written) when a module loses most of its adapter")
+    parser.add_argument(
+        "--strict", action="store_true", help="fail (exit 1, nothing written) when a module loses most of its adapter"
+    )
     parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     parser.add_argument("--report-json", metavar="FILE", help="also write the erasure report as JSON to FILE")
-    parser.add_argument("--full-report", action="store_true", help="one report row per module instead of per module name")
-    parser.add_argument("--max-shard-size", default="5GiB", metavar="SIZE", help="largest weight file to write (default 5GiB, as mlx-lm)")
+    parser.add_argument(
+        "--full-report", action="store_true", help="one report row per module instead of per module name"
+    )
+    parser.add_argument(
+        "--max-shard-size",
+        default="5GiB",
+        metavar="SIZE",
+        help="largest weight file to write (default 5GiB, as mlx-lm)",
+    )
     parser.add_argument("--quiet", action="store_true", help="print no report and no progress")
 
 
@@ -57,34 +80,6 @@ def run(args) -> int:
     _show_report(result.report, args)
     print_outcome(result, args.output)
     return EXIT_OK
-
-
-def print_outcome(result, output: str) -> None:
-    """What a finished fuse did: notes, lost adapters with what to do, and the files written (stderr)."""
-    for note in result.plan.notes:
-        print(f"note: {note}", file=sys.stderr)
-    for path in result.removed_stale:
-        print(f"removed {path}, left by an interrupted fuse", file=sys.stderr)
-    lost = result.report.lost
-    if lost:
-        print(
-            f"warning: {len(lost)} module(s) keep less than half of their adapter, e.g. '{lost[0].path}' as {lost[0].stored}",
-            file=sys.stderr,
-        )
-        if any(m.requantized for m in lost):
-            print("  help: --keep-precision auto stores them unquantized; --strict makes this an error", file=sys.stderr)
-        else:
-            print("  help: their change is below the precision of the weights' dtype; check the adapter's scale", file=sys.stderr)
-    if result.kept_dense:
-        print(f"kept {len(result.kept_dense)} module(s) unquantized so that their adapter survives", file=sys.stderr)
-    shards = len(result.shards)
-    replaced = sum(1 for m in result.plan.adapters.modules if m.kind == "full")
-    what = f"{len(result.plan.fused_units)} adapter(s)" + (f" and {replaced} fully trained module(s)" if replaced else "")
-    print(
-        f"fused {what} into {output}: {shards} weight file{'s' * (shards != 1)}, "
-        f"{result.bytes_written / 1e9:.2f} GB in {result.seconds:.1f} s",
-        file=sys.stderr,
-    )
 
 
 def _show_report(report, args) -> None:

@@ -14,14 +14,24 @@ SOURCES = ("peft", "mlx-lm")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", choices=SOURCES, help="the tool that wrote the adapter")
-    parser.add_argument("path", help="PEFT: the adapter directory; mlx-lm: the adapter directory, its "
-                        "adapter_config.json, or an mlx_lm.lora YAML config")
+    parser.add_argument(
+        "path",
+        help="PEFT: the adapter directory; mlx-lm: the adapter directory, its "
+        "adapter_config.json, or an mlx_lm.lora YAML config",
+    )
     parser.add_argument("-o", "--output", help="the spec file to write (default: print it)")
-    parser.add_argument("--model", help="the mlx-lm model directory (or cached repo id) to resolve names against "
-                        "and check the translation on")
-    parser.add_argument("--adapters-out", metavar="DIR", help="PEFT: also convert the weights into this adapter directory")
-    parser.add_argument("--allow-lossy", action="store_true",
-                        help="write the result even when the source says things a spec cannot (they become comments)")
+    parser.add_argument(
+        "--model",
+        help="the mlx-lm model directory (or cached repo id) to resolve names against and check the translation on",
+    )
+    parser.add_argument(
+        "--adapters-out", metavar="DIR", help="PEFT: also convert the weights into this adapter directory"
+    )
+    parser.add_argument(
+        "--allow-lossy",
+        action="store_true",
+        help="write the result even when the source says things a spec cannot (they become comments)",
+    )
     parser.add_argument("--force", action="store_true", help="replace existing output files")
 
 
@@ -41,8 +51,10 @@ def report(findings, allow_lossy: bool) -> None:
         print(f"adapterspec import: {finding.render()}", file=sys.stderr)
     lossy = [f for f in findings if f.lossy]
     if lossy and not allow_lossy:
-        raise UserError(f"the adapter says {len(lossy)} thing(s) a spec cannot (listed above); nothing was written",
-                        help="pass --allow-lossy to write the closest spec anyway")
+        raise UserError(
+            f"the adapter says {len(lossy)} thing(s) a spec cannot (listed above); nothing was written",
+            help="pass --allow-lossy to write the closest spec anyway",
+        )
 
 
 def run(args) -> int:
@@ -61,7 +73,10 @@ def run(args) -> int:
         raise UserError("the imported spec does not plan cleanly on this model", help="please report this as a bug")
     if args.adapters_out:
         write_imported_adapters(result, args.path, args.adapters_out, force=args.force)
-        print(f"adapterspec import: wrote {len(result.plan.entries)} adapted modules to {args.adapters_out}", file=sys.stderr)
+        print(
+            f"adapterspec import: wrote {len(result.plan.entries)} adapted modules to {args.adapters_out}",
+            file=sys.stderr,
+        )
     write_spec(result.text, args.output, args.force)
     return EXIT_OK
 
@@ -70,8 +85,10 @@ def run_mlx_lm(args) -> int:
     from ..interop.mlxlm_import import read_mlx_lm_config, translate
 
     if args.adapters_out:
-        raise UserError("--adapters-out is for PEFT adapters",
-                        help="mlx-lm adapter directories load as they are: adapterspec.load_adapters(model, DIR)")
+        raise UserError(
+            "--adapters-out is for PEFT adapters",
+            help="mlx-lm adapter directories load as they are: adapterspec.load_adapters(model, DIR)",
+        )
     model_name, index = args.model, None
     if model_name:
         from .common import model_index

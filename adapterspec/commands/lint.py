@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 from typing import Optional
 
 from ..errors import EXIT_ERRORS, EXIT_OK, EXIT_USAGE
@@ -18,39 +16,26 @@ from ..language.diagnostics import (
     sort_key,
 )
 from ..language.lint import diagnose_bytes
-from .common import STDIN, Unreadable, read_input
-
-SPEC_SUFFIX = ".aspec"
+from .common import SPEC_SUFFIX, Unreadable, display_name, read_input, spec_paths
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("files", nargs="+", metavar="FILE",
-                        help=f"spec files, directories (searched for *{SPEC_SUFFIX}), or - for standard input")
+    parser.add_argument(
+        "files",
+        nargs="+",
+        metavar="FILE",
+        help=f"spec files, directories (searched for *{SPEC_SUFFIX}), or - for standard input",
+    )
     parser.add_argument("--strict", action="store_true", help="fail (exit 1) on warnings too")
-    parser.add_argument("--format", choices=("text", "json", "github"), default="text",
-                        help="text (default), json (one object per line) or github (workflow annotations)")
-    parser.add_argument("--model", metavar="DIR",
-                        help="also match every spec against this model directory (read without MLX)")
-
-
-def spec_paths(names: list[str]) -> tuple[list[str], list[str]]:
-    """The inputs in the order given, each directory replaced by the spec files beneath it (sorted),
-    and a message for each directory that holds none."""
-    paths: list[str] = []
-    problems: list[str] = []
-    for name in names:
-        if name != STDIN and os.path.isdir(name):
-            found = sorted(str(p) for p in Path(name).rglob(f"*{SPEC_SUFFIX}") if p.is_file())
-            paths += found
-            if not found:
-                problems.append(f"{name}: no *{SPEC_SUFFIX} files there")
-        else:
-            paths.append(name)
-    return paths, problems
-
-
-def display_name(name: str) -> str:
-    return "<stdin>" if name == STDIN else name
+    parser.add_argument(
+        "--format",
+        choices=("text", "json", "github"),
+        default="text",
+        help="text (default), json (one object per line) or github (workflow annotations)",
+    )
+    parser.add_argument(
+        "--model", metavar="DIR", help="also match every spec against this model directory (read without MLX)"
+    )
 
 
 def plan_diagnostics(checked, index) -> list[Diagnostic]:
@@ -65,8 +50,10 @@ def summary(diagnostics: list[Diagnostic], files: int) -> str:
     errors = sum(d.severity is Severity.ERROR for d in diagnostics)
     warnings = sum(d.severity is Severity.WARNING for d in diagnostics)
     with_problems = len({d.filename for d in diagnostics})
-    return (f"{errors} error{'s' * (errors != 1)}, {warnings} warning{'s' * (warnings != 1)} "
-            f"in {with_problems} file{'s' * (with_problems != 1)} ({files} checked)")
+    return (
+        f"{errors} error{'s' * (errors != 1)}, {warnings} warning{'s' * (warnings != 1)} "
+        f"in {with_problems} file{'s' * (with_problems != 1)} ({files} checked)"
+    )
 
 
 def fails(diagnostics: list[Diagnostic], strict: bool) -> bool:

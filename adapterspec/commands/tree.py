@@ -85,8 +85,14 @@ class TreePrinter:
             info = group[0]
             mark = f"{MARK} " if info.path in self.marked else ""
             name = self.label(group) if len(group) > 1 else info.name
-            details = " ".join(x for x in (info.cls if info.family != "list" else f"list[{self.index.list_length(info.path)}]",
-                                           describe_shape(info)) if x)
+            details = " ".join(
+                x
+                for x in (
+                    info.cls if info.family != "list" else f"list[{self.index.list_length(info.path)}]",
+                    describe_shape(info),
+                )
+                if x
+            )
             self.lines.append(f"{prefix}{'└── ' if last else '├── '}{mark}{name}  {details}")
             self.walk(info.path, prefix + ("    " if last else "│   "))
 

@@ -42,7 +42,9 @@ def sampled_rows(total: int, limit: int = MAX_SAMPLED_ROWS) -> list[int]:
     return sorted({round(i * (total - 1) / (limit - 1)) for i in range(limit)})
 
 
-def measure(plan: FusePlan, adapters: dict[str, mx.array], files: SourceFiles, limit: int = MAX_SAMPLED_ROWS) -> list[Measurement]:
+def measure(
+    plan: FusePlan, adapters: dict[str, mx.array], files: SourceFiles, limit: int = MAX_SAMPLED_ROWS
+) -> list[Measurement]:
     """A Measurement of every unit that merges an adapter, in the plan's order."""
     units = plan.fused_units
     batches: dict[tuple, list[list[Unit]]] = {}
@@ -62,14 +64,18 @@ def measure(plan: FusePlan, adapters: dict[str, mx.array], files: SourceFiles, l
 
 
 def _numpy_measures(unit: Unit) -> bool:
-    """Plain LoRA on a float16/float32 weight, or on an affine-quantized one `fuse_numpy` handles."""
+    """Plain LoRA on a float16/float32 weight, or on an affine-quantized one `merge_numpy` handles."""
     q = unit.quantization
     if unit.adapter.kind != "lora" or unit.dense_dtype not in merge_numpy.SCALE_DTYPES:
         return False
-    return q is None or (q.mode == "affine" and "biases" in unit.base and merge_numpy.supports(q.bits, q.group_size, unit.dense_dtype))
+    return q is None or (
+        q.mode == "affine" and "biases" in unit.base and merge_numpy.supports(q.bits, q.group_size, unit.dense_dtype)
+    )
 
 
-def _measure_lora_in_numpy(units: list[Unit], adapters: dict[str, mx.array], files: SourceFiles, limit: int) -> dict[str, Measurement]:
+def _measure_lora_in_numpy(
+    units: list[Unit], adapters: dict[str, mx.array], files: SourceFiles, limit: int
+) -> dict[str, Measurement]:
     """`_measure_unit` for units `_numpy_measures` of one shape and storage, all at once, on evenly spaced column groups
     of their sampled rows (quantization groups run along a row, so whole groups keep their exact values).
 
@@ -85,23 +91,32 @@ def _measure_lora_in_numpy(units: list[Unit], adapters: dict[str, mx.array], fil
     if q is not None:
         # Requantizing is not exact even without an adapter; measure against the requantized base.
         def requantized(values: np.ndarray) -> np.ndarray:
-            return merge_numpy.dequantize(*merge_numpy.quantize(values, q.bits, q.group_size, dtype), q.bits, q.group_size)
+            return merge_numpy.dequantize(
+                *merge_numpy.quantize(values, q.bits, q.group_size, dtype), q.bits, q.group_size
+            )
 
         requantized_stored, requantized_base = requantized(stored), requantized(weight)
     measurements, start = {}, 0
     for unit, (w, _) in zip(units, samples):
         rows = slice(start, start + w.shape[0])
         start = rows.stop
-        quantized = None if q is None else _numpy_survival(requantized_stored[rows], requantized_base[rows], intended[rows])
+        quantized = (
+            None if q is None else _numpy_survival(requantized_stored[rows], requantized_base[rows], intended[rows])
+        )
         dense = _numpy_survival(stored[rows], weight[rows], intended[rows])
         measurements[unit.path] = Measurement(unit.path, w.shape[0], unit.base["weight"].rows, dense, quantized)
     return measurements
 
 
-def _lora_sample(unit: Unit, adapters: dict[str, mx.array], files: SourceFiles, limit: int) -> tuple[np.ndarray, np.ndarray]:
+def _lora_sample(
+    unit: Unit, adapters: dict[str, mx.array], files: SourceFiles, limit: int
+) -> tuple[np.ndarray, np.ndarray]:
     """The sampled rows and column groups of a unit's weight (float32, of its dtype's values) and of its ΔW."""
     rows = sampled_rows(unit.base["weight"].rows, limit)
-    base = {param: np.frombuffer(files.read_rows(source, rows), source.dtype).reshape(len(rows), -1) for param, source in unit.base.items()}
+    base = {
+        param: np.frombuffer(files.read_rows(source, rows), source.dtype).reshape(len(rows), -1)
+        for param, source in unit.base.items()
+    }
     q, cols = unit.quantization, unit.logical_shape[-1]
     group_size = q.group_size if q else (DENSE_GROUP if cols % DENSE_GROUP == 0 else cols)
     groups = cols // group_size
@@ -154,7 +169,9 @@ def _measure_unit(unit: Unit, adapters: dict[str, mx.array], files: SourceFiles,
 
 
 def _dequantize(parts: dict[str, mx.array], q) -> mx.array:
-    return mx.dequantize(parts["weight"], parts["scales"], parts.get("biases"), group_size=q.group_size, bits=q.bits, mode=q.mode)
+    return mx.dequantize(
+        parts["weight"], parts["scales"], parts.get("biases"), group_size=q.group_size, bits=q.bits, mode=q.mode
+    )
 
 
 def _rows_array(files: SourceFiles, source: SourceTensor, rows: list[int]) -> mx.array:
@@ -170,7 +187,10 @@ def _row_problem(kind: str, unit: Unit, weight: mx.array, adapters: dict[str, mx
         return weight, adapter_rows(kind, adapter, index)
     out_dims = adapter["lora_b"].shape[1]
     experts, outs = index // out_dims, index % out_dims
-    return weight[:, None, :], {"lora_a": adapter["lora_a"][experts], "lora_b": adapter["lora_b"][experts, outs][:, None, :]}
+    return weight[:, None, :], {
+        "lora_a": adapter["lora_a"][experts],
+        "lora_b": adapter["lora_b"][experts, outs][:, None, :],
+    }
 
 
 def _merge(kind: str, weight: mx.array, adapter: dict[str, mx.array], scale: float) -> mx.array:

@@ -62,7 +62,9 @@ def _same_bits_as_mlx() -> bool:
         a = (rng.standard_normal((320, 8)) * 0.02).astype(np.float16)
         b = (rng.standard_normal((8, 67)) * 0.02).astype(np.float16)
         expected = bits_of(merge("lora", weight, {"lora_a": mx.array(a), "lora_b": mx.array(b)}, 20.0))
-        if not np.array_equal(expected.view(np.uint8), merge_numpy.DenseMerge(a, 20.0).rows(bits_of(weight), b, dtype).view(np.uint8)):
+        if not np.array_equal(
+            expected.view(np.uint8), merge_numpy.DenseMerge(a, 20.0).rows(bits_of(weight), b, dtype).view(np.uint8)
+        ):
             return False
     return True
 

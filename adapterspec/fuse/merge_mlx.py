@@ -9,13 +9,15 @@ compiling only fuses elementwise steps into one loop, the dequantize below round
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import mlx.core as mx
 
 from ..adapters import fusemath
 from ..model.kinds import DORA_KINDS, EMBEDDING_KINDS
-from .plan import Quantization, Unit
+
+if TYPE_CHECKING:
+    from .plan import Quantization, Unit
 
 FAST_DEQUANTIZE_BITS = (2, 4, 8)
 FLOAT_DTYPES = (mx.float16, mx.bfloat16, mx.float32)
@@ -119,7 +121,9 @@ def _merge(kind: str, scale: float, dtype: mx.Dtype) -> Callable:
     return compiled(lambda w, a, b: fusemath.fused_weight(kind, w, a, b, scale).astype(dtype))
 
 
-def merge(kind: str, weight: mx.array, adapter: dict[str, mx.array], scale: float, dtype: Optional[mx.Dtype] = None) -> mx.array:
+def merge(
+    kind: str, weight: mx.array, adapter: dict[str, mx.array], scale: float, dtype: Optional[mx.Dtype] = None
+) -> mx.array:
     """W + ΔW (DoRA: renormalised) through `fusemath`, rounded once to `dtype` (default: the weight's)."""
     args = (weight, adapter["lora_a"], adapter["lora_b"]) + ((adapter["m"],) if kind in DORA_KINDS else ())
     return _merge(kind, float(scale), dtype or weight.dtype)(*args)

@@ -1,10 +1,10 @@
-/* The inner loops of fuse_numpy's merges, compiled by fuse_native.py with the system's C compiler.
+/* The inner loops of merge_numpy's merges, compiled by merge_native.py with the system's C compiler.
  *
  * Every value is computed with the operations, in the order and with the roundings of mlx's CPU path:
  * the rank-r sum term by term (the reference BLAS behind mlx's matmul), no fused multiply-adds
  * (compiled with -ffp-contract=off), float16 roundings through F16C or _Float16 conversions and
  * bfloat16 roundings on the bits, as mlx rounds (to nearest even), mx.dequantize's and mx.quantize's
- * arithmetic. fuse_numpy checks the bits against mlx at run time before any of it is used.
+ * arithmetic. fuse.merge checks the bits against mlx at run time before any of it is used.
  */
 #include <math.h>
 #include <stdint.h>
@@ -165,7 +165,7 @@ PACK(8)
  * `group_size`; scales and biases (rows, cols/group_size) of `dtype` (FLOAT32, FLOAT16, BFLOAT16). With
  * `requantize` the outputs are out_packed, out_scales, out_biases like the inputs; without it,
  * out_dense (rows, cols) in the scales' dtype. Returns 1 for a merged value that is not finite
- * (requantize only: fuse_numpy leaves those to mlx), 2 when out of memory, 3 for unsupported bits,
+ * (requantize only: merge_numpy leaves those to mlx), 2 when out of memory, 3 for unsupported bits,
  * 0 otherwise. */
 int merge_affine(const uint32_t *packed, const void *scales, const void *biases, int dtype, const float *a_t,
                  const float *b_t, int rows, int cols, int rank, float scale, int bits, int group_size, int requantize,

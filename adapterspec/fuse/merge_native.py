@@ -69,14 +69,18 @@ def _built() -> Optional[Path]:
     if compiler is None or cache is None:
         return None
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=COMPILE_TIMEOUT).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, compiler, version, platform.machine(), _cpu()]).encode())
+    key = hashlib.sha256(
+        "\0".join([SOURCE.read_text(), *FLAGS, compiler, version, platform.machine(), _cpu()]).encode()
+    )
     path = cache / f"fuse-native-{key.hexdigest()[:16]}.so"
     if path.exists():
         return path
     with tempfile.TemporaryDirectory(dir=cache) as scratch:
         built = Path(scratch) / path.name
         for flags in (FLAGS, tuple(f for f in FLAGS if f != "-march=native")):  # some compilers know no -march=native
-            result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built), "-lm"], capture_output=True, timeout=COMPILE_TIMEOUT)
+            result = subprocess.run(
+                [compiler, *flags, str(SOURCE), "-o", str(built), "-lm"], capture_output=True, timeout=COMPILE_TIMEOUT
+            )
             if result.returncode == 0:
                 os.replace(built, path)  # atomic: processes building at once each get a whole library
                 return path
@@ -96,17 +100,33 @@ def _ptr(array: np.ndarray) -> int:
     return array.ctypes.data
 
 
-def merge_dense(library: ctypes.CDLL, weight: np.ndarray, dtype: str, a_t: np.ndarray, b_t: np.ndarray, scale: float) -> np.ndarray:
+def merge_dense(
+    library: ctypes.CDLL, weight: np.ndarray, dtype: str, a_t: np.ndarray, b_t: np.ndarray, scale: float
+) -> np.ndarray:
     """W + scale·(A·B)ᵀ rounded once to `dtype`, for W (rows, cols); a_t (r, cols), b_t (rows, r), float32, C order."""
     weight = np.ascontiguousarray(weight)
     out = np.empty_like(weight)
     rows, cols = weight.shape
-    _check(library.merge_dense(_ptr(weight), _ptr(out), DTYPES[dtype], _ptr(a_t), _ptr(b_t), rows, cols, a_t.shape[0], scale))
+    _check(
+        library.merge_dense(
+            _ptr(weight), _ptr(out), DTYPES[dtype], _ptr(a_t), _ptr(b_t), rows, cols, a_t.shape[0], scale
+        )
+    )
     return out
 
 
 def merge_affine(
-    library: ctypes.CDLL, packed, scales, biases, dtype: str, a_t, b_t, scale: float, bits: int, group_size: int, requantize: bool
+    library: ctypes.CDLL,
+    packed,
+    scales,
+    biases,
+    dtype: str,
+    a_t,
+    b_t,
+    scale: float,
+    bits: int,
+    group_size: int,
+    requantize: bool,
 ) -> Optional[tuple[np.ndarray, ...]]:
     """`merge_numpy.QuantizedMerge.rows` in C, scales of `dtype`, a_t in the weight's own column order; None where a
     merged value is not finite (the caller leaves those to mlx)."""

@@ -85,7 +85,9 @@ class QuantizedMerge:
         self.a_t = a_t if self.native is not None else self.layout.to_code_order(a_t)
         self.factor = np.float32(scale)
 
-    def rows(self, packed, scales, biases, lora_b, requantize: bool = True, dtype: Optional[str] = None) -> tuple[np.ndarray, ...]:
+    def rows(
+        self, packed, scales, biases, lora_b, requantize: bool = True, dtype: Optional[str] = None
+    ) -> tuple[np.ndarray, ...]:
         """The outputs of `merge_quantized` for these rows; lora_b holds their columns of B (r, rows).
 
         `dtype` names the scales' dtype where their array cannot: bfloat16, as uint16 bit patterns (compiled kernels only).
@@ -123,7 +125,9 @@ class QuantizedMerge:
                 acc += w
                 _round_to(acc, dtype, term)
                 if requantize:
-                    out_scales[start:stop], out_biases[start:stop] = _quantize_tile(acc, layout, dtype, codes_out[start:stop])
+                    out_scales[start:stop], out_biases[start:stop] = _quantize_tile(
+                        acc, layout, dtype, codes_out[start:stop]
+                    )
                 else:
                     _check_finite(acc, dtype)
                     merged[start:stop] = layout.from_code_order(acc)
@@ -202,11 +206,15 @@ class _Layout:
 
     def to_code_order(self, x: np.ndarray) -> np.ndarray:
         n = x.shape[0]
-        return np.ascontiguousarray(x.reshape(n, self.cols // self.per_byte, self.per_byte).transpose(0, 2, 1)).reshape(n, self.cols)
+        return np.ascontiguousarray(x.reshape(n, self.cols // self.per_byte, self.per_byte).transpose(0, 2, 1)).reshape(
+            n, self.cols
+        )
 
     def from_code_order(self, x: np.ndarray) -> np.ndarray:
         n = x.shape[0]
-        return np.ascontiguousarray(x.reshape(n, self.per_byte, self.cols // self.per_byte).transpose(0, 2, 1)).reshape(n, self.cols)
+        return np.ascontiguousarray(x.reshape(n, self.per_byte, self.cols // self.per_byte).transpose(0, 2, 1)).reshape(
+            n, self.cols
+        )
 
 
 class _Scratch:
@@ -252,7 +260,11 @@ def _float16_values() -> np.ndarray:
 def _check_dequantizable(s32: np.ndarray, b32: np.ndarray, layout: _Layout, dtype: np.dtype) -> None:
     if not (np.isfinite(s32).all() and np.isfinite(b32).all()):
         raise Unrepresentable("non-finite scales or biases")
-    if dtype == np.float16 and s32.size and float(np.abs(s32).max()) * float(layout.n_bins) + float(np.abs(b32).max()) >= FLOAT16_LARGEST:
+    if (
+        dtype == np.float16
+        and s32.size
+        and float(np.abs(s32).max()) * float(layout.n_bins) + float(np.abs(b32).max()) >= FLOAT16_LARGEST
+    ):
         raise Unrepresentable("a dequantized value may overflow float16")
 
 
@@ -354,5 +366,3 @@ def _group_extremes(grouped: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     highs = np.ascontiguousarray(highs.reshape(n * groups, width).T).max(axis=0)
     lows = np.ascontiguousarray(lows.reshape(n * groups, width).T).min(axis=0)
     return highs.reshape(n, groups), lows.reshape(n, groups)
-
-

@@ -70,7 +70,10 @@ class AdapterSource:
             from ..model.plan import plan_spec
 
             text, filename, translation_notes = spec_text_of(config, index)
-            source, notes = cls.from_plan(plan_spec(text, index, filename), adapter_dir / ADAPTER_WEIGHTS), tuple(translation_notes)
+            source, notes = (
+                cls.from_plan(plan_spec(text, index, filename), adapter_dir / ADAPTER_WEIGHTS),
+                tuple(translation_notes),
+            )
         if not source.weights.is_file():
             raise UserError(f"{adapter_dir}: {ADAPTER_WEIGHTS} is missing")
         return cls(source.modules, source.weights, adapter_dir, notes)
@@ -225,7 +228,10 @@ class FusePlan:
         """model.safetensors.index.json as mlx-lm writes it: total size, parameter count, sorted weight map."""
         weight_map = {t.name: shard.filename for shard in shards for t in shard.tensors}
         return {
-            "metadata": {"total_size": sum(s.nbytes for s in shards), "total_parameters": total_parameters(shards, self.quantized_bits)},
+            "metadata": {
+                "total_size": sum(s.nbytes for s in shards),
+                "total_parameters": total_parameters(shards, self.quantized_bits),
+            },
             "weight_map": dict(sorted(weight_map.items())),
         }
 
@@ -267,7 +273,9 @@ def plan_fuse(model, adapters, *, dequantize: bool = False) -> FusePlan:
     units, replaced = _units_for_adapters(adapters, index, by_name, adapter_sources, dequantize)
     adapted = {u.path for u in units}
     if dequantize:
-        units += [_unit(info, None, by_name, {}, False) for info in index if info.quantized and info.path not in adapted]
+        units += [
+            _unit(info, None, by_name, {}, False) for info in index if info.quantized and info.path not in adapted
+        ]
     units.sort(key=lambda u: natural_key(u.path))
     bits = {info.path: info.bits for info in index if info.quantized}
     return FusePlan(model_dir, adapters, config, units, sources, replaced, dequantize, bits, list(adapters.notes))

@@ -4,7 +4,7 @@ No model class is built: each adapted module's weight is read, dequantized, merg
 numpy on worker processes, the rest with `fusemath` in mlx; the same bits), requantized and written,
 while untouched tensors are copied byte for byte. Before anything is
 written, every fused module is measured for how much of its adapter survives being stored
-(`fuse_erasure`); `strict` refuses a fuse that loses most of an adapter, `keep_precision="auto"`
+(`erasure`); `strict` refuses a fuse that loses most of an adapter, `keep_precision="auto"`
 stores such modules unquantized instead.
 
 An interrupted fuse leaves nothing at the output path. A process killed outright (SIGKILL) can leave
@@ -40,7 +40,9 @@ class ErasureError(UserError):
     def __init__(self, report: ErasureReport):
         lost = report.lost
         if any(m.requantized for m in lost):
-            help_text = "write those modules unquantized with --keep-precision auto, or the whole model with --dequantize"
+            help_text = (
+                "write those modules unquantized with --keep-precision auto, or the whole model with --dequantize"
+            )
         else:
             help_text = "their change is below the precision of the weights' dtype; check the adapter's scale"
         super().__init__(

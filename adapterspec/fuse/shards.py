@@ -118,7 +118,9 @@ class ShardFile:
         view = memoryview(data).cast("B")
         offset, size = self._spans[name]
         if start + view.nbytes > size:
-            raise RuntimeError(f"{self.path.name}: {view.nbytes} bytes at {start} overrun tensor {name!r} of {size} bytes")
+            raise RuntimeError(
+                f"{self.path.name}: {view.nbytes} bytes at {start} overrun tensor {name!r} of {size} bytes"
+            )
         pwrite_all(self._fd, view, offset + start)
         self.written(name, view.nbytes)
 
@@ -130,7 +132,9 @@ class ShardFile:
         """Fill a tensor by copying its bytes from an input file, without reading them into this process."""
         offset, size = self._spans[name]
         if size != source.nbytes:
-            raise RuntimeError(f"{self.path.name}: tensor {name!r} has {size} bytes in the header, {source.nbytes} in {source.path.name}")
+            raise RuntimeError(
+                f"{self.path.name}: tensor {name!r} has {size} bytes in the header, {source.nbytes} in {source.path.name}"
+            )
         copy_range(files.fd(source.path), self._fd, source.offset, size, offset)
         self.written(name, size)
 
@@ -138,7 +142,9 @@ class ShardFile:
         try:
             incomplete = [name for name, missing in self._missing.items() if missing]
             if incomplete:
-                raise RuntimeError(f"{self.path.name}: {len(incomplete)} tensor(s) not completely written, e.g. {incomplete[0]!r}")
+                raise RuntimeError(
+                    f"{self.path.name}: {len(incomplete)} tensor(s) not completely written, e.g. {incomplete[0]!r}"
+                )
         finally:
             self.abort()
 

@@ -1,7 +1,7 @@
 """Write the shards of a fuse plan: laid out at once, then filled by worker processes, by mlx, and by byte-range copies.
 
 Every output file gets its header and full size first, so each tensor's rows have a known place:
-worker processes (`fuse_workers`) write the numpy merges there themselves, while the main thread
+worker processes (`workers`) write the numpy merges there themselves, while the main thread
 copies untouched tensors and writes what mlx merges, a few chunks ahead on parallel streams.
 """
 
@@ -72,7 +72,9 @@ class Outputs:
         self._file_of: dict[str, ShardFile] = {}
         try:
             for shard in shards:
-                shard_file = ShardFile(out_dir / shard.filename, [(t.name, t.dtype, t.shape) for t in shard.tensors], SHARD_METADATA)
+                shard_file = ShardFile(
+                    out_dir / shard.filename, [(t.name, t.dtype, t.shape) for t in shard.tensors], SHARD_METADATA
+                )
                 self._files.append(shard_file)
                 for tensor in shard.tensors:
                     self.tensors[tensor.name] = tensor
@@ -239,7 +241,9 @@ def write_shards(
     failed, outputs = True, None
     try:
         outputs = Outputs(shards, out_dir)
-        writing = _Writing(outputs, MlxChunks(by_mlx, adapters, files, IN_FLIGHT_BYTES if on_cpu else GPU_IN_FLIGHT_BYTES), progress)
+        writing = _Writing(
+            outputs, MlxChunks(by_mlx, adapters, files, IN_FLIGHT_BYTES if on_cpu else GPU_IN_FLIGHT_BYTES), progress
+        )
         for unit in in_numpy:
             for chunk in chunks_of(unit, chunk_bytes):
                 targets = outputs.targets(output_names(unit), chunk.rows)

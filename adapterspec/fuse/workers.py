@@ -61,7 +61,7 @@ class MergeTask:
 
 
 def task_for(unit, rows: Optional[tuple[int, int]], targets: tuple[tuple[str, int], ...] = ()) -> MergeTask:
-    """The task merging rows (all when None) of a plain LoRA unit (a fuse_plan.Unit that `numpy_merges`)."""
+    """The task merging rows (all when None) of a plain LoRA unit (a plan.Unit that `merge.numpy_merges`)."""
     q = unit.quantization
     return MergeTask(
         tuple(unit.base.items()), unit.adapter_tensors["lora_a"], unit.adapter_tensors["lora_b"],
@@ -108,7 +108,10 @@ class MergeWorkers:
         package_root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         command = [sys.executable, "-m", "adapterspec.fuse.workers"]
-        self._processes = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env) for _ in range(self.workers)]
+        self._processes = [
+            subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+            for _ in range(self.workers)
+        ]
         self._threads = [threading.Thread(target=self._feed, args=(p,), daemon=True) for p in self._processes]
         for thread in self._threads:
             thread.start()
@@ -239,7 +242,9 @@ def merge_task(task: MergeTask) -> dict:
         parts = (_dense(task.lora_a, task.scale).rows(base["weight"], lora_b, sources["weight"].dtype),)
     else:
         merge = _quantized(task.lora_a, task.scale, *task.quantization)
-        parts = merge.rows(base["weight"], base["scales"], base["biases"], lora_b, task.requantize, sources["scales"].dtype)
+        parts = merge.rows(
+            base["weight"], base["scales"], base["biases"], lora_b, task.requantize, sources["scales"].dtype
+        )
     if not task.targets:
         return dict(zip(task.names, parts))
     for (path, offset), part in zip(task.targets, parts):

@@ -20,7 +20,11 @@ from .findings import Finding, as_comments, lossy, note
 from .spec_writer import Assignment, explicit_rules
 
 # mlx_lm.lora's CONFIG_DEFAULTS for the keys that decide the adapters.
-MLX_LM_DEFAULTS = {"fine_tune_type": "lora", "num_layers": 16, "lora_parameters": {"rank": 8, "dropout": 0.0, "scale": 20.0}}
+MLX_LM_DEFAULTS = {
+    "fine_tune_type": "lora",
+    "num_layers": 16,
+    "lora_parameters": {"rank": 8, "dropout": 0.0, "scale": 20.0},
+}
 CONFIG_FILE = "adapter_config.json"
 # mlx-lm reads YAML floats such as 1e-5 as numbers, not strings.
 YAML_FLOAT = re.compile(
@@ -39,8 +43,10 @@ def read_mlx_lm_config(path) -> dict:
     path = Path(path)
     file = path / CONFIG_FILE if path.is_dir() else path
     if not file.is_file():
-        raise UserError(f"{path}: no such file or adapter directory",
-                        help="pass an mlx-lm adapter directory, its adapter_config.json, or an mlx_lm.lora YAML file")
+        raise UserError(
+            f"{path}: no such file or adapter directory",
+            help="pass an mlx-lm adapter directory, its adapter_config.json, or an mlx_lm.lora YAML file",
+        )
     text = file.read_text(encoding="utf-8")
     if file.suffix in (".yaml", ".yml"):
         config = _read_yaml(text, file)
@@ -52,8 +58,10 @@ def read_mlx_lm_config(path) -> dict:
     if not isinstance(config, dict):
         raise UserError(f"{file}: not a mapping of settings")
     if "adapterspec" in config:
-        raise UserError(f"{file} was written by adapterspec; its spec is inside",
-                        help="the spec text is under adapter_config.json's 'adapterspec' → 'spec'")
+        raise UserError(
+            f"{file} was written by adapterspec; its spec is inside",
+            help="the spec text is under adapter_config.json's 'adapterspec' → 'spec'",
+        )
     return config
 
 
@@ -87,12 +95,16 @@ def settings(config: dict) -> tuple[str, int, dict, list[Finding]]:
         missing = [k for k in ("rank", "scale", "dropout") if k not in parameters]
         if missing:
             hint = " (mlx-lm's LoRA uses 'scale', not 'alpha')" if "alpha" in parameters and "scale" in missing else ""
-            raise UserError(f"lora_parameters lacks {', '.join(missing)}{hint}; mlx-lm would stop with a KeyError",
-                            help="give rank, scale and dropout under lora_parameters")
+            raise UserError(
+                f"lora_parameters lacks {', '.join(missing)}{hint}; mlx-lm would stop with a KeyError",
+                help="give rank, scale and dropout under lora_parameters",
+            )
     return fine_tune_type, num_layers, parameters, findings
 
 
-def mlx_lm_choice(fine_tune_type: str, num_layers: int, parameters: dict, index: ModuleIndex) -> tuple[dict, list[Finding]]:
+def mlx_lm_choice(
+    fine_tune_type: str, num_layers: int, parameters: dict, index: ModuleIndex
+) -> tuple[dict, list[Finding]]:
     """MLX path → Assignment of every module mlx-lm adapts (or unfreezes), simulated on the index."""
     blocks = block_list_path(index)
     if blocks is None:
@@ -101,16 +113,21 @@ def mlx_lm_choice(fine_tune_type: str, num_layers: int, parameters: dict, index:
     chosen = range(length - min(max(num_layers, 0) or length, length), length)
     findings = []
     if num_layers > length:
-        findings.append(note(f"num_layers={num_layers} but the model has {length} blocks: all are used "
-                             "(mlx_lm.lora refuses this when training)"))
+        findings.append(
+            note(
+                f"num_layers={num_layers} but the model has {length} blocks: all are used "
+                "(mlx_lm.lora refuses this when training)"
+            )
+        )
     if fine_tune_type == "full":
         return {f"{blocks}.{b}": Assignment("full") for b in chosen}, findings
-    assignment = Assignment(fine_tune_type, int(parameters["rank"]), scale=float(parameters["scale"]),
-                            dropout=float(parameters["dropout"]))
+    assignment = Assignment(
+        fine_tune_type, int(parameters["rank"]), scale=float(parameters["scale"]), dropout=float(parameters["dropout"])
+    )
     keys = parameters.get("keys")
     if keys is None:
         prefix = blocks + "."
-        keys = {m.path[len(prefix):].partition(".")[2] for m in index if m.path.startswith(prefix) and m.adaptable}
+        keys = {m.path[len(prefix) :].partition(".")[2] for m in index if m.path.startswith(prefix) and m.adaptable}
     out: dict[str, Assignment] = {}
     for key in keys:
         paths = [f"{blocks}.{b}.{key}" for b in chosen] + [key]
@@ -118,19 +135,26 @@ def mlx_lm_choice(fine_tune_type: str, num_layers: int, parameters: dict, index:
             if path not in index:
                 continue
             if not index[path].adaptable:
-                findings.append(lossy(f"key '{key}' names '{path}' ({index[path].cls}), which mlx-lm cannot convert "
-                                      "(it stops with \"Can't convert layer\")"))
+                findings.append(
+                    lossy(
+                        f"key '{key}' names '{path}' ({index[path].cls}), which mlx-lm cannot convert "
+                        '(it stops with "Can\'t convert layer")'
+                    )
+                )
                 continue
             out[path] = assignment
     return out, findings
 
 
-def translate(config: dict, index: Optional[ModuleIndex] = None, *, source: str = CONFIG_FILE,
-              model: Optional[str] = None) -> tuple[str, list[Finding]]:
+def translate(
+    config: dict, index: Optional[ModuleIndex] = None, *, source: str = CONFIG_FILE, model: Optional[str] = None
+) -> tuple[str, list[Finding]]:
     """Spec text for an mlx-lm config; with a model, its plan equals mlx-lm's adapters on that model."""
     fine_tune_type, num_layers, parameters, findings = settings(config)
-    head = ["adapterspec 1", f"# imported from the mlx-lm config {source} "
-            f"(fine_tune_type={fine_tune_type}, num_layers={num_layers})"]
+    head = [
+        "adapterspec 1",
+        f"# imported from the mlx-lm config {source} (fine_tune_type={fine_tune_type}, num_layers={num_layers})",
+    ]
     if index is None:
         rules, more = _structural(fine_tune_type, num_layers, parameters)
         findings += more
@@ -138,7 +162,9 @@ def translate(config: dict, index: Optional[ModuleIndex] = None, *, source: str 
     choice, more = mlx_lm_choice(fine_tune_type, num_layers, parameters, index)
     findings += more
     if not choice:
-        raise UserError("mlx-lm's config adapts no module of this model", help="check 'keys' against 'adapterspec tree MODEL'")
+        raise UserError(
+            "mlx-lm's config adapts no module of this model", help="check 'keys' against 'adapterspec tree MODEL'"
+        )
     head.append(f"# checked against mlx-lm's choice of modules on {model or 'the model'}")
     if fine_tune_type != "full":
         text, notes = spec_from_mlx_lm(parameters, num_layers, fine_tune_type, index)
@@ -154,13 +180,19 @@ def _structural(fine_tune_type: str, num_layers: int, parameters: dict) -> tuple
     blocks = "layers[*]" if num_layers <= 0 else f"layers[-{num_layers}:]"
     if fine_tune_type == "full":
         return [f"{blocks}: full"], []
-    transform = (f"{fine_tune_type}(r={int(parameters['rank'])}, scale={float(parameters['scale'])!r}, "
-                 f"dropout={float(parameters['dropout'])!r})")
+    transform = (
+        f"{fine_tune_type}(r={int(parameters['rank'])}, scale={float(parameters['scale'])!r}, "
+        f"dropout={float(parameters['dropout'])!r})"
+    )
     keys = parameters.get("keys")
     if keys is None:
         return [f"{blocks}: {transform}"], []
-    findings = [note("translated without a model: every key is read as a path inside a block "
-                     "(pass --model to place top-level keys such as lm_head)")]
+    findings = [
+        note(
+            "translated without a model: every key is read as a path inside a block "
+            "(pass --model to place top-level keys such as lm_head)"
+        )
+    ]
     return [f"{blocks}.{key}: {transform}" for key in sorted(keys)], findings
 
 

@@ -49,8 +49,10 @@ def import_peft(path, model: Optional[str] = None, *, need_model: bool = False) 
     config = read_peft_config(path)
     model_dir, model_name = resolve_base_model(model, config)
     if need_model and model_dir is None:
-        raise UserError("converting the weights needs the base model",
-                        help="pass --model MODEL (the mlx-lm model directory the adapter is for)")
+        raise UserError(
+            "converting the weights needs the base model",
+            help="pass --model MODEL (the mlx-lm model directory the adapter is for)",
+        )
     index = ModuleIndex.from_model_dir(model_dir) if model_dir else None
     source = Path(path).name if Path(path).is_dir() else str(Path(path).name)
     result = PeftImport(translate(config, index, source=f"{source}/{CONFIG_FILE}", model=model_name), model_dir)
@@ -68,8 +70,10 @@ def peft_weights_file(path) -> Path:
     if file.is_file():
         return file
     if (path / "adapter_model.bin").is_file():
-        raise UserError(f"{path} holds adapter_model.bin (a pickle), which adapterspec does not read",
-                        help="re-save the adapter with PEFT's save_pretrained(..., safe_serialization=True)")
+        raise UserError(
+            f"{path} holds adapter_model.bin (a pickle), which adapterspec does not read",
+            help="re-save the adapter with PEFT's save_pretrained(..., safe_serialization=True)",
+        )
     raise UserError(f"{path}: no {WEIGHTS_FILE}")
 
 
@@ -87,8 +91,11 @@ def write_imported_adapters(result: PeftImport, peft_dir, dest, *, force: bool =
     weights = peft_to_adapters(tensors, plan, plan.index, factors)
     mismatched = changed_base_copies(tensors, result.model_dir)
     if mismatched:
-        raise UserError(f"the PEFT adapter carries its own copy of '{mismatched[0]}' that differs from the model's "
-                        "(a resized vocabulary or trained tokens)", help="import it with the model it was trained on")
+        raise UserError(
+            f"the PEFT adapter carries its own copy of '{mismatched[0]}' that differs from the model's "
+            "(a resized vocabulary or trained tokens)",
+            help="import it with the model it was trained on",
+        )
     with atomic_output_dir(dest, force=force, protect=[peft_dir, result.model_dir]) as tmp:
         mx.save_safetensors(str(tmp / ADAPTER_WEIGHTS), weights, metadata={"format": "mlx"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(plan), indent=2) + "\n", encoding="utf-8")
@@ -102,21 +109,29 @@ def changed_base_copies(tensors: dict, model_dir: Path) -> list[str]:
     from ..model.files import weight_files
     from ..model.safetensors import read_safetensors_header
 
-    copies = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in tensors.items() if k.endswith(".base_layer.weight")}
+    copies = {
+        k[len(PREFIX) :] if k.startswith(PREFIX) else k: v
+        for k, v in tensors.items()
+        if k.endswith(".base_layer.weight")
+    }
     changed = []
     for key, value in copies.items():
         name = key.replace(".base_layer.weight", ".weight")
         for file in weight_files(model_dir):
             if name in read_safetensors_header(file):
                 own = mx.load(str(file))[name]
-                if own.shape != value.shape or not mx.allclose(own.astype(mx.float32), value.astype(mx.float32),
-                                                               rtol=1e-3, atol=1e-5).item():
+                if (
+                    own.shape != value.shape
+                    or not mx.allclose(own.astype(mx.float32), value.astype(mx.float32), rtol=1e-3, atol=1e-5).item()
+                ):
                     changed.append(name)
                 break
     return changed
 
 
-def export_peft(model: str, adapters, dest, *, base_model: Optional[str] = None, force: bool = False) -> tuple[dict, list[Finding]]:
+def export_peft(
+    model: str, adapters, dest, *, base_model: Optional[str] = None, force: bool = False
+) -> tuple[dict, list[Finding]]:
     """Write an adapterspec (or mlx-lm) adapter directory as a PEFT LoRA adapter for the Hugging Face model."""
     import mlx.core as mx
 
@@ -142,7 +157,9 @@ def export_peft(model: str, adapters, dest, *, base_model: Optional[str] = None,
     weights = mx.load(str(weights_file))
     missing = [f"{e.path}.lora_a" for e in plan.entries if e.adapter != "full" and f"{e.path}.lora_a" not in weights]
     if missing:
-        raise UserError(f"{weights_file} lacks '{missing[0]}'", help="export the adapters with the model they were trained for")
+        raise UserError(
+            f"{weights_file} lacks '{missing[0]}'", help="export the adapters with the model they were trained for"
+        )
     peft, findings = peft_config(plan, index, base_model or model)
     tensors = adapters_to_peft(weights, plan, index)
     with atomic_output_dir(dest, force=force, protect=[adapters, model_dir]) as tmp:

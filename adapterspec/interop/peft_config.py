@@ -13,13 +13,38 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
 # Keys that change nothing about which modules get adapters or what the adapters compute.
-HARMLESS_KEYS = frozenset({
-    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-    "inference_mode", "megatron_core", "runtime_config", "qalora_group_size", "init_lora_weights",
-    "r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "target_modules", "exclude_modules",
-    "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern", "modules_to_save",
-    "fan_in_fan_out", "bias", "lora_bias", "loftq_config", "ensure_weight_tying",
-})
+HARMLESS_KEYS = frozenset(
+    {
+        "task_type",
+        "peft_type",
+        "auto_mapping",
+        "peft_version",
+        "base_model_name_or_path",
+        "revision",
+        "inference_mode",
+        "megatron_core",
+        "runtime_config",
+        "qalora_group_size",
+        "init_lora_weights",
+        "r",
+        "lora_alpha",
+        "lora_dropout",
+        "use_rslora",
+        "use_dora",
+        "target_modules",
+        "exclude_modules",
+        "layers_to_transform",
+        "layers_pattern",
+        "rank_pattern",
+        "alpha_pattern",
+        "modules_to_save",
+        "fan_in_fan_out",
+        "bias",
+        "lora_bias",
+        "loftq_config",
+        "ensure_weight_tying",
+    }
+)
 # Initialisations whose adapters only fit the base weights they were trained against.
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "eva", "lora_ga", "orthogonal")
 
@@ -38,8 +63,10 @@ def read_peft_config(path) -> dict:
         raise UserError(f"{file}: not a JSON object")
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
-        raise UserError(f"{file}: a {peft_type} adapter; only PEFT LoRA (and DoRA) adapters can be imported",
-                        help="adapterspec adapters are LoRA/DoRA; other PEFT methods have no equivalent")
+        raise UserError(
+            f"{file}: a {peft_type} adapter; only PEFT LoRA (and DoRA) adapters can be imported",
+            help="adapterspec adapters are LoRA/DoRA; other PEFT methods have no equivalent",
+        )
     return config
 
 
@@ -51,8 +78,12 @@ def unsupported(config: dict) -> list[Finding]:
     if config.get("lora_bias"):
         out.append(lossy("lora_bias=true gives lora_B a bias; adapterspec's LoRA has none"))
     if config.get("target_parameters"):
-        out.append(lossy(f"target_parameters {config['target_parameters']} adapts raw parameters (fused experts); "
-                         "only modules can be imported"))
+        out.append(
+            lossy(
+                f"target_parameters {config['target_parameters']} adapts raw parameters (fused experts); "
+                "only modules can be imported"
+            )
+        )
     if config.get("layer_replication"):
         out.append(lossy("layer_replication duplicates blocks of the base model; a spec cannot"))
     if config.get("trainable_token_indices"):
@@ -64,17 +95,32 @@ def unsupported(config: dict) -> list[Finding]:
     if config.get("megatron_config"):
         out.append(note("megatron_config is ignored (it only describes how the adapter was sharded in training)"))
     if config.get("fan_in_fan_out"):
-        out.append(note("fan_in_fan_out=true: the base weights are stored transposed (Conv1D); the LoRA factors are not"))
+        out.append(
+            note("fan_in_fan_out=true: the base weights are stored transposed (Conv1D); the LoRA factors are not")
+        )
     if config.get("ensure_weight_tying"):
-        out.append(note("ensure_weight_tying=true: with tied embeddings MLX adapts the output head through the embedding"))
+        out.append(
+            note("ensure_weight_tying=true: with tied embeddings MLX adapts the output head through the embedding")
+        )
     init = str(config.get("init_lora_weights", True)).lower()
     if any(init.startswith(name) for name in BASE_CHANGING_INITS):
-        out.append(note(f"init_lora_weights='{config['init_lora_weights']}' changes the base weights during training "
-                        "unless the adapter was converted when saved; use the base model the adapter was saved for"))
+        out.append(
+            note(
+                f"init_lora_weights='{config['init_lora_weights']}' changes the base weights during training "
+                "unless the adapter was converted when saved; use the base model the adapter was saved for"
+            )
+        )
     for key, value in config.items():
-        if key in HARMLESS_KEYS or key in {"bias", "lora_bias", "target_parameters", "layer_replication",
-                                           "trainable_token_indices", "alora_invocation_tokens", "use_qalora",
-                                           "megatron_config"}:
+        if key in HARMLESS_KEYS or key in {
+            "bias",
+            "lora_bias",
+            "target_parameters",
+            "layer_replication",
+            "trainable_token_indices",
+            "alora_invocation_tokens",
+            "use_qalora",
+            "megatron_config",
+        }:
             continue
         if value not in (None, False, {}, [], ""):
             out.append(lossy(f"'{key}' = {json.dumps(value)[:80]} is a PEFT option adapterspec does not know"))

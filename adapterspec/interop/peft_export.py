@@ -34,14 +34,18 @@ def wanted_modules(plan: Plan, index: ModuleIndex) -> tuple[dict[str, tuple[int,
             saved += hf_names_of(entry.path, index)
             continue
         if entry.adapter == "dora-embedding":
-            raise UserError(f"'{entry.path}' has a {entry.adapter} adapter, which PEFT has no equivalent for",
-                            help="PEFT's DoRA embedding normalises columns, adapterspec's rows; use lora on embeddings")
+            raise UserError(
+                f"'{entry.path}' has a {entry.adapter} adapter, which PEFT has no equivalent for",
+                help="PEFT's DoRA embedding normalises columns, adapterspec's rows; use lora on embeddings",
+            )
         kinds.add(KINDS[entry.adapter].transform)
         for name in hf_names_of(entry.path, index):
             adapted[name] = (entry.r, _alpha(entry.r, entry.scale))
     if len(kinds) > 1:
-        raise UserError("the plan mixes lora and dora; one PEFT adapter is either LoRA or DoRA (use_dora)",
-                        help="export a plan with one kind, or split it into two specs")
+        raise UserError(
+            "the plan mixes lora and dora; one PEFT adapter is either LoRA or DoRA (use_dora)",
+            help="export a plan with one kind, or split it into two specs",
+        )
     return adapted, saved, kinds.pop() if kinds else "lora"
 
 
@@ -56,10 +60,11 @@ def target_candidates(adapted: dict, index: ModuleIndex) -> list[dict]:
     blocks = block_list_path(index)
     if blocks:
         prefix = blocks + "."
-        positions = sorted({int(k[len(prefix):].split(".")[0]) for k in adapted if k.startswith(prefix)})
+        positions = sorted({int(k[len(prefix) :].split(".")[0]) for k in adapted if k.startswith(prefix)})
         if positions:
-            candidates.append({"target_modules": names, "layers_to_transform": positions,
-                               "layers_pattern": _leaf(blocks)})
+            candidates.append(
+                {"target_modules": names, "layers_to_transform": positions, "layers_pattern": _leaf(blocks)}
+            )
     candidates.append({"target_modules": sorted(adapted)})
     candidates.append({"target_modules": "|".join(re.escape(k) for k in sorted(adapted))})
     return candidates
@@ -98,8 +103,12 @@ def peft_config(plan: Plan, index: ModuleIndex, base_model: Optional[str] = None
     lora_entries = [e for e in plan.entries if e.adapter != "full"]
     dropouts = Counter(e.dropout for e in lora_entries)
     if len(dropouts) > 1:
-        findings.append(note(f"PEFT has one lora_dropout; the plan uses {len(dropouts)} values, "
-                             f"exported as the most common ({dropouts.most_common(1)[0][0]:g})"))
+        findings.append(
+            note(
+                f"PEFT has one lora_dropout; the plan uses {len(dropouts)} values, "
+                f"exported as the most common ({dropouts.most_common(1)[0][0]:g})"
+            )
+        )
     default = Counter(adapted.values()).most_common(1)[0][0] if adapted else (8, 8.0)
     base = {
         "peft_type": "LORA",
@@ -125,5 +134,7 @@ def peft_config(plan: Plan, index: ModuleIndex, base_model: Optional[str] = None
             config = {**base, **targets, "rank_pattern": ranks, "alpha_pattern": alphas}
             if chooses(config, adapted, saved, keys):
                 return config, findings
-    raise UserError("no PEFT config reproduces this plan's choice of modules",
-                    help="a module kept out by modules_to_save, or names PEFT cannot tell apart")
+    raise UserError(
+        "no PEFT config reproduces this plan's choice of modules",
+        help="a module kept out by modules_to_save, or names PEFT cannot tell apart",
+    )

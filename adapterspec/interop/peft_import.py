@@ -96,11 +96,19 @@ def peft_choice(config: dict, index: ModuleIndex) -> PeftChoice:
         if not peft_match.is_targeted(config, module.key):
             continue
         if not module.mlx_path:
-            choice.findings.append(lossy(f"PEFT adapts '{module.key}', which the MLX model has no module for "
-                                         "(its output head is tied to the embedding)"))
+            choice.findings.append(
+                lossy(
+                    f"PEFT adapts '{module.key}', which the MLX model has no module for "
+                    "(its output head is tied to the embedding)"
+                )
+            )
         elif module.family not in ("linear", "embedding"):
-            choice.findings.append(lossy(f"PEFT targets '{module.key}' ({index[module.mlx_path].cls}), "
-                                         "which it cannot adapt (PEFT would refuse this config on this model)"))
+            choice.findings.append(
+                lossy(
+                    f"PEFT targets '{module.key}' ({index[module.mlx_path].cls}), "
+                    "which it cannot adapt (PEFT would refuse this config on this model)"
+                )
+            )
         else:
             chosen[module.mlx_path][module.expert] = peft_match.rank_and_alpha(config, module.key)
     for path, ranks in chosen.items():
@@ -112,17 +120,26 @@ def peft_choice(config: dict, index: ModuleIndex) -> PeftChoice:
         choice.assignments[path] = Assignment(kind, r, alpha, rslora, dropout=dropout)
         if info.family == "embedding":
             if kind == "dora":
-                choice.findings.append(lossy(f"DoRA on the embedding '{path}': PEFT normalises embedding columns, "
-                                             "adapterspec's DoRA embedding normalises rows"))
+                choice.findings.append(
+                    lossy(
+                        f"DoRA on the embedding '{path}': PEFT normalises embedding columns, "
+                        "adapterspec's DoRA embedding normalises rows"
+                    )
+                )
             if index.tied_embeddings:
-                choice.findings.append(lossy(f"'{path}' is tied to the output head: in MLX the head goes through "
-                                             "the embedding's adapter too, in PEFT it does not"))
+                choice.findings.append(
+                    lossy(
+                        f"'{path}' is tied to the output head: in MLX the head goes through "
+                        "the embedding's adapter too, in PEFT it does not"
+                    )
+                )
     _saved_modules(choice, config, modules, index)
     return choice
 
 
-def _switch_assignment(choice: PeftChoice, path: str, ranks: dict, experts: int, kind: str, rslora: bool,
-                       dropout: float) -> None:
+def _switch_assignment(
+    choice: PeftChoice, path: str, ranks: dict, experts: int, kind: str, rslora: bool, dropout: float
+) -> None:
     if kind == "dora":
         choice.findings.append(lossy(f"DoRA on the experts of '{path}': adapterspec has no switch-DoRA"))
         return
@@ -132,9 +149,13 @@ def _switch_assignment(choice: PeftChoice, path: str, ranks: dict, experts: int,
     choice.assignments[path] = Assignment("lora", r, alpha, rslora, dropout=dropout)
     choice.expert_factors[path] = {e: scale_of(rank, a, rslora) / scale for e, (rank, a) in ranks.items()}
     if len(ranks) < experts or len(set(ranks.values())) > 1:
-        choice.findings.append(note(f"PEFT adapts {len(ranks)} of the {experts} experts of '{path}' with "
-                                    f"{len(set(ranks.values()))} rank/alpha setting(s); imported as one switch-LoRA "
-                                    f"of rank {r} (others zero-padded and rescaled, so outputs are unchanged)"))
+        choice.findings.append(
+            note(
+                f"PEFT adapts {len(ranks)} of the {experts} experts of '{path}' with "
+                f"{len(set(ranks.values()))} rank/alpha setting(s); imported as one switch-LoRA "
+                f"of rank {r} (others zero-padded and rescaled, so outputs are unchanged)"
+            )
+        )
 
 
 def _saved_modules(choice: PeftChoice, config: dict, modules: list[HfModule], index: ModuleIndex) -> None:
@@ -213,11 +234,17 @@ def structural_rules(config: dict, index: Optional[ModuleIndex]) -> tuple[list[s
         target_selectors = [prefix + selector_for(name, model_type) for name in sorted(targets)]
     rules += [f"{selector}: {kind}" for selector in target_selectors]
     rules += _pattern_rules(config, kind, defaults, targets, prefix, model_type)
-    if peft_match.is_all_linear(targets) and (index is None or ("lm_head" in index and index["lm_head"].family == "linear")):
+    if peft_match.is_all_linear(targets) and (
+        index is None or ("lm_head" in index and index["lm_head"].family == "linear")
+    ):
         rules.append("/lm_head: none")
         if index is None:
-            findings.append(note("all-linear leaves out the output head; the spec says '/lm_head: none' "
-                                 "(delete that line for a model whose head is tied to the embedding)"))
+            findings.append(
+                note(
+                    "all-linear leaves out the output head; the spec says '/lm_head: none' "
+                    "(delete that line for a model whose head is tied to the embedding)"
+                )
+            )
     exclude = config.get("exclude_modules")
     if isinstance(exclude, str):
         raise NeedsModel(f"exclude_modules is the regular expression {exclude!r}")
@@ -225,15 +252,19 @@ def structural_rules(config: dict, index: Optional[ModuleIndex]) -> tuple[list[s
     for name in config.get("modules_to_save") or ():
         rules.append(f"{selector_for(name, model_type)}: full")
         if index is None:
-            findings.append(note(f"modules_to_save '{name}': PEFT matches it as a plain suffix of module names; "
-                                 "the spec matches it at a dot boundary"))
+            findings.append(
+                note(
+                    f"modules_to_save '{name}': PEFT matches it as a plain suffix of module names; "
+                    "the spec matches it at a dot boundary"
+                )
+            )
     return without_overridden(rules), findings
 
 
 def without_overridden(rules: list[str]) -> list[str]:
     """The rules less those a later rule with the very same selector overrides everywhere."""
     selectors = [rule.rpartition(": ")[0] for rule in rules]
-    return [rule for i, rule in enumerate(rules) if selectors[i] not in selectors[i + 1:]]
+    return [rule for i, rule in enumerate(rules) if selectors[i] not in selectors[i + 1 :]]
 
 
 def _pattern_rules(config: dict, kind: str, defaults: dict, targets, prefix: str, model_type) -> list[str]:
@@ -264,9 +295,9 @@ def _within_targets(selector: str, targets, model_type) -> list[str]:
     own = selector.lstrip("/").split(".")
     for name in sorted(targets):
         target = selector_for(name, model_type).split(".")
-        if own[-len(target):] == target:
+        if own[-len(target) :] == target:
             out.append(selector)
-        elif not selector.startswith("/") and target[-len(own):] == own:
+        elif not selector.startswith("/") and target[-len(own) :] == own:
             out.append(".".join(target))
     return list(dict.fromkeys(out))
 
@@ -277,15 +308,22 @@ def _within_targets(selector: str, targets, model_type) -> list[str]:
 def header(source: str, model: Optional[str], explicit: bool) -> list[str]:
     lines = ["adapterspec 1", f"# imported from the PEFT LoRA config {source}"]
     if model:
-        lines.append(f"# checked against PEFT's module matching on {model}"
-                     + ("; the modules are named one by one" if explicit else ""))
+        lines.append(
+            f"# checked against PEFT's module matching on {model}"
+            + ("; the modules are named one by one" if explicit else "")
+        )
     else:
         lines.append("# translated without a model: check it with 'adapterspec plan MODEL SPEC'")
     return lines
 
 
-def translate(config: dict, index: Optional[ModuleIndex] = None, *, source: str = "adapter_config.json",
-              model: Optional[str] = None) -> PeftTranslation:
+def translate(
+    config: dict,
+    index: Optional[ModuleIndex] = None,
+    *,
+    source: str = "adapter_config.json",
+    model: Optional[str] = None,
+) -> PeftTranslation:
     """The spec for a PEFT LoRA config; with a model index, its plan equals PEFT's choice on that model."""
     findings = unsupported(config)
     kind = adapter_kind(config)
@@ -294,8 +332,10 @@ def translate(config: dict, index: Optional[ModuleIndex] = None, *, source: str 
         rules, structural_findings = structural_rules(config, index)
     except NeedsModel as reason:
         if index is None:
-            raise UserError(f"the PEFT config cannot be translated without the model: {reason}",
-                            help="pass --model MODEL to resolve it against the model's module names") from None
+            raise UserError(
+                f"the PEFT config cannot be translated without the model: {reason}",
+                help="pass --model MODEL to resolve it against the model's module names",
+            ) from None
         rules, structural_findings = None, [note(f"{reason}: the spec names PEFT's choice of modules explicitly")]
     if index is None:
         findings += structural_findings
@@ -304,17 +344,24 @@ def translate(config: dict, index: Optional[ModuleIndex] = None, *, source: str 
     choice = peft_choice(config, index)
     findings += choice.findings
     if not choice.assignments:
-        raise UserError("PEFT's config adapts no module of this model",
-                        help="check that the adapter was made for this model")
+        raise UserError(
+            "PEFT's config adapts no module of this model", help="check that the adapter was made for this model"
+        )
     defaults_lines, explicit = explicit_rules(choice.assignments, index)
     explicit_text = _compose(source, model, True, findings, defaults_lines, explicit)
     if rules is not None:
         rules, dropped = _drop_unmatched(rules, [defaults_line], index)
-        structural_text = _compose(source, model, False, findings + structural_findings + dropped, [defaults_line], rules)
+        structural_text = _compose(
+            source, model, False, findings + structural_findings + dropped, [defaults_line], rules
+        )
         if _same_plan(structural_text, explicit_text, index):
             return PeftTranslation(structural_text, findings + structural_findings + dropped, False, choice)
-        findings.append(note("the rule-for-rule translation does not select what PEFT selects on this model; "
-                             "the spec names the modules explicitly"))
+        findings.append(
+            note(
+                "the rule-for-rule translation does not select what PEFT selects on this model; "
+                "the spec names the modules explicitly"
+            )
+        )
         explicit_text = _compose(source, model, True, findings, defaults_lines, explicit)
     else:
         findings += structural_findings

@@ -22,12 +22,14 @@ from ..model.plan import Plan, PlanEntry
 from .hf_names import expert_prefix, hf_expert_name, mlx_module
 from .peft_config import PREFIX
 
-FACTOR = re.compile(r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|"
-                    r"lora_magnitude_vector)(\.[A-Za-z0-9_-]+)?(\.weight)?$")
+FACTOR = re.compile(
+    r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|"
+    r"lora_magnitude_vector)(\.[A-Za-z0-9_-]+)?(\.weight)?$"
+)
 
 
 def _hf_key(key: str) -> str:
-    return key[len(PREFIX):] if key.startswith(PREFIX) else key
+    return key[len(PREFIX) :] if key.startswith(PREFIX) else key
 
 
 class _Collected:
@@ -65,8 +67,12 @@ def _collect(tensors: dict[str, mx.array], plan: Plan, index: ModuleIndex) -> _C
     return out
 
 
-def peft_to_adapters(tensors: dict[str, mx.array], plan: Plan, index: ModuleIndex,
-                     expert_factors: Optional[dict[str, dict[int, float]]] = None) -> dict[str, mx.array]:
+def peft_to_adapters(
+    tensors: dict[str, mx.array],
+    plan: Plan,
+    index: ModuleIndex,
+    expert_factors: Optional[dict[str, dict[int, float]]] = None,
+) -> dict[str, mx.array]:
     """adapterspec adapter tensors (full paths, float32 factors) for PEFT's tensors on the plan's modules."""
     collected = _collect(tensors, plan, index)
     problems = collected.problems
@@ -84,9 +90,12 @@ def peft_to_adapters(tensors: dict[str, mx.array], plan: Plan, index: ModuleInde
             problems.append(str(error))
     weights.update(collected.full)
     if problems:
-        raise UserError("the PEFT weights do not fit the spec on this model: " + "; ".join(problems[:4])
-                        + (f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""),
-                        help="import the adapter with the base model it was trained on")
+        raise UserError(
+            "the PEFT weights do not fit the spec on this model: "
+            + "; ".join(problems[:4])
+            + (f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""),
+            help="import the adapter with the base model it was trained on",
+        )
     return weights
 
 
@@ -104,7 +113,9 @@ def _convert(entry: PlanEntry, parts: dict, index: ModuleIndex, factors: Optiona
         b = _expect(_need(factor, "lora_B", path), (info.output_dims, r), f"{path} lora_B")
         out = {f"{path}.lora_a": a.T, f"{path}.lora_b": b.T}
         if entry.adapter == "dora":
-            out[f"{path}.m"] = _expect(_need(factor, "lora_magnitude_vector", path), (info.output_dims,), f"{path} magnitude")
+            out[f"{path}.m"] = _expect(
+                _need(factor, "lora_magnitude_vector", path), (info.output_dims,), f"{path} magnitude"
+            )
         return out
     if entry.adapter in EMBEDDING_KINDS:
         factor = parts.get(None, {})
@@ -163,8 +174,8 @@ def adapters_to_peft(weights: dict[str, mx.array], plan: Plan, index: ModuleInde
         path = entry.path
         if entry.adapter == "full":
             for key, value in weights.items():
-                if key.startswith(path + ".") and "." not in key[len(path) + 1:]:
-                    out.update(_full_to_peft(path, key[len(path) + 1:], value, index))
+                if key.startswith(path + ".") and "." not in key[len(path) + 1 :]:
+                    out.update(_full_to_peft(path, key[len(path) + 1 :], value, index))
             continue
         a, b = weights[f"{path}.lora_a"], weights[f"{path}.lora_b"]
         if entry.adapter in LINEAR_KINDS:
@@ -180,8 +191,10 @@ def adapters_to_peft(weights: dict[str, mx.array], plan: Plan, index: ModuleInde
                 out[f"{PREFIX}{name}.lora_A.weight"] = a[expert]
                 out[f"{PREFIX}{name}.lora_B.weight"] = b[expert]
         else:
-            raise UserError(f"'{path}' has a {entry.adapter} adapter, which PEFT has no equivalent for",
-                            help="PEFT's DoRA embedding normalises columns, adapterspec's rows")
+            raise UserError(
+                f"'{path}' has a {entry.adapter} adapter, which PEFT has no equivalent for",
+                help="PEFT's DoRA embedding normalises columns, adapterspec's rows",
+            )
     return {k: mx.contiguous(v) for k, v in out.items()}
 
 

@@ -82,7 +82,9 @@ def _group_leaves(paths: list[str]) -> list[str]:
     for path in sorted(paths, key=natural_key):
         parent, _, leaf = path.rpartition(".")
         by_parent[parent].append(leaf)
-    return [f"{parent}.{alternation(leaves)}" if parent else alternation(leaves) for parent, leaves in by_parent.items()]
+    return [
+        f"{parent}.{alternation(leaves)}" if parent else alternation(leaves) for parent, leaves in by_parent.items()
+    ]
 
 
 def selectors_for(paths: list[str], index: ModuleIndex) -> list[str]:
@@ -93,7 +95,7 @@ def selectors_for(paths: list[str], index: ModuleIndex) -> list[str]:
     outside = []
     for path in paths:
         if prefix and path.startswith(prefix):
-            number_text, _, rel = path[len(prefix):].partition(".")
+            number_text, _, rel = path[len(prefix) :].partition(".")
             in_blocks[rel].append(int(number_text))
         else:
             outside.append(path)

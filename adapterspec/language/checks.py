@@ -38,8 +38,13 @@ def overridden(rule, by, filename: str, path: Optional[str] = None) -> Diagnosti
         why = f"line {by.span.line} ('{by.text}') overrides it on every module"
     else:
         why = f"later rules override it on every module it matches, e.g. line {by.span.line} ('{by.text}') on '{path}'"
-    return diagnostic("AS401", f"this rule never decides anything: {why}", rule.span,
-                      "the last matching rule wins; delete this rule or move it below the other one", filename)
+    return diagnostic(
+        "AS401",
+        f"this rule never decides anything: {why}",
+        rule.span,
+        "the last matching rule wins; delete this rule or move it below the other one",
+        filename,
+    )
 
 
 def static_checks(spec: Union["Spec", "CheckedSpec"]) -> list[Diagnostic]:
@@ -52,7 +57,12 @@ def static_checks(spec: Union["Spec", "CheckedSpec"]) -> list[Diagnostic]:
     overriding = overriding_rules(spec)
     for rule, duplicate in _duplicates(spec):
         if duplicate is not None:
-            warn("AS402", f"duplicate rule: line {duplicate.span.line} says the same", rule.span, "delete one of the two lines")
+            warn(
+                "AS402",
+                f"duplicate rule: line {duplicate.span.line} says the same",
+                rule.span,
+                "delete one of the two lines",
+            )
         elif rule.index in overriding:
             diagnostics.append(overridden(rule, overriding[rule.index], spec.filename))
 

@@ -31,14 +31,33 @@ CODES: dict[str, Code] = {
     code.code: code
     for code in (
         Code("AS100", Severity.ERROR, "binary, UTF-16 or not valid UTF-8", "save the spec as a UTF-8 text file"),
-        Code("AS101", Severity.ERROR, "unexpected character or token", "write the line as 'selector: transform(arguments)'"),
-        Code("AS102", Severity.ERROR, "missing `:` after the selector", "put ':' between the selector and the transform"),
+        Code(
+            "AS101",
+            Severity.ERROR,
+            "unexpected character or token",
+            "write the line as 'selector: transform(arguments)'",
+        ),
+        Code(
+            "AS102", Severity.ERROR, "missing `:` after the selector", "put ':' between the selector and the transform"
+        ),
         Code("AS103", Severity.ERROR, "space inside a selector", "remove the space, or put ':' before the transform"),
         Code("AS104", Severity.ERROR, "unclosed `(`, `[` or `<`", "close the bracket on the same line"),
         Code("AS105", Severity.ERROR, "file over 1 MiB or line over 4,096 characters", "split the spec or the line"),
-        Code("AS106", Severity.ERROR, "empty selector or missing transform", "write a module path, ':' and a transform"),
-        Code("AS107", Severity.ERROR, "misplaced `**`, empty segment, nested alternation", "write '**' as a whole segment, one '.' between segments, flat alternations"),
-        Code("AS201", Severity.ERROR, "unknown argument", "use one of the transform's arguments (r, scale, alpha, rslora, dropout)"),
+        Code(
+            "AS106", Severity.ERROR, "empty selector or missing transform", "write a module path, ':' and a transform"
+        ),
+        Code(
+            "AS107",
+            Severity.ERROR,
+            "misplaced `**`, empty segment, nested alternation",
+            "write '**' as a whole segment, one '.' between segments, flat alternations",
+        ),
+        Code(
+            "AS201",
+            Severity.ERROR,
+            "unknown argument",
+            "use one of the transform's arguments (r, scale, alpha, rslora, dropout)",
+        ),
         Code("AS202", Severity.ERROR, "unknown transform", "use lora, dora, full or none"),
         Code("AS203", Severity.ERROR, "unknown type filter", "use @linear, @switch, @embedding or a class name"),
         Code("AS204", Severity.ERROR, "value of the wrong type", "give the argument a value of its type"),
@@ -47,24 +66,61 @@ CODES: dict[str, Code] = {
         Code("AS207", Severity.ERROR, "`rslora` without `alpha`", "add alpha, or remove rslora"),
         Code("AS208", Severity.ERROR, "arguments on `full` / `none`", "write full or none alone"),
         Code("AS209", Severity.ERROR, "argument given twice", "keep one of the two"),
-        Code("AS210", Severity.ERROR, "version line not first, or unsupported version", "put 'adapterspec 1' on the first line"),
+        Code(
+            "AS210",
+            Severity.ERROR,
+            "version line not first, or unsupported version",
+            "put 'adapterspec 1' on the first line",
+        ),
         Code("AS211", Severity.ERROR, "second `defaults` line for one kind", "merge the two defaults lines"),
         Code("AS212", Severity.ERROR, "`defaults` for `full` / `none`", "delete the defaults line"),
         Code("AS213", Severity.ERROR, "slice step 0", "use a step other than 0"),
         Code("AS214", Severity.ERROR, "no rules", "add a rule such as 'layers[*].self_attn.<q,v>_proj: lora'"),
-        Code("AS301", Severity.ERROR, "selector matches no module", "run 'adapterspec tree MODEL' to see the module paths"),
-        Code("AS302", Severity.ERROR, "selector matches only modules the transform cannot adapt", "select linear, switch or embedding modules, or use full"),
+        Code(
+            "AS301",
+            Severity.ERROR,
+            "selector matches no module",
+            "run 'adapterspec tree MODEL' to see the module paths",
+        ),
+        Code(
+            "AS302",
+            Severity.ERROR,
+            "selector matches only modules the transform cannot adapt",
+            "select linear, switch or embedding modules, or use full",
+        ),
         Code("AS303", Severity.ERROR, "`dora` on experts", "use lora on the experts"),
-        Code("AS304", Severity.ERROR, "type filter excludes every matched module", "remove the type filter or select other modules"),
+        Code(
+            "AS304",
+            Severity.ERROR,
+            "type filter excludes every matched module",
+            "remove the type filter or select other modules",
+        ),
         Code("AS305", Severity.ERROR, "list position out of range", "use a position inside the list, or a slice"),
         Code("AS306", Severity.WARNING, "r ≥ min(in, out) of a target", "use a smaller r, or full"),
-        Code("AS307", Severity.WARNING, "unanchored selector matches under two prefixes", "anchor the selector with '/' and the prefix you mean"),
-        Code("AS308", Severity.INFO, "embedding adapter on a tied embedding also changes the output layer", "select @linear modules only to leave it out"),
+        Code(
+            "AS307",
+            Severity.WARNING,
+            "unanchored selector matches under two prefixes",
+            "anchor the selector with '/' and the prefix you mean",
+        ),
+        Code(
+            "AS308",
+            Severity.INFO,
+            "embedding adapter on a tied embedding also changes the output layer",
+            "select @linear modules only to leave it out",
+        ),
         Code("AS310", Severity.ERROR, "`full` on quantized weights", "use lora on quantized modules"),
-        Code("AS401", Severity.WARNING, "a rule that later rules override everywhere", "the last matching rule wins; delete the rule or move it down"),
+        Code(
+            "AS401",
+            Severity.WARNING,
+            "a rule that later rules override everywhere",
+            "the last matching rule wins; delete the rule or move it down",
+        ),
         Code("AS402", Severity.WARNING, "duplicate rule", "delete one of the two lines"),
         Code("AS403", Severity.WARNING, "unused `defaults`", "delete the defaults line"),
-        Code("AS404", Severity.WARNING, "`defaults` after the first rule", "move the defaults line above the first rule"),
+        Code(
+            "AS404", Severity.WARNING, "`defaults` after the first rule", "move the defaults line above the first rule"
+        ),
     )
 }
 

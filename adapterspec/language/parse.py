@@ -154,16 +154,27 @@ def decode(data: bytes, filename: str, size: int | None = None) -> tuple[str | N
     size = max(size or 0, len(data))
     if size > MAX_FILE_BYTES:
         message = f"file is too large ({size:,} bytes; a spec may have at most {MAX_FILE_BYTES:,})"
-        return None, [_error("AS105", message, None, "a spec is a short list of rules; is this the right file?", filename)]
+        return None, [
+            _error("AS105", message, None, "a spec is a short list of rules; is this the right file?", filename)
+        ]
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
         encoding = "UTF-32" if data.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")) else "UTF-16"
-        return None, [_error("AS100", f"file is {encoding}, not UTF-8", Span(1, 1, 1, 1, 0, 0),
-                             "save the file as UTF-8", filename)]
+        return None, [
+            _error(
+                "AS100", f"file is {encoding}, not UTF-8", Span(1, 1, 1, 1, 0, 0), "save the file as UTF-8", filename
+            )
+        ]
     if b"\x00" in data:
         prefix = data[: data.index(b"\x00")].decode("utf-8", "replace")
         span = Span.at(prefix + " ", len(prefix), len(prefix) + 1)
         return None, [
-            _error("AS100", "file is binary (it contains a NUL byte)", span, "adapterspec reads UTF-8 text files (.aspec)", filename)
+            _error(
+                "AS100",
+                "file is binary (it contains a NUL byte)",
+                span,
+                "adapterspec reads UTF-8 text files (.aspec)",
+                filename,
+            )
         ]
     try:
         text = data.decode("utf-8")
@@ -397,15 +408,28 @@ class _SyntaxErrorReport:
         last = self.passed[-1] if self.passed else None
         for closer, (opener, close) in CLOSERS.items():
             if closer in expected:
-                return self.error("AS104", f"'{opener}' is not closed before the end of the line", span, f"add the missing '{close}'")
+                return self.error(
+                    "AS104", f"'{opener}' is not closed before the end of the line", span, f"add the missing '{close}'"
+                )
         if last == "DOT":
-            return self.error("AS107", "a selector must not end with '.'", span, "remove the '.' or add a segment after it")
+            return self.error(
+                "AS107", "a selector must not end with '.'", span, "remove the '.' or add a segment after it"
+            )
         if last == "AT":
-            return self.error("AS101", "missing type after '@'", span, "use @linear, @switch, @embedding or a class name")
+            return self.error(
+                "AS101", "missing type after '@'", span, "use @linear, @switch, @embedding or a class name"
+            )
         if last == "ROOT":
-            return self.error("AS106", "a selector must not be empty", span, "write a module path after '/', e.g. '/lm_head: lora'")
+            return self.error(
+                "AS106", "a selector must not be empty", span, "write a module path after '/', e.g. '/lm_head: lora'"
+            )
         if last == "DEFAULTS_KW":
-            return self.error("AS106", "missing transform after 'defaults'", span, "a defaults line reads 'defaults lora(r=8, scale=20.0)'")
+            return self.error(
+                "AS106",
+                "missing transform after 'defaults'",
+                span,
+                "a defaults line reads 'defaults lora(r=8, scale=20.0)'",
+            )
         if last == "VERSION_KW":
             return self.error("AS101", "missing version number", span, "the version line reads 'adapterspec 1'")
         if last == "EQUAL":
@@ -441,34 +465,54 @@ class _SyntaxErrorReport:
         if last == "EQUAL":
             return self.error("AS101", "missing value after '='", span, "for example r=8")
         if kind == "COLON" and last in (None, "ROOT"):
-            return self.error("AS106", "a selector must not be empty", span, "write a module path before ':', e.g. 'q_proj: lora'")
+            return self.error(
+                "AS106", "a selector must not be empty", span, "write a module path before ':', e.g. 'q_proj: lora'"
+            )
         if kind == "DOUBLESTAR" or (last == "DOUBLESTAR" and kind in ("NAME", "STAR", "LANGLE", "LBRACKET")):
-            return self.error("AS107", "'**' must stand alone as a whole segment", span,
-                              "write '**.*_proj' rather than '**_proj'; '**' takes no index")
+            return self.error(
+                "AS107",
+                "'**' must stand alone as a whole segment",
+                span,
+                "write '**.*_proj' rather than '**_proj'; '**' takes no index",
+            )
         if kind in ("DOT", "COLON", "AT") and last in (None, "DOT", "ROOT"):
             return self.error("AS107", "empty segment in a selector", span, "remove the extra '.'")
         if kind in ("COLON", "DOT") and last == "AT":
-            return self.error("AS101", "missing type after '@'", span, "use @linear, @switch, @embedding or a class name")
+            return self.error(
+                "AS101", "missing type after '@'", span, "use @linear, @switch, @embedding or a class name"
+            )
         if bracket == "<" and kind == "LANGLE":
             return self.error("AS107", "alternations do not nest", span, "list every alternative once: '<q,k,v>_proj'")
         if kind == "RBRACKET" and last == "LBRACKET":
             return self.error("AS101", "empty index '[]'", span, INDEX_HELP)
         if kind == "RANGLE" and last in ("LANGLE", "COMMA"):
-            return self.error("AS101", "empty alternative in '<...>'", span, "write '<q,k,v>_proj': every alternative is a name")
+            return self.error(
+                "AS101", "empty alternative in '<...>'", span, "write '<q,k,v>_proj': every alternative is a name"
+            )
         if bracket is not None and not closed_later:
-            return self.error("AS104", f"'{bracket}' is not closed", span, f"add the missing '{BRACKET_PAIRS[bracket]}'")
+            return self.error(
+                "AS104", f"'{bracket}' is not closed", span, f"add the missing '{BRACKET_PAIRS[bracket]}'"
+            )
         if bracket == "[":
             return self.error("AS101", f"unexpected {shown} in an index", span, INDEX_HELP)
         if bracket == "<":
-            return self.error("AS101", f"unexpected {shown} in an alternation", span,
-                              "an alternation lists names and '*' between ',': '<q,k,v>_proj'")
+            return self.error(
+                "AS101",
+                f"unexpected {shown} in an alternation",
+                span,
+                "an alternation lists names and '*' between ',': '<q,k,v>_proj'",
+            )
         if bracket == "(" and kind in ("NAME", "SIGNED_NUMBER") and last not in ("LPAR", "COMMA", "EQUAL"):
             return self.error("AS101", f"expected ',' or ')' before {shown}", span, "arguments are separated by ','")
         if "COLON" in expected and kind in ("NAME", "LPAR"):
             return self.error("AS102", f"expected ':' before {shown}", span, RULE_HELP)
         if not expected:
-            return self.error("AS101", f"unexpected {shown}: the line is already complete", span,
-                              "one rule per line; a comment starts with '#'")
+            return self.error(
+                "AS101",
+                f"unexpected {shown}: the line is already complete",
+                span,
+                "one rule per line; a comment starts with '#'",
+            )
         return self.error("AS101", f"unexpected {shown}; expected {_expected_words(expected)}", span)
 
 
@@ -515,7 +559,14 @@ def parse_text(text: str, filename: str = "<spec>") -> tuple[ast.SpecTree, list[
                 tree.blank_lines.append(line_no)
                 continue
             if len(line) > MAX_LINE_CHARS:
-                span = Span(line_no, MAX_LINE_CHARS + 1, line_no, len(line) + 1, line_offset + MAX_LINE_CHARS, line_offset + len(line))
+                span = Span(
+                    line_no,
+                    MAX_LINE_CHARS + 1,
+                    line_no,
+                    len(line) + 1,
+                    line_offset + MAX_LINE_CHARS,
+                    line_offset + len(line),
+                )
                 message = f"line is too long ({len(line):,} characters; at most {MAX_LINE_CHARS:,})"
                 diagnostic = _error("AS105", message, span, "split it into several rules", filename)
             else:

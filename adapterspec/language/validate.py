@@ -221,8 +221,12 @@ class _Validator:
             if rule is not None:
                 rules.append(rule)
         if not rule_lines and not self.tree.failed_lines:
-            self.report("AS214", "the spec has no rules", Span(1, 1, 1, 1, 0, 0),
-                       "add a rule such as 'self_attn.<q,v>_proj: lora'")
+            self.report(
+                "AS214",
+                "the spec has no rules",
+                Span(1, 1, 1, 1, 0, 0),
+                "add a rule such as 'self_attn.<q,v>_proj: lora'",
+            )
         if self.tree.failed_lines or any(d.is_error for d in self.diagnostics):
             return None
         return CheckedSpec(self.tree.filename, self.tree.source, version, defaults, defaults_spans, tuple(rules))
@@ -232,11 +236,19 @@ class _Validator:
             if not isinstance(item, ast.VersionLine):
                 continue
             if position != 0:
-                self.report("AS210", "the version line must come before every other line", item.span,
-                           "move 'adapterspec 1' to the top (comments may precede it)")
+                self.report(
+                    "AS210",
+                    "the version line must come before every other line",
+                    item.span,
+                    "move 'adapterspec 1' to the top (comments may precede it)",
+                )
             elif item.version != SPEC_VERSION:
-                self.report("AS210", f"unsupported spec version {item.version}", item.span,
-                           f"this adapterspec reads 'adapterspec {SPEC_VERSION}'")
+                self.report(
+                    "AS210",
+                    f"unsupported spec version {item.version}",
+                    item.span,
+                    f"this adapterspec reads 'adapterspec {SPEC_VERSION}'",
+                )
         return SPEC_VERSION
 
     def defaults_lines(self, items: list[ast.Item]) -> tuple[dict[str, dict[str, Value]], dict[str, Span]]:
@@ -256,17 +268,29 @@ class _Validator:
         if kind is None:
             return
         if kind not in ADAPTER_KINDS:
-            self.report("AS212", f"'{kind}' takes no arguments, so it has no defaults", call.name_span,
-                       "defaults exist for lora and dora")
+            self.report(
+                "AS212",
+                f"'{kind}' takes no arguments, so it has no defaults",
+                call.name_span,
+                "defaults exist for lora and dora",
+            )
             return
         if kind in spans:
-            self.report("AS211", f"a second 'defaults {kind}' line (the first is on line {spans[kind].line})",
-                       item.span, "merge both into one defaults line")
+            self.report(
+                "AS211",
+                f"a second 'defaults {kind}' line (the first is on line {spans[kind].line})",
+                item.span,
+                "merge both into one defaults line",
+            )
             return
         spans[kind] = item.span
         if after_rule:
-            self.report("AS404", f"'defaults {kind}' comes after the first rule", item.span,
-                        "defaults apply to every rule of the file; move this line above the rules")
+            self.report(
+                "AS404",
+                f"'defaults {kind}' comes after the first rule",
+                item.span,
+                "defaults apply to every rule of the file; move this line above the rules",
+            )
         given = self.arguments(call, kind)
         if given is not None:
             defaults[kind] = given
@@ -274,9 +298,12 @@ class _Validator:
     def transform_kind(self, call: ast.TransformCall) -> Optional[str]:
         if call.name in TRANSFORM_KINDS:
             return call.name
-        self.report("AS202",
-                   f"unknown transform '{call.name}'{_did_you_mean(call.name, TRANSFORM_KINDS, TRANSFORM_SYNONYMS)}",
-                   call.name_span, "a transform is one of lora, dora, full, none")
+        self.report(
+            "AS202",
+            f"unknown transform '{call.name}'{_did_you_mean(call.name, TRANSFORM_KINDS, TRANSFORM_SYNONYMS)}",
+            call.name_span,
+            "a transform is one of lora, dora, full, none",
+        )
         return None
 
     def arguments(self, call: ast.TransformCall, kind: str) -> Optional[dict[str, Value]]:
@@ -292,15 +319,23 @@ class _Validator:
         ok = True
         for argument in call.arguments:
             if argument.name not in ARGUMENTS:
-                self.report("AS201",
-                           f"unknown argument '{argument.name}' for {kind}"
-                           f"{_did_you_mean(argument.name, ARGUMENT_NAMES, ARGUMENT_SYNONYMS)}",
-                           argument.name_span, f"{kind} takes {', '.join(ARGUMENT_NAMES)}")
+                self.report(
+                    "AS201",
+                    f"unknown argument '{argument.name}' for {kind}"
+                    f"{_did_you_mean(argument.name, ARGUMENT_NAMES, ARGUMENT_SYNONYMS)}",
+                    argument.name_span,
+                    f"{kind} takes {', '.join(ARGUMENT_NAMES)}",
+                )
                 ok = False
                 continue
             if argument.name in seen:
-                self.report("AS209", f"argument '{argument.name}' is given twice", argument.name_span,
-                           f"keep one '{argument.name}='", (f"first given at column {seen[argument.name].span.column}",))
+                self.report(
+                    "AS209",
+                    f"argument '{argument.name}' is given twice",
+                    argument.name_span,
+                    f"keep one '{argument.name}='",
+                    (f"first given at column {seen[argument.name].span.column}",),
+                )
                 ok = False
                 continue
             seen[argument.name] = argument
@@ -313,8 +348,12 @@ class _Validator:
                 continue
             given[argument.name] = value
         if "scale" in given and "alpha" in given:
-            self.report("AS206", "give either scale or alpha, not both", seen["alpha"].span,
-                       "scale multiplies B·A directly; alpha sets scale = alpha / r")
+            self.report(
+                "AS206",
+                "give either scale or alpha, not both",
+                seen["alpha"].span,
+                "scale multiplies B·A directly; alpha sets scale = alpha / r",
+            )
             ok = False
         return given if ok else None
 
@@ -332,22 +371,35 @@ class _Validator:
         if transform.rslora and transform.alpha is None:
             self.rslora_without_alpha(line.transform, kind, given, defaults_spans)
             return None
-        return CheckedRule(index, line.selector, type_filter, transform, line.span, line.transform.span,
-                           line.type_filter.span if line.type_filter else None)
+        return CheckedRule(
+            index,
+            line.selector,
+            type_filter,
+            transform,
+            line.span,
+            line.transform.span,
+            line.type_filter.span if line.type_filter else None,
+        )
 
     def rslora_without_alpha(self, call: ast.TransformCall, kind: str, given, defaults_spans) -> None:
         written = next((a for a in call.arguments or () if a.name == "rslora"), None)
         notes = () if written else (f"rslora=true comes from 'defaults {kind}' on line {defaults_spans[kind].line}",)
-        self.report("AS207", "rslora needs alpha", written.span if written else call.span,
-                   "add alpha=… (scale becomes alpha / sqrt(r))", notes)
+        self.report(
+            "AS207",
+            "rslora needs alpha",
+            written.span if written else call.span,
+            "add alpha=… (scale becomes alpha / sqrt(r))",
+            notes,
+        )
 
     def selector(self, selector: ast.Selector) -> bool:
         ok = True
         for segment in selector.segments:
             if isinstance(segment, ast.NameSegment) and isinstance(segment.index, ast.IndexSlice):
                 if segment.index.step == 0:
-                    self.report("AS213", "slice step cannot be zero", segment.index.span,
-                               "use [::1] or leave the step out")
+                    self.report(
+                        "AS213", "slice step cannot be zero", segment.index.span, "use [::1] or leave the step out"
+                    )
                     ok = False
         return ok
 
@@ -355,8 +407,12 @@ class _Validator:
         name = type_filter.name
         if name in TYPE_WORDS or name[:1].isupper():
             return name
-        self.report("AS203", f"unknown type filter '@{name}'{_did_you_mean(name, TYPE_WORDS, TYPE_SYNONYMS)}",
-                   type_filter.span, "use @linear, @switch, @embedding, or an exact class name such as @QuantizedLinear")
+        self.report(
+            "AS203",
+            f"unknown type filter '@{name}'{_did_you_mean(name, TYPE_WORDS, TYPE_SYNONYMS)}",
+            type_filter.span,
+            "use @linear, @switch, @embedding, or an exact class name such as @QuantizedLinear",
+        )
         return None
 
 

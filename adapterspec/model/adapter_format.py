@@ -1,5 +1,5 @@
-"""Adapter directories: `adapters.safetensors` + `adapter_config.json`, written atomically, read back
-into a model — ours (spec and plan inside) or mlx-lm's (`keys`/`num_layers` translated to a spec)."""
+"""The adapter-directory format: `adapters.safetensors` + `adapter_config.json`, ours (spec and plan inside) or
+mlx-lm's (`keys`/`num_layers`, translated to a spec); reading and writing the weights is `adapters.weights`."""
 
 from __future__ import annotations
 
@@ -47,8 +47,10 @@ def adapter_config(plan: Plan, extra: Optional[dict] = None) -> dict:
 def read_adapter_config(path) -> dict:
     config_path = Path(path) / ADAPTER_CONFIG
     if not config_path.is_file():
-        raise UserError(f"{path} is not an adapter directory: {ADAPTER_CONFIG} is missing",
-                        help="pass the directory written by 'adapterspec apply -o DIR' or by mlx_lm.lora")
+        raise UserError(
+            f"{path} is not an adapter directory: {ADAPTER_CONFIG} is missing",
+            help="pass the directory written by 'adapterspec apply -o DIR' or by mlx_lm.lora",
+        )
     try:
         return json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -64,12 +66,14 @@ def spec_text_of(config: dict, index: ModuleIndex) -> tuple[str, str, list[str]]
         return ours["spec"], ours.get("spec_file", "<adapter_config.json>"), []
     fine_tune_type = config.get("fine_tune_type", "lora")
     if fine_tune_type == "full":
-        raise UserError("this adapter directory holds a full fine-tune (fine_tune_type: full), not adapters",
-                        help="load its weights with mlx-lm directly")
+        raise UserError(
+            "this adapter directory holds a full fine-tune (fine_tune_type: full), not adapters",
+            help="load its weights with mlx-lm directly",
+        )
     parameters = config.get("lora_parameters")
     if parameters is None or "num_layers" not in config:
-        raise UserError(f"{ADAPTER_CONFIG} has neither an 'adapterspec' section nor mlx-lm's lora_parameters/num_layers")
+        raise UserError(
+            f"{ADAPTER_CONFIG} has neither an 'adapterspec' section nor mlx-lm's lora_parameters/num_layers"
+        )
     text, notes = spec_from_mlx_lm(parameters, int(config["num_layers"]), fine_tune_type, index)
     return text, "<mlx-lm adapter_config.json>", notes
-
-

@@ -76,7 +76,9 @@ class _RuleFacts:
         self.reached = set(outcome.reached)
         self.error = errors.get(self.rule.span.line)
         has_index = any(isinstance(s, ast.NameSegment) and s.index for s in self.rule.selector.segments)
-        self.near = set(SelectorMatcher(_without_indices(self.rule.selector)).match(index).paths) if has_index else set()
+        self.near = (
+            set(SelectorMatcher(_without_indices(self.rule.selector)).match(index).paths) if has_index else set()
+        )
         self.index = index
 
     def covering(self, path: str, paths: set[str]) -> Optional[str]:
@@ -123,8 +125,9 @@ class _RuleFacts:
         return "the rule applies to none of its matches"
 
 
-def explain(plan: Plan, index: ModuleIndex, paths: Optional[set[str]] = None, *,
-            near_misses: bool = True) -> list[ModuleExplanation]:
+def explain(
+    plan: Plan, index: ModuleIndex, paths: Optional[set[str]] = None, *, near_misses: bool = True
+) -> list[ModuleExplanation]:
     """One explanation per module (those in `paths`, else every module some rule matches, and every adaptable one)."""
     errors = {d.span.line: d.message for d in plan.diagnostics if d.is_error and d.span}
     facts = [_RuleFacts(outcome, plan.spec.rules, index, errors) for outcome in plan.outcomes]
@@ -132,7 +135,9 @@ def explain(plan: Plan, index: ModuleIndex, paths: Optional[set[str]] = None, *,
     entries = {e.path: e for e in plan.entries}
     out = []
     for info in index:
-        if (paths is not None and info.path not in paths) or (info.family in ("container", "list") and not info.has_params):
+        if (paths is not None and info.path not in paths) or (
+            info.family in ("container", "list") and not info.has_params
+        ):
             continue
         decider = decided.get(info.path)
         verdicts = [v for f in facts if (v := f.verdict(info, decider)) is not None]
@@ -140,7 +145,9 @@ def explain(plan: Plan, index: ModuleIndex, paths: Optional[set[str]] = None, *,
             verdicts = [v for v in verdicts if v.status != MISSES]
         if paths is None and not info.adaptable and all(v.status == MISSES for v in verdicts):
             continue
-        out.append(ModuleExplanation(info.path, info.cls, _outcome(info, decider, entries), entries.get(info.path), verdicts))
+        out.append(
+            ModuleExplanation(info.path, info.cls, _outcome(info, decider, entries), entries.get(info.path), verdicts)
+        )
     return out
 
 
@@ -149,7 +156,9 @@ def _outcome(info: ModuleInfo, decider: Optional[int], entries: dict) -> str:
     if entry is not None:
         if entry.adapter == "full":
             return "full (its own parameters are trained)"
-        return f"{entry.adapter}(r={entry.r}, scale={entry.scale:g}" + (f", dropout={entry.dropout:g})" if entry.dropout else ")")
+        return f"{entry.adapter}(r={entry.r}, scale={entry.scale:g}" + (
+            f", dropout={entry.dropout:g})" if entry.dropout else ")"
+        )
     if decider is not None:
         return "none (a rule says so: stays frozen)"
     return "nothing (no rule reaches it: stays frozen)"
@@ -166,12 +175,16 @@ def selected_paths(selector_text: str, index: ModuleIndex) -> set[str]:
         spec, diagnostics = check_text(f"{selector_text}: none\n", "<filter>")
         if spec is None:
             message = diagnostics[0].message if diagnostics else "not a selector"
-            raise UserError(f"'{selector_text}' is neither a module path nor a selector: {message}",
-                            help="give a module path such as model.layers.0.self_attn.q_proj or a selector such as layers[0].mlp")
+            raise UserError(
+                f"'{selector_text}' is neither a module path nor a selector: {message}",
+                help="give a module path such as model.layers.0.self_attn.q_proj or a selector such as layers[0].mlp",
+            )
         base = SelectorMatcher(spec.rules[0].selector).match(index).paths
         if not base:
-            raise UserError(f"'{selector_text}' matches no module of the model",
-                            help="run 'adapterspec tree MODEL' to see the module names")
+            raise UserError(
+                f"'{selector_text}' matches no module of the model",
+                help="run 'adapterspec tree MODEL' to see the module names",
+            )
     out = set(base)
     for path in base:
         out.update(m.path for m in index.descendants(path))

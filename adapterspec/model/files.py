@@ -114,7 +114,9 @@ def resolve_model_path(name_or_path: str | os.PathLike, revision: str = "main") 
     if path.exists():
         raise ModelNotFound(f"{text}: not a directory", help="give the model's directory, not one of its files")
     if not HF_REPO_ID.match(text) or text.startswith((".", "/", "~")):
-        raise ModelNotFound(f"{text}: no such directory", help="give a model directory or a Hugging Face repo id (org/name)")
+        raise ModelNotFound(
+            f"{text}: no such directory", help="give a model directory or a Hugging Face repo id (org/name)"
+        )
     return _cached_snapshot(text, revision)
 
 
@@ -148,8 +150,6 @@ def _cached_snapshot(repo_id: str, revision: str) -> Path:
             help="the download is incomplete; download the model again",
         )
     return snapshot
-
-
 
 
 # ── writing ─────────────────────────────────────────────────────────────────

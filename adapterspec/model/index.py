@@ -229,9 +229,7 @@ def _split_param(name: str) -> tuple[str, str]:
     return ".".join(parts[:end]), ".".join(parts[end:])
 
 
-def _info_from_tensors(
-    path: str, own: dict[str, Tensor], children: set[str] | None, quantization: dict
-) -> ModuleInfo:
+def _info_from_tensors(path: str, own: dict[str, Tensor], children: set[str] | None, quantization: dict) -> ModuleInfo:
     if children:
         is_list = all(c.isdigit() for c in children)
         cls, family = (LIST_CLASS, "list") if is_list else (CONTAINER_CLASS, "container")

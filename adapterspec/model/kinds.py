@@ -26,7 +26,9 @@ class AdapterKind:
         """The adapter's own parameters, by the names mlx-lm gives them."""
         return ("lora_a", "lora_b", "m") if self.dora else ("lora_a", "lora_b")
 
-    def shapes(self, input_dims: int, output_dims: int, r: int, num_experts: Optional[int] = None) -> dict[str, tuple[int, ...]]:
+    def shapes(
+        self, input_dims: int, output_dims: int, r: int, num_experts: Optional[int] = None
+    ) -> dict[str, tuple[int, ...]]:
         """The shape of each parameter on a base of these logical dims (an embedding: number of rows, dimension)."""
         if self.family == "switch":
             return {"lora_a": (num_experts or 1, r, input_dims), "lora_b": (num_experts or 1, output_dims, r)}

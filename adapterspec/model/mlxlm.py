@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from .index import ModuleIndex
 from .kinds import DORA_KINDS, KINDS
-from .plan import Plan
+
+if TYPE_CHECKING:
+    from .plan import Plan
 
 
 def block_list_path(index: ModuleIndex) -> Optional[str]:
@@ -39,11 +41,16 @@ def mlx_lm_config(plan: Plan, index: ModuleIndex) -> MlxLmFit:
         reasons.append("it trains some modules fully ('full'), which mlx-lm's lora/dora configs cannot say")
     if {KINDS[k].transform for k in kinds - {"full"}} == {"lora", "dora"}:
         reasons.append("it mixes lora and dora")
-    for name, values in (("rank", {e.r for e in entries}), ("scale", {e.scale for e in entries}),
-                         ("dropout", {e.dropout for e in entries})):
+    for name, values in (
+        ("rank", {e.r for e in entries}),
+        ("scale", {e.scale for e in entries}),
+        ("dropout", {e.dropout for e in entries}),
+    ):
         values.discard(None)
         if len(values) > 1:
-            reasons.append(f"it uses {len(values)} different {name} values ({', '.join(f'{v:g}' for v in sorted(values))}); mlx-lm has one")
+            reasons.append(
+                f"it uses {len(values)} different {name} values ({', '.join(f'{v:g}' for v in sorted(values))}); mlx-lm has one"
+            )
     blocks = block_list_path(index)
     if reasons:
         return MlxLmFit(None, reasons)
@@ -53,7 +60,7 @@ def mlx_lm_config(plan: Plan, index: ModuleIndex) -> MlxLmFit:
     top_keys: set[str] = set()
     for entry in entries:
         if block_prefix and entry.path.startswith(block_prefix):
-            number, _, key = entry.path[len(block_prefix):].partition(".")
+            number, _, key = entry.path[len(block_prefix) :].partition(".")
             block_numbers.add(int(number))
             relative_keys.add(key)
         else:
@@ -73,7 +80,9 @@ def mlx_lm_config(plan: Plan, index: ModuleIndex) -> MlxLmFit:
         missing = sorted(produced - wanted)
         reasons.append(
             "mlx-lm adapts the same keys in each of the last num_layers blocks, but this plan "
-            f"leaves out e.g. '{missing[0]}'" if missing else "the adapted blocks are not the same in each block"
+            f"leaves out e.g. '{missing[0]}'"
+            if missing
+            else "the adapted blocks are not the same in each block"
         )
         return MlxLmFit(None, reasons)
     first = entries[0]
@@ -89,7 +98,9 @@ def _format_number(value: float) -> str:
     return repr(float(value)) if isinstance(value, float) else str(value)
 
 
-def spec_from_mlx_lm(lora_parameters: dict, num_layers: int, fine_tune_type: str, index: ModuleIndex) -> tuple[str, list[str]]:
+def spec_from_mlx_lm(
+    lora_parameters: dict, num_layers: int, fine_tune_type: str, index: ModuleIndex
+) -> tuple[str, list[str]]:
     """A spec whose plan on this model equals what mlx-lm's `linear_to_lora_layers` builds; plus notes.
 
     Keys that match nothing are dropped with a note (mlx-lm ignores them silently).
@@ -124,8 +135,10 @@ def spec_from_mlx_lm(lora_parameters: dict, num_layers: int, fine_tune_type: str
         if not in_blocks and not at_top:
             found = [index[p] for p in [key] + [f"{blocks}.{n}.{key}" for n in chosen if blocks] if p in index]
             if found:
-                notes.append(f"key '{key}' names a module that is no Linear, SwitchLinear or Embedding "
-                             f"({found[0].cls}); mlx-lm fails on it, the translation leaves it out")
+                notes.append(
+                    f"key '{key}' names a module that is no Linear, SwitchLinear or Embedding "
+                    f"({found[0].cls}); mlx-lm fails on it, the translation leaves it out"
+                )
             else:
                 notes.append(f"key '{key}' matches no module of this model (mlx-lm ignores it)")
     if len(lines) == 1:  # a spec needs a rule: say "nothing" explicitly, as mlx-lm adapts nothing here

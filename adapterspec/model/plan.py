@@ -139,8 +139,12 @@ class _Planner:
 
     def out_of_range(self, rule: Rule, out_of_range) -> None:
         value, list_path, length = out_of_range[0]
-        self.report("AS305", f"index {value} is outside '{list_path}' ({length} elements)",
-                    rule.selector.span, f"valid positions are 0…{length - 1} or -{length}…-1")
+        self.report(
+            "AS305",
+            f"index {value} is outside '{list_path}' ({length} elements)",
+            rule.selector.span,
+            f"valid positions are 0…{length - 1} or -{length}…-1",
+        )
 
     def no_match(self, rule: Rule) -> None:
         selector = rule.selector
@@ -157,14 +161,18 @@ class _Planner:
         kind = rule.transform.kind
         if filtered:
             example = filtered[0]
-            self.report("AS304",
-                        f"no module matched by '{rule.selector.text}' is of type @{rule.type_filter}",
-                        rule.type_filter_span or rule.selector.span,
-                        f"it matches e.g. '{example.path}' ({example.cls}); change or drop the type filter")
+            self.report(
+                "AS304",
+                f"no module matched by '{rule.selector.text}' is of type @{rule.type_filter}",
+                rule.type_filter_span or rule.selector.span,
+                f"it matches e.g. '{example.path}' ({example.cls}); change or drop the type filter",
+            )
             return
         example = self.index[matched[0]]
         if kind == "full":
-            message = f"'{rule.selector.text}' matches only modules without parameters, e.g. '{example.path}' ({example.cls})"
+            message = (
+                f"'{rule.selector.text}' matches only modules without parameters, e.g. '{example.path}' ({example.cls})"
+            )
             help_text = "full trains a module's own parameters; select modules that have some"
         else:
             message = f"{kind} cannot adapt '{example.path}' ({example.cls})"
@@ -177,24 +185,34 @@ class _Planner:
         kind = rule.transform.kind
         experts = [m for m in reached if m.family == "switch"]
         if kind == "dora" and experts:
-            self.report("AS303", f"dora cannot adapt the experts '{experts[0].path}' ({experts[0].cls})",
-                        rule.transform_span, "use lora for SwitchLinear experts, or add the type filter @linear")
+            self.report(
+                "AS303",
+                f"dora cannot adapt the experts '{experts[0].path}' ({experts[0].cls})",
+                rule.transform_span,
+                "use lora for SwitchLinear experts, or add the type filter @linear",
+            )
             return False
         if kind == "full":
             quantized = [m for m in reached if m.quantized]
             if quantized:
-                self.report("AS310",
-                            f"full cannot train the quantized weights of '{quantized[0].path}' ({quantized[0].cls})",
-                            rule.transform_span, "use lora on quantized layers, or dequantize the model first")
+                self.report(
+                    "AS310",
+                    f"full cannot train the quantized weights of '{quantized[0].path}' ({quantized[0].cls})",
+                    rule.transform_span,
+                    "use lora on quantized layers, or dequantize the model first",
+                )
                 return False
         if rule.transform.adapts:
             r = rule.transform.r
             too_wide = [m for m in reached if r >= min(m.input_dims or r + 1, m.output_dims or r + 1)]
             if too_wide:
                 m = too_wide[0]
-                self.report("AS306",
-                            f"r={r} is not below min(in, out) = {min(m.input_dims, m.output_dims)} of '{m.path}'",
-                            rule.transform_span, "a low-rank adapter at full rank costs more than training the layer")
+                self.report(
+                    "AS306",
+                    f"r={r} is not below min(in, out) = {min(m.input_dims, m.output_dims)} of '{m.path}'",
+                    rule.transform_span,
+                    "a low-rank adapter at full rank costs more than training the layer",
+                )
         return True
 
     def check_prefixes(self, rule: Rule, prefixes: dict[str, str]) -> None:
@@ -209,9 +227,12 @@ class _Planner:
                 tops.setdefault(prefix.split(".", 1)[0], prefix)
         if len(tops) > 1:
             first, second = list(tops.values())[:2]
-            self.report("AS307",
-                        f"'{rule.selector.text}' matches under two different prefixes: '{first}' and '{second}'",
-                        rule.selector.span, f"anchor it to pick one, e.g. '/{first}.{rule.selector.text}'")
+            self.report(
+                "AS307",
+                f"'{rule.selector.text}' matches under two different prefixes: '{first}' and '{second}'",
+                rule.selector.span,
+                f"anchor it to pick one, e.g. '/{first}.{rule.selector.text}'",
+            )
 
     def run(self) -> Plan:
         decisions: dict[str, int] = {}
@@ -249,18 +270,35 @@ class _Planner:
                 continue
             info = self.index[path]
             if transform.kind == "full":
-                entries.append(PlanEntry(path, info.cls, "full", None, None, None, info.num_params, rule.index, rule.span))
+                entries.append(
+                    PlanEntry(path, info.cls, "full", None, None, None, info.num_params, rule.index, rule.span)
+                )
                 continue
             kind = kind_for(transform.kind, info.family)
             trainable = kind.parameters(info.input_dims or 0, info.output_dims or 0, transform.r, info.num_experts)
-            entries.append(PlanEntry(path, info.cls, kind.name, transform.r, transform.scale, transform.dropout,
-                                     trainable, rule.index, rule.span))
+            entries.append(
+                PlanEntry(
+                    path,
+                    info.cls,
+                    kind.name,
+                    transform.r,
+                    transform.scale,
+                    transform.dropout,
+                    trainable,
+                    rule.index,
+                    rule.span,
+                )
+            )
             if info.family == "embedding" and self.index.tied_embeddings:
                 tied_rules.add(rule.index)
         for rule_index in sorted(tied_rules):
             rule = self.spec.rules[rule_index]
-            self.report("AS308", "the embedding is tied to the output head: this adapter changes the output layer too",
-                        rule.selector.span, "that is usually what you want; select @linear modules only to leave it out")
+            self.report(
+                "AS308",
+                "the embedding is tied to the output head: this adapter changes the output layer too",
+                rule.selector.span,
+                "that is usually what you want; select @linear modules only to leave it out",
+            )
         statically_overridden = overriding_rules(self.spec)
         for outcome in outcomes:
             if outcome.reached and not outcome.decided and outcome.rule.index not in statically_overridden:

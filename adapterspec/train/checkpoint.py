@@ -36,10 +36,10 @@ class Checkpoint:
     arrays: dict
 
     def optimizer_state(self) -> dict:
-        return {k[len(OPTIMIZER_PREFIX):]: v for k, v in self.arrays.items() if k.startswith(OPTIMIZER_PREFIX)}
+        return {k[len(OPTIMIZER_PREFIX) :]: v for k, v in self.arrays.items() if k.startswith(OPTIMIZER_PREFIX)}
 
     def grad_accum(self) -> Optional[dict]:
-        grads = {k[len(GRAD_PREFIX):]: v for k, v in self.arrays.items() if k.startswith(GRAD_PREFIX)}
+        grads = {k[len(GRAD_PREFIX) :]: v for k, v in self.arrays.items() if k.startswith(GRAD_PREFIX)}
         return grads or None
 
 
@@ -68,7 +68,9 @@ def trainer_arrays(optimizer, rng_key, grad_accum: Optional[dict], accum_tokens)
     return arrays
 
 
-def save_checkpoint(model, plan, out: Path, step: int, info: dict, arrays: dict, extra_config: Optional[dict] = None) -> Path:
+def save_checkpoint(
+    model, plan, out: Path, step: int, info: dict, arrays: dict, extra_config: Optional[dict] = None
+) -> Path:
     """Write out/checkpoints/NNNNNNN: the adapter directory plus trainer_state.{json,safetensors}, atomically."""
     import mlx.core as mx
 
@@ -122,7 +124,10 @@ def read_checkpoint(path: Path) -> Checkpoint:
         weights = mx.load(str(path / ADAPTER_WEIGHTS))
         arrays = mx.load(str(path / STATE_ARRAYS))
     except (OSError, ValueError, RuntimeError) as error:
-        raise UserError(f"{path}: cannot read the checkpoint: {error}", help="remove this checkpoint directory to resume from the one before") from None
+        raise UserError(
+            f"{path}: cannot read the checkpoint: {error}",
+            help="remove this checkpoint directory to resume from the one before",
+        ) from None
     if info.get("format") != STATE_FORMAT:
         raise UserError(f"{path}: checkpoint format {info.get('format')!r} is not {STATE_FORMAT}")
     return Checkpoint(path, int(info["step"]), info, weights, arrays)
@@ -131,11 +136,17 @@ def read_checkpoint(path: Path) -> Checkpoint:
 def latest_checkpoint(out: Path) -> Checkpoint:
     found = list_checkpoints(out)
     if not found:
-        raise UserError(f"{out}: no checkpoint to resume from (looked in {Path(out) / CHECKPOINTS})",
-                        help="start the run without --resume; checkpoints are written every --save-every steps")
+        raise UserError(
+            f"{out}: no checkpoint to resume from (looked in {Path(out) / CHECKPOINTS})",
+            help="start the run without --resume; checkpoints are written every --save-every steps",
+        )
     return read_checkpoint(found[-1][1])
 
 
 def differences(saved: dict, current: dict) -> list[str]:
     """'name: saved → now' for each entry whose value changed."""
-    return [f"{key}: {saved.get(key)!r} → {current.get(key)!r}" for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+    return [
+        f"{key}: {saved.get(key)!r} → {current.get(key)!r}"
+        for key in sorted(set(saved) | set(current))
+        if saved.get(key) != current.get(key)
+    ]

@@ -22,10 +22,17 @@ def load_datasets(options, tokenizer) -> tuple:
 
     data = options.data
     local = bool(data) and Path(data).exists()
-    remote = options.dataset.get("hf_dataset") or (data and not local and HF_REPO_ID.match(data) and not data.startswith((".", "/", "~")))
+    remote = options.dataset.get("hf_dataset") or (
+        data and not local and HF_REPO_ID.match(data) and not data.startswith((".", "/", "~"))
+    )
     if not local and not remote:
-        raise UserError(f"{data}: no such data directory", help="give a directory with train.jsonl and valid.jsonl (and test.jsonl for --test)")
-    args = types.SimpleNamespace(data=data, train=True, test=options.test, mask_prompt=options.mask_prompt, **options.dataset)
+        raise UserError(
+            f"{data}: no such data directory",
+            help="give a directory with train.jsonl and valid.jsonl (and test.jsonl for --test)",
+        )
+    args = types.SimpleNamespace(
+        data=data, train=True, test=options.test, mask_prompt=options.mask_prompt, **options.dataset
+    )
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             train, valid, test = load_dataset(args, tokenizer)
@@ -34,13 +41,21 @@ def load_datasets(options, tokenizer) -> tuple:
     except Exception as error:
         if local:
             raise
-        raise UserError(f"{data}: not a local directory, and loading it as a Hugging Face dataset failed: {error}") from None
+        raise UserError(
+            f"{data}: not a local directory, and loading it as a Hugging Face dataset failed: {error}"
+        ) from None
     if len(train) < options.batch_size:
-        raise UserError(f"{data}: the training set has {len(train)} examples, fewer than the batch size {options.batch_size}")
+        raise UserError(
+            f"{data}: the training set has {len(train)} examples, fewer than the batch size {options.batch_size}"
+        )
     if len(valid) and len(valid) < options.batch_size:
-        raise UserError(f"{data}: the validation set has {len(valid)} examples, fewer than the batch size {options.batch_size}")
+        raise UserError(
+            f"{data}: the validation set has {len(valid)} examples, fewer than the batch size {options.batch_size}"
+        )
     if options.test and len(test) < options.batch_size:
-        raise UserError(f"{data}: the test set has {len(test)} examples, fewer than the batch size {options.batch_size}")
+        raise UserError(
+            f"{data}: the test set has {len(test)} examples, fewer than the batch size {options.batch_size}"
+        )
     return tuple(CacheDataset(split) if len(split) else None for split in (train, valid, test))
 
 
@@ -56,8 +71,9 @@ def data_fingerprint(data: Optional[str]) -> Optional[str]:
     return digest.hexdigest()
 
 
-def seeded_batches(dataset, batch_size: int, max_seq_length: int, loop: bool = False, seed: int = 0,
-                   comm_group=None) -> Iterator:
+def seeded_batches(
+    dataset, batch_size: int, max_seq_length: int, loop: bool = False, seed: int = 0, comm_group=None
+) -> Iterator:
     """mlx-lm's `iterate_batches`, drawing its shuffles from a private numpy RNG seeded with `seed`.
 
     mlx-lm shuffles with numpy's global RNG, which evaluation draws from too; a private RNG makes the

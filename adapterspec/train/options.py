@@ -114,7 +114,10 @@ def merge_options(given: dict[str, Any], config: dict[str, Any]) -> tuple[TrainO
         elif key in OPTION_NAMES and key != "dataset":
             values[key] = value
         else:
-            raise UserError(f"unknown key '{key}' in the YAML config", help=f"known keys: {', '.join(sorted(OPTION_NAMES + DATASET_KEYS))}")
+            raise UserError(
+                f"unknown key '{key}' in the YAML config",
+                help=f"known keys: {', '.join(sorted(OPTION_NAMES + DATASET_KEYS))}",
+            )
     for key, value in given.items():
         if value is not None:
             values[key] = value
@@ -127,18 +130,36 @@ def check_options(options: TrainOptions) -> None:
     """UserError for options that cannot work, before anything is loaded."""
     missing = [name for name in ("model", "spec", "data") if not getattr(options, name)]
     if missing and not (missing == ["data"] and options.dataset.get("hf_dataset")):
-        raise UserError(f"missing {', '.join(missing)}", help="give MODEL and SPEC as arguments and --data DIR, or set them in the -c config")
+        raise UserError(
+            f"missing {', '.join(missing)}",
+            help="give MODEL and SPEC as arguments and --data DIR, or set them in the -c config",
+        )
     if options.optimizer.lower() not in OPTIMIZERS:
         raise UserError(f"unknown optimizer '{options.optimizer}'", help=f"choose one of {', '.join(OPTIMIZERS)}")
     options.optimizer = options.optimizer.lower()
-    positive = ("batch_size", "steps_per_report", "steps_per_eval", "save_every", "grad_accumulation_steps", "max_seq_length")
+    positive = (
+        "batch_size",
+        "steps_per_report",
+        "steps_per_eval",
+        "save_every",
+        "grad_accumulation_steps",
+        "max_seq_length",
+    )
     for name in positive:
         if int(getattr(options, name)) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     for name in ("iters", "keep_checkpoints"):
         if int(getattr(options, name)) < 0:
             raise UserError(f"--{name.replace('_', '-')} must not be negative")
-    if options.lr_schedule is not None and not (isinstance(options.lr_schedule, dict) and "name" in options.lr_schedule and "arguments" in options.lr_schedule):
-        raise UserError("lr_schedule needs 'name' and 'arguments' (as mlx_lm.lora's config)", help="e.g. {name: cosine_decay, arguments: [1e-5, 1000], warmup: 100}")
+    if options.lr_schedule is not None and not (
+        isinstance(options.lr_schedule, dict) and "name" in options.lr_schedule and "arguments" in options.lr_schedule
+    ):
+        raise UserError(
+            "lr_schedule needs 'name' and 'arguments' (as mlx_lm.lora's config)",
+            help="e.g. {name: cosine_decay, arguments: [1e-5, 1000], warmup: 100}",
+        )
     if options.resume and options.force:
-        raise UserError("--resume and --force contradict each other", help="--resume continues the run in the output directory; --force starts over")
+        raise UserError(
+            "--resume and --force contradict each other",
+            help="--resume continues the run in the output directory; --force starts over",
+        )

@@ -62,11 +62,16 @@ def put_weights(model, weights: dict, origin: str) -> None:
 
     expected = {k: tuple(v.shape) for k, v in tree_flatten(model.trainable_parameters())}
     problems = [f"'{k}' is not a trainable parameter" for k in weights if k not in expected]
-    problems += [f"'{k}' has shape {tuple(v.shape)}, expected {expected[k]}" for k, v in weights.items()
-                 if k in expected and tuple(v.shape) != expected[k]]
+    problems += [
+        f"'{k}' has shape {tuple(v.shape)}, expected {expected[k]}"
+        for k, v in weights.items()
+        if k in expected and tuple(v.shape) != expected[k]
+    ]
     if problems:
-        raise UserError(f"{origin} does not fit the spec's adapters: " + "; ".join(problems[:3]),
-                        help="train with the spec and model these weights were made with")
+        raise UserError(
+            f"{origin} does not fit the spec's adapters: " + "; ".join(problems[:3]),
+            help="train with the spec and model these weights were made with",
+        )
     model.load_weights(list(weights.items()), strict=False)
 
 
@@ -78,7 +83,10 @@ def restore(model, optimizer, checkpoint) -> StartState:
     saved = checkpoint.optimizer_state()
     current = dict(tree_flatten(optimizer.state))
     if set(saved) != set(current):
-        raise UserError(f"{checkpoint.path}: its optimizer state does not fit this optimizer", help="resume with the optimizer the run started with")
+        raise UserError(
+            f"{checkpoint.path}: its optimizer state does not fit this optimizer",
+            help="resume with the optimizer the run started with",
+        )
     optimizer.state = tree_map_with_path(lambda path, _: saved[path], optimizer.state)
     optimizer.init(model.trainable_parameters())
     set_rng_key(checkpoint.arrays["rng_key"])
@@ -102,8 +110,10 @@ def resume(model, optimizer, out: Path, identity: dict, world) -> StartState:
             checkpoint = latest_checkpoint(out)
             changed = differences(checkpoint.info.get("trajectory", {}), identity)
             if changed:
-                raise UserError(f"{checkpoint.path} comes from a run with other settings: " + "; ".join(changed),
-                                help="resume with the options of the interrupted run, or start over with --force")
+                raise UserError(
+                    f"{checkpoint.path} comes from a run with other settings: " + "; ".join(changed),
+                    help="resume with the options of the interrupted run, or start over with --force",
+                )
             start = restore(model, optimizer, checkpoint)
         except UserError as failure:
             error = failure

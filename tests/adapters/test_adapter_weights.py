@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import mlx.core as mx
+import models as tiny
 import pytest
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.tuner import dora as mlxlm_dora
@@ -13,11 +14,10 @@ from mlx_lm.tuner import lora as mlxlm_lora
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.tuner.utils import load_adapters as mlx_lm_load_adapters
 
-import models as tiny
-from adapterspec.model.adapter_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from adapterspec.adapters.weights import load_adapters, save_adapters
 from adapterspec.adapters.install import apply, has_adapters
+from adapterspec.adapters.weights import load_adapters, save_adapters
 from adapterspec.errors import UserError
+from adapterspec.model.adapter_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 TOKENS = mx.array([[1, 5, 9, 2, 7, 3, 11]])
 MLX_LM_ADAPTERS = (
@@ -163,7 +163,7 @@ def test_a_directory_mlx_lm_cannot_express_says_why(tmp_path, name):
     assert config["adapterspec"]["mlx_lm_compatible"] is False
     assert any(reason in r for r in config["adapterspec"]["mlx_lm_incompatible_because"])
     assert not {"fine_tune_type", "num_layers", "lora_parameters"} & set(config)
-    with pytest.raises(Exception):  # mlx-lm refuses rather than building other adapters
+    with pytest.raises(Exception):  # noqa: B017 (mlx-lm refuses, with whatever error it raises)
         mlx_lm_load_adapters(build(), str(tmp_path / "a"))
     fresh = build()
     load_adapters(fresh, tmp_path / "a")

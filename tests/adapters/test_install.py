@@ -4,10 +4,10 @@ and a freshly adapted model computes what its base computes."""
 from __future__ import annotations
 
 import mlx.core as mx
+import models as tiny
 import pytest
 from mlx.utils import tree_flatten, tree_map
 
-import models as tiny
 from adapterspec.adapters.install import apply, has_adapters
 from adapterspec.language.diagnostics import SpecError
 from adapterspec.language.lint import parse_spec

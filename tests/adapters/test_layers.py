@@ -11,9 +11,10 @@ from mlx_lm.models.switch_layers import SwitchLinear
 from mlx_lm.tuner import dora as mlxlm_dora
 from mlx_lm.tuner import lora as mlxlm_lora
 
-from adapterspec.adapters import ADAPTER_CLASSES, fusemath, lowrank
-from adapterspec.adapters import from_base as adapter_from_base
+from adapterspec.adapters import fusemath, lowrank
 from adapterspec.adapters.basemodules import dense_weight, quantization
+from adapterspec.adapters.install import adapter_classes
+from adapterspec.adapters.install import from_base as adapter_from_base
 
 IN, OUT, EXPERTS, TOP_K, R, VOCAB, GROUP = 64, 48, 4, 2, 4, 96, 32
 SCALE = 20.0
@@ -33,9 +34,14 @@ MLXLM_CLASSES = {
     "dora": mlxlm_dora.DoRALinear,
     "dora-embedding": mlxlm_dora.DoRAEmbedding,
 }
-FAMILY = {"lora": "linear", "dora": "linear", "switch-lora": "switch", "embedding-lora": "embedding",
-          "dora-embedding": "embedding"}
-KINDS = list(ADAPTER_CLASSES)
+FAMILY = {
+    "lora": "linear",
+    "dora": "linear",
+    "switch-lora": "switch",
+    "embedding-lora": "embedding",
+    "dora-embedding": "embedding",
+}
+KINDS = list(adapter_classes())
 
 
 @pytest.fixture(params=["never", "always"])
@@ -106,12 +112,16 @@ def calls(family, dtype):
     if family == "linear":
         return [("call", lambda m, *a: m(*a), inputs(family, dtype))]
     if family == "switch":
-        return [("call", lambda m, *a: m(*a), inputs(family, dtype)),
-                ("sorted", lambda m, *a: m(*a[:2], sorted_indices=a[2]), inputs(family, dtype, sort=True))]
+        return [
+            ("call", lambda m, *a: m(*a), inputs(family, dtype)),
+            ("sorted", lambda m, *a: m(*a[:2], sorted_indices=a[2]), inputs(family, dtype, sort=True)),
+        ]
     mx.random.seed(3)
     hidden = mx.random.normal((2, 5, IN)).astype(dtype)
-    return [("call", lambda m, *a: m(*a), inputs(family, dtype)),
-            ("as_linear", lambda m, *a: m.as_linear(*a), (hidden,))]
+    return [
+        ("call", lambda m, *a: m(*a), inputs(family, dtype)),
+        ("as_linear", lambda m, *a: m.as_linear(*a), (hidden,)),
+    ]
 
 
 def activation_dtype(variant):
@@ -165,7 +175,8 @@ def test_parameter_names_and_shapes_match_mlxlm(kind):
     theirs_shapes = {k: v.shape for k, v in tree_flatten(theirs.parameters())}
     assert ours_shapes == theirs_shapes
     assert {k for k, _ in tree_flatten(ours.trainable_parameters())} == {
-        k for k in ("lora_a", "lora_b", "m") if k in ours}
+        k for k in ("lora_a", "lora_b", "m") if k in ours
+    }
     for k, _ in tree_flatten(ours.trainable_parameters()):
         assert ours[k].dtype == mx.float32
 
@@ -331,7 +342,22 @@ def test_from_base_rejects_unknown_kind_and_switch_dora():
     base, _ = make_base("linear", "float32")
     with pytest.raises(ValueError, match="unknown adapter kind"):
         adapter_from_base("dora-switch", base)
-    assert set(ADAPTER_CLASSES) == {"lora", "switch-lora", "embedding-lora", "dora", "dora-embedding"}
+    assert set(adapter_classes()) == {"lora", "switch-lora", "embedding-lora", "dora", "dora-embedding"}
+
+
+def test_every_registered_kind_has_its_layer_with_the_registered_parameter_shapes():
+    from adapterspec.model.kinds import KINDS
+
+    assert set(adapter_classes()) == set(KINDS)
+    for name, kind in KINDS.items():
+        family = kind.family
+        base, _ = make_base(family, "float32")
+        layer = adapter_classes()[name].from_base(base, r=4)
+        dims = (base.weight.shape[-2], base.weight.shape[-1]) if family != "embedding" else base.weight.shape
+        n_in, n_out = (dims[1], dims[0]) if family != "embedding" else dims
+        experts = base.weight.shape[0] if family == "switch" else None
+        got = {p: tuple(getattr(layer, p).shape) for p in kind.params}
+        assert got == kind.shapes(n_in, n_out, 4, experts), name
 
 
 def test_importing_adapters_does_not_import_mlx_lm():
@@ -346,4 +372,3 @@ def test_merged_path_is_chosen_by_bytes_moved(monkeypatch):
     assert not lowrank.use_merged(1, 4096, 4096, training=False)
     assert lowrank.use_merged(16384, 4096, 4096, matrices=8)
     assert not lowrank.use_merged(16384, 4096, 4096, matrices=8, training=False)
-

@@ -6,9 +6,9 @@ import json
 import subprocess
 import sys
 
+import models as tiny
 import pytest
 
-import models as tiny
 from adapterspec.cli import main
 
 LLAMA = str(tiny.example_model_dir("tiny-llama"))
@@ -158,7 +158,11 @@ def test_cli_errors_never_show_a_traceback(tmp_path):
     (bad_model / "config.json").write_text("{not json")
     spec = tmp_path / "s.aspec"
     spec.write_text("q_proj: lora\n")
-    for argv in (["plan", str(bad_model), str(spec)], ["tree", str(bad_model)], ["plan", LLAMA, str(tmp_path / "missing.aspec")]):
+    for argv in (
+        ["plan", str(bad_model), str(spec)],
+        ["tree", str(bad_model)],
+        ["plan", LLAMA, str(tmp_path / "missing.aspec")],
+    ):
         result = subprocess.run([sys.executable, "-m", "adapterspec", *argv], capture_output=True, text=True)
         assert result.returncode == 2, (argv, result.stderr)
         assert "Traceback" not in result.stderr

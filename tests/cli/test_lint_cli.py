@@ -164,8 +164,10 @@ def test_github_format_is_workflow_annotations(capsys, write):
     assert code == 1
     first, second, third = out.splitlines()
     escaped = path.replace(",", "%2C")
-    assert first == (f"::error file={escaped},line=1,col=14,endColumn=18,title=AS201::AS201 unknown argument "
-                     "'rank' for lora (did you mean 'r'?) (help: lora takes r, scale, alpha, rslora, dropout)")
+    assert first == (
+        f"::error file={escaped},line=1,col=14,endColumn=18,title=AS201::AS201 unknown argument "
+        "'rank' for lora (did you mean 'r'?) (help: lora takes r, scale, alpha, rslora, dropout)"
+    )
     assert second.startswith(f"::error file={escaped},line=2,col=7,")
     assert third.startswith(f"::warning file={escaped},line=3,col=1,") and "title=AS404" in third
 

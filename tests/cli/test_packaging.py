@@ -24,7 +24,9 @@ CORE_DISTRIBUTIONS = {"adapterspec", "lark", "pydantic", "pydantic-core", "annot
 
 def run(command: list[str], cwd: Path, env: dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess:
     completed = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert completed.returncode == 0, f"{' '.join(map(str, command))}\n{completed.stdout[-2000:]}\n{completed.stderr[-3000:]}"
+    assert completed.returncode == 0, (
+        f"{' '.join(map(str, command))}\n{completed.stdout[-2000:]}\n{completed.stderr[-3000:]}"
+    )
     return completed
 
 

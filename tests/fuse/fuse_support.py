@@ -7,12 +7,12 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
+import models as tiny
 from mlx.utils import tree_flatten, tree_unflatten
 
-import models as tiny
-from adapterspec.model.adapter_format import ADAPTER_CONFIG
-from adapterspec.adapters.weights import load_adapters, save_adapters
 from adapterspec.adapters.install import apply
+from adapterspec.adapters.weights import load_adapters, save_adapters
+from adapterspec.model.adapter_format import ADAPTER_CONFIG
 
 MIXED_SPEC = """adapterspec 1
 
@@ -62,7 +62,11 @@ def write_adapters(model_dir: Path, out: Path, spec: str, *, b_scale=0.05, b_sca
 
 def fuse_in_memory(model_dir: Path, adapter_dir: Path, *, dequantize: bool = False, dense_paths=()) -> dict:
     """The reference weights: load the model and adapters, replace every adapter by its own `.fuse()`."""
-    return dict(tree_flatten(fused_model_in_memory(model_dir, adapter_dir, dequantize=dequantize, dense_paths=dense_paths).parameters()))
+    return dict(
+        tree_flatten(
+            fused_model_in_memory(model_dir, adapter_dir, dequantize=dequantize, dense_paths=dense_paths).parameters()
+        )
+    )
 
 
 def fused_model_in_memory(model_dir: Path, adapter_dir: Path, *, dequantize: bool = False, dense_paths=()):

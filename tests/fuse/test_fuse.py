@@ -9,8 +9,6 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 
 import models as tiny  # noqa: E402
-from adapterspec.fuse.run import fuse_model_dir  # noqa: E402
-from adapterspec.fuse.plan import plan_fuse  # noqa: E402
 from fuse_support import (  # noqa: E402
     MIXED_SPEC,
     MLX_LM_SPEC,
@@ -21,6 +19,9 @@ from fuse_support import (  # noqa: E402
     tree_hash,
     write_adapters,
 )
+
+from adapterspec.fuse.plan import plan_fuse  # noqa: E402
+from adapterspec.fuse.run import fuse_model_dir  # noqa: E402
 
 QUANTIZATIONS = {
     "4bit": {"group_size": 32, "bits": 4, "mode": "affine"},
@@ -36,7 +37,9 @@ def model_dirs(tmp_path_factory):
     dirs = {dtype: tiny.write(root / dtype, "llama", dtype=dtype) for dtype in ("float16", "bfloat16", "float32")}
     for name, quantization in QUANTIZATIONS.items():
         dirs[name] = tiny.write(root / name, "llama", dtype="float16", quantization=quantization)
-    dirs["4bit-bfloat16"] = tiny.write(root / "4bit-bfloat16", "llama", dtype="bfloat16", quantization=QUANTIZATIONS["4bit"])
+    dirs["4bit-bfloat16"] = tiny.write(
+        root / "4bit-bfloat16", "llama", dtype="bfloat16", quantization=QUANTIZATIONS["4bit"]
+    )
     return dirs
 
 
@@ -68,7 +71,9 @@ def assert_close_quantized(ours: dict, reference: dict, quantization: dict) -> N
             assert mx.abs(a - b).max().item() <= step, name
             assert mx.abs(a - b).mean().item() <= 0.1 * step, name
         else:
-            assert mx.allclose(ours[name].astype(mx.float32), reference[name].astype(mx.float32), atol=1e-3, rtol=1e-2).item(), name
+            assert mx.allclose(
+                ours[name].astype(mx.float32), reference[name].astype(mx.float32), atol=1e-3, rtol=1e-2
+            ).item(), name
 
 
 # ── equal to the in-memory fuse ─────────────────────────────────────────────
@@ -117,7 +122,9 @@ def test_chunked_merge_equals_whole_merge(model_dirs, tmp_path, monkeypatch):
     monkeypatch.setattr(stream, "IN_FLIGHT_BYTES", 100_000)
     chunk_counts = []
     chunks_of = stream.chunks_of
-    monkeypatch.setattr(stream, "chunks_of", lambda unit, size: chunk_counts.append(len(chunks_of(unit, size))) or chunks_of(unit, size))
+    monkeypatch.setattr(
+        stream, "chunks_of", lambda unit, size: chunk_counts.append(len(chunks_of(unit, size))) or chunks_of(unit, size)
+    )
     fuse_model_dir(model_dirs["4bit"], adapters, tmp_path / "out")
     assert max(chunk_counts) > 4
     assert_equal(read_weights(tmp_path / "out"), fuse_in_memory(model_dirs["4bit"], adapters))
@@ -181,7 +188,9 @@ def test_output_is_sharded_like_mlx_lm(model_dirs, tmp_path):
         assert shard.nbytes <= 60_000 or len(shard.tensors) == 1
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         assert (out / name).read_bytes() == (model_dirs["float16"] / name).read_bytes()
-    assert json.loads((out / "config.json").read_text()) == json.loads((model_dirs["float16"] / "config.json").read_text())
+    assert json.loads((out / "config.json").read_text()) == json.loads(
+        (model_dirs["float16"] / "config.json").read_text()
+    )
 
 
 def test_quantized_total_parameters_count_unpacked_weights(model_dirs, tmp_path):
@@ -268,4 +277,3 @@ def test_fast_dequantize_is_bit_exact():
             parts = mx.quantize(w, group_size=group_size, bits=bits)
             q = Quantization(group_size, bits, "affine")
             assert mx.array_equal(dequantize(*parts, q), mx.dequantize(*parts, group_size=group_size, bits=bits)).item()
-

@@ -9,8 +9,15 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 
 import models as tiny  # noqa: E402
+from fuse_support import (  # noqa: E402
+    MLX_LM_SPEC,
+    fuse_in_memory,
+    fused_model_in_memory,
+    read_weights,
+    write_adapters,
+)
+
 from adapterspec.cli import main  # noqa: E402
-from fuse_support import MLX_LM_SPEC, fuse_in_memory, fused_model_in_memory, read_weights, write_adapters  # noqa: E402
 
 ATTENTION_SPEC = """adapterspec 1
 
@@ -80,7 +87,9 @@ def test_keep_precision_auto_stores_only_the_erased_modules_unquantized(quantize
     reference = fuse_in_memory(model, adapters, dense_paths=q_paths)
     assert set(weights) == set(reference)
     assert all(mx.array_equal(weights[k], reference[k]).item() for k in reference)
-    assert "model.layers.0.self_attn.q_proj.scales" not in weights and "model.layers.0.self_attn.v_proj.scales" in weights
+    assert (
+        "model.layers.0.self_attn.q_proj.scales" not in weights and "model.layers.0.self_attn.v_proj.scales" in weights
+    )
 
     fused, _ = load_model(tmp_path / "out")
     assert type(fused.model.layers[0].self_attn.q_proj).__name__ == "Linear"
@@ -138,7 +147,9 @@ def test_refuses_a_non_empty_output_without_force(dense, tmp_path, capsys):
 @pytest.mark.parametrize("where", ["model", "inside-model", "adapters", "parent-of-model"])
 def test_refuses_to_write_into_the_inputs(dense, where, capsys):
     model, adapters = dense
-    out = {"model": model, "inside-model": model / "fused", "adapters": adapters, "parent-of-model": model.parent}[where]
+    out = {"model": model, "inside-model": model / "fused", "adapters": adapters, "parent-of-model": model.parent}[
+        where
+    ]
     before = sorted(p.name for p in model.iterdir())
     assert fuse(model, adapters, "-o", out, "--force") == 2
     assert "overlaps the input directory" in capsys.readouterr().err

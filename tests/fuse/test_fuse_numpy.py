@@ -10,12 +10,14 @@ mx = pytest.importorskip("mlx.core")
 np = pytest.importorskip("numpy")
 
 import models as tiny  # noqa: E402
-from adapterspec.fuse import merge as merge_paths, merge_native, merge_numpy  # noqa: E402
-from adapterspec.fuse.run import fuse_model_dir  # noqa: E402
+from fuse_support import MIXED_SPEC, fuse_in_memory, read_weights, write_adapters  # noqa: E402
+
+from adapterspec.fuse import merge as merge_paths  # noqa: E402
+from adapterspec.fuse import merge_native, merge_numpy
 from adapterspec.fuse.merge import numpy_merges
 from adapterspec.fuse.merge_mlx import dequantize_float32, merge, requantize  # noqa: E402
 from adapterspec.fuse.plan import Quantization, plan_fuse  # noqa: E402
-from fuse_support import MIXED_SPEC, fuse_in_memory, read_weights, write_adapters  # noqa: E402
+from adapterspec.fuse.run import fuse_model_dir  # noqa: E402
 
 
 @pytest.fixture(params=["native", "numpy"])
@@ -39,7 +41,13 @@ def quantized_case(rng, rows, cols, rank, bits, group_size, dtype, magnitude, ad
 def mlx_reference(parts, a, b, scale, bits, group_size, dtype):
     """What the mlx path computes: dequantize, merge in float32, round to the scales' dtype, requantize."""
     q = Quantization(group_size, bits, "affine")
-    merged = merge("lora", dequantize_float32(*map(mx.array, parts), q), {"lora_a": mx.array(a), "lora_b": mx.array(b)}, scale, getattr(mx, dtype))
+    merged = merge(
+        "lora",
+        dequantize_float32(*map(mx.array, parts), q),
+        {"lora_a": mx.array(a), "lora_b": mx.array(b)},
+        scale,
+        getattr(mx, dtype),
+    )
     return [np.asarray(p) for p in requantize(merged, q).values()], np.asarray(merged)
 
 
@@ -55,7 +63,12 @@ def assert_same_bits(expected, got):
 @pytest.mark.parametrize("rank, group_size", [(1, 32), (3, 64), (8, 64), (16, 128), (64, 32)])
 def test_merge_quantized_has_the_bits_of_the_mlx_path(bits, dtype, rank, group_size, merge_path):
     rng = np.random.default_rng(rank * 100 + bits)
-    for rows, cols, magnitude, scale in ((33, 256, 0.02, 20.0), (300, 512, 1.0, 2.0), (70, 128, 1e-4, -0.5), (5, 128, 300.0, 1e3)):
+    for rows, cols, magnitude, scale in (
+        (33, 256, 0.02, 20.0),
+        (300, 512, 1.0, 2.0),
+        (70, 128, 1e-4, -0.5),
+        (5, 128, 300.0, 1e3),
+    ):
         for adapter_dtype in (np.float16, np.float32):
             parts, a, b = quantized_case(rng, rows, cols, rank, bits, group_size, dtype, magnitude, adapter_dtype)
             expected, merged = mlx_reference(parts, a, b, scale, bits, group_size, dtype)
@@ -70,7 +83,10 @@ def test_merge_quantized_at_a_real_size_in_row_chunks(merge_path):
     parts, a, b = quantized_case(rng, 1000, 2048, 8, 4, 64, "float16", 0.02)
     expected, _ = mlx_reference(parts, a, b, 20.0, 4, 64, "float16")
     prepared = merge_numpy.QuantizedMerge(a, 20.0, 4, 64)
-    pieces = [prepared.rows(*(p[start:start + 300] for p in parts), b[:, start:start + 300]) for start in range(0, 1000, 300)]
+    pieces = [
+        prepared.rows(*(p[start : start + 300] for p in parts), b[:, start : start + 300])
+        for start in range(0, 1000, 300)
+    ]
     assert_same_bits(expected, [np.concatenate(column) for column in zip(*pieces)])
 
 
@@ -165,7 +181,9 @@ def test_numpy_merges_plain_lora_on_float16_float32_and_affine_quantized_weights
         assert chosen == {unit.path: merged_here and unit.adapter.kind == "lora" for unit in units}
         assert any(chosen.values()) == merged_here
     for mode, bits in (("affine", 4), ("mxfp4", 4)):
-        quantized = tiny.write(tmp_path / mode, "llama", dtype="float16", quantization={"group_size": 32, "bits": bits, "mode": mode})
+        quantized = tiny.write(
+            tmp_path / mode, "llama", dtype="float16", quantization={"group_size": 32, "bits": bits, "mode": mode}
+        )
         adapters = write_adapters(quantized, tmp_path / f"adapters-{mode}", MIXED_SPEC.replace("**.*norm: full\n", ""))
         units = [unit for unit in plan_fuse(quantized, adapters).units if unit.adapter]
         quantized_lora = {unit.path for unit in units if unit.adapter.kind == "lora" and unit.quantization is not None}
@@ -179,12 +197,19 @@ def test_numpy_merges_plain_lora_on_float16_float32_and_affine_quantized_weights
 @pytest.mark.parametrize("rank", [1, 3, 8, 16, 64])
 def test_dense_merge_has_the_bits_of_the_mlx_merge(dtype, rank, merge_path):
     rng = np.random.default_rng(rank)
-    for rows, cols, magnitude, scale in ((33, 256, 0.02, 20.0), (512, 1024, 1.0, 2.0), (70, 96, 1e-4, -0.5), (1, 64, 300.0, 1e3)):
+    for rows, cols, magnitude, scale in (
+        (33, 256, 0.02, 20.0),
+        (512, 1024, 1.0, 2.0),
+        (70, 96, 1e-4, -0.5),
+        (1, 64, 300.0, 1e3),
+    ):
         for adapter_dtype in (np.float16, np.float32):
             weight = (rng.standard_normal((rows, cols)) * magnitude).astype(dtype)
             a = (rng.standard_normal((cols, rank)) * 0.02).astype(adapter_dtype)
             b = (rng.standard_normal((rank, rows)) * 0.02).astype(adapter_dtype)
-            expected = np.asarray(merge("lora", mx.array(weight), {"lora_a": mx.array(a), "lora_b": mx.array(b)}, scale))
+            expected = np.asarray(
+                merge("lora", mx.array(weight), {"lora_a": mx.array(a), "lora_b": mx.array(b)}, scale)
+            )
             assert_same_bits([expected], [merge_numpy.DenseMerge(a, scale).rows(weight, b)])
 
 
@@ -212,7 +237,11 @@ def test_without_the_numpy_merge_the_fuse_is_the_same(tmp_path, monkeypatch):
     monkeypatch.setattr(merge_paths, "merge_works", lambda: False)
     assert not any(numpy_merges(unit) for unit in plan_fuse(model, adapters).units)
     assert fuse_model_dir(model, adapters, tmp_path / "without").worker_peak_rss == []
-    ours, theirs, reference = read_weights(tmp_path / "with"), read_weights(tmp_path / "without"), fuse_in_memory(model, adapters)
+    ours, theirs, reference = (
+        read_weights(tmp_path / "with"),
+        read_weights(tmp_path / "without"),
+        fuse_in_memory(model, adapters),
+    )
     for name, value in reference.items():
         assert mx.array_equal(ours[name], value).item() and mx.array_equal(theirs[name], value).item(), name
 
@@ -230,7 +259,6 @@ def test_a_module_numpy_cannot_round_falls_back_to_mlx(tmp_path):
     assert not np.isfinite(np.asarray(ours["model.layers.0.self_attn.q_proj.scales"])).all()
     for name, value in reference.items():
         assert np.array_equal(np.asarray(ours[name]).view(np.uint8), np.asarray(value).view(np.uint8)), name
-
 
 
 @pytest.mark.parametrize("bits", merge_numpy.BITS)

@@ -15,7 +15,13 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 
 import models as tiny  # noqa: E402
-from fuse_support import MLX_LM_SPEC, read_weights, tree_hash, write_adapters, write_sharded  # noqa: E402
+from fuse_support import (  # noqa: E402
+    MLX_LM_SPEC,
+    read_weights,
+    tree_hash,
+    write_adapters,
+    write_sharded,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 ALL_LINEARS = """adapterspec 1
@@ -48,7 +54,9 @@ def run_fuse(*args, pause: float = 0.0, **popen) -> subprocess.Popen:
     """`adapterspec fuse ARGS` in a process of its own, pausing `pause` seconds between its pieces of work."""
     environment = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [sys.executable, str(SLOW_FUSE), str(pause), "fuse", *map(str, args)]
-    return subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    return subprocess.Popen(
+        command, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen
+    )
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +67,9 @@ def small(tmp_path_factory):
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads peak memory from /proc")
-@pytest.mark.parametrize("quantization", [None, {"group_size": 64, "bits": 4, "mode": "affine"}], ids=["float16", "4bit"])
+@pytest.mark.parametrize(
+    "quantization", [None, {"group_size": 64, "bits": 4, "mode": "affine"}], ids=["float16", "4bit"]
+)
 def test_peak_memory_stays_near_one_shard_on_a_multi_shard_model(tmp_path, quantization):
     """The fuse's own growth plus every worker process's whole peak stays within one shard + adapters + 300 MB."""
     model, config = tiny.build("llama", dtype="float16", hidden_size=1024, intermediate_size=2816, num_hidden_layers=6,

@@ -15,11 +15,18 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 
 import models as tiny  # noqa: E402
+from fuse_support import (  # noqa: E402
+    MLX_LM_SPEC,
+    fuse_in_memory,
+    read_weights,
+    tree_hash,
+    write_adapters,
+)
+
 from adapterspec.errors import UserError  # noqa: E402
 from adapterspec.fuse.plan import plan_fuse  # noqa: E402
 from adapterspec.fuse.stream import chunks_of  # noqa: E402
 from adapterspec.fuse.workers import MergeWorkers, WorkerFailed, merge_task, task_for  # noqa: E402
-from fuse_support import MLX_LM_SPEC, fuse_in_memory, read_weights, tree_hash, write_adapters  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 Q4 = {"group_size": 64, "bits": 4, "mode": "affine"}
@@ -39,7 +46,13 @@ def tasks_of(model, adapters, chunk_bytes=1 << 14):
 
 def test_a_worker_imports_neither_mlx_nor_pydantic():
     code = "import sys, adapterspec.fuse.workers; print(sorted({m.split('.')[0] for m in sys.modules} & {'mlx', 'mlx_lm', 'pydantic', 'transformers'}))"
-    probe = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    probe = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.strip() == "[]"
 
@@ -48,7 +61,13 @@ def test_the_fuse_path_imports_neither_pydantic_nor_lark():
     """Spec parsing and validation stay off a fuse's start: an adapter directory of ours holds its resolved plan."""
     code = ("import sys, adapterspec.fuse.run, adapterspec.fuse.erasure, adapterspec.fuse.stream, adapterspec.commands.fuse; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'pydantic', 'lark', 'mlx_lm'}))")  # fmt: skip
-    probe = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    probe = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.strip() == "[]"
 

@@ -10,6 +10,7 @@ pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_lm")
 
 import models  # noqa: E402
+
 from adapterspec.cli import main  # noqa: E402
 from adapterspec.errors import UserError  # noqa: E402
 from adapterspec.interop.mlxlm_import import read_mlx_lm_config, translate  # noqa: E402
@@ -19,13 +20,29 @@ from adapterspec.model.plan import make_plan  # noqa: E402
 
 CASES = {
     "defaults": {},
-    "keys-last-two": {"num_layers": 2, "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.0,
-                                                          "keys": ["self_attn.q_proj", "mlp.switch_mlp.up_proj", "lm_head"]}},
+    "keys-last-two": {
+        "num_layers": 2,
+        "lora_parameters": {
+            "rank": 4,
+            "scale": 10.0,
+            "dropout": 0.0,
+            "keys": ["self_attn.q_proj", "mlp.switch_mlp.up_proj", "lm_head"],
+        },
+    },
     "all-blocks": {"num_layers": -1, "lora_parameters": {"rank": 2, "scale": 5.0, "dropout": 0.05}},
-    "zero-layers": {"num_layers": 0, "lora_parameters": {"rank": 2, "scale": 5.0, "dropout": 0.0, "keys": ["self_attn.v_proj"]}},
-    "too-many-layers": {"num_layers": 99, "lora_parameters": {"rank": 2, "scale": 5.0, "dropout": 0.0, "keys": ["self_attn.k_proj", "mlp.gate"]}},
-    "dora": {"fine_tune_type": "dora", "num_layers": 1,
-             "lora_parameters": {"rank": 4, "scale": 2.0, "dropout": 0.0, "keys": ["self_attn.q_proj", "self_attn.o_proj"]}},
+    "zero-layers": {
+        "num_layers": 0,
+        "lora_parameters": {"rank": 2, "scale": 5.0, "dropout": 0.0, "keys": ["self_attn.v_proj"]},
+    },
+    "too-many-layers": {
+        "num_layers": 99,
+        "lora_parameters": {"rank": 2, "scale": 5.0, "dropout": 0.0, "keys": ["self_attn.k_proj", "mlp.gate"]},
+    },
+    "dora": {
+        "fine_tune_type": "dora",
+        "num_layers": 1,
+        "lora_parameters": {"rank": 4, "scale": 2.0, "dropout": 0.0, "keys": ["self_attn.q_proj", "self_attn.o_proj"]},
+    },
 }
 
 
@@ -70,7 +87,8 @@ def test_full_fine_tune_trains_the_last_blocks():
 def test_yaml_config(tmp_path):
     (tmp_path / "lora.yaml").write_text(
         "model: some/model\nfine_tune_type: lora\nnum_layers: 2\nlearning_rate: 1e-5\n"
-        "lora_parameters:\n  keys: [self_attn.q_proj]\n  rank: 4\n  scale: 1e1\n  dropout: 0.0\n")
+        "lora_parameters:\n  keys: [self_attn.q_proj]\n  rank: 4\n  scale: 1e1\n  dropout: 0.0\n"
+    )
     config = read_mlx_lm_config(tmp_path / "lora.yaml")
     assert config["lora_parameters"]["scale"] == 10.0 and config["learning_rate"] == 1e-5
     assert main(["import", "mlx-lm", str(tmp_path / "lora.yaml"), "-o", str(tmp_path / "s.aspec")]) == 0
@@ -80,8 +98,11 @@ def test_yaml_config(tmp_path):
 def test_adapter_directory_with_model(tmp_path, capsys):
     adapters = tmp_path / "adapters"
     adapters.mkdir()
-    (adapters / "adapter_config.json").write_text(json.dumps(
-        {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.0}}))
+    (adapters / "adapter_config.json").write_text(
+        json.dumps(
+            {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.0}}
+        )
+    )
     assert main(["import", "mlx-lm", str(adapters), "--model", str(models.example_model_dir("tiny-llama"))]) == 0
     assert "/model.layers[-2:]: lora(r=4, scale=10.0, dropout=0.0)" in capsys.readouterr().out
 
@@ -93,6 +114,16 @@ def test_missing_scale_is_reported_like_mlx_lm():
 
 def test_unconvertible_key_is_lossy():
     index = ModuleIndex.from_model_dir(models.example_model_dir("tiny-llama"))
-    _, findings = translate({"num_layers": 1, "lora_parameters": {"rank": 4, "scale": 1.0, "dropout": 0.0,
-                                                                  "keys": ["self_attn.q_proj", "input_layernorm"]}}, index)
+    _, findings = translate(
+        {
+            "num_layers": 1,
+            "lora_parameters": {
+                "rank": 4,
+                "scale": 1.0,
+                "dropout": 0.0,
+                "keys": ["self_attn.q_proj", "input_layernorm"],
+            },
+        },
+        index,
+    )
     assert any(f.lossy and "input_layernorm" in f.message for f in findings)

@@ -25,8 +25,13 @@ TOKENS = [[1, 5, 7, 9, 300, 2, 4, 100, 63, 17]]
 
 def tiny_llama_config(tied: bool = False):
     return transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=320, tie_word_embeddings=tied,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=320,
+        tie_word_embeddings=tied,
     )
 
 
@@ -78,17 +83,34 @@ def bump_magnitudes(model):
 
 ROUND_TRIPS = {
     "lora-patterns-embedding-saved-head": dict(
-        config=dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"], modules_to_save=["lm_head"],
-                    rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 32}),
-        perturb=bump_saved_head),
+        config=dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj", "embed_tokens"],
+            modules_to_save=["lm_head"],
+            rank_pattern={"v_proj": 2},
+            alpha_pattern={"q_proj": 32},
+        ),
+        perturb=bump_saved_head,
+    ),
     "dora-rslora-some-layers": dict(
-        config=dict(r=4, lora_alpha=6, use_dora=True, use_rslora=True, target_modules=["q_proj", "k_proj", "o_proj", "down_proj"],
-                    layers_to_transform=[0, 2], layers_pattern="layers"),
-        perturb=bump_magnitudes),
+        config=dict(
+            r=4,
+            lora_alpha=6,
+            use_dora=True,
+            use_rslora=True,
+            target_modules=["q_proj", "k_proj", "o_proj", "down_proj"],
+            layers_to_transform=[0, 2],
+            layers_pattern="layers",
+        ),
+        perturb=bump_magnitudes,
+    ),
     "all-linear-exclude": dict(
-        config=dict(r=2, lora_alpha=4, target_modules="all-linear", exclude_modules=["down_proj"])),
+        config=dict(r=2, lora_alpha=4, target_modules="all-linear", exclude_modules=["down_proj"])
+    ),
     "regex-target": dict(
-        config=dict(r=3, lora_alpha=9, target_modules=r"model\.layers\.[12]\.(self_attn\.v_proj|mlp\.up_proj)")),
+        config=dict(r=3, lora_alpha=9, target_modules=r"model\.layers\.[12]\.(self_attn\.v_proj|mlp\.up_proj)")
+    ),
 }
 
 
@@ -96,8 +118,8 @@ ROUND_TRIPS = {
 def test_import_then_export_round_trip(hf_dir, tmp_path, case):
     import mlx.core as mx
 
-    from adapterspec.adapters.weights import load_adapters
     from adapterspec.adapters.loading import load_model
+    from adapterspec.adapters.weights import load_adapters
 
     setup = ROUND_TRIPS[case]
     peft_model = make_peft(hf_dir, tmp_path / "peft", setup.get("perturb"), **setup["config"])
@@ -120,8 +142,19 @@ def test_import_then_export_round_trip(hf_dir, tmp_path, case):
 def test_cli_import_and_export(hf_dir, tmp_path):
     make_peft(hf_dir, tmp_path / "peft", r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"])
     spec = tmp_path / "spec.aspec"
-    code = main(["import", "peft", str(tmp_path / "peft"), "-o", str(spec), "--adapters-out", str(tmp_path / "ours"),
-                 "--model", str(hf_dir)])
+    code = main(
+        [
+            "import",
+            "peft",
+            str(tmp_path / "peft"),
+            "-o",
+            str(spec),
+            "--adapters-out",
+            str(tmp_path / "ours"),
+            "--model",
+            str(hf_dir),
+        ]
+    )
     assert code == 0
     text = spec.read_text()
     assert "defaults lora(r=4, alpha=16)" in text and "q_proj: lora" in text and "v_proj: lora" in text
@@ -164,15 +197,26 @@ CHOICE_CASES = {
     "layers-pattern": dict(target_modules=["q_proj", "gate_proj"], layers_to_transform=[1], layers_pattern="layers"),
     "layers-no-pattern": dict(target_modules=["o_proj"], layers_to_transform=[0, 2]),
     "layers-int": dict(target_modules=["o_proj"], layers_to_transform=2, layers_pattern="layers"),
-    "rank-pattern-order": dict(r=4, target_modules=["q_proj", "v_proj"],
-                               rank_pattern={"model.layers.0.self_attn.q_proj": 8, "q_proj": 2}),
-    "alpha-pattern-anchored": dict(target_modules=["q_proj", "v_proj"], alpha_pattern={"^model.layers.2.self_attn.v_proj": 3}),
-    "patterns-same-keys": dict(target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2}, alpha_pattern={"v_proj": 5}),
-    "regex-pattern-key": dict(target_modules=["q_proj", "k_proj"], rank_pattern={r"layers\.[01]\.self_attn\.k_proj": 6}),
+    "rank-pattern-order": dict(
+        r=4, target_modules=["q_proj", "v_proj"], rank_pattern={"model.layers.0.self_attn.q_proj": 8, "q_proj": 2}
+    ),
+    "alpha-pattern-anchored": dict(
+        target_modules=["q_proj", "v_proj"], alpha_pattern={"^model.layers.2.self_attn.v_proj": 3}
+    ),
+    "patterns-same-keys": dict(
+        target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2}, alpha_pattern={"v_proj": 5}
+    ),
+    "regex-pattern-key": dict(
+        target_modules=["q_proj", "k_proj"], rank_pattern={r"layers\.[01]\.self_attn\.k_proj": 6}
+    ),
     "all-linear": dict(target_modules="all-linear"),
-    "all-linear-patterns": dict(target_modules="all-linear", rank_pattern={"mlp.down_proj": 2}, alpha_pattern={"mlp.down_proj": 3}),
+    "all-linear-patterns": dict(
+        target_modules="all-linear", rank_pattern={"mlp.down_proj": 2}, alpha_pattern={"mlp.down_proj": 3}
+    ),
     "regex": dict(target_modules=r".*layers\.(0|2)\..*_proj"),
-    "exclude-list": dict(target_modules=["q_proj", "k_proj", "v_proj"], exclude_modules=["model.layers.1.self_attn.k_proj", "v_proj"]),
+    "exclude-list": dict(
+        target_modules=["q_proj", "k_proj", "v_proj"], exclude_modules=["model.layers.1.self_attn.k_proj", "v_proj"]
+    ),
     "exclude-regex": dict(target_modules=["q_proj", "v_proj"], exclude_modules=r".*layers\.0\..*"),
     "saved": dict(target_modules=["q_proj"], modules_to_save=["lm_head", "input_layernorm"]),
     "embedding-and-head": dict(target_modules=["embed_tokens", "lm_head"]),
@@ -189,9 +233,9 @@ def peft_modules_chosen(model) -> dict:
     out = {}
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer) and "default" in module.r:
-            out[name[len(prefix):]] = (module.r["default"], pytest.approx(module.scaling["default"]))
+            out[name[len(prefix) :]] = (module.r["default"], pytest.approx(module.scaling["default"]))
         elif isinstance(module, ModulesToSaveWrapper):
-            out[name[len(prefix):]] = "full"
+            out[name[len(prefix) :]] = "full"
     return out
 
 
@@ -230,8 +274,20 @@ def test_spec_chooses_what_peft_chooses(hf_dir, case):
     assert dropouts == {config.get("lora_dropout", 0.0)}
 
 
-@pytest.mark.parametrize("case", ["list", "dotted-name", "layers-pattern", "patterns-same-keys", "exclude-list", "saved",
-                                  "rslora-dropout", "all-linear", "all-linear-patterns"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "list",
+        "dotted-name",
+        "layers-pattern",
+        "patterns-same-keys",
+        "exclude-list",
+        "saved",
+        "rslora-dropout",
+        "all-linear",
+        "all-linear-patterns",
+    ],
+)
 def test_translation_without_a_model_plans_like_peft(hf_dir, case):
     from adapterspec.language.lint import parse_spec
     from adapterspec.model.plan import make_plan

@@ -14,12 +14,28 @@ from peft.utils.other import get_pattern_key  # noqa: E402
 from adapterspec.interop import peft_match  # noqa: E402
 
 NAMES = [
-    "lm_head", "model", "model.embed_tokens", "model.norm", "model.layers", "model.layers.0",
-    "model.layers.0.self_attn", "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
-    "model.layers.1.self_attn.q_proj", "model.layers.10.self_attn.q_proj", "model.layers.2.mlp.down_proj",
-    "model.layers.1.mlp.experts.0.gate_proj", "model.layers.1.mlp.experts.3.w1", "model.layers.1.mlp.shared_expert.gate_proj",
-    "model.layers.0.input_layernorm", "vision_tower.blocks.1.attn.q_proj", "language_model.model.layers.3.self_attn.q_proj",
-    "model.layers.0.self_attn.q_proj_extra", "model.layers.0.self_attn.xq_proj", "q_proj", "h.4.attn.c_attn",
+    "lm_head",
+    "model",
+    "model.embed_tokens",
+    "model.norm",
+    "model.layers",
+    "model.layers.0",
+    "model.layers.0.self_attn",
+    "model.layers.0.self_attn.q_proj",
+    "model.layers.0.self_attn.v_proj",
+    "model.layers.1.self_attn.q_proj",
+    "model.layers.10.self_attn.q_proj",
+    "model.layers.2.mlp.down_proj",
+    "model.layers.1.mlp.experts.0.gate_proj",
+    "model.layers.1.mlp.experts.3.w1",
+    "model.layers.1.mlp.shared_expert.gate_proj",
+    "model.layers.0.input_layernorm",
+    "vision_tower.blocks.1.attn.q_proj",
+    "language_model.model.layers.3.self_attn.q_proj",
+    "model.layers.0.self_attn.q_proj_extra",
+    "model.layers.0.self_attn.xq_proj",
+    "q_proj",
+    "h.4.attn.c_attn",
 ]
 
 TARGET_CONFIGS = [
@@ -53,9 +69,16 @@ def test_targets_agree_with_peft(config):
 
 
 PATTERN_KEYS = [
-    ["q_proj"], ["self_attn.q_proj", "q_proj"], ["q_proj", "self_attn.q_proj"], ["model.layers.1.self_attn.q_proj"],
-    ["^model.layers.0.self_attn.q_proj"], [r"layers\.\d\.self_attn\.q_proj"], ["proj"], ["layers.1", "experts.0.gate_proj"],
-    [r".*_proj"], ["gate_proj", "w1"],
+    ["q_proj"],
+    ["self_attn.q_proj", "q_proj"],
+    ["q_proj", "self_attn.q_proj"],
+    ["model.layers.1.self_attn.q_proj"],
+    ["^model.layers.0.self_attn.q_proj"],
+    [r"layers\.\d\.self_attn\.q_proj"],
+    ["proj"],
+    ["layers.1", "experts.0.gate_proj"],
+    [r".*_proj"],
+    ["gate_proj", "w1"],
 ]
 
 
@@ -68,8 +91,12 @@ def test_pattern_keys_agree_with_peft(keys):
 
 
 def test_rank_and_alpha_use_first_match_of_each_pattern():
-    config = {"r": 8, "lora_alpha": 16, "rank_pattern": {"model.layers.0.self_attn.q_proj": 2, "q_proj": 4},
-              "alpha_pattern": {"q_proj": 3, "model.layers.0.self_attn.q_proj": 5}}
+    config = {
+        "r": 8,
+        "lora_alpha": 16,
+        "rank_pattern": {"model.layers.0.self_attn.q_proj": 2, "q_proj": 4},
+        "alpha_pattern": {"q_proj": 3, "model.layers.0.self_attn.q_proj": 5},
+    }
     assert peft_match.rank_and_alpha(config, "model.layers.0.self_attn.q_proj") == (2, 3.0)
     assert peft_match.rank_and_alpha(config, "model.layers.1.self_attn.q_proj") == (4, 3.0)
     assert peft_match.rank_and_alpha(config, "model.layers.1.self_attn.v_proj") == (8, 16.0)

@@ -10,6 +10,7 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 
 import models  # noqa: E402
+
 from adapterspec.adapters.fusemath import lora_delta  # noqa: E402
 from adapterspec.interop.peft import export_peft, import_peft, write_imported_adapters  # noqa: E402
 from adapterspec.model.index import ModuleIndex  # noqa: E402
@@ -93,10 +94,14 @@ def test_weights_for_other_modules_are_refused(tmp_path):
     from adapterspec.errors import UserError
 
     model_dir = models.example_model_dir("tiny-llama")
-    tensors = {f"{PREFIX}model.layers.0.self_attn.q_proj.lora_A.weight": mx.zeros((4, 64)),
-               f"{PREFIX}model.layers.0.self_attn.q_proj.lora_B.weight": mx.zeros((64, 4)),
-               f"{PREFIX}model.layers.0.self_attn.k_proj.lora_A.weight": mx.zeros((4, 64))}
-    write_peft(tmp_path / "peft", {"r": 4, "lora_alpha": 8, "target_modules": ["model.layers.0.self_attn.q_proj"]}, tensors)
+    tensors = {
+        f"{PREFIX}model.layers.0.self_attn.q_proj.lora_A.weight": mx.zeros((4, 64)),
+        f"{PREFIX}model.layers.0.self_attn.q_proj.lora_B.weight": mx.zeros((64, 4)),
+        f"{PREFIX}model.layers.0.self_attn.k_proj.lora_A.weight": mx.zeros((4, 64)),
+    }
+    write_peft(
+        tmp_path / "peft", {"r": 4, "lora_alpha": 8, "target_modules": ["model.layers.0.self_attn.q_proj"]}, tensors
+    )
     result = import_peft(tmp_path / "peft", str(model_dir), need_model=True)
     with pytest.raises(UserError, match="k_proj"):
         write_imported_adapters(result, tmp_path / "peft", tmp_path / "ours")
@@ -121,8 +126,10 @@ def test_export_config_is_short_and_exact():
     from adapterspec.model.plan import make_plan
 
     index = ModuleIndex.from_model_dir(models.example_model_dir("tiny-llama"))
-    spec = parse_spec("layers[-2:].self_attn.<q,v>_proj: lora(r=4, alpha=8)\nlayers[3].self_attn.v_proj: lora(r=2, alpha=8)\n"
-                      "/lm_head: full\n")
+    spec = parse_spec(
+        "layers[-2:].self_attn.<q,v>_proj: lora(r=4, alpha=8)\nlayers[3].self_attn.v_proj: lora(r=2, alpha=8)\n"
+        "/lm_head: full\n"
+    )
     config, _ = peft_config(make_plan(spec, index), index)
     assert config["target_modules"] == ["q_proj", "v_proj"]
     assert config["layers_to_transform"] == [2, 3] and config["layers_pattern"] == "layers"

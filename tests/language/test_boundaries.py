@@ -68,3 +68,37 @@ def test_plain_lint_does_not_even_load_pydantic_models():
     # Part of the speed budget of `adapterspec lint` (benchmarks/lint.py): validation for lint is plain Python.
     report = probe(f"from adapterspec.cli import main\nresult = main({['lint', SPEC]!r})")
     assert "pydantic.main" not in report["loaded"]
+
+
+MLX_FREE_PACKAGES = ("adapterspec.language", "adapterspec.model")
+# The lint path: what `adapterspec lint` (without --model) and `fmt` load; pydantic stays out of it.
+LINT_PATH = (
+    "adapterspec.language.lint",
+    "adapterspec.language.format",
+    "adapterspec.language.codes",
+    "adapterspec.commands.lint",
+    "adapterspec.commands.fmt",
+)
+
+
+def modules_of(package: str) -> list[str]:
+    folder = ROOT / package.replace(".", "/")
+    return [f"{package}.{p.stem}" for p in sorted(folder.glob("*.py")) if p.stem != "__init__"]
+
+
+@pytest.mark.parametrize("package", MLX_FREE_PACKAGES)
+def test_every_module_of_an_mlx_free_package_imports_without_mlx(package):
+    names = modules_of(package)
+    assert len(names) >= 5
+    probe("import importlib\nfor name in " + repr(names) + ":\n    importlib.import_module(name)")
+
+
+def test_the_lint_path_imports_neither_mlx_nor_pydantic():
+    report = probe("import importlib\nfor name in " + repr(list(LINT_PATH)) + ":\n    importlib.import_module(name)")
+    assert [m for m in report["loaded"] if m.split(".")[0] == "pydantic"] == []
+
+
+@pytest.mark.parametrize("argv", [["tree", MODEL], ["plan", MODEL, SPEC], ["explain", SPEC, MODEL]])
+def test_model_directory_commands_never_import_mlx(argv):
+    report = probe(f"from adapterspec.cli import main\nresult = main({argv!r})")
+    assert report["result"] == 0

@@ -123,8 +123,15 @@ def test_examples_are_already_formatted(path):
     assert fmt(text) == text
 
 
-@pytest.mark.parametrize("text", [MESSY, "q: lora(r=8, r=9)\nq:lora(r=8,r=9)\n", "q: lora\nq: lora\n",
-                                  "defaults lora(alpha=4)\nq: lora(scale=1, alpha=2)\n"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        MESSY,
+        "q: lora(r=8, r=9)\nq:lora(r=8,r=9)\n",
+        "q: lora\nq: lora\n",
+        "defaults lora(alpha=4)\nq: lora(scale=1, alpha=2)\n",
+    ],
+)
 def test_formatting_is_idempotent_and_keeps_diagnostic_codes(text):
     once = fmt(text)
     assert fmt(once) == once
@@ -175,7 +182,7 @@ def test_fmt_writes_atomically_and_keeps_permissions(capsys, spec, monkeypatch):
     real_replace = os.replace
     monkeypatch.setattr(os, "replace", lambda a, b: (replaced.append((a, b)), real_replace(a, b)))
     assert run(capsys, str(path))[0] == 0
-    (source, target), = replaced
+    ((source, target),) = replaced
     assert Path(source).parent == path.parent and Path(target) == path.resolve()
     assert path.read_text() == "q: lora\n"
     assert path.stat().st_mode & 0o777 == 0o640

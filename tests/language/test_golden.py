@@ -16,9 +16,11 @@ from adapterspec.cli import main
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 CASES = sorted(GOLDEN.glob("*.aspec"))
-CODES = ["AS100", "AS101", "AS102", "AS103", "AS104", "AS105", "AS106", "AS107"] + [
-    f"AS2{n:02d}" for n in range(1, 15)
-] + ["AS401", "AS402", "AS403", "AS404"]
+CODES = (
+    ["AS100", "AS101", "AS102", "AS103", "AS104", "AS105", "AS106", "AS107"]
+    + [f"AS2{n:02d}" for n in range(1, 15)]
+    + ["AS401", "AS402", "AS403", "AS404"]
+)
 
 
 @pytest.fixture

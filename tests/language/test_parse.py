@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 
 from adapterspec.language import syntax as ast
-from adapterspec.language.parse import MAX_FILE_BYTES, MAX_LINE_CHARS, decode, parse_text
+from adapterspec.language.parse import (
+    MAX_FILE_BYTES,
+    MAX_LINE_CHARS,
+    decode,
+    parse_text,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 

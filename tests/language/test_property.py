@@ -13,7 +13,10 @@ from adapterspec.language.diagnostics import line_col
 from adapterspec.language.format import format_source
 from adapterspec.language.lint import check_bytes, check_text, diagnose
 
-EXAMPLES = [p.read_text(encoding="utf-8") for p in sorted((Path(__file__).resolve().parents[2] / "examples" / "specs").glob("*.aspec"))]
+EXAMPLES = [
+    p.read_text(encoding="utf-8")
+    for p in sorted((Path(__file__).resolve().parents[2] / "examples" / "specs").glob("*.aspec"))
+]
 SETTINGS = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # --- generated specs (built from one seeded Random: far quicker than many small draws) -----
@@ -99,7 +102,9 @@ class SpecWriter:
         if not self.clean:
             names = [self.choice(sorted(VALUES)) for _ in range(self.rng.randint(0, 4))]
             return [f"{n}{self.space()}={self.space()}{self.choice(VALUES[n])}" for n in names]
-        names = self.rng.sample(["r", "dropout", self.choice(["scale", "alpha", "alpha+rslora"])], self.rng.randint(0, 3))
+        names = self.rng.sample(
+            ["r", "dropout", self.choice(["scale", "alpha", "alpha+rslora"])], self.rng.randint(0, 3)
+        )
         if "alpha+rslora" in names:
             names[names.index("alpha+rslora") : names.index("alpha+rslora") + 1] = ["rslora", "alpha"]
         return [f"{n}{self.space()}={self.space()}{'true' if n == 'rslora' else self.choice(CLEAN_VALUES[n])}"
@@ -124,7 +129,9 @@ class SpecWriter:
         elif kind == "defaults":
             body = f"defaults {self.transform()}"
         else:
-            type_filter = self.choice(["", "", "@linear", "@switch", "@QuantizedLinear"] + ([] if self.clean else ["@lin"]))
+            type_filter = self.choice(
+                ["", "", "@linear", "@switch", "@QuantizedLinear"] + ([] if self.clean else ["@lin"])
+            )
             body = f"{self.selector()}{type_filter}{self.space()}:{self.space()}{self.transform()}"
         return self.space() + body + self.space() + self.choice(["", "", "  # why", " #x", "# a: b"])
 
@@ -146,7 +153,9 @@ spec_text = st.integers(0, 2**32).map(lambda seed: SpecWriter(random.Random(seed
 # --- mutated examples --------------------------------------------------------------------------
 
 noise = st.sampled_from(list("[]<>(){}.,:;=@*/#'\"\\-+ \t\r\n\x00\x0b\u00a0\u200b\u2028é日🙂")) | st.text(max_size=3)
-long_token = st.sampled_from(["x", "<", "[", "*", "(", "9", " "]).flatmap(lambda c: st.integers(10, 6000).map(lambda n: c * n))
+long_token = st.sampled_from(["x", "<", "[", "*", "(", "9", " "]).flatmap(
+    lambda c: st.integers(10, 6000).map(lambda n: c * n)
+)
 
 
 @st.composite
@@ -217,8 +226,12 @@ def test_mutated_examples_end_in_a_spec_or_diagnostics(text):
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.binary(max_size=300) | st.sampled_from(EXAMPLES).map(str.encode).flatmap(
-    lambda data: st.integers(0, len(data)).map(lambda i: data[:i] + b"\xff\x00\xc3"[i % 3 :] + data[i:])))
+@given(
+    st.binary(max_size=300)
+    | st.sampled_from(EXAMPLES)
+    .map(str.encode)
+    .flatmap(lambda data: st.integers(0, len(data)).map(lambda i: data[:i] + b"\xff\x00\xc3"[i % 3 :] + data[i:]))
+)
 def test_any_bytes_end_in_a_spec_or_diagnostics(data):
     spec, diagnostics, text = check_bytes(data, "t.aspec")
     assert spec is not None or diagnostics

@@ -195,7 +195,12 @@ def test_rslora_from_defaults_names_the_defaults_line():
 
 def test_every_bad_argument_of_a_call_is_reported():
     assert codes("q: lora(r=0, alpha=-1, dropout=1, rslora=maybe, scale=inf, rank=2)") == [
-        "AS205", "AS205", "AS205", "AS204", "AS204", "AS201",
+        "AS205",
+        "AS205",
+        "AS205",
+        "AS204",
+        "AS204",
+        "AS201",
     ]
 
 

@@ -7,17 +7,17 @@ from __future__ import annotations
 import itertools
 import json
 
+import models as tiny
 import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.tuner import dora as mlxlm_dora
 from mlx_lm.tuner import lora as mlxlm_lora
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-import models as tiny
 from adapterspec.adapters.install import apply
 from adapterspec.language.lint import parse_spec
-from adapterspec.model.mlxlm import mlx_lm_config, spec_from_mlx_lm
 from adapterspec.model.index import ModuleIndex
+from adapterspec.model.mlxlm import mlx_lm_config, spec_from_mlx_lm
 from adapterspec.model.plan import make_plan
 
 BLOCKS = 3

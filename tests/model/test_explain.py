@@ -7,13 +7,20 @@ import subprocess
 import sys
 import textwrap
 
+import models
 import pytest
 
-import models
 from adapterspec.cli import main
 from adapterspec.errors import UserError
-from adapterspec.model.explain import CANNOT, DECIDES, MISSES, OVERRIDDEN, explain, selected_paths
 from adapterspec.language.lint import parse_spec
+from adapterspec.model.explain import (
+    CANNOT,
+    DECIDES,
+    MISSES,
+    OVERRIDDEN,
+    explain,
+    selected_paths,
+)
 from adapterspec.model.index import ModuleIndex
 from adapterspec.model.plan import make_plan
 
@@ -104,8 +111,9 @@ def test_explain_and_config_imports_never_import_mlx(tmp_path):
     spec.write_text(SPEC)
     peft_dir = tmp_path / "peft"
     peft_dir.mkdir()
-    (peft_dir / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
-                                                              "target_modules": r".*q_proj"}))
+    (peft_dir / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": r".*q_proj"})
+    )
     mlx_lm = tmp_path / "lora.json"
     mlx_lm.write_text(json.dumps({"num_layers": 2, "lora_parameters": {"rank": 4, "scale": 1.0, "dropout": 0.0}}))
     model = str(models.example_model_dir("tiny-llama"))

@@ -6,13 +6,17 @@ import json
 import struct
 from pathlib import Path
 
+import models as tiny
 import pytest
 
-import models as tiny
-from adapterspec.errors import UserError
-from adapterspec.model.safetensors import CorruptWeightFile, read_safetensors_header
 from adapterspec.adapters.loading import ModelLoadError, load_model, load_tokenizer
-from adapterspec.model.files import ModelNotFound, copy_model_side_files, resolve_model_path
+from adapterspec.errors import UserError
+from adapterspec.model.files import (
+    ModelNotFound,
+    copy_model_side_files,
+    resolve_model_path,
+)
+from adapterspec.model.safetensors import CorruptWeightFile, read_safetensors_header
 from adapterspec.outputs import atomic_output_dir, write_json_atomic
 
 
@@ -198,8 +202,16 @@ def _corrupt_variants(good: bytes) -> dict[str, bytes]:
     }
 
 
-CORRUPTIONS = ("empty", "short", "huge header length", "cut in header", "cut in data", "not json", "json list",
-               "offsets disagree with shape")
+CORRUPTIONS = (
+    "empty",
+    "short",
+    "huge header length",
+    "cut in header",
+    "cut in data",
+    "not json",
+    "json list",
+    "offsets disagree with shape",
+)
 
 
 @pytest.mark.parametrize("variant", CORRUPTIONS)

@@ -10,11 +10,16 @@ import sys
 import time
 from pathlib import Path
 
+import models as tiny
 import pytest
 
-import models as tiny
 from adapterspec.errors import UserError
-from adapterspec.model.index import GUESSED_CLASSES, ModuleIndex, infos_from_tensors, natural_key
+from adapterspec.model.index import (
+    GUESSED_CLASSES,
+    ModuleIndex,
+    infos_from_tensors,
+    natural_key,
+)
 
 # arch → (linear modules per block, switch modules per block, has an lm_head)
 SHAPES = {
@@ -78,7 +83,10 @@ def test_from_module_dims_of_llama(built):
     attn = "model.layers.0.self_attn"
     assert (index[f"{attn}.q_proj"].input_dims, index[f"{attn}.q_proj"].output_dims) == (64, 64)
     assert (index[f"{attn}.k_proj"].input_dims, index[f"{attn}.k_proj"].output_dims) == (64, 32)
-    assert (index["model.layers.0.mlp.down_proj"].input_dims, index["model.layers.0.mlp.down_proj"].output_dims) == (128, 64)
+    assert (index["model.layers.0.mlp.down_proj"].input_dims, index["model.layers.0.mlp.down_proj"].output_dims) == (
+        128,
+        64,
+    )
     embed = index["model.embed_tokens"]
     assert (embed.cls, embed.input_dims, embed.output_dims, embed.num_params) == ("Embedding", 320, 64, 320 * 64)
     assert index["lm_head"].num_params == 320 * 64 and not index["lm_head"].bias
@@ -102,7 +110,13 @@ def test_quantized_dims_are_logical(built):
 def test_switch_layers_of_moe(built):
     index = ModuleIndex.from_module(built("qwen2_moe")[0])
     gate = index["model.layers.1.mlp.switch_mlp.gate_proj"]
-    assert (gate.cls, gate.family, gate.num_experts, gate.input_dims, gate.output_dims) == ("SwitchLinear", "switch", 4, 64, 64)
+    assert (gate.cls, gate.family, gate.num_experts, gate.input_dims, gate.output_dims) == (
+        "SwitchLinear",
+        "switch",
+        4,
+        64,
+        64,
+    )
     assert gate.num_params == 4 * 64 * 64
     assert index["model.layers.1.mlp.shared_expert_gate"].output_dims == 1
     assert index["model.layers.0.self_attn.q_proj"].bias  # qwen2 attention has biases
@@ -143,7 +157,13 @@ def test_subclasses_are_recognised_by_mro():
 
     index = ModuleIndex.from_module(Block())
     proj = index["proj"]
-    assert (proj.cls, proj.family, proj.input_dims, proj.output_dims, proj.bias) == ("ScaledLinear", "linear", 8, 4, True)
+    assert (proj.cls, proj.family, proj.input_dims, proj.output_dims, proj.bias) == (
+        "ScaledLinear",
+        "linear",
+        8,
+        4,
+        True,
+    )
     assert (index["experts"].family, index.list_length("experts")) == ("list", 2)
     assert (index["table"].cls, index["table"].family) == ("dict", "container")
     assert index["table.a"].family == "embedding"
@@ -160,6 +180,7 @@ def test_tied_llama_has_no_head():
 
 def assert_agree(from_dir: ModuleIndex, from_module: ModuleIndex) -> None:
     """Everything planning needs is the same whichever way the index was built."""
+
     def planned(index):
         return {m.path: m for m in index if m.family in ("linear", "switch", "embedding", "list") or m.has_params}
 
@@ -190,7 +211,10 @@ def test_example_models_agree(name):
     "arch, quantization",
     [(arch, None) for arch in tiny.ARCHITECTURES]
     + [(arch, tiny.Q4) for arch in ("mixtral", "qwen2_moe", "gemma")]
-    + [("llama", {"group_size": 32, "bits": 4, "mode": "mxfp4"}), ("llama", {"group_size": 64, "bits": 8, "mode": "affine"})],
+    + [
+        ("llama", {"group_size": 32, "bits": 4, "mode": "mxfp4"}),
+        ("llama", {"group_size": 64, "bits": 8, "mode": "affine"}),
+    ],
 )
 def test_written_models_agree(tmp_path, arch, quantization):
     path = tiny.write(tmp_path / arch, arch, quantization=quantization, with_tokenizer=False)
@@ -317,7 +341,14 @@ def test_header_inference_edge_cases():
     assert infos["backbone.ln_f"].cls == "Norm"
     assert infos["backbone"].num_params == 16 and "backbone.gains" not in infos
     up, down = infos["experts.up"], infos["experts.down"]
-    assert (up.family, up.mode, up.bits, up.group_size, up.input_dims, up.num_experts) == ("switch", "mxfp4", 4, 32, 32, 4)
+    assert (up.family, up.mode, up.bits, up.group_size, up.input_dims, up.num_experts) == (
+        "switch",
+        "mxfp4",
+        4,
+        32,
+        32,
+        4,
+    )
     assert (down.mode, down.group_size, down.input_dims, down.dtype) == ("nvfp4", 16, 16, "bfloat16")
 
 
@@ -354,7 +385,12 @@ def _write_header_only_model(dest: Path, blocks: int, experts: int, shards: int)
         weight_map.update({n: shard for n in part})
     (dest / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     quant = {"group_size": 32, "bits": 4, "mode": "affine"}
-    config = {"model_type": "qwen2_moe", "quantization": quant, "quantization_config": quant, "tie_word_embeddings": False}
+    config = {
+        "model_type": "qwen2_moe",
+        "quantization": quant,
+        "quantization_config": quant,
+        "tie_word_embeddings": False,
+    }
     (dest / "config.json").write_text(json.dumps(config))
     return len(tensors)
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import math
 
 import mlx.nn as nn
+import models as tiny
 import pytest
 from mlx.utils import tree_flatten
 
-import models as tiny
 from adapterspec.adapters.install import apply
 from adapterspec.language.diagnostics import Severity
 from adapterspec.language.lint import parse_spec

@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 
 import mlx.nn as nn
+import models as tiny
 import pytest
 
-import models as tiny
 from adapterspec.language.lint import parse_spec
 from adapterspec.model.index import ModuleIndex
 from adapterspec.model.selectors import SelectorMatcher

@@ -10,30 +10,42 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+import models as tiny
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
-import models as tiny
+from adapterspec.adapters.loading import load_model
 from adapterspec.adapters.weights import load_adapters
 from adapterspec.errors import UserError
-from adapterspec.adapters.loading import load_model
-from adapterspec.train.run import run
 from adapterspec.train.checkpoint import list_checkpoints, read_checkpoint
 from adapterspec.train.options import TrainOptions, merge_options
 from adapterspec.train.report import format_duration
+from adapterspec.train.run import run
 
 ROOT = Path(__file__).resolve().parents[2]
 LLAMA = str(tiny.example_model_dir("tiny-llama"))
 DATA = str(ROOT / "examples" / "data")
 ATTENTION = "adapterspec 1\nself_attn.<q_proj,v_proj>: lora(r=8, scale=20)\n"
-WITH_DROPOUT = "adapterspec 1\nself_attn.<q_proj,v_proj>: lora(r=4, scale=10, dropout=0.2)\nlayers[-1].mlp.down_proj: dora(r=2)\n"
+WITH_DROPOUT = (
+    "adapterspec 1\nself_attn.<q_proj,v_proj>: lora(r=4, scale=10, dropout=0.2)\nlayers[-1].mlp.down_proj: dora(r=2)\n"
+)
 
 
 def train(tmp_path: Path, name: str, spec: str = ATTENTION, **overrides):
     spec_path = tmp_path / f"{name}.aspec"
     spec_path.write_text(spec)
-    settings = dict(model=LLAMA, spec=str(spec_path), data=DATA, adapter_path=str(tmp_path / name), learning_rate=1e-3,
-                    iters=10, steps_per_report=5, steps_per_eval=1000, val_batches=2, save_every=5)
+    settings = dict(
+        model=LLAMA,
+        spec=str(spec_path),
+        data=DATA,
+        adapter_path=str(tmp_path / name),
+        learning_rate=1e-3,
+        iters=10,
+        steps_per_report=5,
+        steps_per_eval=1000,
+        val_batches=2,
+        save_every=5,
+    )
     options = TrainOptions(**{**settings, **overrides})
     return run(options, stream=io.StringIO())
 
@@ -89,7 +101,9 @@ def test_resuming_gives_the_uninterrupted_runs_weights_with_dropout_and_gradient
     straight = train(tmp_path, "straight", iters=9, **settings)
     first = train(tmp_path, "resumed", iters=3, **settings)
     state = read_checkpoint(first.out / "checkpoints" / "0000003")
-    assert state.grad_accum() is not None, "step 3 is between two updates: its checkpoint holds the accumulated gradient"
+    assert state.grad_accum() is not None, (
+        "step 3 is between two updates: its checkpoint holds the accumulated gradient"
+    )
     resumed = train(tmp_path, "resumed", iters=9, resume=True, **settings)
     assert resumed.resumed_from == 3 and resumed.step == 9
     assert identical(weights(resumed.out), weights(straight.out))
@@ -117,8 +131,26 @@ def test_test_split_reports_loss_and_perplexity(tmp_path, capsys):
 
     spec = tmp_path / "a.aspec"
     spec.write_text(ATTENTION)
-    code = main(["train", LLAMA, str(spec), "--data", DATA, "--iters", "2", "--steps-per-report", "1", "--val-batches", "1",
-                 "--test", "--test-batches", "2", "-o", str(tmp_path / "out")])
+    code = main(
+        [
+            "train",
+            LLAMA,
+            str(spec),
+            "--data",
+            DATA,
+            "--iters",
+            "2",
+            "--steps-per-report",
+            "1",
+            "--val-batches",
+            "1",
+            "--test",
+            "--test-batches",
+            "2",
+            "-o",
+            str(tmp_path / "out"),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     assert "Test loss" in out and "Test ppl" in out and "ETA" in out and "tok/s" in out
@@ -128,8 +160,10 @@ def test_yaml_config_under_the_command_line_and_mlx_lm_keys_the_spec_replaces(tm
     from adapterspec.train.options import read_yaml_config
 
     config_path = tmp_path / "c.yaml"
-    config_path.write_text("model: m\nspec: s.aspec\ndata: d\niters: 50\nlearning_rate: 1e-4\nnum_layers: 8\n"
-                           "lora_parameters: {rank: 8}\noptimizer: AdamW\noptimizer_config: {adamw: {weight_decay: 0.01}}\n")
+    config_path.write_text(
+        "model: m\nspec: s.aspec\ndata: d\niters: 50\nlearning_rate: 1e-4\nnum_layers: 8\n"
+        "lora_parameters: {rank: 8}\noptimizer: AdamW\noptimizer_config: {adamw: {weight_decay: 0.01}}\n"
+    )
     options, notes = merge_options({"iters": 7, "batch_size": None}, read_yaml_config(config_path))
     assert (options.iters, options.learning_rate, options.batch_size) == (7, 1e-4, 4)
     assert options.optimizer == "adamw" and options.optimizer_settings == {"weight_decay": 0.01}
@@ -145,6 +179,12 @@ def test_format_duration():
 
 
 def test_example_data_is_what_its_script_writes(tmp_path):
-    subprocess.run([sys.executable, str(ROOT / "examples" / "data" / "make_data.py"), "--out", str(tmp_path)], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "data" / "make_data.py"), "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
     for split in ("train", "valid", "test"):
-        assert (tmp_path / f"{split}.jsonl").read_bytes() == (ROOT / "examples" / "data" / f"{split}.jsonl").read_bytes()
+        assert (tmp_path / f"{split}.jsonl").read_bytes() == (
+            ROOT / "examples" / "data" / f"{split}.jsonl"
+        ).read_bytes()

@@ -13,18 +13,29 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+import models as tiny
 import pytest
 
-import models as tiny
-from adapterspec.train.run import run
 from adapterspec.train.checkpoint import list_checkpoints
 from adapterspec.train.options import TrainOptions
+from adapterspec.train.run import run
 
 ROOT = Path(__file__).resolve().parents[2]
 LLAMA = str(tiny.example_model_dir("tiny-llama"))
 DATA = str(ROOT / "examples" / "data")
 SPEC = "adapterspec 1\nself_attn.<q_proj,v_proj>: lora(r=8, scale=20)\nlayers[-1].mlp.<up_proj,down_proj>: lora(r=4)\n"
-COMMON = ["--data", DATA, "--learning-rate", "1e-3", "--steps-per-report", "5", "--val-batches", "1", "--steps-per-eval", "1000"]
+COMMON = [
+    "--data",
+    DATA,
+    "--learning-rate",
+    "1e-3",
+    "--steps-per-report",
+    "5",
+    "--val-batches",
+    "1",
+    "--steps-per-eval",
+    "1000",
+]
 
 
 def environment() -> dict:
@@ -38,8 +49,17 @@ def command(spec: Path, out: Path, *extra: str) -> list[str]:
 
 
 def in_process(spec: Path, out: Path, **settings):
-    options = TrainOptions(model=LLAMA, spec=str(spec), data=DATA, adapter_path=str(out), learning_rate=1e-3,
-                           steps_per_report=5, val_batches=1, steps_per_eval=1000, **settings)
+    options = TrainOptions(
+        model=LLAMA,
+        spec=str(spec),
+        data=DATA,
+        adapter_path=str(out),
+        learning_rate=1e-3,
+        steps_per_report=5,
+        val_batches=1,
+        steps_per_eval=1000,
+        **settings,
+    )
     return run(options, stream=io.StringIO())
 
 
@@ -56,8 +76,13 @@ def spec(tmp_path) -> Path:
 
 def test_a_killed_run_resumes_to_the_uninterrupted_runs_weights(tmp_path, spec):
     out = tmp_path / "killed"
-    process = subprocess.Popen(command(spec, out, "--iters", "100000", "--save-every", "4"), env=environment(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command(spec, out, "--iters", "100000", "--save-every", "4"),
+        env=environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     try:
         while not any(step >= 8 for step, _ in list_checkpoints(out)):
@@ -69,11 +94,18 @@ def test_a_killed_run_resumes_to_the_uninterrupted_runs_weights(tmp_path, spec):
         process.wait()
     killed_at = list_checkpoints(out)[-1][0]
     assert 8 <= killed_at < 24
-    resumed = subprocess.run(command(spec, out, "--iters", "24", "--save-every", "4", "--resume"), env=environment(),
-                             capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    resumed = subprocess.run(
+        command(spec, out, "--iters", "24", "--save-every", "4", "--resume"),
+        env=environment(),
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from {out / 'checkpoints' / f'{killed_at:07d}'}" in resumed.stdout
-    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")], "a half-written checkpoint was left"
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")], (
+        "a half-written checkpoint was left"
+    )
 
     straight = in_process(spec, tmp_path / "straight", iters=24, save_every=4)
     expected, actual = weights(straight.out), weights(out)
@@ -86,8 +118,14 @@ def test_two_processes_train_and_resume_to_the_adapters_of_one_with_the_same_glo
     out = tmp_path / "two"
     launch = [shutil.which("mlx.launch"), "--backend", "ring", "-n", "2", "--"]
     for extra in (["--iters", "6"], ["--iters", "12", "--resume"]):
-        result = subprocess.run(launch + command(spec, out, "--save-every", "6", "--batch-size", "4", *extra),
-                                env=environment(), capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+        result = subprocess.run(
+            launch + command(spec, out, "--save-every", "6", "--batch-size", "4", *extra),
+            env=environment(),
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=300,
+        )
         assert result.returncode == 0, result.stdout + result.stderr
         assert "batch      4 over 2 processes" in result.stdout
         assert result.stdout.count("saved ") == 1, "only rank 0 reports and writes checkpoints"
