@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from adapterspec.language.checks import static_checks
 from adapterspec.language.diagnostics import Severity
 from adapterspec.language.lint import diagnose, lint_text, parse_spec
@@ -80,9 +78,8 @@ def test_checks_accept_the_public_spec_too():
     assert from_checked == from_spec == [("AS401", 2), ("AS403", 1)]
 
 
-def test_many_rules_take_linear_time():
+def test_many_rules_are_each_reported_once():
+    # How the time grows with the number of rules is measured by benchmarks/lint.py, not here.
     text = "".join(f"layers[{i}].q_proj: lora(r={1 + i % 7})\n" for i in range(10_000)) + "**: none\n"
-    start = time.perf_counter()
     diagnostics = lint_text(text, "t")
     assert len(diagnostics) == 10_000 and {d.code for d in diagnostics} == {"AS401"}
-    assert time.perf_counter() - start < 10
