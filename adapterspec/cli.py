@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from importlib import import_module
 
 from . import __version__
-from .errors import EXIT_ERRORS, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UserError
+from .errors import EXIT_BUG, EXIT_ERRORS, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UserError, missing_extra
 from .language.diagnostics import SpecError
 
 COMMANDS = {
@@ -36,6 +38,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         description="Declarative adapter specs for MLX: lint, plan, apply, fuse.",
     )
     parser.add_argument("--version", action="version", version=f"adapterspec {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="print the traceback of an internal error (or set ADAPTERSPEC_DEBUG=1)"
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
@@ -48,7 +53,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(chosen_command(argv))
+    command = chosen_command(argv)
+    debug = "--debug" in argv or os.environ.get("ADAPTERSPEC_DEBUG") == "1"
+    try:
+        parser = build_parser(command)
+    except BaseException as error:  # noqa: BLE001 (a command module that cannot load: the light install)
+        return report_failure(error, command or "", debug)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit:
@@ -58,24 +68,58 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return int(args.run(args))
-    except UserError as error:
-        print(f"adapterspec {args.command}: error: {error.message}", file=sys.stderr)
+    except BaseException as error:  # noqa: BLE001 (the one boundary: every failure becomes a message and an exit code)
+        return report_failure(error, args.command, debug)
+
+
+def report_failure(error: BaseException, command: str, debug: bool) -> int:
+    """Print what went wrong the way a user can act on it, and return the exit code; a bug prints one line asking
+    for a report (and the traceback with --debug)."""
+    if isinstance(error, ModuleNotFoundError) and missing_extra(error) is not None:
+        error = missing_extra(error)
+    if isinstance(error, UserError):
+        print(f"adapterspec {command}: error: {error.message}", file=sys.stderr)
         if error.help:
             print(f"  help: {error.help}", file=sys.stderr)
         return error.exit_code
-    except SpecError as error:
+    if isinstance(error, SpecError):
         print(error.render(), file=sys.stderr)
         return EXIT_ERRORS
-    except KeyboardInterrupt:
-        print(f"adapterspec {args.command}: interrupted", file=sys.stderr)
+    if isinstance(error, KeyboardInterrupt):
+        print(f"adapterspec {command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except BrokenPipeError:
+    if isinstance(error, SystemExit):
+        raise error
+    if isinstance(error, BrokenPipeError):
+        _silence_stdout()
         return EXIT_OK
-    except OSError as error:  # a full disk, a vanished file: the system's words, not a traceback
+    if isinstance(error, MemoryError):
+        print(f"adapterspec {command}: error: out of memory", file=sys.stderr)
+        print("  help: close other programs, or use a machine with more memory", file=sys.stderr)
+        return EXIT_ERRORS
+    if isinstance(error, OSError):  # a full disk, a vanished file: the system's words, not a traceback
         where = f" ({error.filename})" if error.filename else ""
-        print(f"adapterspec {args.command}: error: {error.strerror or error}{where}", file=sys.stderr)
+        print(f"adapterspec {command}: error: {error.strerror or error}{where}", file=sys.stderr)
         print("  help: check the free space and permissions where it reads and writes", file=sys.stderr)
         return EXIT_ERRORS
+    print(f"adapterspec {command}: internal error: {type(error).__name__}: {error}", file=sys.stderr)
+    print(
+        "  this is a bug in adapterspec: please report it with the command you ran"
+        + ("" if debug else " and the output of the same command with --debug"),
+        file=sys.stderr,
+    )
+    if debug:
+        traceback.print_exception(error, file=sys.stderr)
+    return EXIT_BUG
+
+
+def _silence_stdout() -> None:
+    """After the reader of stdout went away (`| head`), point stdout at /dev/null so that exiting does not fail."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from typing import Optional
 from ..errors import UserError
 from ..model.adapter_format import (
     ADAPTER_CONFIG,
+    ADAPTER_DIR_FILES,
     ADAPTER_WEIGHTS,
     adapter_config,
     read_adapter_config,
@@ -35,7 +36,7 @@ def save_adapters(
 
     weights = adapter_weights(model)
     config = adapter_config(plan, extra_config)
-    with atomic_output_dir(dest, force=force, protect=protect) as tmp:
+    with atomic_output_dir(dest, force=force, protect=protect, produces=ADAPTER_DIR_FILES) as tmp:
         mx.save_safetensors(str(tmp / ADAPTER_WEIGHTS), weights, metadata={"format": "mlx"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return Path(dest)

@@ -49,8 +49,11 @@ def run(args) -> int:
     from ..adapters.install import apply, plan_for_model
     from ..adapters.loading import load_model
     from ..adapters.weights import install_weights, save_adapters
+    from ..fuse.run import fused_model_files
     from ..language.diagnostics import SpecError
+    from ..model.adapter_format import ADAPTER_DIR_FILES
     from ..model.files import resolve_model_path
+    from ..outputs import check_output_dir
     from .reports import render
 
     if args.fuse and not args.adapters:
@@ -58,10 +61,13 @@ def run(args) -> int:
             "--fuse needs trained adapters",
             help="add --adapters DIR_OR_FILE (fresh adapters would fuse to the unchanged model)",
         )
+    model_dir = resolve_model_path(args.model)
+    protect = [model_dir, args.spec] + ([args.adapters] if args.adapters else [])
+    produces = fused_model_files(model_dir) if args.fuse else ADAPTER_DIR_FILES
+    check_output_dir(args.output, force=args.force, protect=protect, produces=produces)
     spec, diagnostics, text, code = spec_or_exit(args.spec)
     if spec is None:
         return code
-    model_dir = resolve_model_path(args.model)
     model, _config = load_model(model_dir)
     try:
         plan = plan_for_model(model, spec)
@@ -72,7 +78,6 @@ def run(args) -> int:
     print_diagnostics(all_diagnostics, text, args.spec)
     if args.strict and all_diagnostics:
         return EXIT_ERRORS
-    protect = [model_dir] + ([args.adapters] if args.adapters else [])
     if not args.adapters:
         mx.random.seed(args.seed)
         apply(model, plan)

@@ -64,8 +64,11 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from ..fuse.progress import Progress, progress_for
     from ..fuse.run import ErasureError, fuse_model_dir
+    from ..outputs import check_output_file
 
     max_shard_bytes = parse_size(args.max_shard_size)
+    if args.report_json:
+        check_output_file(args.report_json, protect=[args.model, args.adapters, args.output])
     progress = Progress() if args.quiet else progress_for(sys.stderr)
     try:
         with _sigterm_interrupts():

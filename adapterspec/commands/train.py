@@ -90,7 +90,7 @@ def run(args) -> int:
     from ..train.options import merge_options, read_yaml_config
     from ..train.run import run as train_run
 
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "run", "config")}
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "run", "config", "debug")}
     config = read_yaml_config(args.config) if args.config else {}
     options, notes = merge_options(given, config)
     for note in notes:

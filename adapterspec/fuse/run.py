@@ -15,8 +15,6 @@ process that made it is gone.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -24,14 +22,13 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 from ..errors import EXIT_ERRORS, UserError
-from ..model.files import CONFIG_FILE, WEIGHT_INDEX_FILE, copy_model_side_files
-from ..outputs import atomic_output_dir
+from ..model.files import CONFIG_FILE, WEIGHT_INDEX_FILE, copy_model_side_files, side_files
+from ..outputs import atomic_output_dir, check_output_dir, remove_stale_temporaries
 from .plan import MAX_SHARD_BYTES, FusePlan, Shard, plan_fuse
 from .progress import Progress
 from .report import LOST_BELOW, ErasureReport, build_report, modules_to_keep_dense
 
 KEEP_PRECISION = ("never", "auto")
-PID_MARKER = ".adapterspec-fuse.pid"
 
 
 class ErasureError(UserError):
@@ -100,14 +97,15 @@ def fuse_model_dir(
         raise UserError(f"keep_precision must be one of {', '.join(KEEP_PRECISION)}, not {keep_precision!r}")
     plan = plan_fuse(model_dir, adapters, dequantize=dequantize)
     out = Path(out_dir).expanduser()
-    removed = remove_stale_temp_dirs(out)
+    inputs = [plan.model_dir, plan.adapters.origin, *protect]
+    produces = fused_model_files(plan.model_dir)
+    check_output_dir(out, force=force, protect=inputs, produces=produces)
+    removed = remove_stale_temporaries(out)
     from .erasure import measure
     from .shards import SourceFiles
     from .stream import merge_workers_for, write_shards
 
-    with atomic_output_dir(out, force=force, protect=[plan.model_dir, plan.adapters.origin, *protect]) as tmp:
-        marker = tmp / PID_MARKER
-        marker.write_text(str(os.getpid()))
+    with atomic_output_dir(out, force=force, protect=inputs, produces=produces) as tmp:
         # Started first, the worker processes (for the numpy merges) get ready while the adapters are measured.
         with SourceFiles() as files, merge_workers_for(plan.units) or nullcontext() as workers, _device_for(plan):
             adapters = _load_adapter_arrays(plan)
@@ -122,7 +120,6 @@ def fuse_model_dir(
         _write_json(tmp / WEIGHT_INDEX_FILE, plan.index_json(shards))
         _write_json(tmp / CONFIG_FILE, plan.output_config())
         copy_model_side_files(plan.model_dir, tmp)
-        marker.unlink()
     peaks = workers.peak_rss if workers is not None else []
     return FuseResult(out, plan, report, shards, kept_dense, removed, time.monotonic() - started, peaks)
 
@@ -167,31 +164,6 @@ def _percent(value: Optional[float]) -> str:
     return "nothing" if value is None else f"{100 * value:.0f}%"
 
 
-def remove_stale_temp_dirs(out: Path) -> list[Path]:
-    """Remove the `.OUT.tmp-*` directories beside `out` left by fuses whose process no longer runs."""
-    parent = out.absolute().parent
-    if not parent.is_dir():
-        return []
-    removed = []
-    for candidate in sorted(parent.glob(f".{out.name}.tmp-*")):
-        marker = candidate / PID_MARKER
-        try:
-            pid = int(marker.read_text().strip())
-        except (OSError, ValueError):
-            continue
-        if not _process_alive(pid):
-            shutil.rmtree(candidate, ignore_errors=True)
-            removed.append(candidate)
-    return removed
-
-
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def fused_model_files(model_dir: Path) -> list[str]:
+    """What a fuse of this model writes: config, weights and their index, and the model's side files."""
+    return [CONFIG_FILE, WEIGHT_INDEX_FILE, "model.safetensors", "model-*-of-*.safetensors", *side_files(model_dir)]

@@ -81,7 +81,7 @@ def write_imported_adapters(result: PeftImport, peft_dir, dest, *, force: bool =
     """Convert the PEFT weights for the imported spec's plan and write an adapterspec adapter directory."""
     import mlx.core as mx
 
-    from ..model.adapter_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config
+    from ..model.adapter_format import ADAPTER_CONFIG, ADAPTER_DIR_FILES, ADAPTER_WEIGHTS, adapter_config
     from ..outputs import atomic_output_dir
     from .peft_weights import peft_to_adapters
 
@@ -96,7 +96,7 @@ def write_imported_adapters(result: PeftImport, peft_dir, dest, *, force: bool =
             "(a resized vocabulary or trained tokens)",
             help="import it with the model it was trained on",
         )
-    with atomic_output_dir(dest, force=force, protect=[peft_dir, result.model_dir]) as tmp:
+    with atomic_output_dir(dest, force=force, protect=[peft_dir, result.model_dir], produces=ADAPTER_DIR_FILES) as tmp:
         mx.save_safetensors(str(tmp / ADAPTER_WEIGHTS), weights, metadata={"format": "mlx"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(plan), indent=2) + "\n", encoding="utf-8")
     return Path(dest)
@@ -162,7 +162,9 @@ def export_peft(
         )
     peft, findings = peft_config(plan, index, base_model or model)
     tensors = adapters_to_peft(weights, plan, index)
-    with atomic_output_dir(dest, force=force, protect=[adapters, model_dir]) as tmp:
+    with atomic_output_dir(
+        dest, force=force, protect=[adapters, model_dir], produces=(WEIGHTS_FILE, CONFIG_FILE)
+    ) as tmp:
         mx.save_safetensors(str(tmp / WEIGHTS_FILE), tensors, metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(peft, indent=2) + "\n", encoding="utf-8")
     return peft, findings

@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+# What an adapter directory holds: with --force, a directory holding only these is a previous output to replace.
+ADAPTER_DIR_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG)
 FORMAT = 1
 
 

@@ -162,6 +162,11 @@ def is_side_file(name: str) -> bool:
     return not (name.endswith(WEIGHT_SUFFIXES) or WEIGHT_INDEX_PATTERN.match(name))
 
 
+def side_files(model_dir: str | os.PathLike) -> list[str]:
+    """The names of a model directory's side files (what `copy_model_side_files` copies)."""
+    return sorted(item.name for item in Path(model_dir).iterdir() if is_side_file(item.name))
+
+
 def copy_model_side_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
     """Copy tokenizer files, generation config, chat template etc. from src to dst; return their names."""
     src, dst = Path(src), Path(dst)

@@ -11,7 +11,7 @@ from typing import Optional
 
 from ..adapters.weights import save_adapters
 from ..errors import UserError
-from ..model.adapter_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from ..model.adapter_format import ADAPTER_CONFIG, ADAPTER_DIR_FILES, ADAPTER_WEIGHTS
 from ..outputs import copy_file_atomic
 
 CHECKPOINTS = "checkpoints"
@@ -77,7 +77,7 @@ def save_checkpoint(
     from ..outputs import atomic_output_dir
 
     dest = checkpoint_dir(out, step)
-    with atomic_output_dir(dest, force=True) as tmp:
+    with atomic_output_dir(dest, force=True, produces=(*ADAPTER_DIR_FILES, STATE_JSON, STATE_ARRAYS)) as tmp:
         save_adapters(model, plan, tmp, force=True, extra_config=extra_config)
         mx.save_safetensors(str(tmp / STATE_ARRAYS), arrays)
         state = {"format": STATE_FORMAT, **info, "step": step}

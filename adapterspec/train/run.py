@@ -31,10 +31,12 @@ def run_identity(options: TrainOptions, plan, train_set) -> dict:
 
 def prepare_output(out: Path, options: TrainOptions, protect: list) -> None:
     """Create an empty output directory for a fresh run (replacing a non-empty one only with --force)."""
+    from ..model.adapter_format import ADAPTER_DIR_FILES
     from ..outputs import atomic_output_dir
+    from .checkpoint import CHECKPOINTS
 
     try:
-        with atomic_output_dir(out, force=options.force, protect=protect):
+        with atomic_output_dir(out, force=options.force, protect=protect, produces=(*ADAPTER_DIR_FILES, CHECKPOINTS)):
             pass
     except UserError as error:
         if "not empty" in error.message:

@@ -140,8 +140,23 @@ def test_refuses_a_non_empty_output_without_force(dense, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "refusing to overwrite" in err and "--force" in err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_force_replaces_a_previous_fuse_but_never_a_file_it_did_not_write(dense, tmp_path, capsys):
+    model, adapters = dense
+    out = tmp_path / "out"
+    assert fuse(model, adapters, "-o", out, "--quiet") == 0
+    first = sorted(p.name for p in out.iterdir())
     assert fuse(model, adapters, "-o", out, "--force", "--quiet") == 0
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert sorted(p.name for p in out.iterdir()) == first
+    (out / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert fuse(model, adapters, "-o", out, "--force", "--quiet") == 2
+    err = capsys.readouterr().err
+    assert "notes.txt" in err and "does not write" in err
+    assert (out / "notes.txt").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == sorted(
+        first + ["notes.txt"]
+    )
 
 
 @pytest.mark.parametrize("where", ["model", "inside-model", "adapters", "parent-of-model"])

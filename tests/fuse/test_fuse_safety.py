@@ -145,7 +145,7 @@ def test_an_interrupted_fuse_leaves_nothing_at_the_output(small, tmp_path, how):
 
 
 def test_a_running_fuse_keeps_its_temporary_directory(small, tmp_path):
-    from adapterspec.fuse.run import remove_stale_temp_dirs
+    from adapterspec.outputs import remove_stale_temporaries as remove_stale_temp_dirs
 
     model, adapters = small
     process = run_fuse(model, adapters, "-o", tmp_path / "out", pause=0.2)
