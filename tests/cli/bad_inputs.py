@@ -60,6 +60,7 @@ from builders import (
 )
 
 NAN, INF = math.nan, math.inf
+FIFO_TIMEOUT = 5  # reading a FIFO nobody writes blocks for ever: 5 s tell a hang
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ MODEL_BREAKS: list[tuple] = [
     ("config-string", (write_json(CFG, "llama"),), (M_CFG,), "fuse", 2, {}),
     ("config-number", (write_json(CFG, 42),), (M_CFG,), "fuse", 2, {}),
     ("config-is-dir", (replace_with_dir(CFG),), (M_CFG,), "fuse", 2, {}),
-    ("config-fifo", (fifo(CFG),), (M_CFG,), "fuse", 2, {"timeout": 10}),
+    ("config-fifo", (fifo(CFG),), (M_CFG,), "fuse", 2, {"timeout": FIFO_TIMEOUT}),
     ("config-symlink-loop", (symlink(CFG, "config.json"),), (M_CFG,), "fuse", 2, {}),
     ("config-heads-zero", (edit_json(CFG, num_attention_heads=0),), (M_CFG, "num_attention_heads"), "fuse apply export", 2, {}),
     ("config-heads-negative", (edit_json(CFG, num_attention_heads=-4),), ("num_attention_heads",), "fuse", 2, {}),
@@ -153,7 +154,7 @@ MODEL_BREAKS: list[tuple] = [
     ("config-hidden-float", (edit_json(CFG, hidden_size=64.5),), ("hidden_size",), "fuse", 2, {}),
     ("config-hidden-nan", (edit_json(CFG, hidden_size=NAN),), ("hidden_size",), "fuse", 2, {}),
     ("config-hidden-null", (edit_json(CFG, hidden_size=None),), ("hidden_size",), "fuse", 2, {}),
-    ("config-layers-1e9", (edit_json(CFG, num_hidden_layers=1e9),), ("num_hidden_layers",), "fuse apply", 2, {}),
+    ("config-layers-1e9", (edit_json(CFG, num_hidden_layers=1e9),), ("num_hidden_layers",), "fuse", 2, {}),
     ("config-layers-int-1e9", (edit_json(CFG, num_hidden_layers=10**9),), ("num_hidden_layers",), "fuse", 2, {}),
     ("config-layers-negative", (edit_json(CFG, num_hidden_layers=-1),), ("num_hidden_layers",), "fuse", 2, {}),
     ("config-layers-string", (edit_json(CFG, num_hidden_layers="4"),), ("num_hidden_layers",), "fuse", 2, {}),
@@ -168,7 +169,7 @@ MODEL_BREAKS: list[tuple] = [
     ("config-model-type-number", (edit_json(CFG, model_type=42),), ("model_type",), "fuse", 2, {}),
     ("config-model-type-base", (edit_json(CFG, model_type="base"),), ("base",), "fuse apply", 2, {}),
     ("config-model-type-cache", (edit_json(CFG, model_type="cache"),), ("cache",), "fuse", 2, {}),
-    ("config-model-type-path", (edit_json(CFG, model_type="../../os"),), ("model_type",), "fuse apply", 2, {}),
+    ("config-model-type-path", (edit_json(CFG, model_type="../../os"),), ("model_type",), "fuse", 2, {}),
     ("config-model-type-moe-on-dense", (edit_json(CFG, model_type="qwen2_moe"),), ("qwen2_moe",), "fuse", 2, {}),
     ("config-tie-string", (edit_json(CFG, tie_word_embeddings="yes"),), ("tie_word_embeddings",), "fuse", 2, {}),
     ("config-quantization-on-dense", (edit_json(CFG, quantization={"bits": 4, "group_size": 32}),), ("quantization",), "fuse", 2, {}),
@@ -194,7 +195,7 @@ MODEL_BREAKS: list[tuple] = [
      (M_IDX,), "fuse", 2, {}),
     ("index-names-unknown-tensor", (map_json(IDX, lambda i: {**i, "weight_map": {**i["weight_map"], "model.layers.9.x.weight": "model.safetensors"}}),),
      ("model.layers.9.x.weight",), "fuse", 2, {}),
-    ("index-fifo", (fifo(IDX),), (M_IDX,), "fuse", 2, {"timeout": 10}),
+    ("index-fifo", (fifo(IDX),), (M_IDX,), "fuse", 2, {"timeout": FIFO_TIMEOUT}),
     ("index-is-dir", (replace_with_dir(IDX),), (M_IDX,), "fuse", 2, {}),
     # safetensors files
     ("st-empty", (write(ST, b""),), (M_ST,), "fuse", 2, {}),
@@ -224,7 +225,7 @@ MODEL_BREAKS: list[tuple] = [
     ("st-shape-string", (edit_st(ST, set_tensor("layers.0.self_attn.q_proj", shape="64x64")),), (M_ST,), "fuse", 2, {}),
     ("st-shape-floats", (edit_st(ST, set_tensor("layers.0.self_attn.q_proj", shape=[64.0, 64.0])),), (M_ST,), "fuse", 2, {}),
     ("st-shape-huge", (edit_st(ST, set_tensor("layers.0.self_attn.q_proj", shape=[2**40, 2**40])),), (M_ST,), "fuse", 2, {}),
-    ("st-name-dotdot", (edit_st(ST, rename_tensor("layers.0.self_attn.q_proj", "../../evil.weight")),), (M_ST, "../../evil.weight"), "fuse apply export", 2, {}),
+    ("st-name-dotdot", (edit_st(ST, rename_tensor("layers.0.self_attn.q_proj", "../../evil.weight")),), (M_ST, "../../evil.weight"), "fuse export", 2, {}),
     ("st-name-dotdot-prefix", (edit_st(ST, rename_tensor("layers.0.self_attn.q_proj", "..model.layers.0.self_attn.q_proj.weight")),), (M_ST,), "fuse", 2, {}),
     ("st-name-empty", (edit_st(ST, rename_tensor("layers.0.self_attn.q_proj", "")),), (M_ST,), "fuse", 2, {}),
     ("st-name-newline", (edit_st(ST, rename_tensor("layers.0.self_attn.q_proj", "model.layers.0.self_attn.q_proj\n.weight")),), (M_ST,), "fuse", 2, {}),
@@ -233,7 +234,7 @@ MODEL_BREAKS: list[tuple] = [
     ("st-missing-tensor", (edit_st(ST, drop_tensor("layers.0.self_attn.q_proj")),), ("model.layers.0.self_attn.q_proj",), "fuse export", 2, {}),
     ("st-wrong-shape", (edit_st(ST, swap_shape("layers.0.self_attn.k_proj")),), ("model.layers.0.self_attn.k_proj",), "fuse apply", 2, {}),
     ("st-is-dir", (replace_with_dir(ST),), (M_ST,), "fuse", 2, {}),
-    ("st-fifo", (fifo(ST),), (M_ST,), "fuse", 2, {"timeout": 10}),
+    ("st-fifo", (fifo(ST),), (M_ST,), "fuse", 2, {"timeout": FIFO_TIMEOUT}),
     ("st-symlink-dev-zero", (symlink(ST, "/dev/zero"),), (M_ST,), "fuse", 2, {}),
     # the directory itself
     ("dir-missing", (remove("model"),), ("{model}",), "fuse export", 2, {}),
@@ -246,7 +247,7 @@ MODEL_BREAKS: list[tuple] = [
 
 # 4-bit and MoE models: (what, model, adapter, steps, names, commands)
 OTHER_MODEL_BREAKS: list[tuple] = [
-    ("4bit-group-size-zero", "tiny-llama-4bit", (edit_json(CFG, quantization={"group_size": 0, "bits": 4}),), ("group_size",), "fuse apply"),
+    ("4bit-group-size-zero", "tiny-llama-4bit", (edit_json(CFG, quantization={"group_size": 0, "bits": 4}),), ("group_size",), "fuse"),
     ("4bit-bits-string", "tiny-llama-4bit", (edit_json(CFG, quantization={"group_size": 32, "bits": "4"}),), ("bits",), "fuse"),
     ("4bit-bits-three", "tiny-llama-4bit", (edit_json(CFG, quantization={"group_size": 32, "bits": 3}),), ("bits",), "fuse"),
     ("4bit-quantization-string", "tiny-llama-4bit", (edit_json(CFG, quantization="yes"),), ("quantization",), "fuse"),
@@ -277,7 +278,7 @@ ADAPTER_BREAKS: list[tuple] = [
     ("config-empty", (write(ACFG, ""),), (A_CFG,), "fuse"),
     ("config-deep", (deep_json(ACFG),), (A_CFG,), "fuse importmlxlm"),
     ("config-is-dir", (replace_with_dir(ACFG),), (A_CFG,), "fuse importmlxlm"),
-    ("config-fifo", (fifo(ACFG),), (A_CFG,), "fuse importmlxlm", {"timeout": 10}),
+    ("config-fifo", (fifo(ACFG),), (A_CFG,), "fuse importmlxlm", {"timeout": FIFO_TIMEOUT}),
     ("block-list", (edit_json(ACFG, adapterspec=[]),), (A_CFG,), "fuse export"),
     ("block-format-99", (edit_json(ACFG, adapterspec__format=99),), (A_CFG,), "fuse"),
     ("block-spec-number", (edit_json(ACFG, adapterspec__spec=5),), (A_CFG,), "fuse"),
@@ -328,7 +329,7 @@ ADAPTER_BREAKS: list[tuple] = [
     ("weights-name-dotdot", (edit_st(AST, rename_tensor("layers.0.self_attn.q_proj.lora_a", "../../x.lora_a")),), (A_ST,), "fuse export"),
     ("weights-name-empty", (edit_st(AST, rename_tensor("layers.0.self_attn.q_proj.lora_a", "")),), (A_ST,), "fuse"),
     ("weights-is-dir", (replace_with_dir(AST),), (A_ST,), "fuse"),
-    ("weights-fifo", (fifo(AST),), (A_ST,), "fuse", {"timeout": 10}),
+    ("weights-fifo", (fifo(AST),), (A_ST,), "fuse", {"timeout": FIFO_TIMEOUT}),
     ("dir-missing", (remove("adapters"),), ("{adapters}",), "fuse"),
     ("dir-empty", (remove("adapters"), mkdir("adapters")), ("{adapters}",), "fuse"),
     ("dir-is-model", (remove("adapters"), model("tiny-llama", dest="adapters")), ("{adapters}",), "fuse export"),
@@ -348,20 +349,20 @@ PEFT_BREAKS: list[tuple] = [
     ("config-null", (write_json(PCFG, None),), (P_CFG,), "importpeft"),
     ("config-not-json", (write(PCFG, "{"),), (P_CFG,), "importpeft"),
     ("config-deep", (deep_json(PCFG),), (P_CFG,), "importpeft"),
-    ("config-fifo", (fifo(PCFG),), (P_CFG,), "importpeft", {"timeout": 10}),
+    ("config-fifo", (fifo(PCFG),), (P_CFG,), "importpeft", {"timeout": FIFO_TIMEOUT}),
     ("r-negative", (edit_json(PCFG, r=-8),), ("r",), "importpeft importpeftmodel"),
     ("r-zero", (edit_json(PCFG, r=0),), ("r",), "importpeft"),
     ("r-string", (edit_json(PCFG, r="8"),), ("r",), "importpeft"),
     ("r-float", (edit_json(PCFG, r=8.5),), ("r",), "importpeft"),
     ("r-nan", (edit_json(PCFG, r=NAN),), ("r",), "importpeft"),
-    ("r-huge", (edit_json(PCFG, r=10**30),), ("r",), "importpeft importpeftmodel"),
-    ("lora-alpha-nan", (edit_json(PCFG, lora_alpha=NAN),), ("lora_alpha",), "importpeft importpeftmodel"),
+    ("r-huge", (edit_json(PCFG, r=10**30),), ("r",), "importpeft"),
+    ("lora-alpha-nan", (edit_json(PCFG, lora_alpha=NAN),), ("lora_alpha",), "importpeft"),
     ("lora-alpha-inf", (edit_json(PCFG, lora_alpha=INF),), ("lora_alpha",), "importpeft"),
     ("lora-alpha-string", (edit_json(PCFG, lora_alpha="x"),), ("lora_alpha",), "importpeft"),
     ("lora-dropout-two", (edit_json(PCFG, lora_dropout=2.0),), ("lora_dropout",), "importpeft"),
     ("lora-dropout-nan", (edit_json(PCFG, lora_dropout=NAN),), ("lora_dropout",), "importpeft"),
     ("target-modules-number", (edit_json(PCFG, target_modules=5),), ("target_modules",), "importpeft"),
-    ("target-modules-numbers", (edit_json(PCFG, target_modules=[1, 2]),), ("target_modules",), "importpeft importpeftmodel"),
+    ("target-modules-numbers", (edit_json(PCFG, target_modules=[1, 2]),), ("target_modules",), "importpeft"),
     ("target-modules-object", (edit_json(PCFG, target_modules={"q_proj": 1}),), ("target_modules",), "importpeft"),
     ("target-modules-null", (edit_json(PCFG, target_modules=None),), ("target_modules",), "importpeft"),
     ("target-modules-empty-name", (edit_json(PCFG, target_modules=[""]),), ("target_modules",), "importpeft"),
@@ -374,7 +375,7 @@ PEFT_BREAKS: list[tuple] = [
     ("rank-pattern-key-newline", (edit_json(PCFG, rank_pattern={"q_proj\n/**: full": 4}),), ("rank_pattern",), "importpeft", {"forbid": ("/**: full",)}),
     ("alpha-pattern-string", (edit_json(PCFG, alpha_pattern={"q_proj": "x"}),), ("alpha_pattern",), "importpeft"),
     ("layers-to-transform-string", (edit_json(PCFG, layers_to_transform="0"),), ("layers_to_transform",), "importpeft"),
-    ("layers-to-transform-negative", (edit_json(PCFG, layers_to_transform=[-1]),), ("layers_to_transform",), "importpeft importpeftmodel"),
+    ("layers-to-transform-negative", (edit_json(PCFG, layers_to_transform=[-1]),), ("layers_to_transform",), "importpeft"),
     ("layers-pattern-number", (edit_json(PCFG, layers_to_transform=[0], layers_pattern=5),), ("layers_pattern",), "importpeft"),
     ("modules-to-save-number", (edit_json(PCFG, modules_to_save=5),), ("modules_to_save",), "importpeft"),
     ("modules-to-save-newline", (edit_json(PCFG, modules_to_save=["lm_head\n/**: full"]),), ("modules_to_save",), "importpeft", {"forbid": ("/**: full",)}),
@@ -452,20 +453,20 @@ SPEC_CMDS = "speclint fmt plan explain"
 
 SPEC_BREAKS: list[tuple] = [
     # (what, steps, names, commands, exit, extra)
-    ("missing", (remove(S),), ("{spec}",), "speclint fmt plan explain train", 2, {}),
+    ("missing", (remove(S),), ("{spec}",), "speclint fmt plan explain", 2, {}),
     ("is-dir", (remove(S), user_dir(S, {"notes.txt": "x\n"})), ("{spec}",), "plan explain", 2, {}),
     ("dir-without-specs", (remove(S), user_dir(S, {"notes.txt": "x\n"})), ("{spec}",), "speclint fmt", 2, {}),
-    ("fifo", (fifo(S),), ("{spec}",), "speclint fmt plan explain apply", 2, {"timeout": 10}),
-    ("dev-zero", (symlink(S, "/dev/zero"),), ("{spec}",), "speclint fmt plan explain", (1, 2), {"timeout": 20}),
+    ("fifo", (fifo(S),), ("{spec}",), "speclint fmt plan apply", 2, {"timeout": FIFO_TIMEOUT}),
+    ("dev-zero", (symlink(S, "/dev/zero"),), ("{spec}",), "speclint plan", (1, 2), {"timeout": FIFO_TIMEOUT}),
     ("symlink-loop", (symlink(S, "spec.aspec"),), ("{spec}",), "speclint fmt plan", 2, {}),
     ("binary", (spec(bytes(range(256)) * 64),), ("{spec}", "AS100"), SPEC_CMDS + " apply", 1, {}),
     ("nul-bytes", (spec(b"adapterspec 1\nq_proj: lora\x00(r=8)\n"),), ("{spec}",), SPEC_CMDS, 1, {}),
     ("utf16", (spec("adapterspec 1\nq_proj: lora\n".encode("utf-16")),), ("{spec}", "AS100"), SPEC_CMDS, 1, {}),
     ("latin1", (spec("adapterspec 1\nq_proj: lora  # caf\xe9\n".encode("latin-1")),), ("{spec}", "AS100"), SPEC_CMDS, 1, {}),
-    ("huge-10mb", (spec("adapterspec 1\n" + ("# " + "x" * 1000 + "\n") * 10_000),), ("{spec}", "AS105"), SPEC_CMDS + " apply train", 1, {}),
+    ("huge-10mb", (spec("adapterspec 1\n" + ("# " + "x" * 1000 + "\n") * 10_000),), ("{spec}", "AS105"), SPEC_CMDS + " train", 1, {}),
     ("huge-one-line", (spec("adapterspec 1\n" + "x" * (8 << 20)),), ("{spec}", "AS105"), "speclint fmt plan", 1, {}),
     ("long-line", (spec("adapterspec 1\n" + "q_proj: lora  # " + "x" * 5000 + "\n"),), ("{spec}", "AS105"), "speclint plan", 1, {}),
-    ("100k-rules", (spec_lines("x: none\n", 100_000),), (), "speclint fmt plan explain apply", (0, 1), {}),
+    ("100k-rules", (spec_lines("x: none\n", 100_000),), (), "speclint plan", (0, 1), {"timeout": 30}),
     ("100k-rules-over-limit", (spec_lines("layers[*].self_attn.q_proj: lora\n", 100_000),), ("{spec}", "AS105"), "speclint plan", 1, {}),
     ("deep-parens", (spec("adapterspec 1\nq_proj: lora" + "(" * 4000 + "\n"),), ("{spec}",), "speclint fmt plan", 1, {}),
     ("deep-angles", (spec("adapterspec 1\n" + "<" * 4000 + "q_proj: lora\n"),), ("{spec}",), "speclint plan", 1, {}),
@@ -477,7 +478,7 @@ SPEC_BREAKS: list[tuple] = [
     ("rank-overflow", (spec("adapterspec 1\nq_proj: lora(r=1e400)\n"),), ("{spec}",), "speclint plan", 1, {}),
     ("rank-huge", (spec("adapterspec 1\nq_proj: lora(r=1000000000)\n"),), ("{spec}",), "plan apply", (1, 2), {}),
     ("rank-float", (spec("adapterspec 1\nq_proj: lora(r=8.5)\n"),), ("{spec}",), "speclint plan", 1, {}),
-    ("scale-nan", (spec("adapterspec 1\nq_proj: lora(scale=nan)\n"),), ("{spec}",), "speclint plan apply", 1, {}),
+    ("scale-nan", (spec("adapterspec 1\nq_proj: lora(scale=nan)\n"),), ("{spec}",), "speclint plan", 1, {}),
     ("scale-inf", (spec("adapterspec 1\nq_proj: lora(scale=inf)\n"),), ("{spec}",), "speclint plan", 1, {}),
     ("alpha-huge", (spec("adapterspec 1\nq_proj: lora(alpha=1e309)\n"),), ("{spec}",), "speclint plan", 1, {}),
     ("dropout-over-one", (spec("adapterspec 1\nq_proj: lora(dropout=1.5)\n"),), ("{spec}",), "speclint plan", 1, {}),
@@ -498,16 +499,11 @@ D_TRAIN, D_VALID = "{data}/train.jsonl", "{data}/valid.jsonl"
 
 DATA_BREAKS: list[tuple] = [
     ("dir-missing", (remove("data"),), ("{data}",)),
-    ("dir-empty", (remove("data"), mkdir("data")), ("{data}",)),
     ("train-empty", (write(TRAIN, ""),), (D_TRAIN,)),
     ("train-invalid-json", (write(TRAIN, '{"text": "a"}\n{"text": \n{"text": "b"}\n'),), (D_TRAIN,)),
-    ("train-line-list", (write(TRAIN, '["a", "b"]\n' * 4),), (D_TRAIN,)),
     ("train-wrong-fields", (write(TRAIN, '{"input": "a", "output": "b"}\n' * 4),), (D_TRAIN,)),
-    ("train-text-number", (write(TRAIN, '{"text": 42}\n' * 4),), (D_TRAIN,)),
     ("train-binary", (write(TRAIN, bytes(range(256)) * 8),), (D_TRAIN,)),
-    ("train-deep", (write(TRAIN, "[" * 100_000 + "]" * 100_000 + "\n"),), (D_TRAIN,)),
-    ("train-fifo", (fifo(TRAIN),), (D_TRAIN,), {"timeout": 10}),
-    ("train-too-few", (write(TRAIN, '{"text": "one"}\n'),), (D_TRAIN,)),
+    ("train-fifo", (fifo(TRAIN),), (D_TRAIN,), {"timeout": FIFO_TIMEOUT}),
     ("valid-missing", (remove(VALID),), (D_VALID, "valid.jsonl")),
 
 ]
@@ -520,11 +516,6 @@ TRAIN_OPTIONS: list[tuple] = [
     ("learning-rate-nan", ("--learning-rate", "nan"), ("--learning-rate",), 2),
     ("iters-negative", ("--iters", "-3"), ("--iters",), 2),
     ("batch-size-zero", ("--batch-size", "0"), ("--batch-size",), 2),
-    ("max-seq-length-zero", ("--max-seq-length", "0"), ("--max-seq-length",), 2),
-    ("grad-accumulation-zero", ("--grad-accumulation-steps", "0"), ("--grad-accumulation-steps",), 2),
-    ("steps-per-eval-zero", ("--steps-per-eval", "0"), ("--steps-per-eval",), 2),
-    ("save-every-zero", ("--save-every", "0"), ("--save-every",), 2),
-    ("clear-cache-threshold-word", ("--clear-cache-threshold", "abc"), ("--clear-cache-threshold",), 2),
     ("config-missing", ("-c", "{ws}/none.yaml"), ("none.yaml",), 2),
     ("resume-nothing-to-resume", ("--resume",), ("{out}",), 2),
 
@@ -532,8 +523,6 @@ TRAIN_OPTIONS: list[tuple] = [
 
 # (what, config text, names)
 TRAIN_CONFIGS: list[tuple] = [
-    ("config-not-yaml", "iters: [1\n", ("train.yaml",)),
-    ("config-learning-rate-word", "learning_rate: fast\n", ("learning_rate",)),
     ("config-python-tag", '!!python/object/apply:os.system ["touch pwned"]\n', ("train.yaml",)),
 
 ]
@@ -558,7 +547,8 @@ for _cmd, _tmpl in [("apply", ("apply", "{model}", "{spec}")), ("fuse", ("fuse",
         (_cmd, "out-parent-readonly", (*_tmpl, "-o", "{ws}/ro/out"), (mkdir("ro"), chmod("ro", 0o555)), ("ro",), 2),
         (_cmd, "out-symlink-to-model", (*_tmpl, "-o", "{ws}/link", "--force"), (symlink("link", "model"),), ("link",), 2),
     ]
-OUTPUT_CASES = [c for c in OUTPUT_CASES if c[0] != "train" or c[1] in ("out-inside-model", "out-is-model", "out-user-dir", "out-is-file")]
+# the costly commands (they load the model with mlx-lm) keep a few output cases each
+OUTPUT_CASES = [c for c in OUTPUT_CASES if c[0] not in ("train", "apply") or c[1] in ("out-inside-model", "out-user-dir-force-bad-input", "out-is-file")]
 OUTPUT_CASES += [
     ("apply", "out-is-spec", ("apply", "{model}", "{spec}", "-o", "{spec}", "--force"), (), ("{spec}",), 2),
     ("apply", "out-is-spec-dir-parent", ("apply", "{model}", "{spec}", "-o", "{spec}/out"), (), ("{spec}",), 2),
@@ -594,8 +584,6 @@ OUTPUT_CASES += [
 EXTRA: list[Case] = [
     Case("apply-option-seed-negative", ("apply", "{model}", "{spec}", "-o", "{out}", "--seed", "-1"), names=("--seed",)),
     Case("apply-option-seed-2-70", ("apply", "{model}", "{spec}", "-o", "{out}", "--seed", str(2**70)), names=("--seed",)),
-    Case("apply-option-seed-word", ("apply", "{model}", "{spec}", "-o", "{out}", "--seed", "abc"), names=("--seed",)),
-    Case("apply-option-spec-errors-strict", ("apply", "{model}", "{spec}", "-o", "{out}", "--strict"), (spec("adapterspec 1\nlayers[*].nothing_here: lora\n"),), exit=1, names=("{spec}",)),
     Case("fuse-option-max-shard-size-zero", ("fuse", "{model}", "{adapters}", "-o", "{out}", "--max-shard-size", "0"), names=("--max-shard-size",)),
     Case("fuse-option-max-shard-size-negative", ("fuse", "{model}", "{adapters}", "-o", "{out}", "--max-shard-size", "-5GB"), names=("--max-shard-size",)),
     Case("fuse-option-max-shard-size-word", ("fuse", "{model}", "{adapters}", "-o", "{out}", "--max-shard-size", "big"), names=("--max-shard-size",)),
@@ -625,7 +613,6 @@ EXTRA: list[Case] = [
     Case("import-option-format-unknown", ("import", "lora", "{peft}"), names=("lora",)),
     Case("export-option-base-model-newline", ("export", "peft", "{model}", "{adapters}", "-o", "{out}", "--base-model", "a\nb"), exit=(0, 2)),
     Case("train-spec-errors", ("train", "{model}", "{spec}", "--data", "{data}", "-o", "{out}", *TRAIN_SHORT), (spec("adapterspec 1\nq_proj: lora(r=0)\n"),), exit=1, names=("{spec}",)),
-    Case("train-adapters-resume-file-truncated", ("train", "{model}", "{spec}", "--data", "{data}", "-o", "{out}", *TRAIN_SHORT, "--resume-adapter-file", A_ST), (truncate(AST, 3000),), names=("adapters.safetensors",)),
     Case("train-checkpoint-broken", ("train", "{model}", "{spec}", "--data", "{data}", "-o", "{out}", *TRAIN_SHORT, "--resume"),
          (user_dir("out", {"checkpoints/0000001/trainer_state.json": "{broken", "checkpoints/0000001/adapters.safetensors": "x", "adapter_config.json": "{}"}),), names=("trainer_state.json",)),
 ]
@@ -661,7 +648,7 @@ def build_cases() -> list[Case]:
         argv = ("import", "mlx-lm", Y, "-o", "{outspec}") + (("--model", "{model}") if extra.get("model") else ())
         cases.append(_case(f"importmlxlm-mlxconfig-{what}", "importmlxlm", (write(YAML, text),), names, argv=argv, **extra))
     for what, steps, path, names in MLXLM_PATH_CASES:
-        timeout = 10 if "fifo" in what else 60
+        timeout = FIFO_TIMEOUT if ("fifo" in what or "dev-zero" in what) else 60
         cases.append(_case(f"importmlxlm-mlxconfig-{what}", "importmlxlm", steps, names, argv=("import", "mlx-lm", path, "-o", "{outspec}"), timeout=timeout))
     for what, steps, names, cmds, exit, extra in SPEC_BREAKS:
         for cmd in cmds.split():

@@ -14,12 +14,14 @@ For each case the checker asserts, and reports all of what fails at once:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -193,5 +195,9 @@ def test_bad_input(case: Case, tmp_path: Path) -> None:
         pytest.skip("permissions do not stop root")
     ws = tmp_path / "ws"
     ws.mkdir()
+    started = time.monotonic()
     problems = check(case, ws)
+    if os.environ.get("BAD_INPUTS_RESULTS"):  # one JSON line per case, for a report
+        with open(os.environ["BAD_INPUTS_RESULTS"], "a", encoding="utf-8") as f:
+            f.write(json.dumps({"id": case.id, "problems": problems, "seconds": round(time.monotonic() - started, 2)}) + "\n")
     assert not problems, f"{case.id}:\n  " + "\n  ".join(problems)
