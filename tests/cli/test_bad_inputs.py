@@ -105,6 +105,10 @@ def last_traceback(text: str) -> str:
     if frames:
         file, line, function = frames[-1]
         where = f" (at {Path(file).name}:{function}, line {line})"
+        ours = [f for f in frames if f"{os.sep}adapterspec{os.sep}" in f[0]]
+        if ours and ours[-1] != frames[-1]:
+            file, line, function = ours[-1]
+            where += f" (last adapterspec frame {Path(file).parent.name}/{Path(file).name}:{function}, line {line})"
     return f"{error[:300]}{where}"
 
 
