@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import traceback
 from importlib import import_module
@@ -122,5 +123,12 @@ def _silence_stdout() -> None:
         pass
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The `adapterspec` program: an interrupt always interrupts (a parent may have started it with SIGINT
+    ignored, as some CI runners do), then `main`."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

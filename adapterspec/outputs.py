@@ -53,6 +53,7 @@ def check_output_dir(
     if dest.exists() and not dest.is_dir():
         raise UserError(f"refusing to write to {dest}: it exists and is not a directory")
     if not dest.is_dir():
+        _require_creatable(dest)
         return
     entries = sorted(entry.name for entry in dest.iterdir())
     if entries and not force:
@@ -74,9 +75,22 @@ def check_output_file(path: str | os.PathLike, protect: Iterable[str | os.PathLi
     _refuse_overlap(path, protect, "file")
     if path.is_dir():
         raise UserError(f"refusing to write to {path}: it is a directory", help="name a file to write")
+    if path.exists() and not path.is_file():
+        raise UserError(f"refusing to write to {path}: it is not a regular file", help="name a file to write")
     if not path.parent.is_dir():
         raise UserError(f"cannot write {path}: the directory {path.parent} does not exist", help="create it first")
     return path
+
+
+def _require_creatable(dest: Path) -> None:
+    """UserError when `dest` cannot be made: the nearest existing ancestor is not a writable directory."""
+    ancestor = dest.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"cannot create {dest}: {ancestor} is not a directory", help="choose another output path")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"cannot create {dest}: {ancestor} is not writable", help="choose another output path")
 
 
 def _refuse_overlap(dest: Path, protect: Iterable[str | os.PathLike], what: str) -> None:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..errors import EXIT_ERRORS, EXIT_OK, UserError
-from .common import print_diagnostics, spec_or_exit
+from .common import print_diagnostics, seed, spec_or_exit
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-o", "--output", required=True, help="the adapter directory to write (with --fuse: the model directory)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the adapters' random initialisation (default 0)")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the adapters' random initialisation (default 0)")
     parser.add_argument(
         "--adapters",
         help="trained adapter weights to use instead of fresh ones: an adapter directory or a .safetensors file",

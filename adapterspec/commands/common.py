@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
 from ..errors import EXIT_ERRORS, UserError
+from ..inputs import open_regular
 from ..language.diagnostics import Diagnostic, render_text
 from ..language.parse import MAX_FILE_BYTES
 
@@ -18,24 +20,35 @@ STDIN = "-"
 SPEC_SUFFIX = ".aspec"
 
 
+def seed(text: str) -> int:
+    """An argparse type: a seed for mlx's and numpy's generators (0 … 2**32 - 1)."""
+    from ..train.options import SEED_MAX
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"{value} is outside 0 … {SEED_MAX}")
+    return value
+
+
 class Unreadable(Exception):
     """A named input that cannot be read; its message is ready for the user."""
 
 
 def read_input(name: str) -> tuple[bytes, int]:
     """The bytes of a file (or stdin), at most one byte past the size limit, and the full size when known."""
+    if name == STDIN:
+        data = sys.stdin.buffer.read(MAX_FILE_BYTES + 1)
+        return data, len(data)
     try:
-        if name == STDIN:
-            data = sys.stdin.buffer.read(MAX_FILE_BYTES + 1)
-            return data, len(data)
-        with open(name, "rb") as file:
+        with open_regular(name) as file:
             size = os.fstat(file.fileno()).st_size
             data = file.read(MAX_FILE_BYTES + 1)
             return data, max(size, len(data))
-    except FileNotFoundError:
-        raise Unreadable(f"{name}: no such file") from None
-    except IsADirectoryError:
-        raise Unreadable(f"{name}: is a directory") from None
+    except UserError as error:
+        raise Unreadable(error.message) from None
     except OSError as error:
         raise Unreadable(f"{name}: cannot read ({error.strerror or error})") from None
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import signal
 import sys
+from pathlib import Path
 
 from ..errors import EXIT_OK, UserError
+from ..inputs import open_regular
 from .reports import print_outcome
 
 SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
@@ -69,6 +72,11 @@ def run(args) -> int:
     max_shard_bytes = parse_size(args.max_shard_size)
     if args.report_json:
         check_output_file(args.report_json, protect=[args.model, args.adapters, args.output])
+        if Path(args.report_json).exists() and not is_erasure_report(Path(args.report_json)):
+            raise UserError(
+                f"refusing to overwrite {args.report_json}: it is not an erasure report that adapterspec fuse wrote",
+                help="name a new file for --report-json",
+            )
     progress = Progress() if args.quiet else progress_for(sys.stderr)
     try:
         with _sigterm_interrupts():
@@ -83,6 +91,16 @@ def run(args) -> int:
     _show_report(result.report, args)
     print_outcome(result, args.output)
     return EXIT_OK
+
+
+def is_erasure_report(path: Path) -> bool:
+    """Whether a file holds a report that `fuse --report-json` wrote (and so may be replaced by the next one)."""
+    try:
+        with open_regular(path) as file:
+            data = json.loads(file.read(64 << 20))
+    except (UserError, OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and {"thresholds", "counts", "modules"} <= data.keys()
 
 
 def _show_report(report, args) -> None:

@@ -35,15 +35,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="replace existing output files")
 
 
+def check_outputs(args) -> None:
+    """Refuse, before any work, outputs that overlap the inputs or would replace a file without --force."""
+    from ..model.adapter_format import ADAPTER_DIR_FILES
+    from ..outputs import check_output_dir, check_output_file
+
+    inputs = [args.path] + ([args.model] if args.model and Path(args.model).exists() else [])
+    if args.output:
+        check_output_file(args.output, protect=inputs)
+        if Path(args.output).exists() and not args.force:
+            raise UserError(f"{args.output} exists", help="pass --force to replace it")
+    if args.adapters_out:
+        check_output_dir(args.adapters_out, force=args.force, protect=inputs, produces=ADAPTER_DIR_FILES)
+
+
 def write_spec(text: str, output: str | None, force: bool) -> None:
     if output is None:
         sys.stdout.write(text)
         return
-    path = Path(output)
-    if path.exists() and not force:
-        raise UserError(f"{output} exists", help="pass --force to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_file_atomic(path, text)
+    write_file_atomic(output, text)
 
 
 def report(findings, allow_lossy: bool) -> None:
@@ -58,8 +68,7 @@ def report(findings, allow_lossy: bool) -> None:
 
 
 def run(args) -> int:
-    if args.output and Path(args.output).exists() and not args.force:
-        raise UserError(f"{args.output} exists", help="pass --force to replace it")
+    check_outputs(args)
     if args.source == "mlx-lm":
         return run_mlx_lm(args)
     from ..interop.peft import import_peft, write_imported_adapters

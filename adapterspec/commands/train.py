@@ -8,6 +8,7 @@ import sys
 
 from ..errors import EXIT_INTERRUPTED, EXIT_OK, UserError
 from ..train.options import OPTIMIZERS
+from .common import seed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--clear-cache-threshold", type=_size, help="clear the allocator cache when it grows past this (e.g. 2GB)"
     )
     group.add_argument(
-        "--seed", type=int, help="seed of the adapters' initialisation, dropout and the data order (default 0)"
+        "--seed", type=seed, help="seed of the adapters' initialisation, dropout and the data order (default 0)"
     )
     group = parser.add_argument_group("reports and evaluation")
     group.add_argument("--steps-per-report", type=int, help="steps between progress lines (default 10)")

@@ -27,6 +27,7 @@ from ..outputs import atomic_output_dir, check_output_dir, remove_stale_temporar
 from .plan import MAX_SHARD_BYTES, FusePlan, Shard, plan_fuse
 from .progress import Progress
 from .report import LOST_BELOW, ErasureReport, build_report, modules_to_keep_dense
+from .workers import worker_count
 
 KEEP_PRECISION = ("never", "auto")
 
@@ -95,6 +96,7 @@ def fuse_model_dir(
     started = time.monotonic()
     if keep_precision not in KEEP_PRECISION:
         raise UserError(f"keep_precision must be one of {', '.join(KEEP_PRECISION)}, not {keep_precision!r}")
+    worker_count()  # a bad ADAPTERSPEC_FUSE_WORKERS is refused before any work
     plan = plan_fuse(model_dir, adapters, dequantize=dequantize)
     out = Path(out_dir).expanduser()
     inputs = [plan.model_dir, plan.adapters.origin, *protect]

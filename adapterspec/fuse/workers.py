@@ -35,6 +35,8 @@ from .merge_numpy import DenseMerge, QuantizedMerge
 from .shards import SourceTensor, pread_all, pwrite_all
 
 MAX_WORKERS = 8
+# Each worker holds a chunk and an interpreter (~40 MB): more than this only costs memory.
+MAX_WORKERS_GIVEN = 64
 WORKERS_ENV = "ADAPTERSPEC_FUSE_WORKERS"
 ADAPTER_CACHE = 16
 CLOSE_TIMEOUT = 10.0
@@ -77,10 +79,17 @@ def output_names(unit) -> tuple[str, ...]:
 
 
 def worker_count() -> int:
-    """ADAPTERSPEC_FUSE_WORKERS, or one per core: at least two, so that merging goes on while a result is written."""
-    if os.environ.get(WORKERS_ENV, "").strip():
-        return max(1, int(os.environ[WORKERS_ENV]))
-    return max(2, min(os.cpu_count() or 1, MAX_WORKERS))
+    """ADAPTERSPEC_FUSE_WORKERS (1 … 64), or one per core: at least two, so that merging goes on while a result
+    is written, and at most MAX_WORKERS."""
+    given = os.environ.get(WORKERS_ENV, "").strip()
+    if not given:
+        return max(2, min(os.cpu_count() or 1, MAX_WORKERS))
+    if not given.isdigit() or not 1 <= int(given) <= MAX_WORKERS_GIVEN:
+        raise UserError(
+            f"{WORKERS_ENV}={given!r} is not a number of worker processes from 1 to {MAX_WORKERS_GIVEN}",
+            help=f"unset it for one per core, or set it to a whole number such as {max(2, os.cpu_count() or 1)}",
+        )
+    return int(given)
 
 
 class WorkerFailed(UserError):
@@ -109,7 +118,8 @@ class MergeWorkers:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         command = [sys.executable, "-m", "adapterspec.fuse.workers"]
         self._processes = [
-            subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+            # A session of their own: an interrupt typed at the terminal reaches the fuse, which ends them.
+            subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True)
             for _ in range(self.workers)
         ]
         self._threads = [threading.Thread(target=self._feed, args=(p,), daemon=True) for p in self._processes]
@@ -198,7 +208,7 @@ def serve() -> None:
     while True:
         try:
             task = pickle.load(tasks)
-        except EOFError:
+        except (EOFError, OSError):  # the parent closed the pipe or died
             return
         if task is None:
             answer = (True, peak_rss())
@@ -207,8 +217,11 @@ def serve() -> None:
                 answer = (True, merge_task(task))
             except Exception as error:  # handed to the parent, which decides
                 answer = (False, error)
-        pickle.dump(answer, answers, protocol=pickle.HIGHEST_PROTOCOL)
-        answers.flush()
+        try:
+            pickle.dump(answer, answers, protocol=pickle.HIGHEST_PROTOCOL)
+            answers.flush()
+        except OSError:  # the parent went away while this task ran: nobody waits for the answer
+            return
         if task is None:
             return
 
@@ -295,3 +308,4 @@ def _output_fd(path: str) -> int:
 
 if __name__ == "__main__":
     serve()
+    os._exit(0)  # nothing buffered is left to flush into a pipe whose reader may be gone

@@ -42,7 +42,12 @@ CODES: dict[str, Code] = {
         ),
         Code("AS103", Severity.ERROR, "space inside a selector", "remove the space, or put ':' before the transform"),
         Code("AS104", Severity.ERROR, "unclosed `(`, `[` or `<`", "close the bracket on the same line"),
-        Code("AS105", Severity.ERROR, "file over 1 MiB or line over 4,096 characters", "split the spec or the line"),
+        Code(
+            "AS105",
+            Severity.ERROR,
+            "file over 1 MiB, over 10,000 lines, or a line over 4,096 characters",
+            "split the spec or the line",
+        ),
         Code(
             "AS106", Severity.ERROR, "empty selector or missing transform", "write a module path, ':' and a transform"
         ),

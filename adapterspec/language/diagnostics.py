@@ -113,8 +113,7 @@ def _shown(char: str) -> str:
     return char if char.isprintable() else "\ufffd"
 
 
-def _source_excerpt(source: str, span: Span) -> list[str]:
-    lines = source.split("\n")
+def _source_excerpt(lines: list[str], span: Span) -> list[str]:
     if not (1 <= span.line <= len(lines)):
         return []
     text = lines[span.line - 1].rstrip("\r")
@@ -136,14 +135,17 @@ def _source_excerpt(source: str, span: Span) -> list[str]:
     return [f"{gutter} | {before}{''.join(shown)}{after}".rstrip(), f"{pad} | {carets}"]
 
 
-def render_one(diagnostic: Diagnostic, source: str | None = None) -> str:
-    """`path:line:col: CODE message`, the source line with carets under the span, notes, `help:`."""
+def render_one(diagnostic: Diagnostic, source: str | list[str] | None = None) -> str:
+    """`path:line:col: CODE message`, the source line with carets under the span, notes, `help:`.
+
+    `source` is the text, or its lines (split once when many diagnostics share one text)."""
     d = diagnostic
     label = "" if d.severity is Severity.ERROR else f"{d.severity.value}: "
     where = f"{d.filename}:{d.span.line}:{d.span.column}" if d.span is not None else d.filename
     out = [f"{where}: {d.code} {label}{d.message}"]
     if d.span is not None and source is not None:
-        out.extend("  " + line for line in _source_excerpt(source, d.span))
+        lines = source.split("\n") if isinstance(source, str) else source
+        out.extend("  " + line for line in _source_excerpt(lines, d.span))
     out.extend(f"  note: {note}" for note in d.notes)
     if d.help:
         out.append(f"  help: {d.help}")
@@ -157,8 +159,8 @@ def sort_key(d: Diagnostic):
 
 def render_text(diagnostics: Iterable[Diagnostic], sources: dict[str, str] | None = None) -> str:
     """Every diagnostic as `render_one` prints it, separated by blank lines."""
-    sources = sources or {}
-    return "\n\n".join(render_one(d, sources.get(d.filename)) for d in diagnostics)
+    lines = {name: text.split("\n") for name, text in (sources or {}).items()}
+    return "\n\n".join(render_one(d, lines.get(d.filename)) for d in diagnostics)
 
 
 def render_json(diagnostics: Iterable[Diagnostic]) -> str:

@@ -19,6 +19,8 @@ from .diagnostics import Diagnostic, Span
 
 MAX_FILE_BYTES = 1 << 20
 MAX_LINE_CHARS = 4096
+# Far beyond any spec written by hand, and what keeps lint and the planner within seconds.
+MAX_LINES = 10_000
 WHITESPACE = " \t\f\r"
 
 SELECTOR_TOKENS = frozenset(
@@ -547,11 +549,18 @@ def _parse_line(parser: Lark, tree: ast.SpecTree, line: str, line_no: int, offse
 def parse_text(text: str, filename: str = "<spec>") -> tuple[ast.SpecTree, list[Diagnostic]]:
     """Parse every line; a syntax error on one line never hides the others."""
     tree = ast.SpecTree(source=text, filename=filename)
+    lines = text.split("\n")
+    count = len(lines) - (lines[-1] == "")
+    if count > MAX_LINES:
+        tree.failed_lines.append(MAX_LINES + 1)
+        message = f"the spec has too many lines ({count:,}; a spec may have at most {MAX_LINES:,})"
+        help_text = "a spec is a short list of rules: '**', '<a,b>' and 'layers[i:j]' select many modules in one rule"
+        return tree, [_error("AS105", message, Span(MAX_LINES + 1, 1, MAX_LINES + 1, 1), help_text, filename)]
     diagnostics: list[Diagnostic] = []
     parser = line_parser()
     offset = 0
     with _parse_lock:
-        for line_no, raw_line in enumerate(text.split("\n"), start=1):
+        for line_no, raw_line in enumerate(lines, start=1):
             line = raw_line[:-1] if raw_line.endswith("\r") else raw_line
             line_offset = offset
             offset += len(raw_line) + 1

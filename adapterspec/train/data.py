@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import types
 from pathlib import Path
 from typing import Iterator, Optional
@@ -12,6 +13,52 @@ from typing import Iterator, Optional
 from ..errors import UserError
 
 FORMATS_HELP = 'the formats are mlx-lm\'s: jsonl lines of {"text"}, {"prompt", "completion"} or {"messages"}'
+
+
+SPLITS = ("train", "valid", "test")
+# The record layouts mlx-lm's loaders read (its default feature names).
+LAYOUTS = ({"text"}, {"prompt", "completion"}, {"messages"})
+MAX_LINE_BYTES = 64 << 20
+
+
+def check_local_data(directory: Path, options) -> None:
+    """Each split file of a local data directory: a regular file of JSON objects in one of mlx-lm's layouts,
+    checked line by line so that a problem is named by file and line (train.jsonl must exist and hold examples)."""
+    if not directory.is_dir():
+        raise UserError(f"{directory}: not a directory", help="give a directory with train.jsonl and valid.jsonl")
+    custom_features = any(key.endswith("_feature") for key in options.dataset)
+    for split in SPLITS:
+        path = directory / f"{split}.jsonl"
+        if not path.exists() and not path.is_symlink():
+            if split == "train":
+                raise UserError(f"{path}: no such file", help="the training data is train.jsonl in the data directory")
+            continue
+        examples = _check_jsonl(path, custom_features)
+        if split == "train" and examples == 0:
+            raise UserError(f"{path}: the training set is empty", help=FORMATS_HELP)
+
+
+def _check_jsonl(path: Path, custom_features: bool) -> int:
+    from ..inputs import open_regular
+
+    examples = 0
+    with open_regular(path) as file:
+        for number, raw in enumerate(file, start=1):
+            if len(raw) > MAX_LINE_BYTES:
+                raise UserError(f"{path}:{number}: the line is longer than {MAX_LINE_BYTES >> 20} MiB")
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError, RecursionError) as error:
+                raise UserError(f"{path}:{number}: not a line of JSON ({error})", help=FORMATS_HELP) from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path}:{number}: a JSON {type(record).__name__}, not an object", help=FORMATS_HELP)
+            if not custom_features and not any(layout <= record.keys() for layout in LAYOUTS):
+                fields = ", ".join(sorted(record)) or "none"
+                raise UserError(f"{path}:{number}: none of mlx-lm's layouts (its fields: {fields})", help=FORMATS_HELP)
+            examples += 1
+    return examples
 
 
 def load_datasets(options, tokenizer) -> tuple:
@@ -30,6 +77,8 @@ def load_datasets(options, tokenizer) -> tuple:
             f"{data}: no such data directory",
             help="give a directory with train.jsonl and valid.jsonl (and test.jsonl for --test)",
         )
+    if local:
+        check_local_data(Path(data), options)
     args = types.SimpleNamespace(
         data=data, train=True, test=options.test, mask_prompt=options.mask_prompt, **options.dataset
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
@@ -126,6 +127,38 @@ def merge_options(given: dict[str, Any], config: dict[str, Any]) -> tuple[TrainO
     return options, notes
 
 
+SEED_MAX = 2**32 - 1  # numpy's seeds, which mlx-lm's trainer uses too
+# option → (type, smallest, largest); None: no bound. A float range excludes its lower bound when it is 0.
+NUMBERS: dict[str, tuple[type, Optional[float], Optional[float]]] = {
+    "learning_rate": (float, 0.0, 10.0),
+    "batch_size": (int, 1, None),
+    "iters": (int, 0, None),
+    "val_batches": (int, -1, None),
+    "test_batches": (int, -1, None),
+    "steps_per_report": (int, 1, None),
+    "steps_per_eval": (int, 1, None),
+    "save_every": (int, 1, None),
+    "keep_checkpoints": (int, 0, None),
+    "max_seq_length": (int, 1, None),
+    "grad_accumulation_steps": (int, 1, None),
+    "clear_cache_threshold": (int, 0, None),
+    "seed": (int, 0, SEED_MAX),
+}
+
+
+def check_number(name: str, value: Any, kind: type, low: Optional[float], high: Optional[float]) -> None:
+    """UserError naming the option when `value` is not a finite `kind` within [low, high]."""
+    option = f"--{name.replace('_', '-')}"
+    number_types = (int,) if kind is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, number_types) or not math.isfinite(value):
+        raise UserError(f"{option} must be a finite {'whole number' if kind is int else 'number'}, got {value!r}")
+    too_low = low is not None and (value <= low if kind is float and low == 0 else value < low)
+    if too_low or (high is not None and value > high):
+        bound = f"above {low:g}" if kind is float and low == 0 else f"at least {low:g}" if low is not None else ""
+        limit = f"at most {high:g}" if high is not None else ""
+        raise UserError(f"{option} must be {' and '.join(b for b in (bound, limit) if b)}, got {value!r}")
+
+
 def check_options(options: TrainOptions) -> None:
     """UserError for options that cannot work, before anything is loaded."""
     missing = [name for name in ("model", "spec", "data") if not getattr(options, name)]
@@ -137,20 +170,8 @@ def check_options(options: TrainOptions) -> None:
     if options.optimizer.lower() not in OPTIMIZERS:
         raise UserError(f"unknown optimizer '{options.optimizer}'", help=f"choose one of {', '.join(OPTIMIZERS)}")
     options.optimizer = options.optimizer.lower()
-    positive = (
-        "batch_size",
-        "steps_per_report",
-        "steps_per_eval",
-        "save_every",
-        "grad_accumulation_steps",
-        "max_seq_length",
-    )
-    for name in positive:
-        if int(getattr(options, name)) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("iters", "keep_checkpoints"):
-        if int(getattr(options, name)) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must not be negative")
+    for name, (kind, low, high) in NUMBERS.items():
+        check_number(name, getattr(options, name), kind, low, high)
     if options.lr_schedule is not None and not (
         isinstance(options.lr_schedule, dict) and "name" in options.lr_schedule and "arguments" in options.lr_schedule
     ):

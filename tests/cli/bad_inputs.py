@@ -27,6 +27,7 @@ from builders import (
     DELETE,
     adapters,
     chmod,
+    data,
     deep_json,
     drop_tensor,
     edit_json,
@@ -39,6 +40,7 @@ from builders import (
     mkdir,
     model,
     overlap,
+    peft,
     raw_header,
     raw_st,
     remove,
@@ -55,8 +57,6 @@ from builders import (
     user_dir,
     write,
     write_json,
-    peft,
-    data,
 )
 
 NAN, INF = math.nan, math.inf
@@ -87,8 +87,20 @@ def default_base(model_name: str = "tiny-llama", adapter_name: str = "llama") ->
     return (model(model_name), spec_step, adapters(adapter_name), peft(), data())
 
 
-TRAIN_SHORT = ("--iters", "2", "--batch-size", "2", "--val-batches", "1", "--steps-per-eval", "1000",
-               "--save-every", "1000", "--steps-per-report", "1")
+TRAIN_SHORT = (
+    "--iters",
+    "2",
+    "--batch-size",
+    "2",
+    "--val-batches",
+    "1",
+    "--steps-per-eval",
+    "1000",
+    "--save-every",
+    "1000",
+    "--steps-per-report",
+    "1",
+)
 
 COMMANDS = {
     "lint": ("lint", "{spec}", "--model", "{model}"),
@@ -102,8 +114,7 @@ COMMANDS = {
     "applyadapters": ("apply", "{model}", "{spec}", "--adapters", "{adapters}", "-o", "{out}"),
     "importmlxlm": ("import", "mlx-lm", "{adapters}", "-o", "{outspec}"),
     "importpeft": ("import", "peft", "{peft}", "-o", "{outspec}"),
-    "importpeftmodel": ("import", "peft", "{peft}", "--model", "{model}", "-o", "{outspec}",
-                        "--adapters-out", "{out}"),
+    "importpeftmodel": ("import", "peft", "{peft}", "--model", "{model}", "-o", "{outspec}", "--adapters-out", "{out}"),
     "speclint": ("lint", "{spec}"),
     "fmt": ("fmt", "{spec}"),
 }
@@ -146,7 +157,14 @@ MODEL_BREAKS: list[tuple] = [
     ("config-is-dir", (replace_with_dir(CFG),), (M_CFG,), "fuse", 2, {}),
     ("config-fifo", (fifo(CFG),), (M_CFG,), "fuse", 2, {"timeout": FIFO_TIMEOUT}),
     ("config-symlink-loop", (symlink(CFG, "config.json"),), (M_CFG,), "fuse", 2, {}),
-    ("config-heads-zero", (edit_json(CFG, num_attention_heads=0),), (M_CFG, "num_attention_heads"), "fuse apply export", 2, {}),
+    (
+        "config-heads-zero",
+        (edit_json(CFG, num_attention_heads=0),),
+        (M_CFG, "num_attention_heads"),
+        "fuse apply export",
+        2,
+        {},
+    ),
     ("config-heads-negative", (edit_json(CFG, num_attention_heads=-4),), ("num_attention_heads",), "fuse", 2, {}),
     ("config-hidden-negative", (edit_json(CFG, hidden_size=-64),), ("hidden_size",), "fuse", 2, {}),
     ("config-hidden-huge", (edit_json(CFG, hidden_size=10**12),), ("hidden_size",), "fuse", 2, {}),
@@ -172,7 +190,14 @@ MODEL_BREAKS: list[tuple] = [
     ("config-model-type-path", (edit_json(CFG, model_type="../../os"),), ("model_type",), "fuse", 2, {}),
     ("config-model-type-moe-on-dense", (edit_json(CFG, model_type="qwen2_moe"),), ("qwen2_moe",), "fuse", 2, {}),
     ("config-tie-string", (edit_json(CFG, tie_word_embeddings="yes"),), ("tie_word_embeddings",), "fuse", 2, {}),
-    ("config-quantization-on-dense", (edit_json(CFG, quantization={"bits": 4, "group_size": 32}),), ("quantization",), "fuse", 2, {}),
+    (
+        "config-quantization-on-dense",
+        (edit_json(CFG, quantization={"bits": 4, "group_size": 32}),),
+        ("quantization",),
+        "fuse",
+        2,
+        {},
+    ),
     # index files
     ("index-not-json", (write(IDX, "{oops"),), (M_IDX,), "fuse", 2, {}),
     ("index-list", (write_json(IDX, ["model.safetensors"]),), (M_IDX,), "fuse", 2, {}),
@@ -182,19 +207,73 @@ MODEL_BREAKS: list[tuple] = [
     ("index-number-in-map", (index_entry(7),), (M_IDX,), "fuse", 2, {}),
     ("index-null-in-map", (index_entry(None),), (M_IDX,), "fuse", 2, {}),
     ("index-list-in-map", (index_entry(["model.safetensors"]),), (M_IDX,), "fuse", 2, {}),
-    ("index-parent-path", (write("x.safetensors", b""), index_entry("../x.safetensors")), (M_IDX, "../x.safetensors"), "fuse apply export", 2, {}),
+    (
+        "index-parent-path",
+        (write("x.safetensors", b""), index_entry("../x.safetensors")),
+        (M_IDX, "../x.safetensors"),
+        "fuse apply export",
+        2,
+        {},
+    ),
     ("index-parent-deep", (index_entry("../../../../../../../../etc/hostname"),), (M_IDX,), "fuse", 2, {}),
     ("index-absolute-path", (index_entry("/etc/hostname"),), (M_IDX,), "fuse", 2, {}),
-    ("index-missing-shard", (index_entry("model-00002-of-00002.safetensors"),), ("model-00002-of-00002.safetensors",), "fuse", 2, {}),
+    (
+        "index-missing-shard",
+        (index_entry("model-00002-of-00002.safetensors"),),
+        ("model-00002-of-00002.safetensors",),
+        "fuse",
+        2,
+        {},
+    ),
     ("index-empty-name", (index_entry(""),), (M_IDX,), "fuse", 2, {}),
     ("index-dot-name", (index_entry("."),), (M_IDX,), "fuse", 2, {}),
-    ("index-shard-is-dir", (mkdir("model/shard.safetensors"), index_entry("shard.safetensors")), ("shard.safetensors",), "fuse", 2, {}),
-    ("index-same-tensor-two-shards", (split_shards(dup="layers.0.self_attn.q_proj"),),
-     (("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.layers.0.self_attn.q_proj.weight"),), "fuse", 2, {}),
-    ("index-tensor-in-wrong-shard", (split_shards(), map_json(IDX, lambda i: {**i, "weight_map": {k: "model-00001-of-00002.safetensors" for k in i["weight_map"]}})),
-     (M_IDX,), "fuse", 2, {}),
-    ("index-names-unknown-tensor", (map_json(IDX, lambda i: {**i, "weight_map": {**i["weight_map"], "model.layers.9.x.weight": "model.safetensors"}}),),
-     ("model.layers.9.x.weight",), "fuse", 2, {}),
+    (
+        "index-shard-is-dir",
+        (mkdir("model/shard.safetensors"), index_entry("shard.safetensors")),
+        ("shard.safetensors",),
+        "fuse",
+        2,
+        {},
+    ),
+    (
+        "index-same-tensor-two-shards",
+        (split_shards(dup="layers.0.self_attn.q_proj"),),
+        (
+            (
+                "model-00001-of-00002.safetensors",
+                "model-00002-of-00002.safetensors",
+                "model.layers.0.self_attn.q_proj.weight",
+            ),
+        ),
+        "fuse",
+        2,
+        {},
+    ),
+    (
+        "index-tensor-in-wrong-shard",
+        (
+            split_shards(),
+            map_json(
+                IDX, lambda i: {**i, "weight_map": {k: "model-00001-of-00002.safetensors" for k in i["weight_map"]}}
+            ),
+        ),
+        (M_IDX,),
+        "fuse",
+        2,
+        {},
+    ),
+    (
+        "index-names-unknown-tensor",
+        (
+            map_json(
+                IDX, lambda i: {**i, "weight_map": {**i["weight_map"], "model.layers.9.x.weight": "model.safetensors"}}
+            ),
+        ),
+        ("model.layers.9.x.weight",),
+        "fuse",
+        2,
+        {},
+    ),
     ("index-fifo", (fifo(IDX),), (M_IDX,), "fuse", 2, {"timeout": FIFO_TIMEOUT}),
     ("index-is-dir", (replace_with_dir(IDX),), (M_IDX,), "fuse", 2, {}),
     # safetensors files
@@ -208,31 +287,189 @@ MODEL_BREAKS: list[tuple] = [
     ("st-header-not-utf8", (edit_st(ST, raw_header(b'{"\xff\xfe": 1}')),), (M_ST,), "fuse", 2, {}),
     ("st-header-list", (edit_st(ST, raw_header(b"[]")),), (M_ST,), "fuse", 2, {}),
     ("st-header-deep", (edit_st(ST, raw_header(b"[" * 100_000 + b"]" * 100_000)),), (M_ST,), "fuse", 2, {}),
-    ("st-header-entry-list", (edit_st(ST, lambda h, d: ({**h, "model.layers.0.self_attn.q_proj.weight": [1, 2]}, d)),), (M_ST,), "fuse", 2, {}),
-    ("st-offsets-outside", (edit_st(ST, set_tensor("layers.0.self_attn.q_proj", data_offsets=[0, 10**12])),), (M_ST,), "fuse", 2, {}),
-    ("st-offsets-negative", (edit_st(ST, set_tensor("layers.0.self_attn.q_proj", data_offsets=[-16384, 0])),), (M_ST,), "fuse", 2, {}),
-    ("st-offsets-reversed", (edit_st(ST, set_tensor("layers.0.self_attn.q_proj", data_offsets=[16384, 0])),), (M_ST,), "fuse", 2, {}),
-    ("st-offsets-strings", (edit_st(ST, set_tensor("layers.0.self_attn.q_proj", data_offsets=["0", "16384"])),), (M_ST,), "fuse", 2, {}),
-    ("st-offsets-three", (edit_st(ST, set_tensor("layers.0.self_attn.q_proj", data_offsets=[0, 1, 2])),), (M_ST,), "fuse", 2, {}),
-    ("st-offsets-overlap", (edit_st(ST, overlap("layers.0.self_attn.k_proj", "layers.0.self_attn.q_proj")),), (M_ST,), "fuse", 2, {}),
-    ("st-dtype-Q4_K", (edit_st(ST, set_tensor("layers.0.self_attn.q_proj", dtype="Q4_K")),), (M_ST, "Q4_K"), "fuse", 2, {}),
-    ("st-dtype-F64", (edit_st(ST, set_tensor("layers.0.self_attn.q_proj", dtype="F64", shape=[32, 64])),), (M_ST,), "fuse", 2, {}),
-    ("st-dtype-lowercase", (edit_st(ST, set_tensor("layers.0.self_attn.q_proj", dtype="f32")),), (M_ST,), "fuse", 2, {}),
+    (
+        "st-header-entry-list",
+        (edit_st(ST, lambda h, d: ({**h, "model.layers.0.self_attn.q_proj.weight": [1, 2]}, d)),),
+        (M_ST,),
+        "fuse",
+        2,
+        {},
+    ),
+    (
+        "st-offsets-outside",
+        (edit_st(ST, set_tensor("layers.0.self_attn.q_proj", data_offsets=[0, 10**12])),),
+        (M_ST,),
+        "fuse",
+        2,
+        {},
+    ),
+    (
+        "st-offsets-negative",
+        (edit_st(ST, set_tensor("layers.0.self_attn.q_proj", data_offsets=[-16384, 0])),),
+        (M_ST,),
+        "fuse",
+        2,
+        {},
+    ),
+    (
+        "st-offsets-reversed",
+        (edit_st(ST, set_tensor("layers.0.self_attn.q_proj", data_offsets=[16384, 0])),),
+        (M_ST,),
+        "fuse",
+        2,
+        {},
+    ),
+    (
+        "st-offsets-strings",
+        (edit_st(ST, set_tensor("layers.0.self_attn.q_proj", data_offsets=["0", "16384"])),),
+        (M_ST,),
+        "fuse",
+        2,
+        {},
+    ),
+    (
+        "st-offsets-three",
+        (edit_st(ST, set_tensor("layers.0.self_attn.q_proj", data_offsets=[0, 1, 2])),),
+        (M_ST,),
+        "fuse",
+        2,
+        {},
+    ),
+    (
+        "st-offsets-overlap",
+        (edit_st(ST, overlap("layers.0.self_attn.k_proj", "layers.0.self_attn.q_proj")),),
+        (M_ST,),
+        "fuse",
+        2,
+        {},
+    ),
+    (
+        "st-dtype-Q4_K",
+        (edit_st(ST, set_tensor("layers.0.self_attn.q_proj", dtype="Q4_K")),),
+        (M_ST, "Q4_K"),
+        "fuse",
+        2,
+        {},
+    ),
+    (
+        "st-dtype-F64",
+        (edit_st(ST, set_tensor("layers.0.self_attn.q_proj", dtype="F64", shape=[32, 64])),),
+        (M_ST,),
+        "fuse",
+        2,
+        {},
+    ),
+    (
+        "st-dtype-lowercase",
+        (edit_st(ST, set_tensor("layers.0.self_attn.q_proj", dtype="f32")),),
+        (M_ST,),
+        "fuse",
+        2,
+        {},
+    ),
     ("st-dtype-number", (edit_st(ST, set_tensor("layers.0.self_attn.q_proj", dtype=32)),), (M_ST,), "fuse", 2, {}),
-    ("st-dtype-missing", (edit_st(ST, lambda h, d: ({k: ({kk: vv for kk, vv in v.items() if kk != "dtype"} if "q_proj" in k else v) for k, v in h.items()}, d)),), (M_ST,), "fuse", 2, {}),
-    ("st-shape-mismatch", (edit_st(ST, set_tensor("layers.0.self_attn.q_proj", shape=[64, 65])),), (M_ST,), "fuse", 2, {}),
-    ("st-shape-negative", (edit_st(ST, set_tensor("layers.0.self_attn.q_proj", shape=[-64, -64])),), (M_ST,), "fuse", 2, {}),
+    (
+        "st-dtype-missing",
+        (
+            edit_st(
+                ST,
+                lambda h, d: (
+                    {
+                        k: ({kk: vv for kk, vv in v.items() if kk != "dtype"} if "q_proj" in k else v)
+                        for k, v in h.items()
+                    },
+                    d,
+                ),
+            ),
+        ),
+        (M_ST,),
+        "fuse",
+        2,
+        {},
+    ),
+    (
+        "st-shape-mismatch",
+        (edit_st(ST, set_tensor("layers.0.self_attn.q_proj", shape=[64, 65])),),
+        (M_ST,),
+        "fuse",
+        2,
+        {},
+    ),
+    (
+        "st-shape-negative",
+        (edit_st(ST, set_tensor("layers.0.self_attn.q_proj", shape=[-64, -64])),),
+        (M_ST,),
+        "fuse",
+        2,
+        {},
+    ),
     ("st-shape-string", (edit_st(ST, set_tensor("layers.0.self_attn.q_proj", shape="64x64")),), (M_ST,), "fuse", 2, {}),
-    ("st-shape-floats", (edit_st(ST, set_tensor("layers.0.self_attn.q_proj", shape=[64.0, 64.0])),), (M_ST,), "fuse", 2, {}),
-    ("st-shape-huge", (edit_st(ST, set_tensor("layers.0.self_attn.q_proj", shape=[2**40, 2**40])),), (M_ST,), "fuse", 2, {}),
-    ("st-name-dotdot", (edit_st(ST, rename_tensor("layers.0.self_attn.q_proj", "../../evil.weight")),), (M_ST, "../../evil.weight"), "fuse export", 2, {}),
-    ("st-name-dotdot-prefix", (edit_st(ST, rename_tensor("layers.0.self_attn.q_proj", "..model.layers.0.self_attn.q_proj.weight")),), (M_ST,), "fuse", 2, {}),
+    (
+        "st-shape-floats",
+        (edit_st(ST, set_tensor("layers.0.self_attn.q_proj", shape=[64.0, 64.0])),),
+        (M_ST,),
+        "fuse",
+        2,
+        {},
+    ),
+    (
+        "st-shape-huge",
+        (edit_st(ST, set_tensor("layers.0.self_attn.q_proj", shape=[2**40, 2**40])),),
+        (M_ST,),
+        "fuse",
+        2,
+        {},
+    ),
+    (
+        "st-name-dotdot",
+        (edit_st(ST, rename_tensor("layers.0.self_attn.q_proj", "../../evil.weight")),),
+        (M_ST, "../../evil.weight"),
+        "fuse export",
+        2,
+        {},
+    ),
+    (
+        "st-name-dotdot-prefix",
+        (edit_st(ST, rename_tensor("layers.0.self_attn.q_proj", "..model.layers.0.self_attn.q_proj.weight")),),
+        (M_ST,),
+        "fuse",
+        2,
+        {},
+    ),
     ("st-name-empty", (edit_st(ST, rename_tensor("layers.0.self_attn.q_proj", "")),), (M_ST,), "fuse", 2, {}),
-    ("st-name-newline", (edit_st(ST, rename_tensor("layers.0.self_attn.q_proj", "model.layers.0.self_attn.q_proj\n.weight")),), (M_ST,), "fuse", 2, {}),
-    ("st-name-double-dot", (edit_st(ST, rename_tensor("layers.0.self_attn.q_proj", "model.layers.0..self_attn.q_proj.weight")),), (M_ST,), "fuse", 2, {}),
+    (
+        "st-name-newline",
+        (edit_st(ST, rename_tensor("layers.0.self_attn.q_proj", "model.layers.0.self_attn.q_proj\n.weight")),),
+        (M_ST,),
+        "fuse",
+        2,
+        {},
+    ),
+    (
+        "st-name-double-dot",
+        (edit_st(ST, rename_tensor("layers.0.self_attn.q_proj", "model.layers.0..self_attn.q_proj.weight")),),
+        (M_ST,),
+        "fuse",
+        2,
+        {},
+    ),
     ("st-metadata-number", (edit_st(ST, lambda h, d: ({**h, "__metadata__": 5}, d)),), (M_ST,), "fuse", 2, {}),
-    ("st-missing-tensor", (edit_st(ST, drop_tensor("layers.0.self_attn.q_proj")),), ("model.layers.0.self_attn.q_proj",), "fuse export", 2, {}),
-    ("st-wrong-shape", (edit_st(ST, swap_shape("layers.0.self_attn.k_proj")),), ("model.layers.0.self_attn.k_proj",), "fuse apply", 2, {}),
+    (
+        "st-missing-tensor",
+        (edit_st(ST, drop_tensor("layers.0.self_attn.q_proj")),),
+        ("model.layers.0.self_attn.q_proj",),
+        "fuse export",
+        2,
+        {},
+    ),
+    (
+        "st-wrong-shape",
+        (edit_st(ST, swap_shape("layers.0.self_attn.k_proj")),),
+        ("model.layers.0.self_attn.k_proj",),
+        "fuse apply",
+        2,
+        {},
+    ),
     ("st-is-dir", (replace_with_dir(ST),), (M_ST,), "fuse", 2, {}),
     ("st-fifo", (fifo(ST),), (M_ST,), "fuse", 2, {"timeout": FIFO_TIMEOUT}),
     ("st-symlink-dev-zero", (symlink(ST, "/dev/zero"),), (M_ST,), "fuse", 2, {}),
@@ -247,17 +484,59 @@ MODEL_BREAKS: list[tuple] = [
 
 # 4-bit and MoE models: (what, model, adapter, steps, names, commands)
 OTHER_MODEL_BREAKS: list[tuple] = [
-    ("4bit-group-size-zero", "tiny-llama-4bit", (edit_json(CFG, quantization={"group_size": 0, "bits": 4}),), ("group_size",), "fuse"),
-    ("4bit-bits-string", "tiny-llama-4bit", (edit_json(CFG, quantization={"group_size": 32, "bits": "4"}),), ("bits",), "fuse"),
-    ("4bit-bits-three", "tiny-llama-4bit", (edit_json(CFG, quantization={"group_size": 32, "bits": 3}),), ("bits",), "fuse"),
+    (
+        "4bit-group-size-zero",
+        "tiny-llama-4bit",
+        (edit_json(CFG, quantization={"group_size": 0, "bits": 4}),),
+        ("group_size",),
+        "fuse",
+    ),
+    (
+        "4bit-bits-string",
+        "tiny-llama-4bit",
+        (edit_json(CFG, quantization={"group_size": 32, "bits": "4"}),),
+        ("bits",),
+        "fuse",
+    ),
+    (
+        "4bit-bits-three",
+        "tiny-llama-4bit",
+        (edit_json(CFG, quantization={"group_size": 32, "bits": 3}),),
+        ("bits",),
+        "fuse",
+    ),
     ("4bit-quantization-string", "tiny-llama-4bit", (edit_json(CFG, quantization="yes"),), ("quantization",), "fuse"),
-    ("4bit-quantization-missing", "tiny-llama-4bit", (edit_json(CFG, quantization=DELETE, quantization_config=DELETE),), ("quantization",), "fuse"),
-    ("4bit-scales-missing", "tiny-llama-4bit", (edit_st(ST, drop_tensor("layers.0.self_attn.q_proj.scales")),), ("model.layers.0.self_attn.q_proj",), "fuse"),
-    ("4bit-weight-dtype-F32", "tiny-llama-4bit", (edit_st(ST, set_tensor("layers.0.self_attn.q_proj.weight", dtype="F32")),), (M_ST, "model.layers.0.self_attn.q_proj"), "fuse"),
+    (
+        "4bit-quantization-missing",
+        "tiny-llama-4bit",
+        (edit_json(CFG, quantization=DELETE, quantization_config=DELETE),),
+        ("quantization",),
+        "fuse",
+    ),
+    (
+        "4bit-scales-missing",
+        "tiny-llama-4bit",
+        (edit_st(ST, drop_tensor("layers.0.self_attn.q_proj.scales")),),
+        ("model.layers.0.self_attn.q_proj",),
+        "fuse",
+    ),
+    (
+        "4bit-weight-dtype-F32",
+        "tiny-llama-4bit",
+        (edit_st(ST, set_tensor("layers.0.self_attn.q_proj.weight", dtype="F32")),),
+        (M_ST, "model.layers.0.self_attn.q_proj"),
+        "fuse",
+    ),
     ("moe-experts-zero", "tiny-moe", (edit_json(CFG, num_experts=0),), ("num_experts",), "fuse"),
     ("moe-experts-string", "tiny-moe", (edit_json(CFG, num_experts="4"),), ("num_experts",), "fuse"),
     ("moe-topk-over-experts", "tiny-moe", (edit_json(CFG, num_experts_per_tok=99),), ("num_experts_per_tok",), "apply"),
-    ("moe-switch-wrong-shape", "tiny-moe", (edit_st(ST, swap_shape("layers.0.mlp.switch_mlp.gate_proj")),), ("model.layers.0.mlp.switch_mlp.gate_proj",), "fuse"),
+    (
+        "moe-switch-wrong-shape",
+        "tiny-moe",
+        (edit_st(ST, swap_shape("layers.0.mlp.switch_mlp.gate_proj")),),
+        ("model.layers.0.mlp.switch_mlp.gate_proj",),
+        "fuse",
+    ),
 ]
 
 
@@ -282,31 +561,138 @@ ADAPTER_BREAKS: list[tuple] = [
     ("block-list", (edit_json(ACFG, adapterspec=[]),), (A_CFG,), "fuse export"),
     ("block-format-99", (edit_json(ACFG, adapterspec__format=99),), (A_CFG,), "fuse"),
     ("block-spec-number", (edit_json(ACFG, adapterspec__spec=5),), (A_CFG,), "fuse"),
-    ("block-spec-syntax-error", (edit_json(ACFG, adapterspec__spec="adapterspec 1\nq_proj lora(\n"),), (A_CFG,), "fuse", {"exit": (1, 2)}),
-    ("block-spec-other-rank", (edit_json(ACFG, adapterspec__spec="adapterspec 1\nlayers[*].self_attn.<q,k,v,o>_proj: lora(r=4)\n"),), (A_CFG,), "fuse export"),
+    (
+        "block-spec-syntax-error",
+        (edit_json(ACFG, adapterspec__spec="adapterspec 1\nq_proj lora(\n"),),
+        (A_CFG,),
+        "fuse",
+        {"exit": (1, 2)},
+    ),
+    (
+        "block-spec-other-rank",
+        (edit_json(ACFG, adapterspec__spec="adapterspec 1\nlayers[*].self_attn.<q,k,v,o>_proj: lora(r=4)\n"),),
+        (A_CFG,),
+        "fuse export",
+    ),
     ("block-plan-list", (edit_json(ACFG, adapterspec__plan=[]),), (A_CFG,), "fuse"),
     ("block-plan-modules-string", (edit_json(ACFG, adapterspec__plan={"modules": "all"}),), (A_CFG,), "fuse"),
-    ("block-plan-rank-nan", (map_json(ACFG, lambda c: (c["adapterspec"]["plan"]["modules"][0].update(r=NAN), c)[1]),), (A_CFG,), "fuse"),
-    ("block-plan-scale-inf", (map_json(ACFG, lambda c: (c["adapterspec"]["plan"]["modules"][0].update(scale=INF), c)[1]),), (A_CFG,), "fuse"),
-    ("block-plan-path-dotdot", (map_json(ACFG, lambda c: (c["adapterspec"]["plan"]["modules"][0].update(path="../../x"), c)[1]),), (A_CFG,), "fuse export"),
+    (
+        "block-plan-rank-nan",
+        (map_json(ACFG, lambda c: (c["adapterspec"]["plan"]["modules"][0].update(r=NAN), c)[1]),),
+        (A_CFG,),
+        "fuse",
+    ),
+    (
+        "block-plan-scale-inf",
+        (map_json(ACFG, lambda c: (c["adapterspec"]["plan"]["modules"][0].update(scale=INF), c)[1]),),
+        (A_CFG,),
+        "fuse",
+    ),
+    (
+        "block-plan-path-dotdot",
+        (map_json(ACFG, lambda c: (c["adapterspec"]["plan"]["modules"][0].update(path="../../x"), c)[1]),),
+        (A_CFG,),
+        "fuse export",
+    ),
     # mlx-lm's adapter_config.json (adapterspec's block removed first)
-    ("mlxlm-num-layers-string", (strip_adapterspec(), edit_json(ACFG, num_layers="x")), ("num_layers",), "fuse importmlxlm"),
-    ("mlxlm-num-layers-float", (strip_adapterspec(), edit_json(ACFG, num_layers=2.5)), ("num_layers",), "fuse importmlxlm"),
-    ("mlxlm-fine-tune-ia3", (strip_adapterspec(), edit_json(ACFG, fine_tune_type="ia3")), ("ia3",), "fuse export importmlxlm"),
-    ("mlxlm-lora-parameters-missing", (strip_adapterspec(), edit_json(ACFG, lora_parameters=DELETE)), ("lora_parameters",), "fuse"),
-    ("mlxlm-lora-parameters-list", (strip_adapterspec(), edit_json(ACFG, lora_parameters=[8, 20.0])), ("lora_parameters",), "fuse importmlxlm"),
+    (
+        "mlxlm-num-layers-string",
+        (strip_adapterspec(), edit_json(ACFG, num_layers="x")),
+        ("num_layers",),
+        "fuse importmlxlm",
+    ),
+    (
+        "mlxlm-num-layers-float",
+        (strip_adapterspec(), edit_json(ACFG, num_layers=2.5)),
+        ("num_layers",),
+        "fuse importmlxlm",
+    ),
+    (
+        "mlxlm-fine-tune-ia3",
+        (strip_adapterspec(), edit_json(ACFG, fine_tune_type="ia3")),
+        ("ia3",),
+        "fuse export importmlxlm",
+    ),
+    (
+        "mlxlm-lora-parameters-missing",
+        (strip_adapterspec(), edit_json(ACFG, lora_parameters=DELETE)),
+        ("lora_parameters",),
+        "fuse",
+    ),
+    (
+        "mlxlm-lora-parameters-list",
+        (strip_adapterspec(), edit_json(ACFG, lora_parameters=[8, 20.0])),
+        ("lora_parameters",),
+        "fuse importmlxlm",
+    ),
     ("mlxlm-rank-zero", (strip_adapterspec(), edit_json(ACFG, lora_parameters__rank=0)), ("rank",), "fuse importmlxlm"),
-    ("mlxlm-rank-negative", (strip_adapterspec(), edit_json(ACFG, lora_parameters__rank=-8)), ("rank",), "fuse export importmlxlm"),
-    ("mlxlm-rank-string", (strip_adapterspec(), edit_json(ACFG, lora_parameters__rank="8")), ("rank",), "fuse importmlxlm"),
-    ("mlxlm-rank-nan", (strip_adapterspec(), edit_json(ACFG, lora_parameters__rank=NAN)), ("rank",), "fuse export importmlxlm"),
-    ("mlxlm-rank-float", (strip_adapterspec(), edit_json(ACFG, lora_parameters__rank=8.5)), ("rank",), "fuse importmlxlm"),
-    ("mlxlm-rank-missing", (strip_adapterspec(), edit_json(ACFG, lora_parameters__rank=DELETE)), ("rank",), "fuse importmlxlm"),
-    ("mlxlm-scale-inf", (strip_adapterspec(), edit_json(ACFG, lora_parameters__scale=INF)), ("scale",), "fuse importmlxlm"),
-    ("mlxlm-scale-nan", (strip_adapterspec(), edit_json(ACFG, lora_parameters__scale=NAN)), ("scale",), "fuse importmlxlm"),
-    ("mlxlm-dropout-nan", (strip_adapterspec(), edit_json(ACFG, lora_parameters__dropout=NAN)), ("dropout",), "fuse importmlxlm"),
-    ("mlxlm-keys-string", (strip_adapterspec(), edit_json(ACFG, lora_parameters__keys="self_attn.q_proj")), ("keys",), "fuse export importmlxlm"),
-    ("mlxlm-keys-numbers", (strip_adapterspec(), edit_json(ACFG, lora_parameters__keys=[1, 2])), ("keys",), "fuse importmlxlm"),
-    ("mlxlm-keys-newline", (strip_adapterspec(), edit_json(ACFG, lora_parameters__keys=["self_attn.q_proj\n/**: full"])), ("keys",), "fuse importmlxlm", {"forbid": ("/**: full",)}),
+    (
+        "mlxlm-rank-negative",
+        (strip_adapterspec(), edit_json(ACFG, lora_parameters__rank=-8)),
+        ("rank",),
+        "fuse export importmlxlm",
+    ),
+    (
+        "mlxlm-rank-string",
+        (strip_adapterspec(), edit_json(ACFG, lora_parameters__rank="8")),
+        ("rank",),
+        "fuse importmlxlm",
+    ),
+    (
+        "mlxlm-rank-nan",
+        (strip_adapterspec(), edit_json(ACFG, lora_parameters__rank=NAN)),
+        ("rank",),
+        "fuse export importmlxlm",
+    ),
+    (
+        "mlxlm-rank-float",
+        (strip_adapterspec(), edit_json(ACFG, lora_parameters__rank=8.5)),
+        ("rank",),
+        "fuse importmlxlm",
+    ),
+    (
+        "mlxlm-rank-missing",
+        (strip_adapterspec(), edit_json(ACFG, lora_parameters__rank=DELETE)),
+        ("rank",),
+        "fuse importmlxlm",
+    ),
+    (
+        "mlxlm-scale-inf",
+        (strip_adapterspec(), edit_json(ACFG, lora_parameters__scale=INF)),
+        ("scale",),
+        "fuse importmlxlm",
+    ),
+    (
+        "mlxlm-scale-nan",
+        (strip_adapterspec(), edit_json(ACFG, lora_parameters__scale=NAN)),
+        ("scale",),
+        "fuse importmlxlm",
+    ),
+    (
+        "mlxlm-dropout-nan",
+        (strip_adapterspec(), edit_json(ACFG, lora_parameters__dropout=NAN)),
+        ("dropout",),
+        "fuse importmlxlm",
+    ),
+    (
+        "mlxlm-keys-string",
+        (strip_adapterspec(), edit_json(ACFG, lora_parameters__keys="self_attn.q_proj")),
+        ("keys",),
+        "fuse export importmlxlm",
+    ),
+    (
+        "mlxlm-keys-numbers",
+        (strip_adapterspec(), edit_json(ACFG, lora_parameters__keys=[1, 2])),
+        ("keys",),
+        "fuse importmlxlm",
+    ),
+    (
+        "mlxlm-keys-newline",
+        (strip_adapterspec(), edit_json(ACFG, lora_parameters__keys=["self_attn.q_proj\n/**: full"])),
+        ("keys",),
+        "fuse importmlxlm",
+        {"forbid": ("/**: full",)},
+    ),
     # adapters.safetensors
     ("weights-missing", (remove(AST),), (A_ST, "adapters.safetensors"), "fuse export"),
     ("weights-empty", (write(AST, b""),), (A_ST,), "fuse"),
@@ -315,18 +701,78 @@ ADAPTER_BREAKS: list[tuple] = [
     ("weights-header-not-json", (edit_st(AST, raw_header(b"{nope")),), (A_ST,), "fuse"),
     ("weights-header-len-past-end", (raw_st(AST, st_bytes(b"{}", b"", header_len=99)),), (A_ST,), "fuse"),
     ("weights-no-tensors", (raw_st(AST, st_bytes(b"{}", b"")),), (A_ST,), "fuse"),
-    ("weights-missing-lora-b", (edit_st(AST, drop_tensor("layers.0.self_attn.q_proj.lora_b")),), ("model.layers.0.self_attn.q_proj",), "fuse export"),
-    ("weights-missing-lora-a", (edit_st(AST, drop_tensor("layers.0.self_attn.q_proj.lora_a")),), ("model.layers.0.self_attn.q_proj",), "fuse"),
-    ("weights-wrong-shape", (edit_st(AST, swap_shape("layers.0.self_attn.k_proj.lora_a")),), ("model.layers.0.self_attn.k_proj",), "fuse export applyadapters"),
-    ("weights-shape-offsets-mismatch", (edit_st(AST, set_tensor("layers.0.self_attn.q_proj.lora_a", shape=[64, 9])),), (A_ST,), "fuse"),
-    ("weights-nan-lora-b", (edit_st(AST, fill_tensor("layers.0.self_attn.q_proj.lora_b", NAN)),), ("model.layers.0.self_attn.q_proj",), "fuse export applyadapters"),
-    ("weights-inf-lora-a", (edit_st(AST, fill_tensor("layers.0.self_attn.q_proj.lora_a", INF)),), ("model.layers.0.self_attn.q_proj",), "fuse"),
-    ("weights-dtype-Q4_K", (edit_st(AST, set_tensor("layers.0.self_attn.q_proj.lora_a", dtype="Q4_K")),), (A_ST,), "fuse export"),
-    ("weights-dtype-I32", (edit_st(AST, set_tensor("layers.0.self_attn.q_proj.lora_a", dtype="I32")),), ("model.layers.0.self_attn.q_proj",), "fuse"),
-    ("weights-offsets-outside", (edit_st(AST, set_tensor("layers.0.self_attn.q_proj.lora_a", data_offsets=[0, 10**9])),), (A_ST,), "fuse"),
-    ("weights-offsets-overlap", (edit_st(AST, overlap("layers.0.self_attn.k_proj.lora_a", "layers.0.self_attn.q_proj.lora_a")),), (A_ST,), "fuse"),
-    ("weights-unplanned-module", (edit_st(AST, rename_tensor("layers.0.self_attn.q_proj.lora_a", "model.layers.0.mlp.gate_proj.lora_a")),), ("model.layers.0.mlp.gate_proj",), "fuse export"),
-    ("weights-name-dotdot", (edit_st(AST, rename_tensor("layers.0.self_attn.q_proj.lora_a", "../../x.lora_a")),), (A_ST,), "fuse export"),
+    (
+        "weights-missing-lora-b",
+        (edit_st(AST, drop_tensor("layers.0.self_attn.q_proj.lora_b")),),
+        ("model.layers.0.self_attn.q_proj",),
+        "fuse export",
+    ),
+    (
+        "weights-missing-lora-a",
+        (edit_st(AST, drop_tensor("layers.0.self_attn.q_proj.lora_a")),),
+        ("model.layers.0.self_attn.q_proj",),
+        "fuse",
+    ),
+    (
+        "weights-wrong-shape",
+        (edit_st(AST, swap_shape("layers.0.self_attn.k_proj.lora_a")),),
+        ("model.layers.0.self_attn.k_proj",),
+        "fuse export applyadapters",
+    ),
+    (
+        "weights-shape-offsets-mismatch",
+        (edit_st(AST, set_tensor("layers.0.self_attn.q_proj.lora_a", shape=[64, 9])),),
+        (A_ST,),
+        "fuse",
+    ),
+    (
+        "weights-nan-lora-b",
+        (edit_st(AST, fill_tensor("layers.0.self_attn.q_proj.lora_b", NAN)),),
+        ("model.layers.0.self_attn.q_proj",),
+        "fuse export applyadapters",
+    ),
+    (
+        "weights-inf-lora-a",
+        (edit_st(AST, fill_tensor("layers.0.self_attn.q_proj.lora_a", INF)),),
+        ("model.layers.0.self_attn.q_proj",),
+        "fuse",
+    ),
+    (
+        "weights-dtype-Q4_K",
+        (edit_st(AST, set_tensor("layers.0.self_attn.q_proj.lora_a", dtype="Q4_K")),),
+        (A_ST,),
+        "fuse export",
+    ),
+    (
+        "weights-dtype-I32",
+        (edit_st(AST, set_tensor("layers.0.self_attn.q_proj.lora_a", dtype="I32")),),
+        ("model.layers.0.self_attn.q_proj",),
+        "fuse",
+    ),
+    (
+        "weights-offsets-outside",
+        (edit_st(AST, set_tensor("layers.0.self_attn.q_proj.lora_a", data_offsets=[0, 10**9])),),
+        (A_ST,),
+        "fuse",
+    ),
+    (
+        "weights-offsets-overlap",
+        (edit_st(AST, overlap("layers.0.self_attn.k_proj.lora_a", "layers.0.self_attn.q_proj.lora_a")),),
+        (A_ST,),
+        "fuse",
+    ),
+    (
+        "weights-unplanned-module",
+        (edit_st(AST, rename_tensor("layers.0.self_attn.q_proj.lora_a", "model.layers.0.mlp.gate_proj.lora_a")),),
+        ("model.layers.0.mlp.gate_proj",),
+        "fuse export",
+    ),
+    (
+        "weights-name-dotdot",
+        (edit_st(AST, rename_tensor("layers.0.self_attn.q_proj.lora_a", "../../x.lora_a")),),
+        (A_ST,),
+        "fuse export",
+    ),
     ("weights-name-empty", (edit_st(AST, rename_tensor("layers.0.self_attn.q_proj.lora_a", "")),), (A_ST,), "fuse"),
     ("weights-is-dir", (replace_with_dir(AST),), (A_ST,), "fuse"),
     ("weights-fifo", (fifo(AST),), (A_ST,), "fuse", {"timeout": FIFO_TIMEOUT}),
@@ -366,28 +812,82 @@ PEFT_BREAKS: list[tuple] = [
     ("target-modules-object", (edit_json(PCFG, target_modules={"q_proj": 1}),), ("target_modules",), "importpeft"),
     ("target-modules-null", (edit_json(PCFG, target_modules=None),), ("target_modules",), "importpeft"),
     ("target-modules-empty-name", (edit_json(PCFG, target_modules=[""]),), ("target_modules",), "importpeft"),
-    ("target-modules-newline", (edit_json(PCFG, target_modules=["q_proj\n/**: full"]),), ("target_modules",), "importpeft importpeftmodel", {"forbid": ("/**: full",)}),
-    ("exclude-modules-newline", (edit_json(PCFG, exclude_modules=["k_proj\n/**: full"]),), ("exclude_modules",), "importpeft", {"forbid": ("/**: full",)}),
+    (
+        "target-modules-newline",
+        (edit_json(PCFG, target_modules=["q_proj\n/**: full"]),),
+        ("target_modules",),
+        "importpeft importpeftmodel",
+        {"forbid": ("/**: full",)},
+    ),
+    (
+        "exclude-modules-newline",
+        (edit_json(PCFG, exclude_modules=["k_proj\n/**: full"]),),
+        ("exclude_modules",),
+        "importpeft",
+        {"forbid": ("/**: full",)},
+    ),
     ("peft-type-ia3", (edit_json(PCFG, peft_type="IA3"),), ("IA3",), "importpeft"),
     ("peft-type-number", (edit_json(PCFG, peft_type=3),), ("peft_type",), "importpeft"),
     ("rank-pattern-list", (edit_json(PCFG, rank_pattern=["q_proj"]),), ("rank_pattern",), "importpeft"),
     ("rank-pattern-negative", (edit_json(PCFG, rank_pattern={"q_proj": -1}),), ("rank_pattern",), "importpeft"),
-    ("rank-pattern-key-newline", (edit_json(PCFG, rank_pattern={"q_proj\n/**: full": 4}),), ("rank_pattern",), "importpeft", {"forbid": ("/**: full",)}),
+    (
+        "rank-pattern-key-newline",
+        (edit_json(PCFG, rank_pattern={"q_proj\n/**: full": 4}),),
+        ("rank_pattern",),
+        "importpeft",
+        {"forbid": ("/**: full",)},
+    ),
     ("alpha-pattern-string", (edit_json(PCFG, alpha_pattern={"q_proj": "x"}),), ("alpha_pattern",), "importpeft"),
     ("layers-to-transform-string", (edit_json(PCFG, layers_to_transform="0"),), ("layers_to_transform",), "importpeft"),
-    ("layers-to-transform-negative", (edit_json(PCFG, layers_to_transform=[-1]),), ("layers_to_transform",), "importpeft"),
-    ("layers-pattern-number", (edit_json(PCFG, layers_to_transform=[0], layers_pattern=5),), ("layers_pattern",), "importpeft"),
+    (
+        "layers-to-transform-negative",
+        (edit_json(PCFG, layers_to_transform=[-1]),),
+        ("layers_to_transform",),
+        "importpeft",
+    ),
+    (
+        "layers-pattern-number",
+        (edit_json(PCFG, layers_to_transform=[0], layers_pattern=5),),
+        ("layers_pattern",),
+        "importpeft",
+    ),
     ("modules-to-save-number", (edit_json(PCFG, modules_to_save=5),), ("modules_to_save",), "importpeft"),
-    ("modules-to-save-newline", (edit_json(PCFG, modules_to_save=["lm_head\n/**: full"]),), ("modules_to_save",), "importpeft", {"forbid": ("/**: full",)}),
+    (
+        "modules-to-save-newline",
+        (edit_json(PCFG, modules_to_save=["lm_head\n/**: full"]),),
+        ("modules_to_save",),
+        "importpeft",
+        {"forbid": ("/**: full",)},
+    ),
     ("use-dora-string", (edit_json(PCFG, use_dora="yes"),), ("use_dora",), "importpeft"),
     ("bias-number", (edit_json(PCFG, bias=5),), ("bias",), "importpeft"),
     ("weights-missing", (remove(PST),), (P_ST, "adapter_model.safetensors"), "importpeftmodel"),
     ("weights-truncated", (truncate(PST, 1000),), (P_ST,), "importpeftmodel"),
     ("weights-header-not-json", (edit_st(PST, raw_header(b"{x")),), (P_ST,), "importpeftmodel"),
-    ("weights-nan", (edit_st(PST, fill_tensor("layers.0.self_attn.q_proj.lora_B", NAN)),), ("q_proj",), "importpeftmodel"),
-    ("weights-wrong-shape", (edit_st(PST, swap_shape("layers.0.self_attn.k_proj.lora_A")),), ("k_proj",), "importpeftmodel"),
-    ("weights-missing-lora-b", (edit_st(PST, drop_tensor("layers.0.self_attn.q_proj.lora_B")),), ("q_proj",), "importpeftmodel"),
-    ("weights-dtype-Q4_K", (edit_st(PST, set_tensor("layers.0.self_attn.q_proj.lora_A", dtype="Q4_K")),), (P_ST,), "importpeftmodel"),
+    (
+        "weights-nan",
+        (edit_st(PST, fill_tensor("layers.0.self_attn.q_proj.lora_B", NAN)),),
+        ("q_proj",),
+        "importpeftmodel",
+    ),
+    (
+        "weights-wrong-shape",
+        (edit_st(PST, swap_shape("layers.0.self_attn.k_proj.lora_A")),),
+        ("k_proj",),
+        "importpeftmodel",
+    ),
+    (
+        "weights-missing-lora-b",
+        (edit_st(PST, drop_tensor("layers.0.self_attn.q_proj.lora_B")),),
+        ("q_proj",),
+        "importpeftmodel",
+    ),
+    (
+        "weights-dtype-Q4_K",
+        (edit_st(PST, set_tensor("layers.0.self_attn.q_proj.lora_A", dtype="Q4_K")),),
+        (P_ST,),
+        "importpeftmodel",
+    ),
     ("dir-missing", (remove("peft"),), ("{peft}",), "importpeft"),
     ("dir-is-file", (remove("peft"), write("peft", "x")), ("{peft}",), "importpeft"),
 ]
@@ -401,16 +901,36 @@ MLXLM_GOOD = "fine_tune_type: lora\nnum_layers: 2\nlora_parameters:\n  rank: 8\n
 
 MLXLM_BREAKS: list[tuple] = [
     ("keys-newline", MLXLM_GOOD + '  keys: ["self_attn.q_proj\\n/**: full"]\n', ("keys",), {"forbid": ("/**: full",)}),
-    ("keys-newline-model", MLXLM_GOOD + '  keys: ["self_attn.q_proj\\n/**: full"]\n', ("keys",), {"forbid": ("/**: full",), "model": True}),
-    ("keys-comment-injection", MLXLM_GOOD + '  keys: ["self_attn.q_proj: none # \\nembed_tokens: full"]\n', ("keys",), {"forbid": ("embed_tokens: full",)}),
+    (
+        "keys-newline-model",
+        MLXLM_GOOD + '  keys: ["self_attn.q_proj\\n/**: full"]\n',
+        ("keys",),
+        {"forbid": ("/**: full",), "model": True},
+    ),
+    (
+        "keys-comment-injection",
+        MLXLM_GOOD + '  keys: ["self_attn.q_proj: none # \\nembed_tokens: full"]\n',
+        ("keys",),
+        {"forbid": ("embed_tokens: full",)},
+    ),
     ("keys-cr", MLXLM_GOOD + '  keys: ["self_attn.q_proj\\r/**: full"]\n', ("keys",), {"forbid": ("/**: full",)}),
-    ("keys-selector-syntax", MLXLM_GOOD + '  keys: ["self_attn.q_proj: full"]\n', ("keys",), {"forbid": ("q_proj: full",)}),
+    (
+        "keys-selector-syntax",
+        MLXLM_GOOD + '  keys: ["self_attn.q_proj: full"]\n',
+        ("keys",),
+        {"forbid": ("q_proj: full",)},
+    ),
     ("keys-string", MLXLM_GOOD + "  keys: self_attn.q_proj\n", ("keys",), {}),
     ("keys-numbers", MLXLM_GOOD + "  keys: [1, 2]\n", ("keys",), {}),
     ("keys-nested", MLXLM_GOOD + "  keys: [[self_attn.q_proj]]\n", ("keys",), {}),
     ("num-layers-string", MLXLM_GOOD.replace("num_layers: 2", "num_layers: x"), ("num_layers",), {}),
     ("num-layers-float", MLXLM_GOOD.replace("num_layers: 2", "num_layers: 2.5"), ("num_layers",), {}),
-    ("num-layers-huge", MLXLM_GOOD.replace("num_layers: 2", "num_layers: 100000000000000000000000"), ("num_layers",), {"exit": (0, 2)}),
+    (
+        "num-layers-huge",
+        MLXLM_GOOD.replace("num_layers: 2", "num_layers: 100000000000000000000000"),
+        ("num_layers",),
+        {"exit": (0, 2)},
+    ),
     ("rank-negative", MLXLM_GOOD.replace("rank: 8", "rank: -1"), ("rank",), {}),
     ("rank-zero", MLXLM_GOOD.replace("rank: 8", "rank: 0"), ("rank",), {}),
     ("rank-nan", MLXLM_GOOD.replace("rank: 8", "rank: .nan"), ("rank",), {}),
@@ -420,7 +940,12 @@ MLXLM_BREAKS: list[tuple] = [
     ("dropout-two", MLXLM_GOOD.replace("dropout: 0.0", "dropout: 2.0"), ("dropout",), {}),
     ("fine-tune-ia3", MLXLM_GOOD.replace("fine_tune_type: lora", "fine_tune_type: ia3"), ("ia3",), {}),
     ("lora-parameters-string", "fine_tune_type: lora\nlora_parameters: yes\n", ("lora_parameters",), {}),
-    ("lora-parameters-no-rank", "fine_tune_type: lora\nlora_parameters:\n  scale: 20.0\n  dropout: 0.0\n", ("rank",), {}),
+    (
+        "lora-parameters-no-rank",
+        "fine_tune_type: lora\nlora_parameters:\n  scale: 20.0\n  dropout: 0.0\n",
+        ("rank",),
+        {},
+    ),
     ("yaml-broken", "fine_tune_type: [lora\n", (Y,), {}),
     ("yaml-list", "- a\n- b\n", (Y,), {}),
     ("yaml-scalar", "just words\n", (Y,), {}),
@@ -428,9 +953,14 @@ MLXLM_BREAKS: list[tuple] = [
     ("yaml-tabs", "fine_tune_type:\tlora\n\tnum_layers: 2\n", (Y,), {}),
     ("yaml-python-tag", '!!python/object/apply:os.system ["touch pwned"]\n', (Y,), {}),
     ("yaml-python-name", "fine_tune_type: !!python/name:os.system\n", (Y,), {}),
-    ("yaml-alias-bomb", 'a: &a ["x","x","x","x","x","x","x","x","x"]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\n'
-     'd: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]\ne: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]\nf: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]\n'
-     'g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]\nh: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]\nlora_parameters: *h\n', (Y,), {}),
+    (
+        "yaml-alias-bomb",
+        'a: &a ["x","x","x","x","x","x","x","x","x"]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\n'
+        "d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]\ne: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]\nf: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]\n"
+        "g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]\nh: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]\nlora_parameters: *h\n",
+        (Y,),
+        {},
+    ),
     ("yaml-deep", "[" * 100_000 + "]" * 100_000 + "\n", (Y,), {}),
     ("yaml-binary", b"\x00\x01\x02\xff\xfe" * 100, (Y,), {}),
     ("yaml-not-utf8", b"fine_tune_type: l\xe9ra\n", (Y,), {}),
@@ -462,17 +992,66 @@ SPEC_BREAKS: list[tuple] = [
     ("binary", (spec(bytes(range(256)) * 64),), ("{spec}", "AS100"), SPEC_CMDS + " apply", 1, {}),
     ("nul-bytes", (spec(b"adapterspec 1\nq_proj: lora\x00(r=8)\n"),), ("{spec}",), SPEC_CMDS, 1, {}),
     ("utf16", (spec("adapterspec 1\nq_proj: lora\n".encode("utf-16")),), ("{spec}", "AS100"), SPEC_CMDS, 1, {}),
-    ("latin1", (spec("adapterspec 1\nq_proj: lora  # caf\xe9\n".encode("latin-1")),), ("{spec}", "AS100"), SPEC_CMDS, 1, {}),
-    ("huge-10mb", (spec("adapterspec 1\n" + ("# " + "x" * 1000 + "\n") * 10_000),), ("{spec}", "AS105"), SPEC_CMDS + " train", 1, {}),
+    (
+        "latin1",
+        (spec("adapterspec 1\nq_proj: lora  # caf\xe9\n".encode("latin-1")),),
+        ("{spec}", "AS100"),
+        SPEC_CMDS,
+        1,
+        {},
+    ),
+    (
+        "huge-10mb",
+        (spec("adapterspec 1\n" + ("# " + "x" * 1000 + "\n") * 10_000),),
+        ("{spec}", "AS105"),
+        SPEC_CMDS + " train",
+        1,
+        {},
+    ),
     ("huge-one-line", (spec("adapterspec 1\n" + "x" * (8 << 20)),), ("{spec}", "AS105"), "speclint fmt plan", 1, {}),
-    ("long-line", (spec("adapterspec 1\n" + "q_proj: lora  # " + "x" * 5000 + "\n"),), ("{spec}", "AS105"), "speclint plan", 1, {}),
+    (
+        "long-line",
+        (spec("adapterspec 1\n" + "q_proj: lora  # " + "x" * 5000 + "\n"),),
+        ("{spec}", "AS105"),
+        "speclint plan",
+        1,
+        {},
+    ),
     ("100k-rules", (spec_lines("x: none\n", 100_000),), (), "speclint plan", (0, 1), {"timeout": 30}),
-    ("100k-rules-over-limit", (spec_lines("layers[*].self_attn.q_proj: lora\n", 100_000),), ("{spec}", "AS105"), "speclint plan", 1, {}),
-    ("deep-parens", (spec("adapterspec 1\nq_proj: lora" + "(" * 4000 + "\n"),), ("{spec}",), "speclint fmt plan", 1, {}),
+    (
+        "100k-rules-over-limit",
+        (spec_lines("layers[*].self_attn.q_proj: lora\n", 100_000),),
+        ("{spec}", "AS105"),
+        "speclint plan",
+        1,
+        {},
+    ),
+    (
+        "deep-parens",
+        (spec("adapterspec 1\nq_proj: lora" + "(" * 4000 + "\n"),),
+        ("{spec}",),
+        "speclint fmt plan",
+        1,
+        {},
+    ),
     ("deep-angles", (spec("adapterspec 1\n" + "<" * 4000 + "q_proj: lora\n"),), ("{spec}",), "speclint plan", 1, {}),
     ("deep-brackets", (spec("adapterspec 1\nlayers" + "[" * 4000 + ": lora\n"),), ("{spec}",), "speclint plan", 1, {}),
-    ("huge-index", (spec("adapterspec 1\nlayers[99999999999999999999999999].self_attn.q_proj: lora\n"),), ("{spec}",), "speclint plan explain", (0, 1), {}),
-    ("slice-step-zero", (spec("adapterspec 1\nlayers[0:4:0].self_attn.q_proj: lora\n"),), ("{spec}",), "speclint plan", 1, {}),
+    (
+        "huge-index",
+        (spec("adapterspec 1\nlayers[99999999999999999999999999].self_attn.q_proj: lora\n"),),
+        ("{spec}",),
+        "speclint plan explain",
+        (0, 1),
+        {},
+    ),
+    (
+        "slice-step-zero",
+        (spec("adapterspec 1\nlayers[0:4:0].self_attn.q_proj: lora\n"),),
+        ("{spec}",),
+        "speclint plan",
+        1,
+        {},
+    ),
     ("rank-zero", (spec("adapterspec 1\nq_proj: lora(r=0)\n"),), ("{spec}",), "speclint plan", 1, {}),
     ("rank-negative", (spec("adapterspec 1\nq_proj: lora(r=-8)\n"),), ("{spec}",), "speclint plan", 1, {}),
     ("rank-overflow", (spec("adapterspec 1\nq_proj: lora(r=1e400)\n"),), ("{spec}",), "speclint plan", 1, {}),
@@ -487,7 +1066,14 @@ SPEC_BREAKS: list[tuple] = [
     ("version-99", (spec("adapterspec 99\nq_proj: lora\n"),), ("{spec}",), "speclint plan", 1, {}),
     ("quoted-value", (spec('adapterspec 1\nq_proj: lora(r="8")\n'),), ("{spec}",), "speclint plan", 1, {}),
     ("lone-cr", (spec(b"adapterspec 1\rq_proj: lora\r"),), ("{spec}",), "speclint plan", (0, 1), {}),
-    ("dora-on-4bit-experts", (spec("adapterspec 1\nlayers[*].mlp.switch_mlp.*: dora\n"),), ("{spec}",), "speclint plan", (0, 1), {}),
+    (
+        "dora-on-4bit-experts",
+        (spec("adapterspec 1\nlayers[*].mlp.switch_mlp.*: dora\n"),),
+        ("{spec}",),
+        "speclint plan",
+        (0, 1),
+        {},
+    ),
 ]
 
 
@@ -504,8 +1090,8 @@ DATA_BREAKS: list[tuple] = [
     ("train-wrong-fields", (write(TRAIN, '{"input": "a", "output": "b"}\n' * 4),), (D_TRAIN,)),
     ("train-binary", (write(TRAIN, bytes(range(256)) * 8),), (D_TRAIN,)),
     ("train-fifo", (fifo(TRAIN),), (D_TRAIN,), {"timeout": FIFO_TIMEOUT}),
-    ("valid-missing", (remove(VALID),), (D_VALID, "valid.jsonl")),
-
+    # (no valid.jsonl is fine: mlx-lm and adapterspec then train without validation)
+    ("valid-invalid-json", (write(VALID, '{"text": "a"}\n{"text"\n'),), (D_VALID, "valid.jsonl")),
 ]
 
 # (what, extra argv, names, exit)
@@ -518,13 +1104,11 @@ TRAIN_OPTIONS: list[tuple] = [
     ("batch-size-zero", ("--batch-size", "0"), ("--batch-size",), 2),
     ("config-missing", ("-c", "{ws}/none.yaml"), ("none.yaml",), 2),
     ("resume-nothing-to-resume", ("--resume",), ("{out}",), 2),
-
 ]
 
 # (what, config text, names)
 TRAIN_CONFIGS: list[tuple] = [
     ("config-python-tag", '!!python/object/apply:os.system ["touch pwned"]\n', ("train.yaml",)),
-
 ]
 
 
@@ -534,47 +1118,215 @@ TRAIN_CONFIGS: list[tuple] = [
 BROKEN_CONFIG = remove(CFG)
 
 OUTPUT_CASES: list[tuple] = []
-for _cmd, _tmpl in [("apply", ("apply", "{model}", "{spec}")), ("fuse", ("fuse", "{model}", "{adapters}", "--quiet")),
-                    ("export", ("export", "peft", "{model}", "{adapters}")),
-                    ("train", ("train", "{model}", "{spec}", "--data", "{data}", *TRAIN_SHORT))]:
+for _cmd, _tmpl in [
+    ("apply", ("apply", "{model}", "{spec}")),
+    ("fuse", ("fuse", "{model}", "{adapters}", "--quiet")),
+    ("export", ("export", "peft", "{model}", "{adapters}")),
+    ("train", ("train", "{model}", "{spec}", "--data", "{data}", *TRAIN_SHORT)),
+]:
     OUTPUT_CASES += [
         (_cmd, "out-inside-model", (*_tmpl, "-o", "{model}/out"), (), ("{model}",), 2),
         (_cmd, "out-is-model", (*_tmpl, "-o", "{model}", "--force"), (), ("{model}",), 2),
         (_cmd, "out-is-file", (*_tmpl, "-o", "{ws}/out.txt"), (write("out.txt", "user file\n"),), ("out.txt",), 2),
         (_cmd, "out-user-dir", (*_tmpl, "-o", "{out}"), (user_dir(),), ("{out}",), 2),
-        (_cmd, "out-user-dir-force-bad-input", (*_tmpl, "-o", "{out}", "--force"), (user_dir(), BROKEN_CONFIG), (M_CFG,), 2),
-        (_cmd, "out-parent-is-file", (*_tmpl, "-o", "{ws}/plain.txt/out"), (write("plain.txt", "x\n"),), ("plain.txt",), 2),
+        (
+            _cmd,
+            "out-user-dir-force-bad-input",
+            (*_tmpl, "-o", "{out}", "--force"),
+            (user_dir(), BROKEN_CONFIG),
+            (M_CFG,),
+            2,
+        ),
+        (
+            _cmd,
+            "out-parent-is-file",
+            (*_tmpl, "-o", "{ws}/plain.txt/out"),
+            (write("plain.txt", "x\n"),),
+            ("plain.txt",),
+            2,
+        ),
         (_cmd, "out-parent-readonly", (*_tmpl, "-o", "{ws}/ro/out"), (mkdir("ro"), chmod("ro", 0o555)), ("ro",), 2),
-        (_cmd, "out-symlink-to-model", (*_tmpl, "-o", "{ws}/link", "--force"), (symlink("link", "model"),), ("link",), 2),
+        (
+            _cmd,
+            "out-symlink-to-model",
+            (*_tmpl, "-o", "{ws}/link", "--force"),
+            (symlink("link", "model"),),
+            ("link",),
+            2,
+        ),
     ]
 # the costly commands (they load the model with mlx-lm) keep a few output cases each
-OUTPUT_CASES = [c for c in OUTPUT_CASES if c[0] not in ("train", "apply") or c[1] in ("out-inside-model", "out-user-dir-force-bad-input", "out-is-file")]
+OUTPUT_CASES = [
+    c
+    for c in OUTPUT_CASES
+    if c[0] not in ("train", "apply") or c[1] in ("out-inside-model", "out-user-dir-force-bad-input", "out-is-file")
+]
 OUTPUT_CASES += [
     ("apply", "out-is-spec", ("apply", "{model}", "{spec}", "-o", "{spec}", "--force"), (), ("{spec}",), 2),
     ("apply", "out-is-spec-dir-parent", ("apply", "{model}", "{spec}", "-o", "{spec}/out"), (), ("{spec}",), 2),
-    ("apply", "out-inside-adapters-input", ("apply", "{model}", "{spec}", "--adapters", "{adapters}", "-o", "{adapters}", "--force"), (), ("{adapters}",), 2),
+    (
+        "apply",
+        "out-inside-adapters-input",
+        ("apply", "{model}", "{spec}", "--adapters", "{adapters}", "-o", "{adapters}", "--force"),
+        (),
+        ("{adapters}",),
+        2,
+    ),
     ("apply", "out-dev-null-child", ("apply", "{model}", "{spec}", "-o", "/dev/null/out"), (), ("/dev/null",), 2),
-    ("fuse", "out-is-adapters", ("fuse", "{model}", "{adapters}", "-o", "{adapters}", "--force", "--quiet"), (), ("{adapters}",), 2),
-    ("fuse", "out-inside-adapters", ("fuse", "{model}", "{adapters}", "-o", "{adapters}/fused", "--quiet"), (), ("{adapters}",), 2),
-    ("fuse", "out-dev-null-child", ("fuse", "{model}", "{adapters}", "-o", "/dev/null/out", "--quiet"), (), ("/dev/null",), 2),
-    ("fuse", "report-json-is-adapter-config", ("fuse", "{model}", "{adapters}", "-o", "{out}", "--report-json", A_CFG, "--quiet"), (), ("adapter_config.json",), 2),
-    ("fuse", "report-json-is-model-config", ("fuse", "{model}", "{adapters}", "-o", "{out}", "--report-json", M_CFG, "--quiet"), (), ("config.json",), 2),
-    ("fuse", "report-json-is-spec", ("fuse", "{model}", "{adapters}", "-o", "{out}", "--report-json", "{spec}", "--quiet"), (), ("{spec}",), 2),
-    ("fuse", "report-json-missing-dir", ("fuse", "{model}", "{adapters}", "-o", "{out}", "--report-json", "{ws}/nodir/report.json", "--quiet"), (), ("nodir",), 2),
-    ("fuse", "report-json-is-dir", ("fuse", "{model}", "{adapters}", "-o", "{out}", "--report-json", "{ws}/rdir", "--quiet"), (user_dir("rdir"),), ("rdir",), 2),
-    ("fuse", "report-json-inside-model", ("fuse", "{model}", "{adapters}", "-o", "{out}", "--report-json", "{model}/report.json", "--quiet"), (), ("{model}",), 2),
-    ("fuse", "report-json-is-output", ("fuse", "{model}", "{adapters}", "-o", "{out}", "--report-json", "{out}", "--quiet"), (), ("{out}",), 2),
-    ("fuse", "report-json-fifo", ("fuse", "{model}", "{adapters}", "-o", "{out}", "--report-json", "{ws}/r.fifo", "--quiet"), (fifo("r.fifo"),), ("r.fifo",), 2, ),
-    ("export", "out-is-peft-input", ("export", "peft", "{model}", "{adapters}", "-o", "{adapters}", "--force"), (), ("{adapters}",), 2),
-    ("importpeft", "out-is-input-config", ("import", "peft", "{peft}", "-o", P_CFG, "--force"), (), ("adapter_config.json",), 2),
+    (
+        "fuse",
+        "out-is-adapters",
+        ("fuse", "{model}", "{adapters}", "-o", "{adapters}", "--force", "--quiet"),
+        (),
+        ("{adapters}",),
+        2,
+    ),
+    (
+        "fuse",
+        "out-inside-adapters",
+        ("fuse", "{model}", "{adapters}", "-o", "{adapters}/fused", "--quiet"),
+        (),
+        ("{adapters}",),
+        2,
+    ),
+    (
+        "fuse",
+        "out-dev-null-child",
+        ("fuse", "{model}", "{adapters}", "-o", "/dev/null/out", "--quiet"),
+        (),
+        ("/dev/null",),
+        2,
+    ),
+    (
+        "fuse",
+        "report-json-is-adapter-config",
+        ("fuse", "{model}", "{adapters}", "-o", "{out}", "--report-json", A_CFG, "--quiet"),
+        (),
+        ("adapter_config.json",),
+        2,
+    ),
+    (
+        "fuse",
+        "report-json-is-model-config",
+        ("fuse", "{model}", "{adapters}", "-o", "{out}", "--report-json", M_CFG, "--quiet"),
+        (),
+        ("config.json",),
+        2,
+    ),
+    (
+        "fuse",
+        "report-json-is-spec",
+        ("fuse", "{model}", "{adapters}", "-o", "{out}", "--report-json", "{spec}", "--quiet"),
+        (),
+        ("{spec}",),
+        2,
+    ),
+    (
+        "fuse",
+        "report-json-missing-dir",
+        ("fuse", "{model}", "{adapters}", "-o", "{out}", "--report-json", "{ws}/nodir/report.json", "--quiet"),
+        (),
+        ("nodir",),
+        2,
+    ),
+    (
+        "fuse",
+        "report-json-is-dir",
+        ("fuse", "{model}", "{adapters}", "-o", "{out}", "--report-json", "{ws}/rdir", "--quiet"),
+        (user_dir("rdir"),),
+        ("rdir",),
+        2,
+    ),
+    (
+        "fuse",
+        "report-json-inside-model",
+        ("fuse", "{model}", "{adapters}", "-o", "{out}", "--report-json", "{model}/report.json", "--quiet"),
+        (),
+        ("{model}",),
+        2,
+    ),
+    (
+        "fuse",
+        "report-json-is-output",
+        ("fuse", "{model}", "{adapters}", "-o", "{out}", "--report-json", "{out}", "--quiet"),
+        (),
+        ("{out}",),
+        2,
+    ),
+    (
+        "fuse",
+        "report-json-fifo",
+        ("fuse", "{model}", "{adapters}", "-o", "{out}", "--report-json", "{ws}/r.fifo", "--quiet"),
+        (fifo("r.fifo"),),
+        ("r.fifo",),
+        2,
+    ),
+    (
+        "export",
+        "out-is-peft-input",
+        ("export", "peft", "{model}", "{adapters}", "-o", "{adapters}", "--force"),
+        (),
+        ("{adapters}",),
+        2,
+    ),
+    (
+        "importpeft",
+        "out-is-input-config",
+        ("import", "peft", "{peft}", "-o", P_CFG, "--force"),
+        (),
+        ("adapter_config.json",),
+        2,
+    ),
     ("importpeft", "out-inside-input", ("import", "peft", "{peft}", "-o", "{peft}/spec.aspec"), (), ("{peft}",), 2),
-    ("importpeft", "out-existing-file", ("import", "peft", "{peft}", "-o", "{ws}/mine.aspec"), (write("mine.aspec", "# mine\n"),), ("mine.aspec",), 2),
+    (
+        "importpeft",
+        "out-existing-file",
+        ("import", "peft", "{peft}", "-o", "{ws}/mine.aspec"),
+        (write("mine.aspec", "# mine\n"),),
+        ("mine.aspec",),
+        2,
+    ),
     ("importpeft", "out-is-dir", ("import", "peft", "{peft}", "-o", "{ws}/adir"), (user_dir("adir"),), ("adir",), 2),
-    ("importpeft", "out-parent-missing", ("import", "peft", "{peft}", "-o", "{ws}/nodir/spec.aspec"), (), ("nodir",), 2),
-    ("importpeft", "adapters-out-is-model", ("import", "peft", "{peft}", "--model", "{model}", "-o", "{outspec}", "--adapters-out", "{model}", "--force"), (), ("{model}",), 2),
-    ("importpeft", "adapters-out-is-peft", ("import", "peft", "{peft}", "--model", "{model}", "-o", "{outspec}", "--adapters-out", "{peft}", "--force"), (), ("{peft}",), 2),
-    ("importmlxlm", "out-is-input", ("import", "mlx-lm", Y, "-o", Y, "--force"), (write(YAML, MLXLM_GOOD),), ("lora.yaml",), 2),
-    ("importmlxlm", "out-existing-file", ("import", "mlx-lm", Y, "-o", "{ws}/mine.aspec"), (write(YAML, MLXLM_GOOD), write("mine.aspec", "# mine\n")), ("mine.aspec",), 2),
+    (
+        "importpeft",
+        "out-parent-missing",
+        ("import", "peft", "{peft}", "-o", "{ws}/nodir/spec.aspec"),
+        (),
+        ("nodir",),
+        2,
+    ),
+    (
+        "importpeft",
+        "adapters-out-is-model",
+        ("import", "peft", "{peft}", "--model", "{model}", "-o", "{outspec}", "--adapters-out", "{model}", "--force"),
+        (),
+        ("{model}",),
+        2,
+    ),
+    (
+        "importpeft",
+        "adapters-out-is-peft",
+        ("import", "peft", "{peft}", "--model", "{model}", "-o", "{outspec}", "--adapters-out", "{peft}", "--force"),
+        (),
+        ("{peft}",),
+        2,
+    ),
+    (
+        "importmlxlm",
+        "out-is-input",
+        ("import", "mlx-lm", Y, "-o", Y, "--force"),
+        (write(YAML, MLXLM_GOOD),),
+        ("lora.yaml",),
+        2,
+    ),
+    (
+        "importmlxlm",
+        "out-existing-file",
+        ("import", "mlx-lm", Y, "-o", "{ws}/mine.aspec"),
+        (write(YAML, MLXLM_GOOD), write("mine.aspec", "# mine\n")),
+        ("mine.aspec",),
+        2,
+    ),
     ("fmt", "spec-is-model-config", ("fmt", M_CFG), (), ("config.json",), (1, 2)),
 ]
 
@@ -582,48 +1334,169 @@ OUTPUT_CASES += [
 # ── options and environment of single commands ──────────────────────────────
 
 EXTRA: list[Case] = [
-    Case("apply-option-seed-negative", ("apply", "{model}", "{spec}", "-o", "{out}", "--seed", "-1"), names=("--seed",)),
-    Case("apply-option-seed-2-70", ("apply", "{model}", "{spec}", "-o", "{out}", "--seed", str(2**70)), names=("--seed",)),
-    Case("fuse-option-max-shard-size-zero", ("fuse", "{model}", "{adapters}", "-o", "{out}", "--max-shard-size", "0"), names=("--max-shard-size",)),
-    Case("fuse-option-max-shard-size-negative", ("fuse", "{model}", "{adapters}", "-o", "{out}", "--max-shard-size", "-5GB"), names=("--max-shard-size",)),
-    Case("fuse-option-max-shard-size-word", ("fuse", "{model}", "{adapters}", "-o", "{out}", "--max-shard-size", "big"), names=("--max-shard-size",)),
-    Case("fuse-option-max-shard-size-overflow", ("fuse", "{model}", "{adapters}", "-o", "{out}", "--max-shard-size", "1e999GB"), names=("--max-shard-size",)),
-    Case("fuse-option-max-shard-size-nan", ("fuse", "{model}", "{adapters}", "-o", "{out}", "--max-shard-size", "nanGB"), names=("--max-shard-size",)),
-    Case("fuse-option-keep-precision-unknown", ("fuse", "{model}", "{adapters}", "-o", "{out}", "--keep-precision", "always"), names=("--keep-precision",)),
-    Case("fuse-env-workers-abc", ("fuse", "{model}", "{adapters}", "-o", "{out}", "--quiet"), env={"ADAPTERSPEC_FUSE_WORKERS": "abc"}, names=("ADAPTERSPEC_FUSE_WORKERS",)),
-    Case("fuse-env-workers-1000", ("fuse", "{model}", "{adapters}", "-o", "{out}", "--quiet"), env={"ADAPTERSPEC_FUSE_WORKERS": "1000"}, exit=(0, 2), timeout=30),
-    Case("fuse-env-workers-0", ("fuse", "{model}", "{adapters}", "-o", "{out}", "--quiet"), env={"ADAPTERSPEC_FUSE_WORKERS": "0"}, exit=(0, 2)),
-    Case("fuse-env-workers-negative", ("fuse", "{model}", "{adapters}", "-o", "{out}", "--quiet"), env={"ADAPTERSPEC_FUSE_WORKERS": "-2"}, names=("ADAPTERSPEC_FUSE_WORKERS",)),
-    Case("fuse-env-workers-float", ("fuse", "{model}", "{adapters}", "-o", "{out}", "--quiet"), env={"ADAPTERSPEC_FUSE_WORKERS": "1.5"}, names=("ADAPTERSPEC_FUSE_WORKERS",)),
-    Case("fuse-env-workers-huge", ("fuse", "{model}", "{adapters}", "-o", "{out}", "--quiet"), env={"ADAPTERSPEC_FUSE_WORKERS": str(2**70)}, names=("ADAPTERSPEC_FUSE_WORKERS",), timeout=30),
-    Case("fuse-env-hf-cache-is-file", ("fuse", "nobody/no-such-model", "{adapters}", "-o", "{out}", "--quiet"), (write("hfcache", "x"),), env={"HF_HUB_CACHE": "{ws}/hfcache", "HF_HOME": "{ws}/hfcache"}, names=("nobody/no-such-model",)),
+    Case(
+        "apply-option-seed-negative", ("apply", "{model}", "{spec}", "-o", "{out}", "--seed", "-1"), names=("--seed",)
+    ),
+    Case(
+        "apply-option-seed-2-70", ("apply", "{model}", "{spec}", "-o", "{out}", "--seed", str(2**70)), names=("--seed",)
+    ),
+    Case(
+        "fuse-option-max-shard-size-zero",
+        ("fuse", "{model}", "{adapters}", "-o", "{out}", "--max-shard-size", "0"),
+        names=("--max-shard-size",),
+    ),
+    Case(
+        "fuse-option-max-shard-size-negative",
+        ("fuse", "{model}", "{adapters}", "-o", "{out}", "--max-shard-size", "-5GB"),
+        names=("--max-shard-size",),
+    ),
+    Case(
+        "fuse-option-max-shard-size-word",
+        ("fuse", "{model}", "{adapters}", "-o", "{out}", "--max-shard-size", "big"),
+        names=("--max-shard-size",),
+    ),
+    Case(
+        "fuse-option-max-shard-size-overflow",
+        ("fuse", "{model}", "{adapters}", "-o", "{out}", "--max-shard-size", "1e999GB"),
+        names=("--max-shard-size",),
+    ),
+    Case(
+        "fuse-option-max-shard-size-nan",
+        ("fuse", "{model}", "{adapters}", "-o", "{out}", "--max-shard-size", "nanGB"),
+        names=("--max-shard-size",),
+    ),
+    Case(
+        "fuse-option-keep-precision-unknown",
+        ("fuse", "{model}", "{adapters}", "-o", "{out}", "--keep-precision", "always"),
+        names=("--keep-precision",),
+    ),
+    Case(
+        "fuse-env-workers-abc",
+        ("fuse", "{model}", "{adapters}", "-o", "{out}", "--quiet"),
+        env={"ADAPTERSPEC_FUSE_WORKERS": "abc"},
+        names=("ADAPTERSPEC_FUSE_WORKERS",),
+    ),
+    Case(
+        "fuse-env-workers-1000",
+        ("fuse", "{model}", "{adapters}", "-o", "{out}", "--quiet"),
+        env={"ADAPTERSPEC_FUSE_WORKERS": "1000"},
+        exit=(0, 2),
+        timeout=30,
+    ),
+    Case(
+        "fuse-env-workers-0",
+        ("fuse", "{model}", "{adapters}", "-o", "{out}", "--quiet"),
+        env={"ADAPTERSPEC_FUSE_WORKERS": "0"},
+        exit=(0, 2),
+    ),
+    Case(
+        "fuse-env-workers-negative",
+        ("fuse", "{model}", "{adapters}", "-o", "{out}", "--quiet"),
+        env={"ADAPTERSPEC_FUSE_WORKERS": "-2"},
+        names=("ADAPTERSPEC_FUSE_WORKERS",),
+    ),
+    Case(
+        "fuse-env-workers-float",
+        ("fuse", "{model}", "{adapters}", "-o", "{out}", "--quiet"),
+        env={"ADAPTERSPEC_FUSE_WORKERS": "1.5"},
+        names=("ADAPTERSPEC_FUSE_WORKERS",),
+    ),
+    Case(
+        "fuse-env-workers-huge",
+        ("fuse", "{model}", "{adapters}", "-o", "{out}", "--quiet"),
+        env={"ADAPTERSPEC_FUSE_WORKERS": str(2**70)},
+        names=("ADAPTERSPEC_FUSE_WORKERS",),
+        timeout=30,
+    ),
+    Case(
+        "fuse-env-hf-cache-is-file",
+        ("fuse", "nobody/no-such-model", "{adapters}", "-o", "{out}", "--quiet"),
+        (write("hfcache", "x"),),
+        env={"HF_HUB_CACHE": "{ws}/hfcache", "HF_HOME": "{ws}/hfcache"},
+        names=("nobody/no-such-model",),
+    ),
     Case("plan-model-repo-id-not-cached", ("plan", "nobody/no-such-model", "{spec}"), names=("nobody/no-such-model",)),
     Case("plan-model-repo-id-dotdot", ("plan", "../..", "{spec}"), (), names=("../..",), exit=2),
-    Case("apply-model-repo-id-not-cached", ("apply", "nobody/no-such-model", "{spec}", "-o", "{out}"), names=("nobody/no-such-model",)),
+    Case(
+        "apply-model-repo-id-not-cached",
+        ("apply", "nobody/no-such-model", "{spec}", "-o", "{out}"),
+        names=("nobody/no-such-model",),
+    ),
     Case("tree-selector-syntax-error", ("tree", "{model}", "layers[0"), exit=(1, 2), names=("layers[0",)),
-    Case("tree-selector-huge", ("tree", "{model}", "<" + ",".join(f"m{i}" for i in range(20000)) + ">"), exit=(0, 1, 2)),
-    Case("explain-selector-syntax-error", ("explain", "{spec}", "{model}", "layers[**"), exit=(1, 2), names=("layers[**",)),
+    Case(
+        "tree-selector-huge", ("tree", "{model}", "<" + ",".join(f"m{i}" for i in range(20000)) + ">"), exit=(0, 1, 2)
+    ),
+    Case(
+        "explain-selector-syntax-error",
+        ("explain", "{spec}", "{model}", "layers[**"),
+        exit=(1, 2),
+        names=("layers[**",),
+    ),
     Case("lint-option-format-xml", ("lint", "{spec}", "--format", "xml"), names=("--format",)),
     Case("lint-stdin-binary", ("lint", "-"), exit=1, names=("AS100",), stdin=bytes(range(256)) * 16),
-    Case("lint-spec-200-missing-files", ("lint", *(f"{{ws}}/missing{i}.aspec" for i in range(200))), names=("missing0.aspec",)),
+    Case(
+        "lint-spec-200-missing-files",
+        ("lint", *(f"{{ws}}/missing{i}.aspec" for i in range(200))),
+        names=("missing0.aspec",),
+    ),
     Case("lint-model-is-a-spec-file", ("lint", "{spec}", "--model", "{spec}"), names=("{spec}",)),
     Case("plan-args-swapped", ("plan", "{spec}", "{model}"), names=("{spec}",)),
     Case("explain-args-swapped", ("explain", "{model}", "{spec}"), names=("{model}",)),
     Case("export-option-format-unknown", ("export", "onnx", "{model}", "{adapters}", "-o", "{out}"), names=("onnx",)),
     Case("import-option-format-unknown", ("import", "lora", "{peft}"), names=("lora",)),
-    Case("export-option-base-model-newline", ("export", "peft", "{model}", "{adapters}", "-o", "{out}", "--base-model", "a\nb"), exit=(0, 2)),
-    Case("train-spec-errors", ("train", "{model}", "{spec}", "--data", "{data}", "-o", "{out}", *TRAIN_SHORT), (spec("adapterspec 1\nq_proj: lora(r=0)\n"),), exit=1, names=("{spec}",)),
-    Case("train-checkpoint-broken", ("train", "{model}", "{spec}", "--data", "{data}", "-o", "{out}", *TRAIN_SHORT, "--resume"),
-         (user_dir("out", {"checkpoints/0000001/trainer_state.json": "{broken", "checkpoints/0000001/adapters.safetensors": "x", "adapter_config.json": "{}"}),), names=("trainer_state.json",)),
+    Case(
+        "export-option-base-model-newline",
+        ("export", "peft", "{model}", "{adapters}", "-o", "{out}", "--base-model", "a\nb"),
+        exit=(0, 2),
+    ),
+    Case(
+        "train-spec-errors",
+        ("train", "{model}", "{spec}", "--data", "{data}", "-o", "{out}", *TRAIN_SHORT),
+        (spec("adapterspec 1\nq_proj: lora(r=0)\n"),),
+        exit=1,
+        names=("{spec}",),
+    ),
+    Case(
+        "train-checkpoint-broken",
+        ("train", "{model}", "{spec}", "--data", "{data}", "-o", "{out}", *TRAIN_SHORT, "--resume"),
+        (
+            user_dir(
+                "out",
+                {
+                    "checkpoints/0000001/trainer_state.json": "{broken",
+                    "checkpoints/0000001/adapters.safetensors": "x",
+                    "adapter_config.json": "{}",
+                },
+            ),
+        ),
+        names=("trainer_state.json",),
+    ),
 ]
 
 
 # ── building the list ───────────────────────────────────────────────────────
 
 
-def _case(id: str, cmd: str, steps: tuple, names: tuple, exit: Any = 2, base: tuple = (), argv: tuple | None = None, **extra: Any) -> Case:
+def _case(
+    id: str,
+    cmd: str,
+    steps: tuple,
+    names: tuple,
+    exit: Any = 2,
+    base: tuple = (),
+    argv: tuple | None = None,
+    **extra: Any,
+) -> Case:
     extra.pop("model", None)
-    return Case(id=id, argv=argv or COMMANDS[cmd], steps=tuple(steps), exit=extra.pop("exit", exit), names=names, base=base, **extra)
+    return Case(
+        id=id,
+        argv=argv or COMMANDS[cmd],
+        steps=tuple(steps),
+        exit=extra.pop("exit", exit),
+        names=names,
+        base=base,
+        **extra,
+    )
 
 
 def build_cases() -> list[Case]:
@@ -634,7 +1507,9 @@ def build_cases() -> list[Case]:
     for i, (what, model_name, steps, names, cmds) in enumerate(OTHER_MODEL_BREAKS):
         adapter_name = {"tiny-llama-4bit": "4bit", "tiny-moe": "moe"}[model_name]
         for cmd in (CHEAP[i % len(CHEAP)], *cmds.split()):
-            cases.append(_case(f"{cmd}-model-{what}", cmd, steps, names, 2, base=default_base(model_name, adapter_name)))
+            cases.append(
+                _case(f"{cmd}-model-{what}", cmd, steps, names, 2, base=default_base(model_name, adapter_name))
+            )
     for entry in ADAPTER_BREAKS:
         what, steps, names, cmds, extra = (*entry, {}) if len(entry) == 4 else entry
         for cmd in cmds.split():
@@ -646,10 +1521,21 @@ def build_cases() -> list[Case]:
             cases.append(_case(f"{cmd}-peft-{what}", cmd, steps, names, **extra))
     for what, text, names, extra in MLXLM_BREAKS:
         argv = ("import", "mlx-lm", Y, "-o", "{outspec}") + (("--model", "{model}") if extra.get("model") else ())
-        cases.append(_case(f"importmlxlm-mlxconfig-{what}", "importmlxlm", (write(YAML, text),), names, argv=argv, **extra))
+        cases.append(
+            _case(f"importmlxlm-mlxconfig-{what}", "importmlxlm", (write(YAML, text),), names, argv=argv, **extra)
+        )
     for what, steps, path, names in MLXLM_PATH_CASES:
         timeout = FIFO_TIMEOUT if ("fifo" in what or "dev-zero" in what) else 60
-        cases.append(_case(f"importmlxlm-mlxconfig-{what}", "importmlxlm", steps, names, argv=("import", "mlx-lm", path, "-o", "{outspec}"), timeout=timeout))
+        cases.append(
+            _case(
+                f"importmlxlm-mlxconfig-{what}",
+                "importmlxlm",
+                steps,
+                names,
+                argv=("import", "mlx-lm", path, "-o", "{outspec}"),
+                timeout=timeout,
+            )
+        )
     for what, steps, names, cmds, exit, extra in SPEC_BREAKS:
         for cmd in cmds.split():
             label = "lint" if cmd == "speclint" else cmd
@@ -660,9 +1546,19 @@ def build_cases() -> list[Case]:
     for what, options, names, exit in TRAIN_OPTIONS:
         cases.append(_case(f"train-option-{what}", "train", (), names, exit, argv=COMMANDS["train"] + tuple(options)))
     for what, text, names in TRAIN_CONFIGS:
-        cases.append(_case(f"train-trainconfig-{what}", "train", (write("train.yaml", text),), names, argv=COMMANDS["train"] + ("-c", "{ws}/train.yaml")))
+        cases.append(
+            _case(
+                f"train-trainconfig-{what}",
+                "train",
+                (write("train.yaml", text),),
+                names,
+                argv=COMMANDS["train"] + ("-c", "{ws}/train.yaml"),
+            )
+        )
     for cmd, what, argv, steps, names, exit in OUTPUT_CASES:
-        cases.append(_case(f"{cmd}-output-{what}", cmd, steps, names, exit, argv=argv, root_skip=what == "out-parent-readonly"))
+        cases.append(
+            _case(f"{cmd}-output-{what}", cmd, steps, names, exit, argv=argv, root_skip=what == "out-parent-readonly")
+        )
     cases.extend(EXTRA)
     ids = [c.id for c in cases]
     duplicates = {i for i in ids if ids.count(i) > 1}

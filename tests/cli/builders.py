@@ -313,7 +313,9 @@ def swap_shape(needle: str) -> Callable[[dict, bytes], tuple[dict, bytes]]:
         entry = header[pick(header, needle)]
         entry["shape"] = list(reversed(entry["shape"]))
         if entry["shape"] == list(reversed(entry["shape"])):
-            entry["shape"] = [entry["shape"][0] // 2, entry["shape"][1] * 2] if len(entry["shape"]) == 2 else [1] + entry["shape"]
+            entry["shape"] = (
+                [entry["shape"][0] // 2, entry["shape"][1] * 2] if len(entry["shape"]) == 2 else [1] + entry["shape"]
+            )
         return header, payload
 
     return fn

@@ -45,8 +45,15 @@ def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def adapterspec(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "adapterspec", *argv], cwd=cwd, env=cli_env(),
-                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "adapterspec", *argv],
+        cwd=cwd,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -55,15 +62,19 @@ def prepared_inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("prepared")
     models = REPO / "examples" / "models"
     specs = REPO / "examples" / "specs"
-    for name, model_name, spec_name in [("llama", "tiny-llama", "attention.aspec"),
-                                        ("moe", "tiny-moe", "moe.aspec"),
-                                        ("4bit", "tiny-llama-4bit", "dora-4bit.aspec")]:
+    for name, model_name, spec_name in [
+        ("llama", "tiny-llama", "attention.aspec"),
+        ("moe", "tiny-moe", "moe.aspec"),
+        ("4bit", "tiny-llama-4bit", "dora-4bit.aspec"),
+    ]:
         out = root / f"adapters-{name}"
         done = adapterspec("apply", str(models / model_name), str(specs / spec_name), "-o", str(out), cwd=root)
         assert done.returncode == 0, done.stderr
         builders.PREPARED[f"adapters-{name}"] = out
     out = root / "peft-llama"
-    done = adapterspec("export", "peft", str(models / "tiny-llama"), str(root / "adapters-llama"), "-o", str(out), cwd=root)
+    done = adapterspec(
+        "export", "peft", str(models / "tiny-llama"), str(root / "adapters-llama"), "-o", str(out), cwd=root
+    )
     assert done.returncode == 0, done.stderr
     builders.PREPARED["peft-llama"] = out
     yield root
@@ -97,7 +108,7 @@ def snapshot(root: Path) -> dict[str, str]:
 
 def last_traceback(text: str) -> str:
     """'ExceptionType: message (at file.py:function)' of the last traceback in text."""
-    block = text[text.rindex(TRACEBACK):]
+    block = text[text.rindex(TRACEBACK) :]
     frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', block)
     lines = [line for line in block.splitlines() if line and not line.startswith((" ", TRACEBACK))]
     error = lines[-1] if lines else "?"
@@ -134,9 +145,17 @@ def named(output: str, wanted, paths: dict[str, str], ws: Path) -> bool:
 
 def check(case: Case, ws: Path) -> list[str]:
     """Run one case; return its problems (empty: the case passes)."""
-    paths = {"ws": str(ws), "model": str(ws / "model"), "spec": str(ws / "spec.aspec"),
-             "adapters": str(ws / "adapters"), "peft": str(ws / "peft"), "data": str(ws / "data"),
-             "out": str(ws / "out"), "outspec": str(ws / "out.aspec"), "yaml": str(ws / "lora.yaml")}
+    paths = {
+        "ws": str(ws),
+        "model": str(ws / "model"),
+        "spec": str(ws / "spec.aspec"),
+        "adapters": str(ws / "adapters"),
+        "peft": str(ws / "peft"),
+        "data": str(ws / "data"),
+        "out": str(ws / "out"),
+        "outspec": str(ws / "out.aspec"),
+        "yaml": str(ws / "lora.yaml"),
+    }
     for step in case.base or default_base():
         step(ws)
     for step in case.steps:
@@ -144,9 +163,15 @@ def check(case: Case, ws: Path) -> list[str]:
     before = snapshot(ws)
     argv = [arg.format(**paths) for arg in case.argv]
     env = cli_env({k: v.format(**paths) for k, v in case.env.items()})
-    process = subprocess.Popen([sys.executable, "-m", "adapterspec", *argv], cwd=ws, env=env,
-                               stdin=subprocess.PIPE if case.stdin is not None else subprocess.DEVNULL,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "adapterspec", *argv],
+        cwd=ws,
+        env=env,
+        stdin=subprocess.PIPE if case.stdin is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     hung = False
     try:
         out, err = process.communicate(input=case.stdin, timeout=case.timeout)
@@ -173,8 +198,9 @@ def check(case: Case, ws: Path) -> list[str]:
                 problems.append(f"message does not name {name if isinstance(name, str) else ' or '.join(name)}")
     changed = sorted(p for p in before if after.get(p) != before[p])
     if changed:
-        problems.append("input modified: " + ", ".join(
-            f"{p} ({'removed' if p not in after else 'changed'})" for p in changed[:8]))
+        problems.append(
+            "input modified: " + ", ".join(f"{p} ({'removed' if p not in after else 'changed'})" for p in changed[:8])
+        )
     if failed:
         new = sorted(p for p in after if p not in before)
         top = sorted({p.split(os.sep)[0] for p in new})
@@ -203,5 +229,8 @@ def test_bad_input(case: Case, tmp_path: Path) -> None:
     problems = check(case, ws)
     if os.environ.get("BAD_INPUTS_RESULTS"):  # one JSON line per case, for a report
         with open(os.environ["BAD_INPUTS_RESULTS"], "a", encoding="utf-8") as f:
-            f.write(json.dumps({"id": case.id, "problems": problems, "seconds": round(time.monotonic() - started, 2)}) + "\n")
+            f.write(
+                json.dumps({"id": case.id, "problems": problems, "seconds": round(time.monotonic() - started, 2)})
+                + "\n"
+            )
     assert not problems, f"{case.id}:\n  " + "\n  ".join(problems)
