@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..errors import EXIT_ERRORS, EXIT_OK, UserError
-from .common import print_diagnostics, seed, spec_or_exit
+from .common import check_argument_order, print_diagnostics, seed, spec_or_exit
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +65,7 @@ def run(args) -> int:
     protect = [model_dir, args.spec] + ([args.adapters] if args.adapters else [])
     produces = fused_model_files(model_dir) if args.fuse else ADAPTER_DIR_FILES
     check_output_dir(args.output, force=args.force, protect=protect, produces=produces)
+    check_argument_order(args.model, args.spec, "apply")
     spec, diagnostics, text, code = spec_or_exit(args.spec)
     if spec is None:
         return code

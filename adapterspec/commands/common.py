@@ -70,6 +70,15 @@ def print_diagnostics(diagnostics: Sequence[Diagnostic], source: Optional[str], 
         print(render_text(diagnostics, {filename: source} if source is not None else {}), file=stream)
 
 
+def check_argument_order(model: str, spec: str, command: str) -> None:
+    """A clear error when MODEL and SPEC were given the other way round."""
+    if Path(spec).is_dir() and Path(model).is_file():
+        raise UserError(
+            f"{spec} is a directory and {model} a file: the arguments are MODEL SPEC",
+            help=f"adapterspec {command} {spec} {model}",
+        )
+
+
 def spec_or_exit(path: str) -> tuple[Optional["Spec"], list[Diagnostic], Optional[str], int]:
     """Read a spec; when it has errors print them and return the exit code 1 with no Spec."""
     spec, diagnostics, text = read_spec(path)

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from ..errors import EXIT_ERRORS, EXIT_OK
-from .common import model_index, print_diagnostics, spec_or_exit
+from .common import check_argument_order, model_index, print_diagnostics, spec_or_exit
 from .reports import render
 
 
@@ -21,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from ..model.plan import make_plan
 
+    check_argument_order(args.model, args.spec, "plan")
     spec, diagnostics, text, code = spec_or_exit(args.spec)
     if spec is None:
         return code

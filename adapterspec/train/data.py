@@ -77,8 +77,6 @@ def load_datasets(options, tokenizer) -> tuple:
             f"{data}: no such data directory",
             help="give a directory with train.jsonl and valid.jsonl (and test.jsonl for --test)",
         )
-    if local:
-        check_local_data(Path(data), options)
     args = types.SimpleNamespace(
         data=data, train=True, test=options.test, mask_prompt=options.mask_prompt, **options.dataset
     )

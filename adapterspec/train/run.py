@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from ..errors import UserError
+from ..errors import EXIT_ERRORS, UserError
 from .loop import TrainResult, build_optimizer, evaluate_split, fit, training_args
 from .options import TrainOptions
 from .state import StartState, put_weights, rank0_outcome, resume, rng_key
@@ -121,7 +121,7 @@ def run(options: TrainOptions, *, stream=None, training_callback=None) -> TrainR
     from ..adapters.loading import load_model, load_tokenizer
     from ..model.files import resolve_model_path
     from .checkpoint import prune, publish, save_checkpoint, trainer_arrays
-    from .data import load_datasets
+    from .data import check_local_data, load_datasets
     from .report import ProgressReport
 
     world = mx.distributed.init()
@@ -133,6 +133,8 @@ def run(options: TrainOptions, *, stream=None, training_callback=None) -> TrainR
         )
     spec, spec_warnings, spec_text = read_spec(options.spec)
     model_dir = resolve_model_path(options.model)
+    if options.data and Path(options.data).exists():
+        check_local_data(Path(options.data), options)  # before the model loads: a broken file is found at once
     model, _config = load_model(model_dir)
     tokenizer = load_tokenizer(model_dir)
     train_set, valid_set, test_set = load_datasets(options, tokenizer)
@@ -180,6 +182,7 @@ def run(options: TrainOptions, *, stream=None, training_callback=None) -> TrainR
     }
 
     def save(step: int, grad_accum, accum_tokens, trained_tokens: int) -> None:
+        refuse_diverged(model, step, out)  # on every rank: they hold the same weights, and stop together
         if rank != 0:
             return
         arrays = trainer_arrays(optimizer, rng_key(), grad_accum, accum_tokens)
@@ -216,6 +219,21 @@ def run(options: TrainOptions, *, stream=None, training_callback=None) -> TrainR
         result.test_loss = evaluate_split(model, test_set, options, options.test_batches)
         report.on_test(result.test_loss)
     return result
+
+
+def refuse_diverged(model, step: int, out: Path) -> None:
+    """UserError (exit 1) when the adapters hold NaN or Inf: a diverged run publishes nothing more."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    bad = [name for name, value in tree_flatten(model.trainable_parameters()) if not mx.all(mx.isfinite(value)).item()]
+    if bad:
+        raise UserError(
+            f"training diverged by step {step}: '{bad[0]}' holds NaN or Inf (and {len(bad) - 1} more adapter tensors); "
+            f"nothing of this step was written",
+            help=f"lower --learning-rate; the newest good checkpoint in {out / 'checkpoints'} resumes with --resume",
+            exit_code=EXIT_ERRORS,
+        )
 
 
 def result_losses(history: list, key: str) -> Optional[float]:

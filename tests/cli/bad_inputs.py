@@ -1134,7 +1134,7 @@ for _cmd, _tmpl in [
             "out-user-dir-force-bad-input",
             (*_tmpl, "-o", "{out}", "--force"),
             (user_dir(), BROKEN_CONFIG),
-            (M_CFG,),
+            ((M_CFG, "{out}"),),  # either refusal is right: the broken config, or the user's files in OUT
             2,
         ),
         (

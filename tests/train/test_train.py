@@ -188,3 +188,17 @@ def test_example_data_is_what_its_script_writes(tmp_path):
         assert (tmp_path / f"{split}.jsonl").read_bytes() == (
             ROOT / "examples" / "data" / f"{split}.jsonl"
         ).read_bytes()
+
+
+def test_a_diverged_run_is_refused_and_publishes_nothing(tmp_path):
+    from adapterspec import apply
+    from adapterspec.train.run import refuse_diverged
+
+    model, _ = tiny.build("llama")
+    apply(model, "layers[*].self_attn.q_proj: lora(r=2)")
+    refuse_diverged(model, 3, tmp_path)  # finite adapters pass
+    layer = model.model.layers[0].self_attn.q_proj
+    layer.lora_b = mx.full(layer.lora_b.shape, float("nan"))
+    with pytest.raises(UserError, match="diverged by step 3") as error:
+        refuse_diverged(model, 3, tmp_path)
+    assert error.value.exit_code == 1 and "q_proj.lora_b" in error.value.message
