@@ -46,12 +46,89 @@ TINY = {
     # norms and rope
     "rms_norm_eps": 1e-5, "layer_norm_epsilon": 1e-5, "layer_norm_eps": 1e-5, "norm_eps": 1e-5,
     "rope_theta": 10000.0,
+    "partial_rotary_factor": 0.5, "rotary_pct": 0.5, "rotary_dim": 8, "rotary_emb_base": 10000,
+    "linear_num_value_heads": 4, "linear_num_key_heads": 2, "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16, "block_dim": 64, "block_ff_dim": 128, "conv_L_cache": 3,
+    "block_multiple_of": 16, "block_ffn_dim_multiplier": 1.0, "routed_scaling_factor": 1.0, "linear_conv_kernel_dim": 4, "full_attention_interval": 2,
 }
 TYPE_DEFAULTS = {"int": 2, "float": 1e-5, "bool": False, "str": "", "dict": {}, "list": []}
 
 # Hand fixes: merged last (None deletes a key).
+SW = ["sliding_attention", "full_attention"]
+YARN = {"type": "yarn", "rope_type": "yarn", "factor": 1.0, "original_max_position_embeddings": 512,
+        "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.0}
 OVERRIDES: dict[str, dict] = {
     "gemma": {"tie_word_embeddings": True},
+    "afmoe": {"layer_types": SW},
+    "cohere2": {"sliding_window_pattern": 2},
+    "gemma3_text": {"sliding_window_pattern": 2},
+    "gemma3": {"text_config": {"sliding_window_pattern": 2, "model_type": "gemma3_text"}},
+    "gemma4_text": {"sliding_window_pattern": 2, "layer_types": SW},
+    "gemma4": {"text_config": {"sliding_window_pattern": 2, "layer_types": SW, "model_type": "gemma4_text"}},
+    "exaone_moe": {"layer_types": SW},
+    "olmo3": {"layer_types": SW},
+    "mellum": {"layer_types": SW, "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                                      "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
+    "spark2_5": {"layer_types": SW, "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                                        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
+    "openelm": {"num_query_heads": [4, 4], "num_kv_heads": [2, 2], "ffn_multipliers": [2.0, 2.0], "num_transformer_layers": 2},
+    "jamba": {"layers_block_type": ["attention", "mamba"]},
+    "hunyuan": {"rope_scaling": {"alpha": 1.0, "factor": 1.0, "type": "dynamic"}},
+    "deepseek_v2": {"rope_scaling": YARN},
+    "minicpm3": {"rope_scaling": YARN},
+    "dbrx": {"ffn_config": {"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2},
+             "attn_config": {"kv_n_heads": 2, "clip_qkv": 8.0, "rope_theta": 10000.0}},
+    "glm_moe_dsa": {"rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}},
+    "nemotron_h": {"hybrid_override_pattern": "M*-E", "num_hidden_layers": 4},
+    "exaone4": {"sliding_window_pattern": "LG"},
+    "afm7": {"hidden_dim": 64, "num_layers": 3, "num_kv_reuse_layers": 1},
+    "exaone_moe": {"layer_types": SW, "is_moe_layer": [0, 1]},
+    "gear": {"layer_types": ["full_attention", "full_attention"]},
+    "gemma4_text": {"sliding_window_pattern": 2, "layer_types": SW, "num_kv_shared_layers": 0},
+    "gemma4": {"text_config": {"sliding_window_pattern": 2, "layer_types": SW, "model_type": "gemma4_text",
+                               "num_kv_shared_layers": 0}},
+    "glm_moe_dsa": {"rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}, "index_head_dim": 16,
+                    "index_n_heads": 2, "index_topk": 4},
+    "kimi_linear": {"linear_attn_config": {"kda_layers": [1], "full_attn_layers": [2], "num_heads": 4,
+                                           "head_dim": 16, "short_conv_kernel_size": 4}},
+    "kimi_k3": {"text_config": {"model_type": "kimi_k3", "linear_attn_config": {"kda_layers": [1], "full_attn_layers": [2], "num_heads": 4,
+                                       "head_dim": 16, "short_conv_kernel_size": 4}}, "linear_attn_config": {"kda_layers": [1], "full_attn_layers": [2], "num_heads": 4,
+                                       "head_dim": 16, "short_conv_kernel_size": 4}},
+    "llama4_text": {"no_rope_layers": [1, 1]},
+    "longcat_flash": {"mla_scale_q_lora": True, "mla_scale_kv_lora": True, "zero_expert_type": "identity"},
+    "longcat_flash_ngram": {"mla_scale_q_lora": True, "mla_scale_kv_lora": True, "zero_expert_type": "identity"},
+    "mamba2": {"time_step_limit": [0.001, 100.0]},
+    "mimo_v2_flash": {"moe_layer_freq": [0, 1], "hybrid_layer_pattern": [0, 1], "topk_method": "noaux_tc"},
+    "llama4": {"text_config": {"attention_bias": False, "attention_chunk_size": 64, "interleave_moe_layer_step": 1,
+                               "intermediate_size_mlp": 128, "rope_scaling": None, "use_qk_norm": True,
+                               "no_rope_layers": [1, 1, 1, 0], "model_type": "llama4_text", "num_experts_per_tok": 1,
+                               "num_hidden_layers": 4}},
+    "muse_spark": {"text_config": {"model_type": "muse_spark", "post_norm_eps": 1e-5,
+                                   "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+                                   "layer_rope_theta": [10000.0, 0], "layer_types": SW, "sliding_window": 16,
+                                   "final_logit_softcapping": 30.0, "output_multiplier": 1.0, "moe_hidden_size": 32,
+                                   "num_shared_experts": 0}},
+    "prism_hadamard_qwen35": {"schema_version": 1, "tensor_namespace": "mlx-lm-text",
+                              "quantization": {"bits": 2, "group_size": 128, "mode": "affine"}},
+    "ministral3": {"rope_parameters": {**YARN, "llama_4_scaling_beta": 0.1, "rope_theta": 10000.0}},
+    "mistral4": {"rope_parameters": {**YARN, "llama_4_scaling_beta": 0.1, "rope_theta": 10000.0}},
+    "plamo": {"n_shared_head": 2},
+    "qwen3_vl_moe": {"text_config": {"decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True,
+                                     "model_type": "qwen3_vl_moe"}},
+    "recurrent_gemma": {"block_types": ["recurrent", "attention"], "lru_width": 64, "conv1d_width": 4,
+                        "attention_window_size": 16, "logits_soft_cap": 30.0},
+    "nemotron-nas": {"block_configs": [{"attention": {"n_heads_in_group": 2, "no_op": False, "replace_with_linear": False},
+                                        "ffn": {"ffn_mult": 2.0, "no_op": False, "replace_with_linear": False}}] * 2},
+    "gemma3n": {"text_config": {"model_type": "gemma3n_text", "num_kv_shared_layers": 0, "vocab_size_per_layer_input": 128,
+                                "sliding_window": 16, "rope_local_base_freq": 10000.0, "final_logit_softcapping": 30.0,
+                                "layer_types": SW, "activation_sparsity_pattern": [0.0, 0.0],
+                                "hidden_size_per_layer_input": 16, "altup_num_inputs": 2, "altup_coef_clip": 120.0,
+                                "altup_correct_scale": True, "altup_active_idx": 0, "laurel_rank": 8}},
+    "lfm2-vl": {"text_config": {"model_type": "lfm2", "conv_bias": False, "conv_L_cache": 3, "block_dim": 64,
+                                "block_multiple_of": 16, "block_ffn_dim_multiplier": 1.0,
+                                "block_auto_adjust_ff_dim": False, "full_attn_idxs": [1], "block_ff_dim": 128}},
+    "lfm2": {"full_attn_idxs": [1], "block_auto_adjust_ff_dim": False},
+    "lfm2_moe": {"full_attn_idxs": [1]},
 }
 
 HELPERS = {"base", "cache", "rope_utils", "switch_layers", "activations"}
@@ -131,7 +208,11 @@ def check(configs: dict, only: list[str] | None = None) -> int:
             zoo.logits(model)
         except BaseException as e:  # noqa: BLE001
             failures += 1
-            print(f"{arch}: {type(e).__name__}: {str(e)[:300]}")
+            import traceback
+
+            frames = [f for f in traceback.extract_tb(e.__traceback__) if "mlx_lm" in f.filename]
+            where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno} {frames[-1].line}" if frames else ""
+            print(f"{arch}: {type(e).__name__}: {str(e)[:200]}{where}")
     print(f"{failures} of {len(only or configs)} fail")
     return 0
 
