@@ -196,17 +196,19 @@ class Subject:
 
 
 def _infos(index) -> dict[str, Any]:
-    return {info.path: info for info in index if info.family in ADAPTABLE}
+    return {info.path: info for info in index}
 
 
 def check_index(subject: Subject) -> Result:
-    """(a) The index from config.json + headers equals the index of the loaded model, for adaptable modules."""
+    """(a) The index from config.json + headers equals the index of the loaded model, for adaptable modules
+    (a module adaptable in either index is compared)."""
     from .harness import ModuleIndex
 
     live = _infos(ModuleIndex.from_module(subject.load()))
     disk = _infos(ModuleIndex.from_model_dir(subject.model_dir))
+    paths = sorted({p for infos in (live, disk) for p, i in infos.items() if i.family in ADAPTABLE})
     differing = {}
-    for path in sorted(set(live) | set(disk)):
+    for path in paths:
         a, b = live.get(path), disk.get(path)
         if a is None or b is None:
             differing[path] = "only in the " + ("directory" if a is None else "live") + " index" + \
@@ -214,12 +216,13 @@ def check_index(subject: Subject) -> Result:
             continue
         fields = {f: (getattr(a, f), getattr(b, f)) for f in INDEX_FIELDS if getattr(a, f) != getattr(b, f)}
         if fields:
-            differing[path] = ", ".join(f"{f}: live {x!r} dir {y!r}" for f, (x, y) in fields.items()) + f" ({a.cls})"
+            differing[path] = ", ".join(f"{f}: live {x!r} dir {y!r}" for f, (x, y) in fields.items()) + \
+                f" (live {a.cls}, dir {b.cls})"
     if not differing:
-        return Result(True, f"{len(live)} adaptable modules")
+        return Result(True, f"{len(paths)} adaptable modules")
     lines = [f"{p}: {why}" for p, why in list(differing.items())[:12]]
     more = f" (+{len(differing) - 12} more)" if len(differing) > 12 else ""
-    return Result(False, f"{len(differing)} of {len(set(live) | set(disk))} paths differ{more}: " + "; ".join(lines),
+    return Result(False, f"{len(differing)} of {len(paths)} adaptable paths differ{more}: " + "; ".join(lines),
                   {"differing": differing})
 
 
