@@ -57,7 +57,18 @@ TYPE_DEFAULTS = {"int": 2, "float": 1e-5, "bool": False, "str": "", "dict": {}, 
 SW = ["sliding_attention", "full_attention"]
 YARN = {"type": "yarn", "rope_type": "yarn", "factor": 1.0, "original_max_position_embeddings": 512,
         "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.0}
+KEEP_NONE = "<null>"  # an override that writes null (None alone deletes the key)
+GRANITE = {"attention_multiplier": 0.25, "embedding_multiplier": 12.0, "logits_scaling": 8.0, "residual_multiplier": 0.22}
+MINICPM = {"scale_depth": 1.4, "scale_emb": 12.0, "dim_model_base": 32}
 OVERRIDES: dict[str, dict] = {
+    # required fields the type defaults would fill with meaningless sizes or scales
+    "granite": GRANITE, "granitemoe": GRANITE, "granitemoehybrid": GRANITE,
+    "minicpm": MINICPM, "minicpm3": {**MINICPM, "rope_scaling": YARN},
+    "phi3small": {"gegelu_limit": 20.0, "ff_intermediate_size": 128},
+    "glm4_moe": {"rope_scaling": KEEP_NONE},
+    "Klear": {"decoder_sparse_step": 1}, "qwen3_moe": {"decoder_sparse_step": 1}, "qwen3_next": {"decoder_sparse_step": 1},
+    "llama4_text": {"intermediate_size_mlp": 128, "no_rope_layers": [1, 1]},
+    "minimax": {"shared_intermediate_size": 64},
     "gemma": {"tie_word_embeddings": True},
     "afmoe": {"layer_types": SW},
     "cohere2": {"sliding_window_pattern": 2},
@@ -75,7 +86,6 @@ OVERRIDES: dict[str, dict] = {
     "jamba": {"layers_block_type": ["attention", "mamba"]},
     "hunyuan": {"rope_scaling": {"alpha": 1.0, "factor": 1.0, "type": "dynamic"}},
     "deepseek_v2": {"rope_scaling": YARN},
-    "minicpm3": {"rope_scaling": YARN},
     "dbrx": {"ffn_config": {"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2},
              "attn_config": {"kv_n_heads": 2, "clip_qkv": 8.0, "rope_theta": 10000.0}},
     "glm_moe_dsa": {"rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}},
@@ -94,13 +104,14 @@ OVERRIDES: dict[str, dict] = {
     "kimi_k3": {"text_config": {"model_type": "kimi_k3", "linear_attn_config": {"kda_layers": [1], "full_attn_layers": [2], "num_heads": 4,
                                        "head_dim": 16, "short_conv_kernel_size": 4}}, "linear_attn_config": {"kda_layers": [1], "full_attn_layers": [2], "num_heads": 4,
                                        "head_dim": 16, "short_conv_kernel_size": 4}},
-    "llama4_text": {"no_rope_layers": [1, 1]},
-    "longcat_flash": {"mla_scale_q_lora": True, "mla_scale_kv_lora": True, "zero_expert_type": "identity"},
-    "longcat_flash_ngram": {"mla_scale_q_lora": True, "mla_scale_kv_lora": True, "zero_expert_type": "identity"},
+    "longcat_flash": {"mla_scale_q_lora": True, "mla_scale_kv_lora": True, "zero_expert_type": "identity",
+                      "expert_ffn_hidden_size": 32},
+    "longcat_flash_ngram": {"mla_scale_q_lora": True, "mla_scale_kv_lora": True, "zero_expert_type": "identity",
+                      "expert_ffn_hidden_size": 32},
     "mamba2": {"time_step_limit": [0.001, 100.0]},
     "mimo_v2_flash": {"moe_layer_freq": [0, 1], "hybrid_layer_pattern": [0, 1], "topk_method": "noaux_tc",
                       "sliding_window_size": 16, "swa_num_attention_heads": 4, "swa_num_key_value_heads": 2,
-                      "swa_head_dim": 16, "swa_v_head_dim": 16},
+                      "swa_head_dim": 16, "swa_v_head_dim": 16, "swa_rope_theta": 10000.0},
     "llama4": {"text_config": {"attention_bias": False, "attention_chunk_size": 64, "interleave_moe_layer_step": 1,
                                "intermediate_size_mlp": 128, "rope_scaling": None, "use_qk_norm": True,
                                "no_rope_layers": [1, 1, 1, 0], "model_type": "llama4_text", "num_experts_per_tok": 1,
@@ -190,6 +201,8 @@ def make_config(arch: str) -> dict:
     for key, value in OVERRIDES.get(arch, {}).items():
         if value is None:
             config.pop(key, None)
+        elif value == KEEP_NONE:
+            config[key] = None
         elif isinstance(value, dict) and isinstance(config.get(key), dict):
             config[key] = {**config[key], **value}
         else:

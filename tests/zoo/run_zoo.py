@@ -48,7 +48,7 @@ def moe_roles(subject: zoo.Subject) -> dict:
             roles["routed"][pattern] = described
         elif re.search(r"(router|^gate$|^gate_inp|^wg$|^w_gate$|^gate_proj_router)", name) and info.family != "list":
             roles["router"][pattern] = described
-        elif info.family == "linear" and experts and info.output_dims in experts and "head" not in name:
+        elif info.family == "linear" and experts and info.output_dims in experts and re.search("gate|rout", name):
             roles["router"][pattern] = described + " (out = number of experts)"
     is_moe = bool(roles["routed"]) or bool(experts)
     return roles if is_moe else {}
