@@ -172,21 +172,34 @@ class Subject:
         return self.root / "model"
 
     def built(self) -> Result:
-        """Build, save and load back with mlx-lm; the reason when mlx-lm cannot."""
+        """Build, save and load back with mlx-lm, in a child process (some architectures abort the
+        interpreter on this backend); the reason when mlx-lm cannot."""
         if self._built is None:
+            import subprocess
+            import sys
+
+            argv = [sys.executable, "-m", "tests.zoo.zoo", self.arch, str(self.model_dir),
+                    json.dumps(self.quantization or {})]
             try:
-                model, config = build(self.arch, self.config, quantization=self.quantization)
-                if self.model_dir.exists():
-                    shutil.rmtree(self.model_dir)
-                save_dir(model, config, self.model_dir)
-                loaded, _ = load_dir(self.model_dir)
-                logits(loaded)
+                done = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=HERE.parent.parent)
+            except subprocess.TimeoutExpired:
+                self._built = Result(False, "timed out building the model")
+                return self._built
+            last = (done.stdout.strip().splitlines() or [""])[-1]
+            if done.returncode == 0 and last == "built":
                 self._built = Result(True)
-            except BaseException as e:  # noqa: BLE001 - recorded: mlx-lm cannot build this one
-                if isinstance(e, KeyboardInterrupt):
-                    raise
-                self._built = Result(False, f"{type(e).__name__}: {str(e)[:300]}")
+            else:
+                tail = " / ".join((last if last.startswith("FAILED") else done.stderr.strip()).splitlines()[-2:])
+                self._built = Result(False, f"exit {done.returncode}: {tail[:300]}")
         return self._built
+
+    def build_here(self) -> None:
+        model, config = build(self.arch, self.config, quantization=self.quantization)
+        if self.model_dir.exists():
+            shutil.rmtree(self.model_dir)
+        save_dir(model, config, self.model_dir)
+        loaded, _ = load_dir(self.model_dir)
+        logits(loaded)
 
     def load(self):
         return load_dir(self.model_dir)[0]
@@ -370,3 +383,17 @@ QUANTIZED_CHECKS = ("index", "plan", "round_trip")
 
 def temp_root() -> Path:
     return Path(tempfile.mkdtemp(prefix="adapterspec-zoo-"))
+
+
+if __name__ == "__main__":  # python -m tests.zoo.zoo ARCH MODEL_DIR QUANTIZATION_JSON: build one (see Subject.built)
+    import sys
+
+    arch, model_dir, quantization = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3]) or None
+    subject = Subject(arch, load_configs()[arch], model_dir.parent.parent, quantization)
+    subject.root = model_dir.parent
+    try:
+        subject.build_here()
+    except BaseException as e:  # noqa: BLE001
+        print(f"FAILED {type(e).__name__}: {str(e)[:300]}")
+        sys.exit(1)
+    print("built")
