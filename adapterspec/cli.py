@@ -127,7 +127,10 @@ def entry() -> None:
     """The `adapterspec` program: an interrupt always interrupts (a parent may have started it with SIGINT
     ignored, as some CI runners do), then `main`."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    sys.exit(main())
+    code = main()
+    # The work is done and published: an interrupt during the interpreter's shutdown has nothing left to stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def run(argv: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(argv, env=env(), capture_output=True, text=True, timeout=600)
 
 
-def trial(name: str, argv: list[str], work: Path, how: signal.Signals, delay: float) -> list[str]:
+def trial(name: str, argv: list[str], work: Path, how: signal.Signals, delay: float, reference: str) -> list[str]:
     """One run signalled after `delay` seconds; the problems seen (empty: the trial passed)."""
     out = work / "out"
     shutil.rmtree(out, ignore_errors=True)
@@ -81,8 +81,10 @@ def trial(name: str, argv: list[str], work: Path, how: signal.Signals, delay: fl
     if how is signal.SIGINT and process.returncode not in (0, 130):
         problems.append(f"exit {process.returncode} after SIGINT")
     published = out.exists() and (name == "train" or any(out.iterdir()))
-    if name != "train" and published and not finished:
-        problems.append("something was published although the run did not finish")
+    if name != "train" and published and tree_hash(out) != reference:
+        problems.append(
+            "an incomplete output was published" if not finished else "the output differs from a clean run's"
+        )
     if any(tree_hash(p) != h for p, h in inputs.items()):
         problems.append("an input changed")
     if name == "train" and not finished and (out / "checkpoints").is_dir():
@@ -98,13 +100,14 @@ def trial(name: str, argv: list[str], work: Path, how: signal.Signals, delay: fl
     return problems
 
 
-def duration(argv: list[str], work: Path) -> float:
+def clean_run(argv: list[str], work: Path) -> tuple[float, str]:
+    """How long an undisturbed run takes, and the hash of what it writes (runs are deterministic)."""
     shutil.rmtree(work / "out", ignore_errors=True)
     started = time.monotonic()
     done = run(argv)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(argv[3:6])} failed: {done.stderr[-800:]}")
-    return time.monotonic() - started
+    return time.monotonic() - started, tree_hash(work / "out")
 
 
 def main() -> int:
@@ -124,12 +127,12 @@ def main() -> int:
         assert prepared.returncode == 0, prepared.stderr
         for name in args.commands.split(","):
             argv = commands(work)[name]
-            seconds = duration(argv, work)
+            seconds, reference = clean_run(argv, work)
             for how in (signal.SIGINT, signal.SIGKILL):
                 failures = []
                 for _ in range(args.trials):
                     delay = rng.uniform(0.0, seconds * 1.1)
-                    problems = trial(name, argv, work, how, delay)
+                    problems = trial(name, argv, work, how, delay, reference)
                     if problems:
                         failures.append({"delay": round(delay, 2), "problems": problems})
                 results.append({"command": name, "signal": how.name, "trials": args.trials, "seconds": round(seconds, 2),

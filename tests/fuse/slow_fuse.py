@@ -4,7 +4,7 @@ test can interrupt a fuse of a tiny model half-way (the pause lives here, not in
 import sys
 import time
 
-from adapterspec.cli import main
+from adapterspec import cli
 from adapterspec.fuse import stream
 
 
@@ -18,4 +18,5 @@ def _paused(step, seconds: float):
 
 if __name__ == "__main__":
     stream._Writing.step = _paused(stream._Writing.step, float(sys.argv[1]))
-    sys.exit(main(sys.argv[2:]))
+    sys.argv[1:] = sys.argv[2:]
+    cli.entry()

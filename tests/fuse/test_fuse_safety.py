@@ -160,3 +160,22 @@ def test_a_running_fuse_keeps_its_temporary_directory(small, tmp_path):
     foreign.mkdir()
     removed = remove_stale_temp_dirs(tmp_path / "out")
     assert len(removed) == 1 and foreign.is_dir()
+
+
+def test_an_interrupt_interrupts_a_fuse_started_with_sigint_ignored(small, tmp_path):
+    """Some CI runners start their commands with SIGINT ignored: the program restores the interrupt."""
+    model, adapters = small
+    out = tmp_path / "out"
+    process = run_fuse(
+        model, adapters, "-o", out, pause=0.2, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)
+    )
+    try:
+        wait_for(lambda: written_shard(tmp_path, "out") is not None or process.poll() is not None)
+        assert process.poll() is None, process.communicate()
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130 and "interrupted" in stderr
+    assert not out.exists() and list(tmp_path.glob(".out.tmp-*")) == []

@@ -12,7 +12,9 @@ import pytest
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "zoo: a conformance check on one mlx-lm architecture (the full zoo: -m zoo or ADAPTERSPEC_ZOO=1)")
+    config.addinivalue_line(
+        "markers", "zoo: a conformance check on one mlx-lm architecture (the full zoo: -m zoo or ADAPTERSPEC_ZOO=1)"
+    )
     config.addinivalue_line("markers", "zoo_fast: an architecture of the zoo's fast subset, run by default")
 
 

@@ -22,5 +22,16 @@ def fuse_cli(model_dir, adapter_dir, out_dir, *extra: str, timeout: float = 300)
     """`python -m adapterspec fuse MODEL ADAPTERS -o OUT --quiet`, on this checkout's package."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    argv = [sys.executable, "-m", "adapterspec", "fuse", str(model_dir), str(adapter_dir), "-o", str(out_dir), "--quiet", *extra]
+    argv = [
+        sys.executable,
+        "-m",
+        "adapterspec",
+        "fuse",
+        str(model_dir),
+        str(adapter_dir),
+        "-o",
+        str(out_dir),
+        "--quiet",
+        *extra,
+    ]
     return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout)

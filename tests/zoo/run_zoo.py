@@ -40,8 +40,9 @@ def moe_roles(subject: zoo.Subject) -> dict:
     for info in index:
         pattern = re.sub(r"\.\d+(?=\.|$)", ".*", info.path)
         name = info.path.rsplit(".", 1)[-1]
-        described = f"{info.cls} {info.family} in={info.input_dims} out={info.output_dims}" + \
-            (f" experts={info.num_experts}" if info.num_experts else "")
+        described = f"{info.cls} {info.family} in={info.input_dims} out={info.output_dims}" + (
+            f" experts={info.num_experts}" if info.num_experts else ""
+        )
         if "shared" in info.path and info.family in zoo.ADAPTABLE:
             roles["shared"][pattern] = described
         elif info.family == "switch" or (".experts." in info.path and info.family in zoo.ADAPTABLE):
@@ -148,7 +149,9 @@ def main(argv=None) -> int:
     for arch in archs:
         row = _child(arch, root, args.timeout)
         rows.append(row)
-        print(f"{arch}: " + " ".join(f"{c}={_mark(row.get(c))}" for c in COLUMNS if c in row), file=sys.stderr, flush=True)
+        print(
+            f"{arch}: " + " ".join(f"{c}={_mark(row.get(c))}" for c in COLUMNS if c in row), file=sys.stderr, flush=True
+        )
     result = {"summary": summary(rows), "seconds": round(time.perf_counter() - started, 1), "rows": rows}
     print(table(rows))
     print(json.dumps(result["summary"]))

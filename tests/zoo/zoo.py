@@ -73,8 +73,9 @@ def build(arch: str, config: dict, seed: int = 0, quantization: dict | None = No
         from mlx_lm.utils import quantize_model
 
         with contextlib.redirect_stdout(io.StringIO()):
-            model, config = quantize_model(model, config, quantization["group_size"], quantization["bits"],
-                                           mode=quantization.get("mode", "affine"))
+            model, config = quantize_model(
+                model, config, quantization["group_size"], quantization["bits"], mode=quantization.get("mode", "affine")
+            )
     return model, config
 
 
@@ -178,8 +179,14 @@ class Subject:
             import subprocess
             import sys
 
-            argv = [sys.executable, "-m", "tests.zoo.zoo", self.arch, str(self.model_dir),
-                    json.dumps(self.quantization or {})]
+            argv = [
+                sys.executable,
+                "-m",
+                "tests.zoo.zoo",
+                self.arch,
+                str(self.model_dir),
+                json.dumps(self.quantization or {}),
+            ]
             try:
                 done = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=HERE.parent.parent)
             except subprocess.TimeoutExpired:
@@ -230,19 +237,28 @@ def check_index(subject: Subject) -> Result:
     for path in paths:
         a, b = live.get(path), disk.get(path)
         if a is None or b is None:
-            differing[path] = "only in the " + ("directory" if a is None else "live") + " index" + \
-                f" ({(a or b).cls}, {(a or b).family})"
+            differing[path] = (
+                "only in the "
+                + ("directory" if a is None else "live")
+                + " index"
+                + f" ({(a or b).cls}, {(a or b).family})"
+            )
             continue
         fields = {f: (getattr(a, f), getattr(b, f)) for f in INDEX_FIELDS if getattr(a, f) != getattr(b, f)}
         if fields:
-            differing[path] = ", ".join(f"{f}: live {x!r} dir {y!r}" for f, (x, y) in fields.items()) + \
-                f" (live {a.cls}, dir {b.cls})"
+            differing[path] = (
+                ", ".join(f"{f}: live {x!r} dir {y!r}" for f, (x, y) in fields.items())
+                + f" (live {a.cls}, dir {b.cls})"
+            )
     if not differing:
         return Result(True, f"{len(paths)} adaptable modules")
     lines = [f"{p}: {why}" for p, why in list(differing.items())[:12]]
     more = f" (+{len(differing) - 12} more)" if len(differing) > 12 else ""
-    return Result(False, f"{len(differing)} of {len(paths)} adaptable paths differ{more}: " + "; ".join(lines),
-                  {"differing": differing})
+    return Result(
+        False,
+        f"{len(differing)} of {len(paths)} adaptable paths differ{more}: " + "; ".join(lines),
+        {"differing": differing},
+    )
 
 
 def _plan_summary(plan) -> dict:
