@@ -43,7 +43,10 @@ def save_adapters(
 
 
 def load_adapters(model, path, *, strict: bool = True) -> Plan:
-    """Install the adapters an adapter directory describes into `model` and load their weights."""
+    """Install the adapters an adapter directory describes into `model` and load their weights.
+
+    The model is left in eval mode (dropout off), as `mlx_lm.load(..., adapter_path=...)` leaves it;
+    call `model.train()` to train on."""
     from ..model.plan import plan_spec
 
     path = Path(path)
@@ -64,6 +67,7 @@ def load_adapters(model, path, *, strict: bool = True) -> Plan:
     if not weights_path.is_file():
         raise UserError(f"{path}: {ADAPTER_WEIGHTS} is missing")
     install_weights(model, plan, weights_path, strict=strict)
+    model.eval()
     return plan
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,8 +210,12 @@ class FusePlan:
         return [Shard(f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors", g) for i, g in enumerate(groups)]
 
     def output_config(self) -> dict:
-        """config.json of the fused model: quantization dropped (--dequantize) or marked off per kept module."""
+        """config.json of the fused model: quantization dropped (--dequantize) or marked off per kept module, and
+        generation_config.json's eos_token_id carried over, as mlx-lm's fuse writes it."""
         config = copy.deepcopy(self.config)
+        eos = generation_eos_token_id(self.model_dir)
+        if eos is not None:
+            config["eos_token_id"] = eos
         if self.dequantize:
             config.pop("quantization", None)
             config.pop("quantization_config", None)
@@ -234,6 +239,18 @@ class FusePlan:
             },
             "weight_map": dict(sorted(weight_map.items())),
         }
+
+
+def generation_eos_token_id(model_dir: Path):
+    """generation_config.json's eos_token_id (mlx-lm's load_config reads it into the config), or None."""
+    path = model_dir / "generation_config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError, RecursionError):
+        return None
+    eos = data.get("eos_token_id") if isinstance(data, dict) else None
+    valid = isinstance(eos, int) or (isinstance(eos, list) and all(isinstance(e, int) for e in eos))
+    return eos if valid and not isinstance(eos, bool) and eos != [] else None
 
 
 def total_parameters(shards: list[Shard], quantized_bits: dict[str, int]) -> int:

@@ -313,3 +313,21 @@ def test_mlx_lm_load_with_adapter_path_accepts_our_directory(tmp_path):
     assert close(logits(loaded), logits(model))
     text = generate(loaded, tokenizer, prompt="The quick brown fox", max_tokens=4)
     assert isinstance(text, str)
+
+
+@pytest.mark.parametrize("kind", ["lora(r=4, dropout=0.5)", "dora(r=4, dropout=0.5)"])
+def test_loaded_adapters_are_in_eval_mode_as_mlx_lm_loads_them(tmp_path, kind):
+    from mlx_lm.utils import load
+
+    model_dir = tiny.example_model_dir("tiny-llama")
+    model, _config = tiny.load(model_dir)
+    plan = apply(model, f"layers[*].self_attn.<q,v>_proj: {kind}\n")
+    randomize_trainable(model)
+    save_adapters(model, plan, tmp_path / "a")
+    fresh, _config = tiny.load(model_dir)
+    fresh.train()
+    load_adapters(fresh, tmp_path / "a")
+    first, second = logits(fresh), logits(fresh)
+    assert mx.array_equal(first, second).item()  # dropout is off
+    theirs, _tokenizer = load(str(model_dir), adapter_path=str(tmp_path / "a"))
+    assert close(first, logits(theirs))

@@ -230,3 +230,14 @@ def test_a_system_error_is_a_message_and_exit_1_not_a_traceback(dense, tmp_path,
     assert main(["fuse", str(model), str(adapters), "-o", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert "error: No space left on device" in err and "model.safetensors" in err and "Traceback" not in err
+
+
+def test_the_fused_config_carries_the_generation_eos_token_as_mlx_lm_fuse_writes_it(tmp_path):
+    from mlx_lm.utils import load_config
+
+    model = tiny.write(tmp_path / "model", "llama", dtype="float32")
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7], "bos_token_id": 1}))
+    adapters = write_adapters(model, tmp_path / "adapters", MLX_LM_SPEC)
+    assert fuse(model, adapters, "-o", tmp_path / "out", "--quiet") == 0
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["eos_token_id"] == [2, 7] == load_config(model)["eos_token_id"]
