@@ -53,7 +53,7 @@ def commands(work: Path) -> dict[str, list[str]]:
         "fuse": cli("fuse", str(MODELS / "tiny-llama-4bit"), adapters, "-o", out, "--quiet"),
         "apply": cli("apply", str(MODELS / "tiny-moe"), str(SPECS / "moe.aspec"), "-o", out),
         "train": cli("train", str(MODELS / "tiny-llama"), str(SPECS / "attention.aspec"), "--data", str(DATA), "-o", out,
-                     "--iters", "40", "--save-every", "5", "--steps-per-eval", "1000", "--val-batches", "1"),
+                     "--iters", "12", "--save-every", "3", "--steps-per-eval", "1000", "--val-batches", "1"),
     }  # fmt: skip
 
 
