@@ -128,8 +128,14 @@ def entry() -> None:
     ignored, as some CI runners do), then `main`."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     code = main()
-    # The work is done and published: an interrupt during the interpreter's shutdown has nothing left to stop.
+    # The work is done (or abandoned and cleaned up): an interrupt during the shutdown has nothing left to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if code == EXIT_INTERRUPTED:
+        # CPython ends a process whose interrupt landed inside some of its own machinery (an import, an exec) by
+        # killing itself with SIGINT at exit, whatever code it was given; leave with the documented code instead.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
 
 
