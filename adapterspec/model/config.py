@@ -27,6 +27,11 @@ POSITIVE_INTS = {
     "n_routed_experts": 1 << 16,
     "num_experts_per_tok": 1 << 16,
 }
+# Optional fields that Hugging Face configs often write as null (mlx-lm then uses its default).
+NULLABLE = frozenset(
+    {"head_dim", "num_key_value_heads", "moe_intermediate_size", "shared_expert_intermediate_size", "num_experts",
+     "num_local_experts", "n_routed_experts", "num_experts_per_tok", "tie_word_embeddings"}
+)  # fmt: skip
 EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts")
 BOOLEANS = ("tie_word_embeddings",)
 MODEL_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
@@ -65,17 +70,17 @@ def check_model_config(config: Any, path: Path) -> dict:
 
 def _check_fields(config: dict, path: Path, prefix: str) -> None:
     for name, limit in POSITIVE_INTS.items():
-        if name in config:
+        if name in config and not (config[name] is None and name in NULLABLE):
             _positive_int(config[name], f"{prefix}{name}", limit, path)
     for name in BOOLEANS:
-        if name in config and not isinstance(config[name], bool):
+        if config.get(name) is not None and not isinstance(config[name], bool):
             raise config_error(path, f"'{prefix}{name}' is {_show(config[name])}, not true or false")
     heads, kv_heads = config.get("num_attention_heads"), config.get("num_key_value_heads")
     if heads is not None and kv_heads is not None and heads % kv_heads:
         raise config_error(
             path, f"'{prefix}num_key_value_heads' ({kv_heads}) does not divide num_attention_heads ({heads})"
         )
-    experts = next((config[name] for name in EXPERT_COUNTS if name in config), None)
+    experts = next((config[name] for name in EXPERT_COUNTS if config.get(name) is not None), None)
     per_token = config.get("num_experts_per_tok")
     if experts is not None and per_token is not None and per_token > experts:
         raise config_error(path, f"'{prefix}num_experts_per_tok' ({per_token}) is more than the {experts} experts")
@@ -271,7 +276,7 @@ def _check_embeddings(config: dict, infos: dict, path: Path) -> None:
 
 def _check_experts(config: dict, infos: dict, path: Path) -> None:
     switches = [m for m in infos.values() if m.family == "switch"]
-    expert_key = next((name for name in EXPERT_COUNTS if name in config), None)
+    expert_key = next((name for name in EXPERT_COUNTS if config.get(name) is not None), None)
     if config.get("model_type") in MOE_TYPES and not switches and not any(".experts." in p for p in infos):
         raise config_error(
             path,
@@ -313,8 +318,8 @@ def _check_projections(config: dict, infos: dict, weights: dict, path: Path) -> 
     if hidden is None or heads is None:
         return
     head_dim = config.get("head_dim") or hidden // heads
-    kv = config.get("num_key_value_heads", heads)
-    if "head_dim" not in config and hidden % heads:
+    kv = config.get("num_key_value_heads") or heads
+    if not config.get("head_dim") and hidden % heads:
         raise config_error(path, f"'num_attention_heads' ({heads}) does not divide hidden_size ({hidden})")
     expected = {
         "self_attn.q_proj": (hidden, heads * head_dim),

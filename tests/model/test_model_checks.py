@@ -99,6 +99,14 @@ def test_config_fields_are_checked(tmp_path, field, value, words):
         check_model_config(config, tmp_path / "config.json")
 
 
+def test_optional_fields_may_be_null(tmp_path, llama):
+    """Hugging Face configs write optional fields as null; mlx-lm then uses its defaults."""
+    model_dir = copy(llama, tmp_path / "m", head_dim=None, num_key_value_heads=None, tie_word_embeddings=None)
+    with pytest.raises(UserError, match="self_attn.k_proj' maps 64 → 32"):  # kv heads default to the 4 heads
+        ModuleIndex.from_model_dir(model_dir)
+    ModuleIndex.from_model_dir(copy(llama, tmp_path / "n", head_dim=None, num_experts=None))
+
+
 @pytest.mark.parametrize("config", [[], None, "llama", 42])
 def test_config_must_be_an_object(tmp_path, config):
     with pytest.raises(UserError, match="config.json: not a JSON object"):
