@@ -189,19 +189,31 @@ def _foreign_quantization(key: str, quantization: Any) -> bool:
 def check_config_against_weights(config: dict, modules: Iterable, weights: dict[str, tuple], path: Path) -> None:
     """The config's dimensions against the tensors (name → (file, TensorInfo)) and the modules inferred from them."""
     infos = {m.path: m for m in sorted(modules, key=lambda m: m.path)}  # messages name the first in order
-    _check_blocks(config, weights, path)
+    blocks = _block_tensors(weights)
+    _check_blocks(config, blocks, path)
     _check_quantized_weights(config, weights, path)
     _check_embeddings(config, infos, path)
     _check_experts(config, infos, path)
     if config.get("model_type") in STANDARD_LAYOUT:
         if not config.get("mlp_only_layers") and config.get("decoder_sparse_step", 1) == 1:
-            _check_uniform_blocks(weights)
+            _check_uniform_blocks(blocks, weights)
         _check_projections(config, infos, weights, path)
 
 
-def _check_blocks(config: dict, weights: dict, path: Path) -> None:
+def _block_tensors(weights: dict) -> dict[int, set[str]]:
+    """Block number → the names of its tensors inside the block, for every tensor under model.layers."""
+    per_block: dict[int, set[str]] = {}
+    for name in weights:
+        if name.startswith("model.layers."):
+            match = BLOCK.match(name)
+            if match:
+                per_block.setdefault(int(match.group(1)), set()).add(match.group(2))
+    return per_block
+
+
+def _check_blocks(config: dict, per_block: dict[int, set[str]], path: Path) -> None:
     layers = config.get("num_hidden_layers")
-    blocks = {int(m.group(1)) for m in map(BLOCK.match, weights) if m}
+    blocks = set(per_block)
     if layers is None or not blocks:
         return
     if blocks != set(range(layers)):
@@ -229,7 +241,7 @@ def _check_quantized_weights(config: dict, weights: dict, path: Path) -> None:
         _check_packed(module, weights, quantization, key, path)
     for name, (file, info) in weights.items():
         owner = name[: -len(".weight")]
-        if name.endswith(".weight") and info.dtype == "U32" and f"{owner}.scales" not in weights:
+        if info.dtype == "U32" and name.endswith(".weight") and f"{owner}.scales" not in weights:
             raise UserError(
                 f"{file}: '{name}' is packed (uint32) but '{owner}.scales' is missing",
                 help="the file is damaged or incomplete; convert the model again",
@@ -292,13 +304,8 @@ def _check_experts(config: dict, infos: dict, path: Path) -> None:
             )
 
 
-def _check_uniform_blocks(weights: dict) -> None:
+def _check_uniform_blocks(per_block: dict[int, set[str]], weights: dict) -> None:
     """Every block holds the same tensors (architectures whose blocks are alike)."""
-    per_block: dict[int, set[str]] = {}
-    for name in weights:
-        match = BLOCK.match(name)
-        if match:
-            per_block.setdefault(int(match.group(1)), set()).add(match.group(2))
     common = set.union(*per_block.values()) if per_block else set()
     for block, names in sorted(per_block.items()):
         missing = sorted(common - names)

@@ -112,9 +112,9 @@ def _tensor_infos(path: Path, header: dict, data_size: int) -> dict[str, TensorI
             raise _corrupt(
                 path, f"tensor {name!r} has unknown dtype {dtype!r} (known: {', '.join(SAFETENSORS_DTYPES)})"
             )
-        if not isinstance(shape, list) or not all(_is_count(d) for d in shape) or len(shape) > MAX_NDIM:
+        if type(shape) is not list or len(shape) > MAX_NDIM or not _counts(shape):
             raise _corrupt(path, f"tensor {name!r} has shape {_short(shape)}, not a list of sizes")
-        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+        if type(offsets) is not list or len(offsets) != 2 or not _counts(offsets):
             raise _corrupt(path, f"tensor {name!r} has data_offsets {_short(offsets)}, not [start, end]")
         start, end = offsets
         if not start <= end <= data_size:
@@ -146,8 +146,9 @@ def _check_no_overlap(path: Path, tensors: dict[str, TensorInfo]) -> None:
             raise _corrupt(path, f"tensors {name_a!r} and {name_b!r} share bytes (data_offsets overlap)")
 
 
-def _is_count(value: object) -> bool:
-    return type(value) is int and 0 <= value < 1 << 62
+def _counts(values: list) -> bool:
+    """Whether every value is an integer from 0 to 2**62 (no bool, no float)."""
+    return all(type(v) is int for v in values) and (not values or (min(values) >= 0 and max(values) < 1 << 62))
 
 
 def _short(value: object) -> str:
