@@ -7,51 +7,54 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..model.files import (
-    CONFIG_FILE,
-    read_model_config,
-    resolve_model_path,
-    weight_files,
-)
+from ..model.files import CONFIG_FILE, read_model_config, resolve_model_path
+from ..model.index import ModuleIndex
 
 
 class ModelLoadError(UserError):
     """mlx-lm could not build the model from its directory."""
 
 
+# What mlx-lm (and mlx under it) raise on a config or weights it cannot build: a bad value divides by zero, a
+# module without Model, a missing field, a shape mismatch, a damaged file.
+MLX_LM_ERRORS = (
+    ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError, IndexError, OverflowError, RuntimeError,
+    FileNotFoundError, ImportError,
+)  # fmt: skip
+
+
 def load_model(path: str | os.PathLike, lazy: bool = False) -> tuple[Any, dict]:
-    """(model, config) of a model directory, through mlx-lm, with user errors for the usual failures."""
+    """(model, config) of a model directory, through mlx-lm, with user errors for the usual failures.
+
+    config.json, the index and every safetensors header are checked first (as `tree` reads them), so mlx-lm
+    only ever sees a directory whose files are whole and agree with each other."""
     path = resolve_model_path(path)
+    ModuleIndex.from_model_dir(path)
     config = read_model_config(path)
-    if "model_type" not in config:
-        raise ModelLoadError(f"{path / CONFIG_FILE}: no 'model_type'", help="config.json must name the architecture")
-    weight_files(path)
     from mlx_lm.utils import load_model as mlx_lm_load_model
 
     try:
         return mlx_lm_load_model(path, lazy=lazy)
-    except ValueError as e:
+    except MLX_LM_ERRORS as e:
         raise _load_error(path, config, e) from e
-    except (KeyError, TypeError, FileNotFoundError) as e:
-        raise ModelLoadError(
-            f"{path}: mlx-lm cannot build the model: {type(e).__name__}: {e}",
-            help="check config.json against the model type's parameters",
-        ) from e
 
 
-def _load_error(path: Path, config: dict, error: ValueError) -> ModelLoadError:
-    text = str(error)
+def _load_error(path: Path, config: dict, error: Exception) -> ModelLoadError:
+    text = f"{type(error).__name__}: {error}" if not isinstance(error, ValueError) else str(error)
+    what = f"{path}: mlx-lm cannot build model_type {config.get('model_type')!r}"
     if "not supported" in text and "Model type" in text:
         return ModelLoadError(
-            f"{path}: model type {config.get('model_type')!r} is not supported by the installed mlx-lm",
+            f"{what}: the installed mlx-lm does not support it",
             help="upgrade mlx-lm, or check 'model_type' in config.json",
         )
     if "shape" in text.lower():
         return ModelLoadError(
-            f"{path}: the weights do not fit the architecture in config.json: {text}",
+            f"{what}: the weights do not fit the architecture in {CONFIG_FILE}: {text}",
             help="config.json and the safetensors files come from different models, or the conversion failed",
         )
-    return ModelLoadError(f"{path}: mlx-lm cannot load the model: {text}")
+    return ModelLoadError(
+        f"{what}: {text}", help=f"check {path / CONFIG_FILE} against the model type's parameters, or convert it again"
+    )
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:

@@ -7,9 +7,10 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
 
 from ..errors import UserError
+from ..jsonfile import check_regular_file, read_json
+from .config import check_model_config
 from .safetensors import TensorInfo, read_safetensors_header
 
 CONFIG_FILE = "config.json"
@@ -32,45 +33,96 @@ def weight_files(model_dir: str | os.PathLike) -> list[Path]:
     """The safetensors files of a model directory: those of its index, or model*.safetensors."""
     model_dir = Path(model_dir)
     index_path = model_dir / WEIGHT_INDEX_FILE
-    if index_path.is_file():
-        index = read_json(index_path)
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict):
-            raise UserError(f"{index_path}: no 'weight_map' in the index", help="the model directory is damaged")
-        files = [model_dir / name for name in sorted(set(weight_map.values()))]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise UserError(
-                f"{model_dir}: weight shard(s) named in {WEIGHT_INDEX_FILE} are missing: {', '.join(missing)}",
-                help="the download or conversion is incomplete",
-            )
-        return files
+    if os.path.lexists(index_path):
+        return _shard_paths(model_dir, read_weight_map(model_dir))
     files = sorted(model_dir.glob("model*.safetensors"))
     if not files:
         raise UserError(
             f"{model_dir}: no model*.safetensors weights",
             help="point at an mlx-lm model directory (convert other formats with `mlx_lm.convert`)",
         )
+    for path in files:
+        check_regular_file(path)
     return files
+
+
+def read_weight_map(model_dir: str | os.PathLike) -> dict[str, str]:
+    """The index's weight_map (tensor name → shard file name), checked: names are files inside the directory."""
+    model_dir = Path(model_dir)
+    index_path = model_dir / WEIGHT_INDEX_FILE
+    index = read_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise UserError(f"{index_path}: no 'weight_map' object in the index", help="the model directory is damaged")
+    if not all(type(name) is str for name in weight_map.values()):
+        tensor, name = next((t, n) for t, n in weight_map.items() if type(n) is not str)
+        _check_shard_name(index_path, tensor, name)
+    for name in set(weight_map.values()):
+        _check_shard_name(index_path, next(t for t, n in weight_map.items() if n == name), name)
+    for name in sorted(set(weight_map.values())):
+        shard = model_dir / name
+        if not os.path.lexists(shard):
+            raise UserError(
+                f"{model_dir}: weight shard {name} named in {WEIGHT_INDEX_FILE} is missing",
+                help="the download or conversion is incomplete",
+            )
+        check_regular_file(shard)
+    return weight_map
+
+
+def _shard_paths(model_dir: Path, weight_map: dict[str, str]) -> list[Path]:
+    return [model_dir / name for name in sorted(set(weight_map.values()))]
+
+
+def _check_shard_name(index_path: Path, tensor: str, name: object) -> None:
+    """A weight_map entry must name a file in the model directory itself."""
+    if not isinstance(name, str):
+        raise UserError(
+            f"{index_path}: weight_map['{tensor}'] is {json.dumps(name)}, not a file name",
+            help="every weight_map entry names the shard file that holds the tensor",
+        )
+    if name in ("", ".", "..") or any(c in name for c in "/\\\0") or os.path.isabs(name):
+        raise UserError(
+            f"{index_path}: weight_map['{tensor}'] is {name!r}, which is not a file inside the model directory",
+            help="shards must lie in the model directory itself; the index is damaged or was not made for it",
+        )
 
 
 def read_model_tensors(model_dir: str | os.PathLike) -> dict[str, TensorInfo]:
     """Every tensor of a model directory, over all of its shards."""
-    tensors: dict[str, TensorInfo] = {}
-    for path in weight_files(model_dir):
-        tensors.update(read_safetensors_header(path))
-    return tensors
+    return {name: info for name, (_, info) in read_model_weights(model_dir).items()}
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    path = Path(path)
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError as e:
-        raise UserError(f"{path}: no such file") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: cannot read JSON: {e}") from e
+def read_model_weights(model_dir: str | os.PathLike) -> dict[str, tuple[Path, TensorInfo]]:
+    """Every tensor of a model directory with the shard holding it, checked against the index when there is one.
+
+    A tensor held by two shards, or an index entry naming a shard that does not hold the tensor, is refused."""
+    model_dir = Path(model_dir)
+    weight_map = read_weight_map(model_dir) if os.path.lexists(model_dir / WEIGHT_INDEX_FILE) else None
+    found: dict[str, tuple[Path, TensorInfo]] = {}
+    for path in weight_files(model_dir) if weight_map is None else _shard_paths(model_dir, weight_map):
+        for name, info in read_safetensors_header(path).items():
+            if name in found:
+                raise UserError(
+                    f"{model_dir}: tensor '{name}' is stored twice, in {found[name][0].name} and in {path.name}",
+                    help="each tensor belongs in one shard; the conversion is damaged, convert the model again",
+                )
+            found[name] = (path, info)
+    if weight_map is not None:
+        _check_index_against_shards(model_dir, weight_map, found)
+    return found
+
+
+def _check_index_against_shards(model_dir: Path, weight_map: dict[str, str], found: dict) -> None:
+    index_path = model_dir / WEIGHT_INDEX_FILE
+    for tensor, name in weight_map.items():
+        where = found.get(tensor)
+        if where is None or where[0].name != name:
+            holder = f"{name} does not hold it" if where is None else f"it is in {where[0].name}"
+            raise UserError(
+                f"{index_path}: weight_map puts tensor '{tensor}' in {name}, but {holder}",
+                help="the index does not describe the shards; convert or download the model again",
+            )
 
 
 def read_model_config(model_dir: str | os.PathLike) -> dict:
@@ -84,10 +136,7 @@ def read_model_config(model_dir: str | os.PathLike) -> dict:
             f"{model_dir}: no {CONFIG_FILE}",
             help="a model directory holds config.json and model*.safetensors, as mlx-lm writes them",
         )
-    config = read_json(path)
-    if not isinstance(config, dict):
-        raise UserError(f"{path}: not a JSON object")
-    return config
+    return check_model_config(read_json(path), path)
 
 
 # ── finding models ──────────────────────────────────────────────────────────

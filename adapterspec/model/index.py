@@ -173,12 +173,14 @@ class ModuleIndex:
         Never imports mlx. Modules without parameters (RoPE, activations) are invisible here, and
         classes the headers cannot tell are named Norm, Leaf or Container (see GUESSED_CLASSES).
         """
-        from .files import read_model_config, read_model_tensors, resolve_model_path
+        from .config import check_config_against_weights
+        from .files import CONFIG_FILE, read_model_config, read_model_weights, resolve_model_path
 
         path = resolve_model_path(path)
         config = read_model_config(path)
-        tensors = read_model_tensors(path)
-        infos = infos_from_tensors({name: (t.dtype_name, t.shape) for name, t in tensors.items()}, config)
+        weights = read_model_weights(path)
+        infos = infos_from_tensors({name: (t.dtype_name, t.shape) for name, (_, t) in weights.items()}, config)
+        check_config_against_weights(config, infos, weights, path / CONFIG_FILE)
         text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
         flag = config.get("tie_word_embeddings", text_config.get("tie_word_embeddings"))
         tied = _tied_embeddings(infos, None if flag is None else bool(flag))

@@ -5,14 +5,21 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from ..errors import UserError
+from ..jsonfile import check_regular_file, loads
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_NDIM = 16
+MAX_NAME_CHARS = 1024
+MAX_NAME_SEGMENTS = 64
+SEGMENT = r"[^.\x00-\x20\x7f]+"
+TENSOR_NAME = re.compile(rf"{SEGMENT}(?:\.{SEGMENT})*")
 
 
 # safetensors dtype codes → (mlx dtype name, bytes per element)
@@ -63,8 +70,9 @@ class TensorInfo:
 
 
 def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
-    """The tensors of a safetensors file, read from its header only (pure Python)."""
+    """The tensors of a safetensors file, read from its header only (pure Python), every field checked."""
     path = Path(path)
+    check_regular_file(path)
     try:
         with open(path, "rb") as f:
             head = f.read(8)
@@ -78,12 +86,17 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from e
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _corrupt(path, f"the header is not valid JSON ({e})") from e
+        header = loads(raw.rstrip(b" \x00"), path, "the header", bound_depth=False)  # every field is checked
+    except UserError as e:
+        raise _corrupt(path, e.message.split(": ", 1)[-1]) from e
     if not isinstance(header, dict):
         raise _corrupt(path, "the header is not a JSON object")
-    return _tensor_infos(path, header, file_size - 8 - header_len)
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _corrupt(path, "'__metadata__' is not an object of strings")
+    tensors = _tensor_infos(path, header, file_size - 8 - header_len)
+    _check_no_overlap(path, tensors)
+    return tensors
 
 
 def _tensor_infos(path: Path, header: dict, data_size: int) -> dict[str, TensorInfo]:
@@ -91,19 +104,56 @@ def _tensor_infos(path: Path, header: dict, data_size: int) -> dict[str, TensorI
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-        except (TypeError, KeyError, ValueError) as e:
-            raise _corrupt(path, f"tensor {name!r} has no valid dtype/shape/data_offsets") from e
-        if dtype not in SAFETENSORS_DTYPES:
-            raise _corrupt(path, f"tensor {name!r} has unknown dtype {dtype!r}")
-        info = TensorInfo(dtype, shape, (start, end))
-        if not all(isinstance(d, int) and d >= 0 for d in shape) or not (0 <= start <= end <= data_size):
-            raise _corrupt(path, f"tensor {name!r} has invalid shape or offsets (the file may be truncated)")
+        _check_tensor_name(path, name)
+        if not isinstance(entry, dict):
+            raise _corrupt(path, f"tensor {name!r} is not an object with dtype, shape and data_offsets")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+            raise _corrupt(
+                path, f"tensor {name!r} has unknown dtype {dtype!r} (known: {', '.join(SAFETENSORS_DTYPES)})"
+            )
+        if type(shape) is not list or len(shape) > MAX_NDIM or not _counts(shape):
+            raise _corrupt(path, f"tensor {name!r} has shape {_short(shape)}, not a list of sizes")
+        if type(offsets) is not list or len(offsets) != 2 or not _counts(offsets):
+            raise _corrupt(path, f"tensor {name!r} has data_offsets {_short(offsets)}, not [start, end]")
+        start, end = offsets
+        if not start <= end <= data_size:
+            raise _corrupt(
+                path,
+                f"tensor {name!r} has data_offsets [{start}, {end}] outside the {data_size} data bytes (truncated?)",
+            )
+        info = TensorInfo(dtype, tuple(shape), (start, end))
         if end - start != info.size * SAFETENSORS_DTYPES[dtype][1]:
-            raise _corrupt(path, f"tensor {name!r}: its offsets do not match its shape and dtype")
+            raise _corrupt(path, f"tensor {name!r}: its {end - start} bytes do not match shape {shape} of {dtype}")
         tensors[name] = info
     return tensors
+
+
+def _check_tensor_name(path: Path, name: str) -> None:
+    """A tensor name is dot-separated non-empty segments of printable characters without spaces."""
+    if len(name) > MAX_NAME_CHARS or name.count(".") >= MAX_NAME_SEGMENTS:
+        raise _corrupt(path, f"tensor name {_short(name)} is too long")
+    if not TENSOR_NAME.fullmatch(name):
+        raise _corrupt(
+            path, f"tensor name {name!r} is not dot-separated names (empty part, space or control character)"
+        )
+
+
+def _check_no_overlap(path: Path, tensors: dict[str, TensorInfo]) -> None:
+    ordered = sorted((t.offsets, name) for name, t in tensors.items() if t.offsets[1] > t.offsets[0])
+    for (first, name_a), (second, name_b) in zip(ordered, ordered[1:]):
+        if second[0] < first[1]:
+            raise _corrupt(path, f"tensors {name_a!r} and {name_b!r} share bytes (data_offsets overlap)")
+
+
+def _counts(values: list) -> bool:
+    """Whether every value is an integer from 0 to 2**62 (no bool, no float)."""
+    return all(type(v) is int for v in values) and (not values or (min(values) >= 0 and max(values) < 1 << 62))
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _corrupt(path: Path, why: str) -> CorruptWeightFile:

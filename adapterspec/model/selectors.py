@@ -172,7 +172,8 @@ def _tree(index) -> dict[str, list[tuple[str, str, bool]]]:
     if tree is None:
         tree = {}
         for info in index:
-            tree.setdefault(info.parent, []).append((info.path, info.name, info.family == "list"))
+            if info.path and info.parent != info.path:  # an odd path can never be its own child: no endless walk
+                tree.setdefault(info.parent, []).append((info.path, info.name, info.family == "list"))
         _TREES[index] = tree
     return tree
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import models as tiny
 import pytest
 
-from adapterspec.adapters.loading import ModelLoadError, load_model, load_tokenizer
+from adapterspec.adapters.loading import load_model, load_tokenizer
 from adapterspec.errors import UserError
 from adapterspec.model.files import (
     ModelNotFound,
@@ -310,9 +310,10 @@ def _copy_model(tmp_path: Path, **config_changes) -> Path:
 def test_load_errors_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="no config.json"):
         load_model(tmp_path)
-    with pytest.raises(ModelLoadError, match="not supported"):
+    # both are now refused from config.json and the headers, before mlx-lm builds anything
+    with pytest.raises(UserError, match="model_type 'no_such_arch': mlx-lm has no such architecture"):
         load_model(_copy_model(tmp_path / "a", model_type="no_such_arch"))
-    with pytest.raises(ModelLoadError, match="do not fit the architecture"):
+    with pytest.raises(UserError, match="intermediate_size 96 need"):
         load_model(_copy_model(tmp_path / "b", intermediate_size=96))
     missing = _copy_model(tmp_path / "c")
     (missing / "model.safetensors").unlink()

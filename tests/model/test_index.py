@@ -294,7 +294,9 @@ def test_multi_shard_index(tmp_path):
     single, sharded = ModuleIndex.from_model_dir(source), ModuleIndex.from_model_dir(dest)
     assert single.modules == sharded.modules
     (dest / "model-00002-of-00003.safetensors").unlink()
-    with pytest.raises(UserError, match="missing: model-00002-of-00003"):
+    with pytest.raises(
+        UserError, match="model-00002-of-00003.safetensors named in model.safetensors.index.json is missing"
+    ):
         ModuleIndex.from_model_dir(dest)
 
 
