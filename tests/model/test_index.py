@@ -7,7 +7,6 @@ import os
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import models as tiny
@@ -411,15 +410,11 @@ def _write_zero_safetensors(path: Path, tensors: dict) -> None:
         f.write(struct.pack("<Q", len(raw)) + raw + bytes(offset))
 
 
-def test_96_block_moe_index_is_fast(tmp_path):
+def test_96_block_moe_index_reads_every_block(tmp_path):
+    # How long this takes is measured by benchmarks/plan.py (the directory plan of a 96-block model), not here.
     count = _write_header_only_model(tmp_path / "big", blocks=96, experts=64, shards=4)
     assert count > 3000
-    timings = []
-    for _ in range(3):
-        start = time.perf_counter()
-        index = ModuleIndex.from_model_dir(tmp_path / "big")
-        timings.append(time.perf_counter() - start)
+    index = ModuleIndex.from_model_dir(tmp_path / "big")
     assert len(index.by_family("switch")) == 96 * 3
     assert index.list_length("model.layers") == 96
     assert index["model.layers.95.mlp.switch_mlp.up_proj"].num_experts == 64
-    assert min(timings) < 0.1, timings
