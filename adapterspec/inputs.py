@@ -28,7 +28,15 @@ def open_regular(path: str | os.PathLike) -> BinaryIO:
     return os.fdopen(fd, "rb")
 
 
-def require_regular(path: str | os.PathLike) -> Path:
-    """`path`, checked to be a regular file (see `open_regular`), for a reader that opens it itself."""
-    open_regular(path).close()
-    return Path(path)
+def check_regular_file(path: Path) -> None:
+    """Refuse a missing path, a directory, a FIFO or a device before opening it (a FIFO would block)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError as e:
+        raise UserError(f"{path}: no such file") from e
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the file: {e.strerror or e}") from e
+    if stat.S_ISDIR(mode):
+        raise UserError(f"{path}: is a directory, not a file", help="remove or rename the directory")
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{path}: not a regular file (a FIFO, socket or device)", help="replace it with the real file")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .inputs import check_regular_file, open_regular
 
 # No file adapterspec reads nests deeper than a few levels; this bound keeps every later walk shallow.
 MAX_JSON_DEPTH = 64
@@ -20,9 +20,9 @@ def read_json(path: str | os.PathLike, max_bytes: int = MAX_JSON_BYTES) -> Any:
     path = Path(path)
     check_regular_file(path)
     try:
-        if path.stat().st_size > max_bytes:
-            raise UserError(f"{path}: the file is larger than {max_bytes} bytes", help="is this the right file?")
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
+            if os.fstat(f.fileno()).st_size > max_bytes:
+                raise UserError(f"{path}: the file is larger than {max_bytes} bytes", help="is this the right file?")
             raw = f.read(max_bytes + 1)
     except OSError as e:
         raise UserError(f"{path}: cannot read the file: {e.strerror or e}") from e
@@ -46,20 +46,6 @@ def loads(raw: bytes | str, path: str | os.PathLike, what: str = "JSON", bound_d
     if bound_depth and _nesting_depth(value) > MAX_JSON_DEPTH:
         raise UserError(f"{path}: {what} is nested more than {MAX_JSON_DEPTH} levels deep", help=_FIX)
     return value
-
-
-def check_regular_file(path: Path) -> None:
-    """Refuse a missing path, a directory, a FIFO or a device before opening it (a FIFO would block)."""
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError as e:
-        raise UserError(f"{path}: no such file") from e
-    except OSError as e:
-        raise UserError(f"{path}: cannot read the file: {e.strerror or e}") from e
-    if stat.S_ISDIR(mode):
-        raise UserError(f"{path}: is a directory, not a file", help="remove or rename the directory")
-    if not stat.S_ISREG(mode):
-        raise UserError(f"{path}: not a regular file (a FIFO, socket or device)", help="replace it with the real file")
 
 
 _FIX = "the file is damaged or not what its name says; write it again or download it again"

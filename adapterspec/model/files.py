@@ -9,7 +9,8 @@ import shutil
 from pathlib import Path
 
 from ..errors import UserError
-from ..jsonfile import check_regular_file, read_json
+from ..inputs import check_regular_file
+from ..jsonfile import read_json
 from .config import check_model_config
 from .safetensors import TensorInfo, read_safetensors_header
 

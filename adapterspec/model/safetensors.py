@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from ..errors import UserError
-from ..jsonfile import check_regular_file, loads
+from ..inputs import check_regular_file
+from ..jsonfile import loads
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_NDIM = 16
