@@ -207,11 +207,24 @@ def plan_of(config: dict, index: ModuleIndex, directory) -> tuple["Plan", list[s
         actual = [(e.path, e.adapter, e.r) for e in plan.entries]
         if expected != actual:
             raise UserError(
-                f"{file}: the adapters were made for another model (or the config was edited): its spec does not "
-                "plan, on this model, the modules its saved plan lists",
+                f"{file}: the adapters were made for another model (or the config was edited): "
+                + _plan_difference(expected, actual),
                 help="use the adapters with the model they were trained for",
             )
     return plan, notes
+
+
+def _plan_difference(saved: list[tuple], planned: list[tuple]) -> str:
+    """The first module on which a saved plan and the spec's plan on this model differ, in words."""
+    missing = [entry for entry in saved if entry not in planned]
+    if missing:
+        path, kind, r = missing[0]
+        return f"the saved plan adapts '{path}' ({kind}, r={r}), which its spec does not give it on this model"
+    extra = [entry for entry in planned if entry not in saved]
+    if extra:
+        path, kind, r = extra[0]
+        return f"on this model its spec adapts '{path}' ({kind}, r={r}), which the saved plan does not list"
+    return "its spec plans the saved modules in another order"
 
 
 def check_weights_file(file) -> Path:
