@@ -77,7 +77,7 @@ def trial(name: str, argv: list[str], work: Path, how: signal.Signals, delay: fl
     problems = []
     finished = process.returncode == 0
     if "Traceback (most recent call last)" in err:
-        problems.append("traceback: " + " | ".join(err[err.index("Traceback"):].strip().splitlines()[-12:])[:1500])
+        problems.append("traceback: " + " | ".join(err[err.index("Traceback") :].strip().splitlines()[-12:])[:1500])
     # -2: the interrupt came before the interpreter could handle it (a shell reports 130 for both).
     if how is signal.SIGINT and process.returncode not in (0, 130, -signal.SIGINT):
         problems.append(f"exit {process.returncode} after SIGINT")

@@ -12,11 +12,14 @@ from ..model.adapter_format import (
     ADAPTER_DIR_FILES,
     ADAPTER_WEIGHTS,
     adapter_config,
+    check_weights_file,
+    plan_of,
     read_adapter_config,
-    spec_text_of,
 )
 from ..model.index import ModuleIndex
 from ..model.plan import Plan
+
+UNREADABLE_HELP = "the file is damaged or incomplete: copy or write it again"
 
 
 def adapter_weights(model) -> dict:
@@ -47,28 +50,41 @@ def load_adapters(model, path, *, strict: bool = True) -> Plan:
 
     The model is left in eval mode (dropout off), as `mlx_lm.load(..., adapter_path=...)` leaves it;
     call `model.train()` to train on."""
-    from ..model.plan import plan_spec
-
     path = Path(path)
     config = read_adapter_config(path)
-    index = ModuleIndex.from_module(model)
-    text, filename, _notes = spec_text_of(config, index)
-    plan = plan_spec(text, index, filename)
-    saved = config.get("adapterspec", {}).get("plan")
-    if saved is not None:
-        expected = [(m["path"], m["adapter"], m["r"]) for m in saved["modules"]]
-        actual = [(e.path, e.adapter, e.r) for e in plan.entries]
-        if expected != actual:
-            raise UserError(
-                f"{path} was made for another model: its plan does not match this model's modules",
-                help="load the adapters onto the model they were trained for",
-            )
-    weights_path = path / ADAPTER_WEIGHTS
-    if not weights_path.is_file():
-        raise UserError(f"{path}: {ADAPTER_WEIGHTS} is missing")
-    install_weights(model, plan, weights_path, strict=strict)
+    plan, _notes = plan_of(config, ModuleIndex.from_module(model), path)
+    install_weights(model, plan, check_weights_file(path / ADAPTER_WEIGHTS), strict=strict)
     model.eval()
     return plan
+
+
+def read_weights(file) -> dict:
+    """The tensors of a user's safetensors file (adapters), each finite; a UserError names the file and tensor."""
+    import mlx.core as mx
+
+    try:
+        weights = mx.load(str(file))
+    except (RuntimeError, ValueError, OSError) as error:
+        raise UserError(f"{file}: not a readable safetensors file ({error})", help=UNREADABLE_HELP) from None
+    if not isinstance(weights, dict):
+        raise UserError(f"{file}: not a safetensors file", help=UNREADABLE_HELP)
+    check_finite(weights, file)
+    return weights
+
+
+def check_finite(weights: dict, file) -> None:
+    """Refuse tensors holding NaN or Inf (a diverged training run): merged or loaded, they would spoil every output."""
+    import mlx.core as mx
+
+    for name in sorted(weights):
+        value = weights[name]
+        if not mx.issubdtype(value.dtype, mx.floating) or value.size == 0:
+            continue
+        if not mx.all(mx.isfinite(value)).item():
+            raise UserError(
+                f"{file}: tensor '{name}' holds NaN or infinite values",
+                help="the adapters are broken (a diverged training run?): train them again or use an earlier checkpoint",
+            )
 
 
 def install_weights(model, plan: Plan, weights_path: Path, *, strict: bool = True) -> None:
@@ -77,10 +93,7 @@ def install_weights(model, plan: Plan, weights_path: Path, *, strict: bool = Tru
 
     from .install import build_adapters, has_adapters, install, trainable_shapes
 
-    try:
-        weights = mx.load(str(weights_path))
-    except (RuntimeError, ValueError) as error:
-        raise UserError(f"{weights_path}: not a readable safetensors file ({error})") from error
+    weights = read_weights(weights_path)
     if has_adapters(model):
         raise UserError("the model already has adapters", help="load adapters onto a freshly loaded model")
     adapters = build_adapters(model, plan)
@@ -91,6 +104,8 @@ def install_weights(model, plan: Plan, weights_path: Path, *, strict: bool = Tru
             problems.append(f"'{name}' is not an adapter parameter of the model")
         elif tuple(value.shape) != expected[name]:
             problems.append(f"'{name}' has shape {tuple(value.shape)}, the model expects {expected[name]}")
+        elif not mx.issubdtype(value.dtype, mx.floating):
+            problems.append(f"'{name}' is {value.dtype}, not a floating-point tensor")
     missing = sorted(set(expected) - set(weights))
     if strict and missing:
         problems.append(f"{len(missing)} adapter parameter(s) are missing from the file, e.g. '{missing[0]}'")

@@ -31,11 +31,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def adapter_weights_file(path: str) -> Path:
-    from ..model.adapter_format import ADAPTER_WEIGHTS
+    """The weights of --adapters: a safetensors file, or an adapter directory's (its config checked too)."""
+    from ..model.adapter_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_weights_file, read_adapter_config
 
     given = Path(path)
     if given.is_dir():
-        given = given / ADAPTER_WEIGHTS
+        if (given / ADAPTER_CONFIG).exists() or (given / ADAPTER_CONFIG).is_symlink():
+            read_adapter_config(given)
+        return check_weights_file(given / ADAPTER_WEIGHTS)
     if not given.is_file():
         raise UserError(
             f"{path}: no adapter weights found", help=f"pass an adapter directory or a {ADAPTER_WEIGHTS} file"

@@ -150,7 +150,7 @@ class DenseMerge:
         b_t = np.ascontiguousarray(np.asarray(lora_b, dtype=np.float32).T)
         native = merge_native.kernels()
         if native is not None:
-            return merge_native.merge_dense(native, weight, name, self.a_t, b_t, float(self.factor))
+            return _finite(merge_native.merge_dense(native, weight, name, self.a_t, b_t, float(self.factor)), name)
         _require_numpy_dtype(name)
         merged = np.empty((rows, cols), weight.dtype)
         tile = max(1, TILE_ELEMENTS // cols)
@@ -164,7 +164,18 @@ class DenseMerge:
                 _widen(weight[start:stop], w, work)
                 acc += w
                 np.copyto(merged[start:stop], acc, casting="unsafe")
-        return merged
+        return _finite(merged, name)
+
+
+def _finite(merged: np.ndarray, dtype: str) -> np.ndarray:
+    """The merged rows, or Unrepresentable where one is ±inf or NaN (mlx then merges them, and the fuse refuses)."""
+    if dtype == "bfloat16":  # uint16 bit patterns: all exponent bits set is inf or NaN
+        bad = ((merged.view(np.uint16) & 0x7F80) == 0x7F80).any()
+    else:
+        bad = not np.isfinite(merged).all()
+    if bad:
+        raise Unrepresentable("a merged value is not finite")
+    return merged
 
 
 def dequantize(packed: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group_size: int) -> np.ndarray:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import UserError
-from ..model.adapter_format import ADAPTER_WEIGHTS, read_adapter_config, spec_text_of
+from ..model.adapter_format import ADAPTER_WEIGHTS, check_weights_file, plan_of, read_adapter_config
 from ..model.files import read_model_config, resolve_model_path, weight_files
 from ..model.index import ModuleIndex, ModuleInfo, natural_key
 from ..model.kinds import KINDS
@@ -21,6 +21,7 @@ MAX_SHARD_BYTES = 5 << 30
 # Bytes of memory per weight element while a module is merged: the input, a float32 ΔW, the result.
 WORKING_BYTES_PER_ELEMENT = 16
 SHARD_METADATA = {"format": "mlx"}
+ADAPTER_DTYPES = ("float16", "bfloat16", "float32")
 
 
 @dataclass(frozen=True)
@@ -62,22 +63,10 @@ class AdapterSource:
     def from_dir(cls, adapter_dir, index: ModuleIndex) -> "AdapterSource":
         """An adapter directory: our saved plan, or mlx-lm's keys translated on this model."""
         adapter_dir = Path(adapter_dir)
-        config = read_adapter_config(adapter_dir)
-        ours = config.get("adapterspec")
-        if ours is not None and isinstance(ours.get("plan"), dict):
-            source = cls.from_plan(ours["plan"].get("modules"), adapter_dir / ADAPTER_WEIGHTS)
-            notes: tuple[str, ...] = ()
-        else:
-            from ..model.plan import plan_spec
-
-            text, filename, translation_notes = spec_text_of(config, index)
-            source, notes = (
-                cls.from_plan(plan_spec(text, index, filename), adapter_dir / ADAPTER_WEIGHTS),
-                tuple(translation_notes),
-            )
-        if not source.weights.is_file():
-            raise UserError(f"{adapter_dir}: {ADAPTER_WEIGHTS} is missing")
-        return cls(source.modules, source.weights, adapter_dir, notes)
+        plan, notes = plan_of(read_adapter_config(adapter_dir), index, adapter_dir)
+        source = cls.from_plan(plan, adapter_dir / ADAPTER_WEIGHTS)
+        check_weights_file(source.weights)
+        return cls(source.modules, source.weights, adapter_dir, tuple(notes))
 
 
 @dataclass(frozen=True)
@@ -344,6 +333,8 @@ def _units_for_adapters(adapters: AdapterSource, index, by_name, adapter_sources
                 problems.append(f"'{name}' is missing")
             elif tuple(source.shape) != expected:
                 problems.append(f"'{name}' has shape {source.shape}, this model needs {expected}")
+            elif source.dtype not in ADAPTER_DTYPES:
+                problems.append(f"'{name}' is {source.dtype}, not a floating-point tensor")
             else:
                 tensors[param] = source
         claimed.update(names.values())

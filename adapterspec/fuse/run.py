@@ -149,10 +149,12 @@ def _load_adapter_arrays(plan: FusePlan) -> dict:
     """The low-rank adapter tensors, loaded and evaluated (`full` replacements are copied from the file instead)."""
     import mlx.core as mx
 
+    from ..adapters.weights import read_weights
+
     names = {source.name for unit in plan.fused_units for source in unit.adapter_tensors.values()}
+    loaded = read_weights(plan.adapters.weights)  # every tensor finite, `full` replacements too
     if not names:
         return {}
-    loaded = mx.load(str(plan.adapters.weights))
     arrays = {name: loaded[name] for name in names}
     mx.eval(list(arrays.values()))
     return arrays

@@ -15,6 +15,7 @@ from typing import Iterator, Optional
 
 import mlx.core as mx
 
+from ..errors import UserError
 from .merge import numpy_merges
 from .merge_mlx import compute_chunk
 from .merge_numpy import Unrepresentable
@@ -172,6 +173,15 @@ def _check(tensor: OutputTensor, array, chunk: Chunk) -> None:
         raise RuntimeError(f"{tensor.name}: computed {got}, planned {(tensor.dtype, expected)}")
 
 
+def _check_finite(name: str, array) -> None:
+    """A fused tensor holding NaN or Inf (the merge overflowed the weight's dtype) is an error, never a written file."""
+    if mx.issubdtype(array.dtype, mx.floating) and not mx.all(mx.isfinite(array)).item():
+        raise UserError(
+            f"fusing gives NaN or infinite values in '{name}' (the merged weights do not fit {array.dtype})",
+            help="check the adapters' scale and weights, or fuse into a float32 copy of the model",
+        )
+
+
 class _Writing:
     """The state of one write_shards call: where outputs go, the worker merges not yet counted, the progress shown."""
 
@@ -189,6 +199,7 @@ class _Writing:
     def write_results(self, chunk: Chunk, results: dict) -> None:
         for name, array in results.items():
             _check(self.outputs.tensors[name], array, chunk)
+            _check_finite(name, array)
             self.outputs.write(name, chunk.rows, array)
             self.progress.advance(array.nbytes)
 

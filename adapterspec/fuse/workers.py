@@ -145,7 +145,8 @@ class MergeWorkers:
                 pickle.dump(item and item[0], process.stdin, protocol=pickle.HIGHEST_PROTOCOL)
                 process.stdin.flush()
                 ok, value = pickle.load(process.stdout)
-            except (OSError, EOFError, pickle.UnpicklingError) as error:
+            # ValueError: the pipe was closed under a read (the fuse stopped on an error while this worker ran)
+            except (OSError, EOFError, ValueError, pickle.UnpicklingError) as error:
                 if item is not None:
                     item[1].set_exception(WorkerFailed(f"{error!r}"))
                 self._worker_ended()

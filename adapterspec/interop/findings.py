@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..model.names import safe_comment
+
 LOSSY, NOTE = "lossy", "note"
 
 
@@ -31,5 +33,5 @@ def note(message: str) -> Finding:
 
 
 def as_comments(findings: list[Finding]) -> list[str]:
-    """The findings as spec comment lines, so they travel with the spec file."""
-    return [f"# {f.render()}" for f in findings]
+    """The findings as spec comment lines, so they travel with the spec file (a line break inside stays escaped)."""
+    return [f"# {safe_comment(f.render())}" for f in findings]

@@ -8,23 +8,19 @@ every Linear, SwitchLinear and Embedding of those blocks); `fine_tune_type: full
 
 from __future__ import annotations
 
-import json
 import re
+import stat
 from pathlib import Path
 from typing import Optional
 
 from ..errors import UserError
+from ..model.adapter_format import MAX_CONFIG_BYTES, read_config_json
 from ..model.index import ModuleIndex
-from ..model.mlxlm import block_list_path, spec_from_mlx_lm
+from ..model.mlxlm import block_list_path, mlx_lm_settings, spec_from_mlx_lm
+from ..model.names import type_name
 from .findings import Finding, as_comments, lossy, note
-from .spec_writer import Assignment, explicit_rules
+from .spec_writer import Assignment, explicit_rules, require_lint_clean
 
-# mlx_lm.lora's CONFIG_DEFAULTS for the keys that decide the adapters.
-MLX_LM_DEFAULTS = {
-    "fine_tune_type": "lora",
-    "num_layers": 16,
-    "lora_parameters": {"rank": 8, "dropout": 0.0, "scale": 20.0},
-}
 CONFIG_FILE = "adapter_config.json"
 # mlx-lm reads YAML floats such as 1e-5 as numbers, not strings.
 YAML_FLOAT = re.compile(
@@ -42,21 +38,17 @@ def read_mlx_lm_config(path) -> dict:
     """An mlx-lm adapter directory's adapter_config.json, or an mlx_lm.lora YAML (or JSON) config file."""
     path = Path(path)
     file = path / CONFIG_FILE if path.is_dir() else path
-    if not file.is_file():
+    if not file.exists() and not file.is_symlink():
         raise UserError(
             f"{path}: no such file or adapter directory",
             help="pass an mlx-lm adapter directory, its adapter_config.json, or an mlx_lm.lora YAML file",
         )
-    text = file.read_text(encoding="utf-8")
     if file.suffix in (".yaml", ".yml"):
-        config = _read_yaml(text, file)
+        config = _read_yaml(file)
     else:
-        try:
-            config = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise UserError(f"{file}: not valid JSON ({error})") from error
+        config = read_config_json(file)
     if not isinstance(config, dict):
-        raise UserError(f"{file}: not a mapping of settings")
+        raise UserError(f"{file}: {type_name(config)}, not a mapping of settings")
     if "adapterspec" in config:
         raise UserError(
             f"{file} was written by adapterspec; its spec is inside",
@@ -65,40 +57,43 @@ def read_mlx_lm_config(path) -> dict:
     return config
 
 
-def _read_yaml(text: str, file: Path) -> dict:
+def _read_yaml(file: Path):
     import yaml
 
     class Loader(yaml.SafeLoader):
         pass
 
     Loader.add_implicit_resolver("tag:yaml.org,2002:float", YAML_FLOAT, list("-+0123456789."))
+    text = _yaml_text(file)
     try:
         return yaml.load(text, Loader)
     except yaml.YAMLError as error:
-        raise UserError(f"{file}: not valid YAML ({error})") from error
+        raise UserError(f"{file}: not valid YAML ({error})") from None
+    except RecursionError:
+        raise UserError(f"{file}: nested too deeply to be a config") from None
 
 
-def settings(config: dict) -> tuple[str, int, dict, list[Finding]]:
-    """(fine_tune_type, num_layers, lora_parameters) as mlx_lm.lora resolves them, defaults included."""
+def _yaml_text(file: Path) -> str:
+    try:
+        mode = file.stat().st_mode
+        if not stat.S_ISREG(mode):
+            raise UserError(f"{file}: not a regular file", help="pass the YAML file itself")
+        if file.stat().st_size > MAX_CONFIG_BYTES:
+            raise UserError(f"{file}: {file.stat().st_size} bytes, too large for a config")
+        return file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(f"{file}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except OSError as error:
+        raise UserError(f"{file}: cannot be read ({error.strerror or error})") from None
+
+
+def settings(config: dict, where: str = CONFIG_FILE) -> tuple[str, int, dict, list[Finding]]:
+    """(fine_tune_type, num_layers, lora_parameters) as mlx_lm.lora resolves them, defaults included, each
+    checked (a UserError names the field)."""
     findings = []
-    fine_tune_type = config.get("fine_tune_type") or MLX_LM_DEFAULTS["fine_tune_type"]
-    num_layers = config.get("num_layers")
-    num_layers = MLX_LM_DEFAULTS["num_layers"] if num_layers is None else int(num_layers)
-    parameters = config.get("lora_parameters")
-    if parameters is None:
-        parameters = dict(MLX_LM_DEFAULTS["lora_parameters"])
-        if fine_tune_type != "full":
-            findings.append(note("no lora_parameters: mlx-lm's defaults rank=8, scale=20.0, dropout=0.0"))
-    if fine_tune_type not in ("lora", "dora", "full"):
-        raise UserError(f"unknown fine_tune_type '{fine_tune_type}'", help="mlx-lm knows lora, dora and full")
-    if fine_tune_type != "full":
-        missing = [k for k in ("rank", "scale", "dropout") if k not in parameters]
-        if missing:
-            hint = " (mlx-lm's LoRA uses 'scale', not 'alpha')" if "alpha" in parameters and "scale" in missing else ""
-            raise UserError(
-                f"lora_parameters lacks {', '.join(missing)}{hint}; mlx-lm would stop with a KeyError",
-                help="give rank, scale and dropout under lora_parameters",
-            )
+    fine_tune_type, num_layers, parameters = mlx_lm_settings(config, where, defaults=True)
+    if config.get("lora_parameters") is None and fine_tune_type != "full":
+        findings.append(note("no lora_parameters: mlx-lm's defaults rank=8, scale=20.0, dropout=0.0"))
     return fine_tune_type, num_layers, parameters, findings
 
 
@@ -149,8 +144,16 @@ def mlx_lm_choice(
 def translate(
     config: dict, index: Optional[ModuleIndex] = None, *, source: str = CONFIG_FILE, model: Optional[str] = None
 ) -> tuple[str, list[Finding]]:
-    """Spec text for an mlx-lm config; with a model, its plan equals mlx-lm's adapters on that model."""
-    fine_tune_type, num_layers, parameters, findings = settings(config)
+    """Spec text for an mlx-lm config (one that `adapterspec lint` passes); with a model, its plan equals mlx-lm's
+    adapters on that model."""
+    text, findings = _translate(config, index, source, model)
+    return require_lint_clean(text, source), findings
+
+
+def _translate(
+    config: dict, index: Optional[ModuleIndex], source: str, model: Optional[str]
+) -> tuple[str, list[Finding]]:
+    fine_tune_type, num_layers, parameters, findings = settings(config, source)
     head = [
         "adapterspec 1",
         f"# imported from the mlx-lm config {source} (fine_tune_type={fine_tune_type}, num_layers={num_layers})",

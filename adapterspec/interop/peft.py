@@ -12,6 +12,7 @@ from ..model.index import ModuleIndex
 from .findings import Finding
 from .peft_config import CONFIG_FILE, PREFIX, WEIGHTS_FILE, read_peft_config
 from .peft_import import PeftTranslation, translate
+from .spec_writer import require_lint_clean
 
 
 @dataclass
@@ -56,6 +57,7 @@ def import_peft(path, model: Optional[str] = None, *, need_model: bool = False) 
     index = ModuleIndex.from_model_dir(model_dir) if model_dir else None
     source = Path(path).name if Path(path).is_dir() else str(Path(path).name)
     result = PeftImport(translate(config, index, source=f"{source}/{CONFIG_FILE}", model=model_name), model_dir)
+    require_lint_clean(result.text, str(path))
     if index is not None:
         from ..language.lint import parse_spec
         from ..model.plan import make_plan
@@ -81,12 +83,13 @@ def write_imported_adapters(result: PeftImport, peft_dir, dest, *, force: bool =
     """Convert the PEFT weights for the imported spec's plan and write an adapterspec adapter directory."""
     import mlx.core as mx
 
+    from ..adapters.weights import read_weights
     from ..model.adapter_format import ADAPTER_CONFIG, ADAPTER_DIR_FILES, ADAPTER_WEIGHTS, adapter_config
     from ..outputs import atomic_output_dir
     from .peft_weights import peft_to_adapters
 
     plan = result.plan
-    tensors = mx.load(str(peft_weights_file(peft_dir)))
+    tensors = read_weights(peft_weights_file(peft_dir))
     factors = result.translation.choice.expert_factors if result.translation.choice else {}
     weights = peft_to_adapters(tensors, plan, plan.index, factors)
     mismatched = changed_base_copies(tensors, result.model_dir)
@@ -135,31 +138,19 @@ def export_peft(
     """Write an adapterspec (or mlx-lm) adapter directory as a PEFT LoRA adapter for the Hugging Face model."""
     import mlx.core as mx
 
-    from ..model.adapter_format import (
-        ADAPTER_WEIGHTS,
-        read_adapter_config,
-        spec_text_of,
-    )
+    from ..adapters.weights import read_weights
+    from ..model.adapter_format import ADAPTER_WEIGHTS, check_weights_file, plan_of, read_adapter_config
     from ..model.files import resolve_model_path
-    from ..model.plan import plan_spec
     from ..outputs import atomic_output_dir
     from .peft_export import peft_config
-    from .peft_weights import adapters_to_peft
+    from .peft_weights import adapters_to_peft, check_adapter_tensors
 
     model_dir = resolve_model_path(model)
     index = ModuleIndex.from_model_dir(model_dir)
-    config = read_adapter_config(adapters)
-    text, filename, _ = spec_text_of(config, index)
-    plan = plan_spec(text, index, filename)
-    weights_file = Path(adapters) / ADAPTER_WEIGHTS
-    if not weights_file.is_file():
-        raise UserError(f"{adapters}: {ADAPTER_WEIGHTS} is missing")
-    weights = mx.load(str(weights_file))
-    missing = [f"{e.path}.lora_a" for e in plan.entries if e.adapter != "full" and f"{e.path}.lora_a" not in weights]
-    if missing:
-        raise UserError(
-            f"{weights_file} lacks '{missing[0]}'", help="export the adapters with the model they were trained for"
-        )
+    plan, _ = plan_of(read_adapter_config(adapters), index, adapters)
+    weights_file = check_weights_file(Path(adapters) / ADAPTER_WEIGHTS)
+    weights = read_weights(weights_file)
+    check_adapter_tensors(weights, plan, index, weights_file)
     peft, findings = peft_config(plan, index, base_model or model)
     tensors = adapters_to_peft(weights, plan, index)
     with atomic_output_dir(

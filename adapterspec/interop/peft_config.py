@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import Optional
 
 from ..errors import UserError
+from ..language.validate import MAX_RANK
+from ..model.adapter_format import read_config_json
+from ..model.names import describe_char, is_count, name_problem, number_problem, shown, type_name
 from .findings import Finding, lossy, note
 
 CONFIG_FILE = "adapter_config.json"
@@ -50,24 +55,148 @@ BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "eva", "lora_ga", "or
 
 
 def read_peft_config(path) -> dict:
-    """The adapter_config.json of a PEFT adapter directory (or the file itself), checked to be a LoRA config."""
+    """The adapter_config.json of a PEFT adapter directory (or the file itself), checked to be a LoRA config whose
+    fields have the types PEFT gives them."""
     path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        raise UserError(f"{path}: no such directory", help="pass a directory written by PEFT's save_pretrained")
     file = path / CONFIG_FILE if path.is_dir() else path
-    if not file.is_file():
-        raise UserError(f"{path}: no {CONFIG_FILE}", help="pass a directory written by PEFT's save_pretrained")
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"{file}: not valid JSON ({error})") from error
-    if not isinstance(config, dict):
-        raise UserError(f"{file}: not a JSON object")
-    peft_type = str(config.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
+    if not path.is_dir() and path.name != CONFIG_FILE:
         raise UserError(
-            f"{file}: a {peft_type} adapter; only PEFT LoRA (and DoRA) adapters can be imported",
+            f"{path}: not a PEFT adapter directory", help="pass a directory written by PEFT's save_pretrained"
+        )
+    if not file.exists() and not file.is_symlink():
+        raise UserError(f"{path}: no {CONFIG_FILE}", help="pass a directory written by PEFT's save_pretrained")
+    config = read_config_json(file)
+    if not isinstance(config, dict):
+        raise UserError(f"{file}: {type_name(config)}, not a JSON object")
+    peft_type = config.get("peft_type", "LORA")
+    if not isinstance(peft_type, str):
+        raise UserError(f"{file}: peft_type is {type_name(peft_type)}, not a PEFT method's name", help=FIELD_HELP)
+    if peft_type.upper() != "LORA":
+        raise UserError(
+            f"{file}: a {shown(peft_type)} adapter (peft_type); only PEFT LoRA (and DoRA) adapters can be imported",
             help="adapterspec adapters are LoRA/DoRA; other PEFT methods have no equivalent",
         )
+    check_fields(config, file)
     return config
+
+
+FIELD_HELP = "fix the field as PEFT writes it (see LoraConfig), or save the adapter again with PEFT"
+
+
+def check_fields(config: dict, file: Path) -> None:
+    """Refuse fields of the wrong type or value (a UserError names the field): `r: "8"`, `lora_alpha: NaN`, a
+    target that is no module name or no regular expression, a boolean written as a string."""
+    for key, check in FIELD_CHECKS.items():
+        if config.get(key) is None:
+            continue
+        problem = check(config[key])
+        if problem:
+            raise UserError(f"{file}: {key}{problem}", help=FIELD_HELP)
+
+
+def _rank(value) -> Optional[str]:
+    problem = number_problem(value, whole=True, positive=True)
+    if problem is None and value > MAX_RANK:
+        problem = f"is {value}, more than the largest rank {MAX_RANK}"
+    return f" {problem}" if problem else None
+
+
+def _number(value) -> Optional[str]:
+    problem = number_problem(value)
+    return f" {problem}" if problem else None
+
+
+def _dropout(value) -> Optional[str]:
+    problem = number_problem(value, below_one=True)
+    return f" {problem}" if problem else None
+
+
+def _flag(value) -> Optional[str]:
+    return None if isinstance(value, bool) else f" is {type_name(value)}, not true or false"
+
+
+def _word(value) -> Optional[str]:
+    return None if isinstance(value, str) and value.isprintable() else f" is {shown(value)}, not a word"
+
+
+def _regex(value: str) -> Optional[str]:
+    if not value.isprintable():
+        return f" is a regular expression with {describe_char(next(c for c in value if not c.isprintable()))}"
+    try:
+        re.compile(value)
+    except (re.error, RecursionError, OverflowError) as error:
+        return f" is not a valid regular expression ({error})"
+    return None
+
+
+def _names(value, *, regex: bool = True) -> Optional[str]:
+    """A list of module names, or (where PEFT takes one) a regular expression."""
+    if isinstance(value, str):
+        return _regex(value) if regex else " is a string, not a list of module names"
+    if not isinstance(value, list):
+        return f" is {type_name(value)}, not a list of module names" + (" or a regular expression" if regex else "")
+    for number, name in enumerate(value):
+        problem = name_problem(name)
+        if problem:
+            return f"[{number}] {problem}"
+    return None
+
+
+def _layers(value) -> Optional[str]:
+    values = [value] if is_count(value) else value
+    if not isinstance(values, list):
+        return f" is {type_name(value)}, not a block number or a list of them"
+    for number, item in enumerate(values):
+        if not is_count(item) or item < 0:
+            return f"{'' if values is not value else f'[{number}]'} is {shown(item)}, not a block number (0 or more)"
+    return None
+
+
+def _layers_pattern(value) -> Optional[str]:
+    for number, item in enumerate([value] if isinstance(value, str) else value if isinstance(value, list) else [None]):
+        if not isinstance(item, str):
+            return f" is {type_name(value)}, not a name or a list of names"
+        problem = _regex(item)
+        if problem:
+            return (f"[{number}]" if isinstance(value, list) else "") + problem
+    return None
+
+
+def _pattern(check):
+    def problem_of(value) -> Optional[str]:
+        if not isinstance(value, dict):
+            return f" is {type_name(value)}, not a mapping of module-name patterns to values"
+        for key, item in value.items():
+            key_problem = _regex(key)
+            if key_problem:
+                return f" has a key that{key_problem}"
+            item_problem = check(item)
+            if item_problem:
+                return f" gives {shown(key)} a value that{item_problem}"
+        return None
+
+    return problem_of
+
+
+FIELD_CHECKS = {
+    "r": _rank,
+    "lora_alpha": _number,
+    "lora_dropout": _dropout,
+    "use_rslora": _flag,
+    "use_dora": _flag,
+    "fan_in_fan_out": _flag,
+    "target_modules": _names,
+    "exclude_modules": _names,
+    "modules_to_save": lambda value: _names(value, regex=False),
+    "layers_to_transform": _layers,
+    "layers_pattern": _layers_pattern,
+    "rank_pattern": _pattern(_rank),
+    "alpha_pattern": _pattern(_number),
+    "bias": _word,
+    "base_model_name_or_path": _word,
+}
 
 
 def unsupported(config: dict) -> list[Finding]:

@@ -17,6 +17,7 @@ from typing import Optional
 
 from ..errors import UserError
 from ..model.index import ModuleIndex
+from ..model.names import shown
 from . import peft_match
 from .findings import Finding, as_comments, lossy, note
 from .hf_names import HfModule, hf_modules, mlx_selector_name
@@ -344,8 +345,11 @@ def translate(
     choice = peft_choice(config, index)
     findings += choice.findings
     if not choice.assignments:
+        targets = config.get("target_modules")
         raise UserError(
-            "PEFT's config adapts no module of this model", help="check that the adapter was made for this model"
+            f"PEFT's config adapts no module of this model (target_modules is {shown(targets)})",
+            help="name the modules in target_modules (PEFT's defaults per architecture are not read), and check that "
+            "the adapter was made for this model",
         )
     defaults_lines, explicit = explicit_rules(choice.assignments, index)
     explicit_text = _compose(source, model, True, findings, defaults_lines, explicit)

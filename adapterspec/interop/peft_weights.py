@@ -17,7 +17,7 @@ import mlx.core as mx
 
 from ..errors import UserError
 from ..model.index import ModuleIndex
-from ..model.kinds import EMBEDDING_KINDS, LINEAR_KINDS
+from ..model.kinds import EMBEDDING_KINDS, KINDS, LINEAR_KINDS
 from ..model.plan import Plan, PlanEntry
 from .hf_names import expert_prefix, hf_expert_name, mlx_module
 from .peft_config import PREFIX
@@ -165,6 +165,35 @@ def hf_names_of(entry_path: str, index: ModuleIndex) -> list[str]:
         return [entry_path]
     prefix, name = expert_prefix(info), hf_expert_name(info.name, index.model_type)
     return [f"{prefix}.{e}.{name}" for e in range(info.num_experts or 0)]
+
+
+def check_adapter_tensors(weights: dict[str, mx.array], plan: Plan, index: ModuleIndex, file) -> None:
+    """Refuse adapter tensors PEFT could not load exactly: missing, of the wrong shape (a transposed factor, another
+    rank), or belonging to no module of the plan."""
+    expected: dict[str, tuple] = {}
+    full_paths = [e.path for e in plan.entries if e.adapter == "full"]
+    for entry in plan.entries:
+        if entry.adapter == "full":
+            continue
+        info = index[entry.path]
+        shapes = KINDS[entry.adapter].shapes(info.input_dims, info.output_dims, entry.r, info.num_experts)
+        expected.update({f"{entry.path}.{param}": tuple(shape) for param, shape in shapes.items()})
+    problems = []
+    for name, shape in expected.items():
+        if name not in weights:
+            problems.append(f"'{name}' is missing")
+        elif tuple(weights[name].shape) != shape:
+            problems.append(f"'{name}' has shape {tuple(weights[name].shape)}, the plan needs {shape}")
+        elif not mx.issubdtype(weights[name].dtype, mx.floating):
+            problems.append(f"'{name}' is {weights[name].dtype}, not a floating-point tensor")
+    for name in sorted(set(weights) - set(expected)):
+        if not any(name.startswith(path + ".") for path in full_paths):
+            problems.append(f"'{name}' belongs to no module the plan adapts")
+    if problems:
+        raise UserError(
+            f"{file} does not fit the adapter plan on this model: " + "; ".join(problems[:3]),
+            help="export the adapters with the model they were trained for",
+        )
 
 
 def adapters_to_peft(weights: dict[str, mx.array], plan: Plan, index: ModuleIndex) -> dict[str, mx.array]:

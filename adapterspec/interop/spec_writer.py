@@ -6,6 +6,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Optional
 
+from ..errors import UserError
 from ..model.index import ModuleIndex, natural_key
 from ..model.mlxlm import block_list_path
 
@@ -142,3 +143,19 @@ def explicit_rules(assignments: dict[str, Assignment], index: ModuleIndex) -> tu
         text = call(assignment.kind, assignment.arguments(), defaults.get(assignment.kind))
         rules += [f"{selector}: {text}" for selector in selectors_for(paths, index)]
     return defaults_lines, rules
+
+
+def require_lint_clean(text: str, source: str) -> str:
+    """The imported spec text, refused unless `adapterspec lint` passes it (no errors): nothing an import writes
+    may fail the project's own checks."""
+    from ..language.lint import lint_text
+
+    errors = [d for d in lint_text(text, "<imported spec>") if d.is_error]
+    if errors:
+        first = errors[0]
+        line = f" line {first.span.line}:" if first.span else ""
+        raise UserError(
+            f"{source}: the imported spec would not pass lint ({len(errors)} error(s);{line} {first.code} {first.message})",
+            help="the config holds values a spec cannot say; fix them, or report this with the config",
+        )
+    return text

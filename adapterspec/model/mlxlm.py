@@ -5,11 +5,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
+from ..errors import UserError
 from .index import ModuleIndex
 from .kinds import DORA_KINDS, KINDS
+from .names import name_problem, number_problem, shown, type_name
 
 if TYPE_CHECKING:
     from .plan import Plan
+
+
+FINE_TUNE_TYPES = ("lora", "dora", "full")
+# mlx_lm.lora's CONFIG_DEFAULTS for the keys that decide the adapters.
+MLX_LM_DEFAULTS = {
+    "fine_tune_type": "lora",
+    "num_layers": 16,
+    "lora_parameters": {"rank": 8, "dropout": 0.0, "scale": 20.0},
+}
+PARAMETER_CHECKS = {"rank": {"whole": True, "positive": True}, "scale": {}, "dropout": {"below_one": True}}
+SETTINGS_HELP = "fix the field, or write the config again with mlx_lm.lora"
 
 
 def block_list_path(index: ModuleIndex) -> Optional[str]:
@@ -94,6 +107,69 @@ def mlx_lm_config(plan: Plan, index: ModuleIndex) -> MlxLmFit:
     return MlxLmFit(config, [])
 
 
+def mlx_lm_settings(config: dict, where: str, *, defaults: bool) -> tuple[str, int, dict]:
+    """(fine_tune_type, num_layers, lora_parameters) of an mlx-lm config, each checked; a UserError names the field.
+
+    `defaults`: mlx_lm.lora's defaults fill what a training config leaves out (an adapter directory's
+    config has num_layers and lora_parameters)."""
+    fine_tune_type = config.get("fine_tune_type", MLX_LM_DEFAULTS["fine_tune_type"])
+    if fine_tune_type not in FINE_TUNE_TYPES:
+        raise UserError(
+            f"{where}: fine_tune_type {shown(fine_tune_type)} is not one mlx-lm trains",
+            help=f"mlx-lm's fine_tune_type is one of {', '.join(FINE_TUNE_TYPES)}",
+        )
+    num_layers = _setting(config, "num_layers", where, defaults)
+    problem = number_problem(num_layers, whole=True)
+    if problem:
+        raise UserError(f"{where}: num_layers {problem}", help="num_layers counts the last blocks to adapt")
+    parameters = config.get("lora_parameters")
+    if parameters is None and fine_tune_type == "full":
+        return fine_tune_type, num_layers, {}
+    parameters = _setting(config, "lora_parameters", where, defaults)
+    if not isinstance(parameters, dict):
+        raise UserError(f"{where}: lora_parameters is {type_name(parameters)}, not a mapping", help=SETTINGS_HELP)
+    if fine_tune_type != "full":
+        _check_parameters(parameters, where)
+    return fine_tune_type, num_layers, parameters
+
+
+def _setting(config: dict, key: str, where: str, defaults: bool):
+    if key in config and config[key] is not None:
+        return config[key]
+    if defaults:
+        return MLX_LM_DEFAULTS[key]
+    raise UserError(f"{where}: mlx-lm's {key} is missing", help=SETTINGS_HELP)
+
+
+def _check_parameters(parameters: dict, where: str) -> None:
+    missing = [k for k in PARAMETER_CHECKS if k not in parameters]
+    if missing:
+        hint = " (mlx-lm's LoRA uses 'scale', not 'alpha')" if "alpha" in parameters and "scale" in missing else ""
+        raise UserError(
+            f"{where}: lora_parameters lacks {', '.join(missing)}{hint}; mlx-lm would stop with a KeyError",
+            help="give rank, scale and dropout under lora_parameters",
+        )
+    for key, wanted in PARAMETER_CHECKS.items():
+        problem = number_problem(parameters[key], **wanted)
+        if problem:
+            raise UserError(f"{where}: lora_parameters.{key} {problem}", help=SETTINGS_HELP)
+    keys = parameters.get("keys")
+    if keys is None:
+        return
+    if not isinstance(keys, list):
+        raise UserError(
+            f"{where}: lora_parameters.keys is {type_name(keys)}, not a list of module names",
+            help='write keys as a list: ["self_attn.q_proj", "self_attn.v_proj"]',
+        )
+    for number, key in enumerate(keys):
+        problem = name_problem(key)
+        if problem:
+            raise UserError(
+                f"{where}: lora_parameters.keys[{number}] {problem}",
+                help="each key is a module path inside a block, such as self_attn.q_proj",
+            )
+
+
 def _format_number(value: float) -> str:
     return repr(float(value)) if isinstance(value, float) else str(value)
 
@@ -106,7 +182,7 @@ def spec_from_mlx_lm(
     Keys that match nothing are dropped with a note (mlx-lm ignores them silently).
     """
     if fine_tune_type not in ("lora", "dora"):
-        raise ValueError(f"fine_tune_type '{fine_tune_type}' has no adapter layers to translate")
+        raise UserError(f"fine_tune_type {shown(fine_tune_type)} has no adapter layers to translate")
     kind = fine_tune_type
     args = (
         f"r={int(lora_parameters.get('rank', 8))}, scale={_format_number(lora_parameters.get('scale', 20.0))}, "

@@ -116,21 +116,25 @@ def remove_leftovers(out: Path) -> None:
 
 
 def read_checkpoint(path: Path) -> Checkpoint:
-    import mlx.core as mx
+    """A checkpoint directory read back; each damaged file is a UserError naming it."""
+    from ..adapters.weights import read_weights
+    from ..model.adapter_format import read_config_json
+    from ..model.names import shown
 
     path = Path(path)
+    help = "remove this checkpoint directory to resume from the one before"
     try:
-        info = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
-        weights = mx.load(str(path / ADAPTER_WEIGHTS))
-        arrays = mx.load(str(path / STATE_ARRAYS))
-    except (OSError, ValueError, RuntimeError) as error:
-        raise UserError(
-            f"{path}: cannot read the checkpoint: {error}",
-            help="remove this checkpoint directory to resume from the one before",
-        ) from None
-    if info.get("format") != STATE_FORMAT:
-        raise UserError(f"{path}: checkpoint format {info.get('format')!r} is not {STATE_FORMAT}")
-    return Checkpoint(path, int(info["step"]), info, weights, arrays)
+        info = read_config_json(path / STATE_JSON)
+        weights = read_weights(path / ADAPTER_WEIGHTS)
+        arrays = read_weights(path / STATE_ARRAYS)
+    except UserError as error:
+        raise UserError(f"cannot read the checkpoint: {error.message}", help=help) from None
+    if not isinstance(info, dict) or info.get("format") != STATE_FORMAT:
+        found = info.get("format") if isinstance(info, dict) else info
+        raise UserError(f"{path / STATE_JSON}: checkpoint format {shown(found)} is not {STATE_FORMAT}", help=help)
+    if not isinstance(info.get("step"), int) or isinstance(info.get("step"), bool) or info["step"] < 0:
+        raise UserError(f"{path / STATE_JSON}: 'step' is not a step number", help=help)
+    return Checkpoint(path, info["step"], info, weights, arrays)
 
 
 def latest_checkpoint(out: Path) -> Checkpoint:

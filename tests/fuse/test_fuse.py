@@ -277,3 +277,28 @@ def test_fast_dequantize_is_bit_exact():
             parts = mx.quantize(w, group_size=group_size, bits=bits)
             q = Quantization(group_size, bits, "affine")
             assert mx.array_equal(dequantize(*parts, q), mx.dequantize(*parts, group_size=group_size, bits=bits)).item()
+
+
+def test_adapter_weights_holding_nan_are_refused_by_name(model_dirs, tmp_path):
+    from adapterspec.errors import UserError
+
+    adapters = write_adapters(model_dirs["float16"], tmp_path / "adapters", MLX_LM_SPEC)
+    weights = dict(mx.load(str(adapters / "adapters.safetensors")))
+    name = sorted(weights)[0]
+    weights[name] = mx.full(weights[name].shape, float("nan"), dtype=weights[name].dtype)
+    mx.save_safetensors(str(adapters / "adapters.safetensors"), weights)
+    with pytest.raises(UserError, match=f"tensor '{name}' holds NaN"):
+        fuse_model_dir(model_dirs["float16"], adapters, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_fused_weight_that_overflows_is_an_error(model_dirs, tmp_path):
+    from adapterspec.errors import UserError
+
+    adapters = write_adapters(model_dirs["float16"], tmp_path / "adapters", MLX_LM_SPEC)
+    weights = dict(mx.load(str(adapters / "adapters.safetensors")))
+    weights = {k: mx.full(v.shape, 3e4, dtype=v.dtype) for k, v in weights.items()}  # finite, but A·B overflows float16
+    mx.save_safetensors(str(adapters / "adapters.safetensors"), weights)
+    with pytest.raises(UserError, match="NaN or infinite values"):
+        fuse_model_dir(model_dirs["float16"], adapters, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
