@@ -92,7 +92,8 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
         raise _corrupt(path, e.message.split(": ", 1)[-1]) from e
     if not isinstance(header, dict):
         raise _corrupt(path, "the header is not a JSON object")
-    metadata = header.get("__metadata__", {})
+    metadata = header.get("__metadata__")
+    metadata = {} if metadata is None else metadata  # mlx writes null when it saves no metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise _corrupt(path, "'__metadata__' is not an object of strings")
     tensors = _tensor_infos(path, header, file_size - 8 - header_len)

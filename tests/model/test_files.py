@@ -342,3 +342,10 @@ def test_example_models_match_their_builder(tmp_path):
         assert read_safetensors_header(written / "model.safetensors") == read_safetensors_header(
             committed / "model.safetensors"
         )
+
+
+def test_a_header_with_null_metadata_as_mlx_writes_it_is_read(tmp_path):
+    import mlx.core as mx
+
+    mx.save_safetensors(str(tmp_path / "w.safetensors"), {"a": mx.zeros((2, 3))})
+    assert read_safetensors_header(tmp_path / "w.safetensors")["a"].shape == (2, 3)
