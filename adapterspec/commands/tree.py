@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import EXIT_ERRORS, EXIT_OK
+from ..model.blocks import BLOCKS_ALIAS
 from .common import describe_shape, model_index, print_diagnostics
 
 MARK = "●"
@@ -93,6 +94,8 @@ class TreePrinter:
                 )
                 if x
             )
+            if info.path == self.index.block_list and info.name != BLOCKS_ALIAS:
+                details += f"  ({BLOCKS_ALIAS})"  # what the selector segment `layers` means in this model
             self.lines.append(f"{prefix}{'└── ' if last else '├── '}{mark}{name}  {details}")
             self.walk(info.path, prefix + ("    " if last else "│   "))
 

@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
+from .blocks import guess_block_list, live_block_list
 from .families import ConfigHints, bare_weight_class, is_embedding_path, is_multi_linear
 
 FAMILIES = ("linear", "switch", "embedding", "container", "list", "leaf")
@@ -45,6 +46,7 @@ QUANTIZATION_PARAMS = frozenset({"scales", "biases", "global_scale"})
 # Modes whose scales are uint8 each allow one (bits, group_size): mlx-lm infers them the same way.
 SCALED_FLOAT_MODES = ((4, 16, "nvfp4"), (4, 32, "mxfp4"), (8, 32, "mxfp8"))
 DEFAULT_AFFINE = {"group_size": 64, "bits": 4, "mode": "affine"}
+GUESS_BLOCK_LIST: Any = object()  # ModuleIndex(block_list=…) default: found from the module tree
 
 
 @dataclass(frozen=True)
@@ -97,9 +99,14 @@ class ModuleIndex:
         tied_embeddings: bool = False,
         model_type: str | None = None,
         source: str = "module",
+        block_list: str | None = GUESS_BLOCK_LIST,
     ):
         keyed = sorted(((natural_key(m.path), m) for m in modules), key=lambda pair: pair[0])
         self.modules: dict[str, ModuleInfo] = {m.path: m for _, m in keyed}
+        # the list mlx-lm's `model.layers` returns (`h`, `transformer.blocks`, …): what `layers` selects
+        if block_list is GUESS_BLOCK_LIST or (block_list is not None and block_list not in self.modules):
+            block_list = guess_block_list(self.modules.values())
+        self.block_list: str | None = block_list
         self.tied_embeddings = tied_embeddings
         self.model_type = model_type
         self.source = source
@@ -161,7 +168,10 @@ class ModuleIndex:
     @classmethod
     def from_module(cls, model: Any, *, model_type: str | None = None) -> "ModuleIndex":
         """Index a live mlx `nn.Module` (imports mlx)."""
-        infos = infos_from_module(model)
+        named = _walk_modules(model)
+        infos = infos_from_module(model, named)
+        lists = {m.path for m in infos if m.family == "list"}
+        blocks = live_block_list(model, {id(m): p for p, (m, _) in named.items()}, lists)
         args = getattr(model, "args", None)
         model_type = model_type or getattr(model, "model_type", None) or getattr(args, "model_type", None)
         text_args = getattr(args, "text_config", None)
@@ -170,7 +180,9 @@ class ModuleIndex:
             text_args if isinstance(text_args, dict) else vars(text_args) if hasattr(text_args, "__dict__") else None,
         )
         tied = _tied_embeddings(infos, flag)
-        return cls(infos, tied_embeddings=tied, model_type=model_type, source="module")
+        return cls(
+            infos, tied_embeddings=tied, model_type=model_type, source="module", block_list=blocks or GUESS_BLOCK_LIST
+        )
 
     @classmethod
     def from_model_dir(cls, path: str | os.PathLike) -> "ModuleIndex":
@@ -340,9 +352,9 @@ def _quant_params(path: str, packed_in: int, scales: Tensor, quantization: dict)
 # ── from a live nn.Module ───────────────────────────────────────────────────
 
 
-def infos_from_module(model: Any) -> list[ModuleInfo]:
+def infos_from_module(model: Any, named: dict | None = None) -> list[ModuleInfo]:
     """ModuleInfos of every module under `model`, plus the lists (and dicts) of modules between them."""
-    named = _walk_modules(model)
+    named = _walk_modules(model) if named is None else named
     child_names: dict[str, set[str]] = {}
     intermediates = set()
     for path in named:

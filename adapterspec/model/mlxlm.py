@@ -13,7 +13,10 @@ if TYPE_CHECKING:
 
 
 def block_list_path(index: ModuleIndex) -> Optional[str]:
-    """The path of the list mlx-lm calls `model.layers`: the shallowest list named `layers`."""
+    """The path of the list mlx-lm calls `model.layers` (`h` in gpt2, `transformer.blocks` in dbrx)."""
+    blocks = getattr(index, "block_list", None)
+    if blocks is not None and blocks in index:
+        return blocks
     lists = [m.path for m in index if m.family == "list" and m.name == "layers"]
     return min(lists, key=lambda p: (p.count("."), p)) if lists else None
 
