@@ -82,3 +82,37 @@ def is_embedding_path(path: str, embedding_names: frozenset[str]) -> bool:
     if parts[-1] in embedding_names:
         return True
     return len(parts) >= 2 and parts[-1].isdigit() and bool(EMBEDDING_LIST_WORD.search(parts[-2]))
+
+
+# ── architectures that cannot take some adapters (docs/architecture.md, "Architectures with limits") ──
+
+# mlx-lm classes whose instances look adaptable (an nn.Linear subclass) but that no adapter layer can wrap
+UNADAPTABLE_CLASSES = {
+    "FusedLinear": (
+        "afm7's FusedLinear returns a list of outputs (q, k, v split), which a LoRA layer cannot add to; "
+        "mlx-lm wraps it with its own FusedLoRALinear"
+    ),
+}
+# (model type, module path) → why `fuse` refuses an adapter on that module: merging into the stored
+# weight would not give the adapted model's function
+UNFUSABLE_MODULES = {
+    ("baichuan_m1", "lm_head"): (
+        "baichuan_m1's lm_head is a NormHead, which normalises its weight at every call: a LoRA merged "
+        "into the stored weight would be normalised too, a different function from the adapted model's; "
+        "keep the adapter unfused (apply --adapters), or leave lm_head out of the spec"
+    ),
+}
+
+
+def unadaptable_reason(class_name: str) -> str | None:
+    """Why a module of this class cannot take an adapter (None when it can)."""
+    return UNADAPTABLE_CLASSES.get(class_name)
+
+
+def unfusable_reason(model_types: frozenset[str] | set[str], path: str) -> str | None:
+    """Why the fuse cannot merge an adapter on `path` of a model of these types (None when it can)."""
+    for model_type in model_types:
+        reason = UNFUSABLE_MODULES.get((model_type, path))
+        if reason:
+            return reason
+    return None
