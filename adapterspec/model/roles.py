@@ -1,0 +1,55 @@
+"""What a module does in a mixture of experts — routed expert, shared expert, router — from the module tree
+alone (the same answer live and from a model directory). Pure Python, no mlx."""
+
+from __future__ import annotations
+
+import re
+
+# names mlx-lm gives a mixture's router (or the module holding it: laguna's mlp.gate.proj)
+ROUTER_NAMES = frozenset({"gate", "router", "gate_inp", "wg", "w_gate", "gate_proj_router"})
+SHARED = re.compile(r"shared", re.IGNORECASE)
+
+
+def _is_routed(info) -> bool:
+    if not info.adaptable or SHARED.search(info.path):
+        return False
+    if info.family == "switch":
+        return True
+    parts = info.path.split(".")
+    # per-expert linears: ...experts.3.w1 (a list of experts, each a module of linears)
+    return info.family == "linear" and any(p == "experts" and q.isdigit() for p, q in zip(parts, parts[1:]))
+
+
+def routed_experts(index) -> list[str]:
+    """Paths of the adaptable modules that are routed experts (SwitchLinears, or linears of per-expert lists)."""
+    return [info.path for info in index if _is_routed(info)]
+
+
+def _moe_parents(index, experts: list[str]) -> set[str]:
+    """The modules that hold a mixture: the parent of each expert container (switch_mlp, experts)."""
+    holders = set()
+    for path in experts:
+        parts = path.split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            if parts[i] in ("switch_mlp", "experts", "mlp", "moe") or "switch" in parts[i]:
+                holders.add(".".join(parts[:i]))
+                break
+    return holders
+
+
+def routers(index, experts: list[str] | None = None) -> list[str]:
+    """Paths of the adaptable linears that route tokens to experts: named like a router, beside the experts."""
+    experts = routed_experts(index) if experts is None else experts
+    if not experts:
+        return []
+    holders = _moe_parents(index, experts)
+    found = []
+    for info in index:
+        if info.family != "linear" or SHARED.search(info.path) or _is_routed(info):
+            continue
+        parts = info.path.split(".")
+        for depth in (1, 2):  # mlp.gate, or mlp.gate.proj
+            if len(parts) > depth and parts[-depth] in ROUTER_NAMES and ".".join(parts[:-depth]) in holders:
+                found.append(info.path)
+                break
+    return found
