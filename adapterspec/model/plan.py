@@ -13,7 +13,7 @@ from ..language.lint import parse_spec
 from ..language.spec import Rule, Spec
 from .index import ModuleIndex, ModuleInfo
 from .kinds import kind_for
-from .roles import routed_experts, routers
+from .roles import ROLE_FILTERS, roles, routed_experts, routers
 from .selectors import SelectorMatcher, literal_names
 
 TYPE_FAMILIES = {"linear": "linear", "switch": "switch", "embedding": "embedding"}
@@ -82,11 +82,14 @@ class Plan:
         }
 
 
-def passes_type_filter(info: ModuleInfo, type_filter: Optional[str]) -> bool:
+def passes_type_filter(info: ModuleInfo, type_filter: Optional[str], index: Optional[ModuleIndex] = None) -> bool:
+    """Whether a module passes a type filter: a family, a role of this architecture (needs the index), a class."""
     if type_filter is None:
         return True
     if type_filter in TYPE_FAMILIES:
         return info.family == TYPE_FAMILIES[type_filter]
+    if type_filter in ROLE_FILTERS:
+        return index is not None and info.path in roles(index)[type_filter]
     return info.cls == type_filter
 
 
@@ -165,7 +168,7 @@ class _Planner:
                 if candidate.path in seen or not receives(candidate, kind):
                     continue
                 seen.add(candidate.path)
-                if passes_type_filter(candidate, rule.type_filter):
+                if passes_type_filter(candidate, rule.type_filter, self.index):
                     reached.append(candidate)
                 else:
                     filtered.append(candidate)

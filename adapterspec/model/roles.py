@@ -4,6 +4,9 @@ alone (the same answer live and from a model directory). Pure Python, no mlx."""
 from __future__ import annotations
 
 import re
+import weakref
+
+from ..language.validate import ROLE_WORDS as ROLE_FILTERS
 
 # names mlx-lm gives a mixture's router (or the module holding it: laguna's mlp.gate.proj)
 ROUTER_NAMES = frozenset({"gate", "router", "gate_inp", "wg", "w_gate", "gate_proj_router"})
@@ -53,3 +56,50 @@ def routers(index, experts: list[str] | None = None) -> list[str]:
                 found.append(info.path)
                 break
     return found
+
+
+# ── role type filters: @experts, @shared_expert, @router, @attention, @mlp, @head ──────────────────
+
+ATTENTION_WORD = re.compile(r"attn|attention|mixer|temporal_block|linear_attn", re.IGNORECASE)
+MLP_WORD = re.compile(r"mlp|ffn|feed_forward|block_sparse_moe|moe", re.IGNORECASE)
+HEAD_NAMES = frozenset({"lm_head", "embed_out", "output"})
+_ROLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def roles(index) -> dict[str, frozenset[str]]:
+    """Role filter name (without '@') → the paths of the adaptable modules in that role; once per index."""
+    found = _ROLES.get(index)
+    if found is not None:
+        return found
+    experts = routed_experts(index)
+    routing = set(routers(index, experts))
+    routed = set(experts)
+    blocks = getattr(index, "block_list", None)
+    out: dict[str, set[str]] = {name: set() for name in ROLE_FILTERS}
+    out["experts"], out["router"] = routed, routing
+    for info in index:
+        if not info.adaptable:
+            continue
+        if info.family == "embedding":
+            out["embedding"].add(info.path)
+            continue
+        if info.name in HEAD_NAMES and (blocks is None or not info.path.startswith(blocks + ".")):
+            out["head"].add(info.path)
+            continue
+        if info.path in routed or info.path in routing:
+            continue
+        segments = info.path.split(".")[:-1]
+        if routed and SHARED.search(info.path):
+            out["shared_expert"].add(info.path)
+        if any(ATTENTION_WORD.search(s) for s in segments):
+            out["attention"].add(info.path)
+        elif any(MLP_WORD.search(s) for s in segments):
+            out["mlp"].add(info.path)
+    found = {name: frozenset(paths) for name, paths in out.items()}
+    _ROLES[index] = found
+    return found
+
+
+def module_roles(index, path: str) -> list[str]:
+    """The role filters a module passes (for `tree`)."""
+    return [name for name, paths in roles(index).items() if path in paths]

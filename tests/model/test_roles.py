@@ -55,3 +55,33 @@ def test_per_expert_linears_and_a_nested_router():
     assert routed_experts(index) == ["blocks.0.ffn.experts.0.w1", "blocks.0.ffn.experts.1.w1"]
     assert routers(index) == ["blocks.0.ffn.router.layer"]
     assert codes("layers[*].attn.wqkv: lora(r=2)\n", index) == ["AS309"]
+
+
+def test_role_type_filters(moe):
+    def paths(spec):
+        return {e.path.split(".", 3)[-1] for e in make_plan(parse_spec(spec), moe).entries}
+
+    assert paths("**@experts: lora(r=2)\n") == {f"mlp.switch_mlp.{n}_proj" for n in ("down", "gate", "up")}
+    assert paths("**@router: lora(r=2)\n") == {"mlp.gate"}
+    assert paths("**@shared_expert: lora(r=2)\n") == {"mlp.shared_expert_gate"} | {
+        f"mlp.shared_expert.{n}_proj" for n in ("down", "gate", "up")
+    }
+    assert paths("**@attention: lora(r=2)\n") == {f"self_attn.{n}_proj" for n in "qkvo"}
+    assert paths("**@mlp: lora(r=2)\n") == paths("**@shared_expert: lora(r=2)\n")
+    assert [e.path for e in make_plan(parse_spec("**@head: lora(r=2)\n"), moe).entries] == ["lm_head"]
+    assert paths("layers[0]@embedding: lora(r=2)\n**@embedding: lora(r=2)\n") == {"embed_tokens"}
+    # a dense model has no experts: AS304 says the filter excludes everything
+    dense = ModuleIndex.from_model_dir(tiny.example_model_dir("tiny-llama"))
+    assert [d.code for d in make_plan(parse_spec("**@experts: lora\n"), dense).diagnostics] == ["AS304"]
+    assert {e.path.rsplit(".", 1)[-1] for e in make_plan(parse_spec("**@mlp: lora(r=2)\n"), dense).entries} == {
+        "gate_proj", "up_proj", "down_proj"
+    }  # fmt: skip
+
+
+def test_tree_marks_the_moe_roles(capsys):
+    from adapterspec.cli import main
+
+    assert main(["tree", str(tiny.example_model_dir("tiny-moe"))]) == 0
+    out = capsys.readouterr().out
+    assert "gate  Linear 64→4  @router" in out and "SwitchLinear 4×(64→64)  @experts" in out
+    assert "@shared_expert" in out
