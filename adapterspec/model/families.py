@@ -116,3 +116,22 @@ def unfusable_reason(model_types: frozenset[str] | set[str], path: str) -> str |
         if reason:
             return reason
     return None
+
+
+# (model types, path pattern) → modules whose `.weight` the model code reads or writes itself. adapterspec's
+# layers forward `.weight` to the base; mlx-lm's own LoRALinear / LoRAEmbedding do not, so an adapter
+# directory that adapts one of these is not marked loadable by mlx-lm's `load_adapters`.
+WEIGHT_READ_BY_MODEL = (
+    (frozenset({"gemma3n", "gemma3n_text"}), re.compile(r"(^|\.)altup\.(prediction|correction)_coefs$"),
+     "gemma3n reads and writes the altup coefficients' .weight itself"),
+    (frozenset({"seed_oss"}), re.compile(r"(^|\.)embed_tokens$"),
+     "seed_oss computes its tied head from embed_tokens.weight"),
+)  # fmt: skip
+
+
+def weight_read_by_model(model_types, path: str) -> str | None:
+    """Why model code reads this module's `.weight` itself (None when it does not, as far as is known)."""
+    for types, pattern, reason in WEIGHT_READ_BY_MODEL:
+        if types & set(model_types) and pattern.search(path):
+            return reason
+    return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
+from .families import weight_read_by_model
 from .index import ModuleIndex
 from .kinds import DORA_KINDS, KINDS
 
@@ -54,6 +55,13 @@ def mlx_lm_config(plan: Plan, index: ModuleIndex) -> MlxLmFit:
             reasons.append(
                 f"it uses {len(values)} different {name} values ({', '.join(f'{v:g}' for v in sorted(values))}); mlx-lm has one"
             )
+    types = {index.model_type} if index.model_type else set()
+    reader = next((e for e in entries if weight_read_by_model(types, e.path)), None)
+    if reader is not None:
+        reasons.append(
+            f"{weight_read_by_model(types, reader.path)}, and mlx-lm's adapter layers have no .weight "
+            f"(adapterspec's do): mlx-lm's load_adapters would fail on '{reader.path}'"
+        )
     blocks = block_list_path(index)
     if reasons:
         return MlxLmFit(None, reasons)

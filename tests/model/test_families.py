@@ -86,3 +86,21 @@ def test_hints_read_text_config():
     assert hints.model_types == {"kimi_vl", "deepseek_v3"} and hints.mla
     assert not ConfigHints.from_config({"kv_lora_rank": True}).mla
     assert ModuleIndex  # the public name the families feed
+
+
+def test_modules_whose_weight_the_model_reads_are_not_mlx_lm_loadable():
+    from adapterspec.language.lint import parse_spec
+    from adapterspec.model.index import ModuleInfo
+    from adapterspec.model.mlxlm import mlx_lm_config
+    from adapterspec.model.plan import make_plan
+
+    infos = [ModuleInfo("model", "Model", "container"), ModuleInfo("model.layers", "list", "list"), ModuleInfo("model.layers.0", "Block", "container"),
+             ModuleInfo("model.layers.0.altup", "AltUp", "container"),
+             ModuleInfo("model.layers.0.altup.prediction_coefs", "Linear", "linear", 4, 16, has_params=True),
+             ModuleInfo("model.layers.0.q_proj", "Linear", "linear", 8, 8, has_params=True)]  # fmt: skip
+    for model_type, compatible in (("gemma3n", False), ("llama", True)):
+        index = ModuleIndex(infos, model_type=model_type)
+        fit = mlx_lm_config(make_plan(parse_spec("layers[-1:].**: lora(r=2)\n"), index), index)
+        assert fit.compatible is compatible, fit.reasons
+        if not compatible:
+            assert "altup.prediction_coefs" in fit.reasons[0] and ".weight" in fit.reasons[0]
