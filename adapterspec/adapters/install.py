@@ -114,20 +114,21 @@ def _ensure_module_state(model) -> None:
 
 
 def refuse_unadaptable(model, plan: Plan) -> None:
-    """UserError naming each planned module whose class cannot take this adapter, and why."""
-    reasons = []
+    """UserError naming the planned modules whose class cannot take an adapter, and why (once per class)."""
+    by_class: dict[str, list[str]] = {}
     for entry in plan.entries:
-        if entry.adapter == "full":
-            continue
-        reason = unadaptable_reason(type(module_at(model, entry.path)).__name__)
-        if reason:
-            reasons.append(f"'{entry.path}' ({entry.base}): {reason}")
-    if reasons:
+        if entry.adapter != "full":
+            cls = type(module_at(model, entry.path)).__name__
+            if unadaptable_reason(cls):
+                by_class.setdefault(cls, []).append(entry.path)
+    if by_class:
+        parts = []
+        for cls, paths in by_class.items():
+            named = ", ".join(f"'{p}'" for p in paths[:3]) + (f" (+{len(paths) - 3} more)" if len(paths) > 3 else "")
+            parts.append(f"{named} ({cls}): {unadaptable_reason(cls)}")
         raise UserError(
-            "cannot put adapters on "
-            + "; ".join(reasons[:5])
-            + (f" (+{len(reasons) - 5} more)" if len(reasons) > 5 else "")
-            + "; leave these modules out of the spec (e.g. a rule 'qkv_proj: none')"
+            "cannot put adapters on " + "; ".join(parts),
+            help="leave these modules out of the spec, e.g. with a rule '**.qkv_proj: none'",
         )
 
 

@@ -78,7 +78,7 @@ def test_afm7_fused_linear_is_refused_with_the_reason():
     model, _ = build("afm7")
     with pytest.raises(UserError, match=r"qkv_proj.*FusedLinear.*list") as caught:
         apply(model, "**@linear: lora(r=4)\n")
-    assert "FusedLoRALinear" in caught.value.message
+    assert "FusedLoRALinear" in caught.value.message and "qkv_proj: none" in caught.value.help
     assert not has_adapters(model)  # nothing was changed
     # without the fused projections, the rest takes adapters
     apply(model, "**@linear: lora(r=4)\n**.qkv_proj: none\n")
