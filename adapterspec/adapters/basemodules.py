@@ -63,3 +63,16 @@ class AdapterModule(nn.Module):
         self.dropout = nn.Dropout(p=dropout)
         self.dropout_p = dropout
         self.scale = scale
+
+    @property
+    def weight(self) -> mx.array:
+        """The base's weight, for model code that reads `module.weight` itself (gemma3n's altup
+        coefficients); the adapter's own parameters are `lora_a`/`lora_b` (and `m`)."""
+        return getattr(self, self.base_name).weight
+
+    def __setattr__(self, key: str, value) -> None:
+        # model code that writes `module.weight` (gemma3n clips its coefficients in place) writes the base's
+        if key == "weight" and self.base_name in self:
+            setattr(getattr(self, self.base_name), key, value)
+            return
+        super().__setattr__(key, value)

@@ -36,6 +36,13 @@ class LoRAEmbedding(AdapterModule):
             return y + (self.scale * z).astype(dtype)
         return mx.addmm(y, a_rows, (self.scale * self.lora_b).astype(dtype))
 
+    @property
+    def weight(self) -> mx.array:
+        """The embedding as the adapted model sees it (base + scale · A·B), for model code that computes a
+        tied head as `h @ embed_tokens.weight.T` (seed_oss): the head then changes as `as_linear`'s does."""
+        base = dense_weight(self.embedding)
+        return base + (self.scale * (self.lora_a @ self.lora_b)).astype(base.dtype)
+
     def as_linear(self, x: mx.array) -> mx.array:
         num_embeddings, dims = self.lora_a.shape[0], self.lora_b.shape[1]
         dropout_on = self.training and self.dropout_p > 0

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Union
 
+from ..errors import UserError
 from ..language.spec import Spec
+from ..model.families import unadaptable_reason
 from ..model.index import ModuleIndex
 from ..model.plan import Plan, plan_spec
 
@@ -59,7 +61,7 @@ def plan_for_model(model, spec: Union[Spec, str]) -> Plan:
 def build_adapters(model, plan: Plan) -> list[tuple[str, object]]:
     """Every adapter module the plan asks for, built beside the model (the model is not changed:
     the bases are left unfrozen here, `install` freezes the whole base in one pass)."""
-
+    refuse_unadaptable(model, plan)
     return [
         (
             entry.path,
@@ -94,12 +96,40 @@ def install(model, plan: Plan, adapters: list[tuple[str, object]]) -> None:
     """Freeze the base, unfreeze the plan's `full` modules, put the adapters in place (one update)."""
     from mlx.utils import tree_unflatten
 
+    _ensure_module_state(model)
     model.freeze()
     for entry in plan.entries:
         if entry.adapter == "full":
             module_at(model, entry.path).unfreeze(recurse=False)
     if adapters:
         model.update_modules(tree_unflatten(adapters))
+
+
+def _ensure_module_state(model) -> None:
+    """The state `nn.Module.__init__` sets, on a root whose class skipped it (recurrent_gemma's Model):
+    without it mlx's `freeze` fails with "'Model' object has no attribute '_no_grad'"."""
+    for name, value in (("_no_grad", set()), ("_training", True)):
+        if name not in vars(model):
+            object.__setattr__(model, name, value)
+
+
+def refuse_unadaptable(model, plan: Plan) -> None:
+    """UserError naming the planned modules whose class cannot take an adapter, and why (once per class)."""
+    by_class: dict[str, list[str]] = {}
+    for entry in plan.entries:
+        if entry.adapter != "full":
+            cls = type(module_at(model, entry.path)).__name__
+            if unadaptable_reason(cls):
+                by_class.setdefault(cls, []).append(entry.path)
+    if by_class:
+        parts = []
+        for cls, paths in by_class.items():
+            named = ", ".join(f"'{p}'" for p in paths[:3]) + (f" (+{len(paths) - 3} more)" if len(paths) > 3 else "")
+            parts.append(f"{named} ({cls}): {unadaptable_reason(cls)}")
+        raise UserError(
+            "cannot put adapters on " + "; ".join(parts),
+            help="leave these modules out of the spec, e.g. with a rule '**.qkv_proj: none'",
+        )
 
 
 def apply(model, spec: Union[Spec, str, Plan]) -> Plan:

@@ -6,7 +6,11 @@ from __future__ import annotations
 import argparse
 
 from ..errors import EXIT_ERRORS, EXIT_OK
+from ..model.blocks import BLOCKS_ALIAS
+from ..model.roles import module_roles
 from .common import describe_shape, model_index, print_diagnostics
+
+SHOWN_ROLES = ("experts", "shared_expert", "router")
 
 MARK = "●"
 
@@ -38,7 +42,7 @@ def matched_paths(rule, index) -> set[str]:
         reached = [info] + (index.descendants(path) if info.family in ("container", "list") else [])
         if rule.type_filter is None:
             marked.add(path)
-        marked.update(m.path for m in reached if rule.type_filter and passes_type_filter(m, rule.type_filter))
+        marked.update(m.path for m in reached if rule.type_filter and passes_type_filter(m, rule.type_filter, index))
     return marked
 
 
@@ -93,6 +97,11 @@ class TreePrinter:
                 )
                 if x
             )
+            shown = [f"@{r}" for r in module_roles(self.index, info.path) if r in SHOWN_ROLES]
+            if shown:  # the roles a mixture of experts gives its modules (role type filters)
+                details += "  " + " ".join(shown)
+            if info.path == self.index.block_list and info.name != BLOCKS_ALIAS:
+                details += f"  ({BLOCKS_ALIAS})"  # what the selector segment `layers` means in this model
             self.lines.append(f"{prefix}{'└── ' if last else '├── '}{mark}{name}  {details}")
             self.walk(info.path, prefix + ("    " if last else "│   "))
 

@@ -11,6 +11,7 @@ from typing import Optional
 
 from ..errors import UserError
 from ..model.adapter_format import ADAPTER_WEIGHTS, check_weights_file, plan_of, read_adapter_config
+from ..model.families import ConfigHints, unfusable_reason
 from ..model.files import read_model_config, resolve_model_path, weight_files
 from ..model.index import ModuleIndex, ModuleInfo, natural_key
 from ..model.kinds import KINDS
@@ -276,6 +277,7 @@ def plan_fuse(model, adapters, *, dequantize: bool = False) -> FusePlan:
     by_name = {s.name: s for s in sources}
     adapter_sources = read_sources(adapters.weights)
     _check_quantization_config(config, index)
+    _refuse_unfusable(config, adapters)
     units, replaced = _units_for_adapters(adapters, index, by_name, adapter_sources, dequantize)
     adapted = {u.path for u in units}
     if dequantize:
@@ -285,6 +287,15 @@ def plan_fuse(model, adapters, *, dequantize: bool = False) -> FusePlan:
     units.sort(key=lambda u: natural_key(u.path))
     bits = {info.path: info.bits for info in index if info.quantized}
     return FusePlan(model_dir, adapters, config, units, sources, replaced, dequantize, bits, list(adapters.notes))
+
+
+def _refuse_unfusable(config: dict, adapters: AdapterSource) -> None:
+    """UserError when an adapter sits on a module whose merged weight would mean something else (NormHead)."""
+    types = ConfigHints.from_config(config).model_types
+    for module in adapters.modules:
+        reason = unfusable_reason(types, module.path) if module.kind != "full" else None
+        if reason:
+            raise UserError(f"cannot fuse the adapter on '{module.path}': {reason}")
 
 
 def _check_quantization_config(config: dict, index: ModuleIndex) -> None:

@@ -114,7 +114,19 @@ CODES: dict[str, Code] = {
             "embedding adapter on a tied embedding also changes the output layer",
             "select @linear modules only to leave it out",
         ),
+        Code(
+            "AS309",
+            Severity.WARNING,
+            "a mixture of experts whose experts get no adapter",
+            "add a rule for the experts (e.g. '**@switch: lora'), or one that says 'none' for them",
+        ),
         Code("AS310", Severity.ERROR, "`full` on quantized weights", "use lora on quantized modules"),
+        Code(
+            "AS311",
+            Severity.INFO,
+            "adapter on the router of a mixture of experts",
+            "add a 'none' rule for the routers to leave them as they are",
+        ),
         Code(
             "AS401",
             Severity.WARNING,

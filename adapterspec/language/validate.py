@@ -18,7 +18,9 @@ SPEC_VERSION = 1
 ADAPTER_KINDS = ("lora", "dora")
 TRANSFORM_KINDS = ("lora", "dora", "full", "none")
 ARGUMENT_NAMES = ("r", "scale", "alpha", "rslora", "dropout")
-TYPE_WORDS = ("linear", "switch", "embedding")
+# what a module does, resolved per architecture by model/roles.py (@embedding is also a family)
+ROLE_WORDS = ("experts", "shared_expert", "router", "attention", "mlp", "head", "embedding")
+TYPE_WORDS = ("linear", "switch", "embedding") + tuple(w for w in ROLE_WORDS if w != "embedding")
 BUILTIN_DEFAULTS = {"r": 8, "scale": 20.0, "dropout": 0.0}
 MAX_RANK = 1 << 16
 
@@ -31,7 +33,8 @@ TRANSFORM_SYNONYMS = {
     "train": "full", "trainable": "full", "finetune": "full", "full_finetune": "full", "modules_to_save": "full",
 }  # fmt: skip
 TYPE_SYNONYMS = {
-    "lin": "linear", "dense": "linear", "experts": "switch", "expert": "switch", "moe": "switch",
+    "lin": "linear", "dense": "linear", "expert": "experts", "moe": "experts", "routers": "router",
+    "gate": "router", "attn": "attention", "self_attn": "attention", "ffn": "mlp", "lm_head": "head",
     "embed": "embedding", "embeddings": "embedding", "emb": "embedding",
 }  # fmt: skip
 
@@ -411,7 +414,8 @@ class _Validator:
             "AS203",
             f"unknown type filter '@{name}'{_did_you_mean(name, TYPE_WORDS, TYPE_SYNONYMS)}",
             type_filter.span,
-            "use @linear, @switch, @embedding, or an exact class name such as @QuantizedLinear",
+            "use @linear, @switch, @embedding, a role (@experts, @shared_expert, @router, @attention, @mlp, "
+            "@head), or an exact class name such as @QuantizedLinear",
         )
         return None
 

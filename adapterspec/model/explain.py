@@ -13,6 +13,7 @@ from ..language import syntax as ast
 from ..language.spec import Rule
 from .index import ModuleIndex, ModuleInfo
 from .plan import TYPE_FAMILIES, Plan, PlanEntry, passes_type_filter, receives
+from .roles import ROLE_FILTERS
 from .selectors import SelectorMatcher
 
 DECIDES, OVERRIDDEN, CANNOT, MISSES = "decides", "overridden", "cannot apply", "does not match"
@@ -117,7 +118,9 @@ class _RuleFacts:
             if kind in ("lora", "dora"):
                 return f"{kind} adapts Linear, SwitchLinear and Embedding layers, not {info.cls}"
             return f"{info.cls} is neither adaptable nor trainable"
-        if not passes_type_filter(info, rule.type_filter):
+        if not passes_type_filter(info, rule.type_filter, self.index):
+            if rule.type_filter in ROLE_FILTERS:
+                return f"its type filter @{rule.type_filter} takes the modules in that role, and this one is not"
             wanted = TYPE_FAMILIES.get(rule.type_filter, rule.type_filter)
             return f"its type filter @{rule.type_filter} takes {wanted} modules, not {info.cls}"
         if self.error:

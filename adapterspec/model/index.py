@@ -9,6 +9,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
+from .blocks import guess_block_list, live_block_list
+from .families import ConfigHints, bare_weight_class, is_embedding_path, is_multi_linear
+
 FAMILIES = ("linear", "switch", "embedding", "container", "list", "leaf")
 ADAPTABLE_FAMILIES = frozenset({"linear", "switch", "embedding"})
 
@@ -43,6 +46,7 @@ QUANTIZATION_PARAMS = frozenset({"scales", "biases", "global_scale"})
 # Modes whose scales are uint8 each allow one (bits, group_size): mlx-lm infers them the same way.
 SCALED_FLOAT_MODES = ((4, 16, "nvfp4"), (4, 32, "mxfp4"), (8, 32, "mxfp8"))
 DEFAULT_AFFINE = {"group_size": 64, "bits": 4, "mode": "affine"}
+GUESS_BLOCK_LIST: Any = object()  # ModuleIndex(block_list=…) default: found from the module tree
 
 
 @dataclass(frozen=True)
@@ -95,9 +99,14 @@ class ModuleIndex:
         tied_embeddings: bool = False,
         model_type: str | None = None,
         source: str = "module",
+        block_list: str | None = GUESS_BLOCK_LIST,
     ):
         keyed = sorted(((natural_key(m.path), m) for m in modules), key=lambda pair: pair[0])
         self.modules: dict[str, ModuleInfo] = {m.path: m for _, m in keyed}
+        # the list mlx-lm's `model.layers` returns (`h`, `transformer.blocks`, …): what `layers` selects
+        if block_list is GUESS_BLOCK_LIST or (block_list is not None and block_list not in self.modules):
+            block_list = guess_block_list(self.modules.values())
+        self.block_list: str | None = block_list
         self.tied_embeddings = tied_embeddings
         self.model_type = model_type
         self.source = source
@@ -159,12 +168,21 @@ class ModuleIndex:
     @classmethod
     def from_module(cls, model: Any, *, model_type: str | None = None) -> "ModuleIndex":
         """Index a live mlx `nn.Module` (imports mlx)."""
-        infos = infos_from_module(model)
+        named = _walk_modules(model)
+        infos = infos_from_module(model, named)
+        lists = {m.path for m in infos if m.family == "list"}
+        blocks = live_block_list(model, {id(m): p for p, (m, _) in named.items()}, lists)
         args = getattr(model, "args", None)
         model_type = model_type or getattr(model, "model_type", None) or getattr(args, "model_type", None)
-        flag = getattr(args, "tie_word_embeddings", None)
-        tied = _tied_embeddings(infos, None if flag is None else bool(flag))
-        return cls(infos, tied_embeddings=tied, model_type=model_type, source="module")
+        text_args = getattr(args, "text_config", None)
+        flag = tie_flag(
+            {"tie_word_embeddings": getattr(args, "tie_word_embeddings", None)},
+            text_args if isinstance(text_args, dict) else vars(text_args) if hasattr(text_args, "__dict__") else None,
+        )
+        tied = _tied_embeddings(infos, flag)
+        return cls(
+            infos, tied_embeddings=tied, model_type=model_type, source="module", block_list=blocks or GUESS_BLOCK_LIST
+        )
 
     @classmethod
     def from_model_dir(cls, path: str | os.PathLike) -> "ModuleIndex":
@@ -181,19 +199,28 @@ class ModuleIndex:
         weights = read_model_weights(path)
         infos = infos_from_tensors({name: (t.dtype_name, t.shape) for name, (_, t) in weights.items()}, config)
         check_config_against_weights(config, infos, weights, path / CONFIG_FILE)
-        text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
-        flag = config.get("tie_word_embeddings", text_config.get("tie_word_embeddings"))
-        tied = _tied_embeddings(infos, None if flag is None else bool(flag))
+        text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else None
+        tied = _tied_embeddings(infos, tie_flag(config, text_config))
         return cls(infos, tied_embeddings=tied, model_type=config.get("model_type"), source="model_dir")
 
 
+def tie_flag(config: dict | None, text_config: dict | None) -> bool | None:
+    """The config's `tie_word_embeddings`: the top level's, else text_config's (a VL wrapper's), else None."""
+    for part in (config, text_config):
+        value = part.get("tie_word_embeddings") if isinstance(part, dict) else None
+        if value is not None:
+            return bool(value)
+    return None
+
+
 def _tied_embeddings(infos: list[ModuleInfo], flag: bool | None) -> bool:
-    """An output head means untied; otherwise the config's flag, or tied when there is an embedding."""
+    """The structure decides: an output head means untied, no head beside an embedding means the head *is*
+    the embedding (mlx-lm's `as_linear`), whatever the flag says; the flag only when there is neither."""
     if any(m.family == "linear" and (m.name in HEAD_NAMES or m.path == "output") for m in infos):
         return False
-    if flag is not None:
-        return flag
-    return any(m.family == "embedding" for m in infos)
+    if any(m.family == "embedding" for m in infos):
+        return True
+    return bool(flag)
 
 
 # ── from safetensors headers ────────────────────────────────────────────────
@@ -218,8 +245,9 @@ def infos_from_tensors(tensors: dict[str, Tensor], config: dict | None = None) -
             siblings.add(leaf)
             path = parent
     quantization = _quantization_config(config or {})
+    hints = ConfigHints.from_config(config)
     nodes = {f"{parent}.{c}" if parent else c for parent, names in child_names.items() for c in names}
-    return [_info_from_tensors(p, owned.get(p, {}), child_names.get(p), quantization) for p in nodes]
+    return [_info_from_tensors(p, owned.get(p, {}), child_names.get(p), quantization, hints) for p in nodes]
 
 
 def _split_param(name: str) -> tuple[str, str]:
@@ -231,7 +259,10 @@ def _split_param(name: str) -> tuple[str, str]:
     return ".".join(parts[:end]), ".".join(parts[end:])
 
 
-def _info_from_tensors(path: str, own: dict[str, Tensor], children: set[str] | None, quantization: dict) -> ModuleInfo:
+def _info_from_tensors(
+    path: str, own: dict[str, Tensor], children: set[str] | None, quantization: dict, hints: ConfigHints | None = None
+) -> ModuleInfo:
+    hints = hints or ConfigHints()
     if children:
         is_list = all(c.isdigit() for c in children)
         cls, family = (LIST_CLASS, "list") if is_list else (CONTAINER_CLASS, "container")
@@ -245,9 +276,16 @@ def _info_from_tensors(path: str, own: dict[str, Tensor], children: set[str] | N
     bias = own.get("bias")
     if len(weight[1]) == 3 and ("conv" in name.lower() or (bias is not None and len(bias[1]) != 2)):
         return ModuleInfo(path, LEAF_CLASS, "leaf", **_own_param_fields(own))
+    if is_multi_linear(path, len(weight[1]), hints):
+        cls = "QuantizedMultiLinear" if "scales" in own else "MultiLinear"
+        return ModuleInfo(path, cls, "leaf", **_own_param_fields(own))
+    bare = bare_weight_class(path, weight[1], bias[1] if bias is not None else None, hints)
+    if bare is not None:
+        return ModuleInfo(path, bare, "leaf", **_own_param_fields(own))
     if "scales" in own:
         return _quantized_info(path, name, own, quantization)
-    family = "switch" if len(weight[1]) == 3 else ("embedding" if name in EMBEDDING_NAMES else "linear")
+    is_embedding = is_embedding_path(path, EMBEDDING_NAMES)
+    family = "switch" if len(weight[1]) == 3 else ("embedding" if is_embedding else "linear")
     cls = {"switch": "SwitchLinear", "embedding": "Embedding", "linear": "Linear"}[family]
     return _weight_info(path, cls, family, own, weight[1], weight[0], None)
 
@@ -257,7 +295,7 @@ def _quantized_info(path: str, name: str, own: dict[str, Tensor], quantization: 
     bits, group_size, mode = _quant_params(path, packed[-1], scales, quantization)
     if len(packed) == 3:
         family, cls = "switch", "QuantizedSwitchLinear"
-    elif name in EMBEDDING_NAMES:
+    elif is_embedding_path(path, EMBEDDING_NAMES):
         family, cls = "embedding", "QuantizedEmbedding"
     else:
         family, cls = "linear", "QuantizedLinear"
@@ -316,9 +354,9 @@ def _quant_params(path: str, packed_in: int, scales: Tensor, quantization: dict)
 # ── from a live nn.Module ───────────────────────────────────────────────────
 
 
-def infos_from_module(model: Any) -> list[ModuleInfo]:
+def infos_from_module(model: Any, named: dict | None = None) -> list[ModuleInfo]:
     """ModuleInfos of every module under `model`, plus the lists (and dicts) of modules between them."""
-    named = _walk_modules(model)
+    named = _walk_modules(model) if named is None else named
     child_names: dict[str, set[str]] = {}
     intermediates = set()
     for path in named:

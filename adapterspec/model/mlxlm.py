@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
 from ..errors import UserError
+from .families import weight_read_by_model
 from .index import ModuleIndex
 from .kinds import DORA_KINDS, KINDS
 from .names import name_problem, number_problem, shown, type_name
@@ -26,7 +27,10 @@ SETTINGS_HELP = "fix the field, or write the config again with mlx_lm.lora"
 
 
 def block_list_path(index: ModuleIndex) -> Optional[str]:
-    """The path of the list mlx-lm calls `model.layers`: the shallowest list named `layers`."""
+    """The path of the list mlx-lm calls `model.layers` (`h` in gpt2, `transformer.blocks` in dbrx)."""
+    blocks = getattr(index, "block_list", None)
+    if blocks is not None and blocks in index:
+        return blocks
     lists = [m.path for m in index if m.family == "list" and m.name == "layers"]
     return min(lists, key=lambda p: (p.count("."), p)) if lists else None
 
@@ -64,6 +68,13 @@ def mlx_lm_config(plan: Plan, index: ModuleIndex) -> MlxLmFit:
             reasons.append(
                 f"it uses {len(values)} different {name} values ({', '.join(f'{v:g}' for v in sorted(values))}); mlx-lm has one"
             )
+    types = {index.model_type} if index.model_type else set()
+    reader = next((e for e in entries if weight_read_by_model(types, e.path)), None)
+    if reader is not None:
+        reasons.append(
+            f"{weight_read_by_model(types, reader.path)}, and mlx-lm's adapter layers have no .weight "
+            f"(adapterspec's do): mlx-lm's load_adapters would fail on '{reader.path}'"
+        )
     blocks = block_list_path(index)
     if reasons:
         return MlxLmFit(None, reasons)

@@ -13,6 +13,7 @@ from ..language.lint import parse_spec
 from ..language.spec import Rule, Spec
 from .index import ModuleIndex, ModuleInfo
 from .kinds import kind_for
+from .roles import ROLE_FILTERS, roles, routed_experts, routers
 from .selectors import SelectorMatcher, literal_names
 
 TYPE_FAMILIES = {"linear": "linear", "switch": "switch", "embedding": "embedding"}
@@ -81,11 +82,14 @@ class Plan:
         }
 
 
-def passes_type_filter(info: ModuleInfo, type_filter: Optional[str]) -> bool:
+def passes_type_filter(info: ModuleInfo, type_filter: Optional[str], index: Optional[ModuleIndex] = None) -> bool:
+    """Whether a module passes a type filter: a family, a role of this architecture (needs the index), a class."""
     if type_filter is None:
         return True
     if type_filter in TYPE_FAMILIES:
         return info.family == TYPE_FAMILIES[type_filter]
+    if type_filter in ROLE_FILTERS:
+        return index is not None and info.path in roles(index)[type_filter]
     return info.cls == type_filter
 
 
@@ -107,6 +111,39 @@ class _Planner:
 
     def report(self, code: str, message: str, span: Span, help: str | None = None, notes=()):
         self.diagnostics.append(diagnostic(code, message, span, help, self.spec.filename, notes))
+
+    def check_experts(self, entries: list[PlanEntry], decisions: dict[str, int]) -> None:
+        """AS309 when a mixture of experts gets adapters on its other linears but none on a routed expert;
+        AS311 (info) for each rule that adapts a router."""
+        experts = routed_experts(self.index)
+        if not experts or not entries:
+            return
+        adapted = {e.path: e for e in entries}
+        routing = set(routers(self.index, experts))
+        for rule_index in sorted({adapted[p].rule_index for p in routing if p in adapted}):
+            rule = self.spec.rules[rule_index]
+            path = next(p for p in sorted(routing) if p in adapted and adapted[p].rule_index == rule_index)
+            self.report(
+                "AS311",
+                f"'{path}' is a router of the mixture of experts: adapting it changes which experts each token uses",
+                rule.selector.span,
+                "that may be what you want; a rule that says 'none' for the routers leaves them as they are",
+            )
+        if any(p in decisions for p in experts):  # adapted, or left out on purpose by a rule that says so
+            return
+        others = [e for e in entries if self.index[e.path].family == "linear" and e.path not in routing]
+        blocks = self.index.block_list
+        in_blocks = [e for e in others if blocks is None or e.path.startswith(blocks + ".")]
+        if not in_blocks:
+            return
+        rule = self.spec.rules[in_blocks[0].rule_index]
+        self.report(
+            "AS309",
+            f"the model routes tokens to experts ({len(experts)} expert layers, e.g. '{experts[0]}') and this "
+            "spec adapts its other linears but no expert",
+            rule.selector.span,
+            "add a rule for the experts (e.g. '**@switch: lora'), or one that says 'none' for them to mean it",
+        )
 
     def segment_names(self) -> list[str]:
         if self._segment_names is None:
@@ -131,7 +168,7 @@ class _Planner:
                 if candidate.path in seen or not receives(candidate, kind):
                     continue
                 seen.add(candidate.path)
-                if passes_type_filter(candidate, rule.type_filter):
+                if passes_type_filter(candidate, rule.type_filter, self.index):
                     reached.append(candidate)
                 else:
                     filtered.append(candidate)
@@ -299,6 +336,7 @@ class _Planner:
                 rule.selector.span,
                 "that is usually what you want; select @linear modules only to leave it out",
             )
+        self.check_experts(entries, decisions)
         statically_overridden = overriding_rules(self.spec)
         for outcome in outcomes:
             if outcome.reached and not outcome.decided and outcome.rule.index not in statically_overridden:

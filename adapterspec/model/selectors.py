@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from ..language import syntax as ast
+from .blocks import BLOCKS_ALIAS
 
 
 @dataclass(frozen=True)
@@ -136,18 +137,21 @@ class SelectorMatcher:
         # is a list (and, while a list position is awaited, on which list): blocks repeat, so moves do too.
         moves: dict[tuple, tuple[frozenset, int | None, bool]] = {}
 
-        def move(states: frozenset, depth: int, name: str, is_list: bool, parent_path: str):
+        def move(states: frozenset, depth: int, name: str, is_list: bool, parent_path: str, alias: str | None):
             incoming = states if self.anchored or depth == 0 else states | self._closure({(0, False, depth)})
-            reached = frozenset(self._advance(incoming, name, is_list, parent_path, cache))
+            reached = self._advance(incoming, name, is_list, parent_path, cache)
+            if alias is not None:  # the block list answers to `layers` too, whatever its own name
+                reached |= self._advance(incoming, alias, is_list, parent_path, cache)
+            reached = frozenset(reached)
             starts = [s[2] for s in reached if s[0] == final and not s[1]]
             return reached, (min(starts) if starts else None), any(s[1] for s in reached)
 
         def walk(parent_path: str, depth: int, states: frozenset, awaiting: bool) -> None:
-            for path, name, is_list in tree.get(parent_path, ()):
-                key = (states, depth, name, is_list, parent_path if awaiting else None)
+            for path, name, is_list, alias in tree.get(parent_path, ()):
+                key = (states, depth, name, is_list, parent_path if awaiting else None, alias)
                 found = moves.get(key)
                 if found is None:
-                    found = moves[key] = move(states, depth, name, is_list, parent_path)
+                    found = moves[key] = move(states, depth, name, is_list, parent_path, alias)
                 reached, start, reached_awaiting = found
                 if start is not None:
                     result.paths.append(path)
@@ -166,14 +170,18 @@ class SelectorMatcher:
 _TREES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _tree(index) -> dict[str, list[tuple[str, str, bool]]]:
-    """Parent path → its children as (path, name, is list), in natural order; built once per index."""
+def _tree(index) -> dict[str, list[tuple[str, str, bool, str | None]]]:
+    """Parent path → its children as (path, name, is list, other name), in natural order; built once per index.
+
+    The other name is `layers` for the model's block list when it has another name (`h`, `blocks`)."""
     tree = _TREES.get(index)
     if tree is None:
         tree = {}
+        blocks = getattr(index, "block_list", None)
         for info in index:
             if info.path and info.parent != info.path:  # an odd path can never be its own child: no endless walk
-                tree.setdefault(info.parent, []).append((info.path, info.name, info.family == "list"))
+                alias = BLOCKS_ALIAS if info.path == blocks and info.name != BLOCKS_ALIAS else None
+                tree.setdefault(info.parent, []).append((info.path, info.name, info.family == "list", alias))
         _TREES[index] = tree
     return tree
 

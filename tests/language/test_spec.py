@@ -151,7 +151,7 @@ def test_spec_error_holds_every_diagnostic():
     ("q: freeze", "AS202", 4, "did you mean 'none'?"),
     ("q: LoRA", "AS202", 4, "did you mean 'lora'?"),
     ("q@lin: lora", "AS203", 2, "did you mean 'linear'?"),
-    ("q@experts: lora", "AS203", 2, "did you mean 'switch'?"),
+    ("q@expert: lora", "AS203", 2, "did you mean 'experts'?"),
     ("q: lora(r=1.5)", "AS204", 11, "r must be a whole number, got 1.5"),
     ("q: lora(scale=true)", "AS204", 15, "scale must be a number"),
     ("q: lora(rslora=yes)", "AS204", 16, "rslora must be true or false, got yes"),

@@ -230,10 +230,14 @@ def check_index(subject: Subject) -> Result:
     (a module adaptable in either index is compared)."""
     from .harness import ModuleIndex
 
-    live = _infos(ModuleIndex.from_module(subject.load()))
-    disk = _infos(ModuleIndex.from_model_dir(subject.model_dir))
+    live_index, disk_index = ModuleIndex.from_module(subject.load()), ModuleIndex.from_model_dir(subject.model_dir)
+    live, disk = _infos(live_index), _infos(disk_index)
     paths = sorted({p for infos in (live, disk) for p, i in infos.items() if i.family in ADAPTABLE})
     differing = {}
+    for name in ("block_list", "tied_embeddings"):
+        a, b = getattr(live_index, name), getattr(disk_index, name)
+        if a != b:
+            differing[f"({name})"] = f"live {a!r} dir {b!r}"
     for path in paths:
         a, b = live.get(path), disk.get(path)
         if a is None or b is None:

@@ -1,0 +1,87 @@
+"""Routed experts, routers, and the MoE diagnostics AS309 (experts left without adapters) and AS311 (router)."""
+
+from __future__ import annotations
+
+import models as tiny
+import pytest
+
+from adapterspec.language.lint import parse_spec
+from adapterspec.model.index import ModuleIndex, ModuleInfo
+from adapterspec.model.plan import make_plan
+from adapterspec.model.roles import routed_experts, routers
+
+
+@pytest.fixture(scope="module")
+def moe():
+    return ModuleIndex.from_model_dir(tiny.example_model_dir("tiny-moe"))
+
+
+def codes(spec: str, index) -> list[str]:
+    return [d.code for d in make_plan(parse_spec(spec), index).diagnostics if d.code in ("AS309", "AS311")]
+
+
+def test_roles_of_qwen2_moe(moe):
+    experts = routed_experts(moe)
+    assert len(experts) == 9 and all(".switch_mlp." in p for p in experts)
+    assert routers(moe) == [f"model.layers.{i}.mlp.gate" for i in range(3)]  # not shared_expert_gate
+
+
+def test_as309_when_the_experts_are_left_out(moe):
+    assert codes("**@linear: lora(r=4)\n", moe) == ["AS309", "AS311"]
+    assert codes("layers[*].self_attn.*_proj: lora(r=4)\n", moe) == ["AS309"]
+    assert codes("**: lora(r=4)\n", moe) == ["AS311"]
+    assert codes("layers[*].self_attn.*_proj: lora(r=4)\n**@switch: none\n", moe) == []  # said on purpose
+    assert codes("layers[*].self_attn.*_proj: lora(r=4)\n**@switch: lora(r=2)\n", moe) == []
+    assert codes("/lm_head: lora(r=4)\n", moe) == []  # outside the blocks: no hole in the mixture
+
+
+def test_dense_models_get_neither():
+    index = ModuleIndex.from_model_dir(tiny.example_model_dir("tiny-llama"))
+    assert routed_experts(index) == [] and codes("**@linear: lora(r=4)\n", index) == []
+
+
+def test_per_expert_linears_and_a_nested_router():
+    infos = [ModuleInfo("blocks", "list", "list"), ModuleInfo("blocks.0", "Block", "container")]
+    infos += [ModuleInfo("blocks.0.attn", "Attn", "container"),
+              ModuleInfo("blocks.0.attn.wqkv", "Linear", "linear", 8, 24, has_params=True),
+              ModuleInfo("blocks.0.ffn", "MoE", "container"),
+              ModuleInfo("blocks.0.ffn.router", "Router", "container"),
+              ModuleInfo("blocks.0.ffn.router.layer", "Linear", "linear", 8, 2, has_params=True),
+              ModuleInfo("blocks.0.ffn.experts", "list", "list")]  # fmt: skip
+    for e in range(2):
+        infos += [ModuleInfo(f"blocks.0.ffn.experts.{e}", "Expert", "container"),
+                  ModuleInfo(f"blocks.0.ffn.experts.{e}.w1", "Linear", "linear", 8, 16, has_params=True)]  # fmt: skip
+    index = ModuleIndex(infos)
+    assert routed_experts(index) == ["blocks.0.ffn.experts.0.w1", "blocks.0.ffn.experts.1.w1"]
+    assert routers(index) == ["blocks.0.ffn.router.layer"]
+    assert codes("layers[*].attn.wqkv: lora(r=2)\n", index) == ["AS309"]
+
+
+def test_role_type_filters(moe):
+    def paths(spec):
+        return {e.path.split(".", 3)[-1] for e in make_plan(parse_spec(spec), moe).entries}
+
+    assert paths("**@experts: lora(r=2)\n") == {f"mlp.switch_mlp.{n}_proj" for n in ("down", "gate", "up")}
+    assert paths("**@router: lora(r=2)\n") == {"mlp.gate"}
+    assert paths("**@shared_expert: lora(r=2)\n") == {"mlp.shared_expert_gate"} | {
+        f"mlp.shared_expert.{n}_proj" for n in ("down", "gate", "up")
+    }
+    assert paths("**@attention: lora(r=2)\n") == {f"self_attn.{n}_proj" for n in "qkvo"}
+    assert paths("**@mlp: lora(r=2)\n") == paths("**@shared_expert: lora(r=2)\n")
+    assert [e.path for e in make_plan(parse_spec("**@head: lora(r=2)\n"), moe).entries] == ["lm_head"]
+    assert paths("layers[0]@embedding: lora(r=2)\n**@embedding: lora(r=2)\n") == {"embed_tokens"}
+    # a dense model has no experts: AS304 says the filter excludes everything
+    dense = ModuleIndex.from_model_dir(tiny.example_model_dir("tiny-llama"))
+    assert [d.code for d in make_plan(parse_spec("**@experts: lora\n"), dense).diagnostics] == ["AS304"]
+    assert {e.path.rsplit(".", 1)[-1] for e in make_plan(parse_spec("**@mlp: lora(r=2)\n"), dense).entries} == {
+        "gate_proj", "up_proj", "down_proj"
+    }  # fmt: skip
+
+
+def test_tree_marks_the_moe_roles(capsys):
+    from adapterspec.cli import main
+
+    assert main(["tree", str(tiny.example_model_dir("tiny-moe"))]) == 0
+    out = capsys.readouterr().out
+    assert "gate  Linear 64→4  @router" in out and "SwitchLinear 4×(64→64)  @experts" in out
+    assert "@shared_expert" in out
