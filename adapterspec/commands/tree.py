@@ -10,8 +10,6 @@ from ..model.blocks import BLOCKS_ALIAS
 from ..model.roles import module_roles
 from .common import describe_shape, model_index, print_diagnostics
 
-SHOWN_ROLES = ("experts", "shared_expert", "router")
-
 MARK = "●"
 
 
@@ -46,11 +44,30 @@ def matched_paths(rule, index) -> set[str]:
     return marked
 
 
+def shown_roles(index) -> dict[str, tuple[str, ...]]:
+    """Path → the role filters to print beside it: each role once, on the highest module whose adaptable
+    modules all have it (`self_attn  @attention`, `switch_mlp  @experts`, `lm_head  @head`)."""
+    common: dict[str, frozenset[str]] = {}
+    for info in reversed(index.modules.values()):  # children before their parents
+        roles = frozenset(module_roles(index, info.path)) if info.adaptable else None
+        for child in index.children(info.path):
+            if child.path in common:
+                roles = common[child.path] if roles is None else roles & common[child.path]
+        if roles is not None:
+            common[info.path] = roles
+    return {
+        path: tuple(sorted(roles - common.get(index[path].parent, frozenset())))
+        for path, roles in common.items()
+        if roles - common.get(index[path].parent, frozenset())
+    }
+
+
 class TreePrinter:
     def __init__(self, index, marked: set[str], fold: bool):
         self.index = index
         self.marked = marked
         self.fold = fold
+        self.roles = shown_roles(index)
         self.lines: list[str] = []
 
     def signature(self, path: str) -> tuple:
@@ -97,9 +114,8 @@ class TreePrinter:
                 )
                 if x
             )
-            shown = [f"@{r}" for r in module_roles(self.index, info.path) if r in SHOWN_ROLES]
-            if shown:  # the roles a mixture of experts gives its modules (role type filters)
-                details += "  " + " ".join(shown)
+            if info.path in self.roles:  # what the role type filters select, e.g. `**@attention`
+                details += "  " + " ".join(f"@{r}" for r in self.roles[info.path])
             if info.path == self.index.block_list and info.name != BLOCKS_ALIAS:
                 details += f"  ({BLOCKS_ALIAS})"  # what the selector segment `layers` means in this model
             self.lines.append(f"{prefix}{'└── ' if last else '├── '}{mark}{name}  {details}")

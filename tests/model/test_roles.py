@@ -78,10 +78,13 @@ def test_role_type_filters(moe):
     }  # fmt: skip
 
 
-def test_tree_marks_the_moe_roles(capsys):
+def test_tree_marks_each_role_once_on_the_highest_module_that_has_it(capsys):
     from adapterspec.cli import main
 
     assert main(["tree", str(tiny.example_model_dir("tiny-moe"))]) == 0
     out = capsys.readouterr().out
-    assert "gate  Linear 64→4  @router" in out and "SwitchLinear 4×(64→64)  @experts" in out
-    assert "@shared_expert" in out
+    assert "gate  Linear 64→4  @router" in out and "switch_mlp  Container  @experts" in out
+    assert "shared_expert  Container  @mlp @shared_expert" in out and "self_attn  Container  @attention" in out
+    assert "lm_head  Linear 64→320  @head" in out and "embed_tokens  Embedding 320×64  @embedding" in out
+    assert "SwitchLinear 4×(64→64)  @" not in out  # said once, by switch_mlp
+    assert "── mlp  Container\n" in out  # a mixture holds several roles

@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 from adapterspec import ModuleIndex, apply, load_adapters, make_plan, parse_spec, save_adapters
+from adapterspec.model.roles import roles
 
-__all__ = ["ModuleIndex", "apply", "load_adapters", "make_plan", "parse_spec", "save_adapters", "fuse_cli"]
+__all__ = ["ModuleIndex", "apply", "load_adapters", "make_plan", "parse_spec", "roles", "save_adapters", "fuse_cli"]
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 

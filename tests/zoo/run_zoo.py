@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import time
@@ -25,33 +24,7 @@ if str(ROOT) not in sys.path:
 
 from tests.zoo import zoo  # noqa: E402
 
-COLUMNS = ("built", "index", "plan", "round_trip", "fuse", "q4_index", "q4_plan", "q4_round_trip")
-MOE_WORDS = re.compile(r"(expert|router|gate$|switch|moe)", re.IGNORECASE)
-
-
-def moe_roles(subject: zoo.Subject) -> dict:
-    """Module path patterns (block numbers as *) of routed experts, shared experts and routers."""
-    from tests.zoo.harness import ModuleIndex
-
-    index = ModuleIndex.from_module(subject.load())
-    roles: dict[str, dict[str, str]] = {"routed": {}, "shared": {}, "router": {}}
-    experts = {i.num_experts for i in index if i.num_experts}
-    for info in index:
-        pattern = re.sub(r"\.\d+(?=\.|$)", ".*", info.path)
-        name = info.path.rsplit(".", 1)[-1]
-        described = f"{info.cls} {info.family} in={info.input_dims} out={info.output_dims}" + (
-            f" experts={info.num_experts}" if info.num_experts else ""
-        )
-        if "shared" in info.path and info.family in zoo.ADAPTABLE:
-            roles["shared"][pattern] = described
-        elif info.family == "switch" or (".experts." in info.path and info.family in zoo.ADAPTABLE):
-            roles["routed"][pattern] = described
-        elif re.search(r"(router|^gate$|^gate_inp|^wg$|^w_gate$|^gate_proj_router)", name) and info.family != "list":
-            roles["router"][pattern] = described
-        elif info.family == "linear" and experts and info.output_dims in experts and re.search("gate|rout", name):
-            roles["router"][pattern] = described + " (out = number of experts)"
-    is_moe = bool(roles["routed"]) or bool(experts)
-    return roles if is_moe else {}
+COLUMNS = ("built", "index", "plan", "round_trip", "fuse", "roles", "q4_index", "q4_plan", "q4_round_trip")
 
 
 def run_one(arch: str, root: Path) -> dict:
@@ -65,29 +38,27 @@ def run_one(arch: str, root: Path) -> dict:
         row["details"]["built"] = built.detail
     else:
         for name, check in zoo.CHECKS.items():
-            row[name], row["details"][name] = _run(check, subject)
-        try:
-            row["moe"] = moe_roles(subject)
-        except Exception as e:  # noqa: BLE001
-            row["moe"] = {"error": f"{type(e).__name__}: {e}"}
+            row[name], row["details"][name], data = _run(check, subject)
+            if name == "roles" and data.get("moe"):
+                row["moe_roles"] = data["roles"]  # role filter → module patterns, for the MoE table
     if arch in zoo.QUANTIZED:
         q = zoo.Subject(arch, configs[arch], root, zoo.Q4)
         qbuilt = q.built()
         for name in zoo.QUANTIZED_CHECKS:
             if qbuilt.ok:
-                row[f"q4_{name}"], row["details"][f"q4_{name}"] = _run(zoo.CHECKS[name], q)
+                row[f"q4_{name}"], row["details"][f"q4_{name}"], _ = _run(zoo.CHECKS[name], q)
             else:
                 row[f"q4_{name}"], row["details"][f"q4_{name}"] = False, f"not built: {qbuilt.detail}"
     row["seconds"] = round(time.perf_counter() - started, 2)
     return row
 
 
-def _run(check, subject) -> tuple[bool, str]:
+def _run(check, subject) -> tuple[bool, str, dict]:
     try:
         result = check(subject)
-        return result.ok, result.detail
+        return result.ok, result.detail, result.data
     except Exception as e:  # noqa: BLE001
-        return False, f"{type(e).__name__}: {str(e)[:300]}"
+        return False, f"{type(e).__name__}: {str(e)[:300]}", {}
 
 
 def _child(arch: str, root: Path, timeout: float) -> dict:
@@ -122,6 +93,18 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def roles_table(rows: list[dict]) -> str:
+    """Markdown: per mixture-of-experts architecture, what each role filter selects (block numbers as *)."""
+    shown = ("experts", "shared_expert", "router")
+    lines = ["| arch | " + " | ".join(f"@{r}" for r in shown) + " |", "|" + " --- |" * (len(shown) + 1)]
+    for row in rows:
+        found = row.get("moe_roles")
+        if found:
+            cells = [", ".join(f"`{p.split('.*.', 1)[-1]}`" for p in found.get(r, [])) or "—" for r in shown]
+            lines.append(f"| {row['arch']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def summary(rows: list[dict]) -> dict:
     counts = {"architectures": len(rows), "built": sum(r.get("built") is True for r in rows)}
     for column in COLUMNS[1:]:
@@ -153,6 +136,8 @@ def main(argv=None) -> int:
         )
     result = {"summary": summary(rows), "seconds": round(time.perf_counter() - started, 1), "rows": rows}
     print(table(rows))
+    print()
+    print(roles_table(rows))
     print(json.dumps(result["summary"]))
     text = json.dumps(result, indent=1)
     if args.json:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -397,7 +398,66 @@ def check_fuse(subject: Subject) -> Result:
     return Result(not failed, "; ".join(notes))
 
 
-CHECKS = {"index": check_index, "plan": check_plans, "round_trip": check_round_trip, "fuse": check_fuse}
+def _pattern(path: str) -> str:
+    """A module path with block and expert numbers as `*` (one row per kind of module)."""
+    return re.sub(r"\.\d+(?=\.|$)", ".*", path)
+
+
+def role_table(index) -> dict[str, list[str]]:
+    """Role filter → the module path patterns it selects (block numbers as *)."""
+    from .harness import roles
+
+    return {role: sorted({_pattern(p) for p in paths}) for role, paths in roles(index).items() if paths}
+
+
+def check_roles(subject: Subject) -> Result:
+    """(e) Roles: the same on the directory and the live model; on a mixture of experts, @experts holds every
+    routed expert layer and nothing else, a router's outputs are the expert count, and AS309 warns exactly
+    when a spec adapts the attention but no expert."""
+    from .harness import ModuleIndex, make_plan, parse_spec, roles
+
+    live = ModuleIndex.from_module(subject.load())
+    disk = ModuleIndex.from_model_dir(subject.model_dir)
+    found, problems = roles(live), []
+    if found != roles(disk):
+        differing = sorted(r for r in found if found[r] != roles(disk)[r])
+        problems.append(f"roles differ between the directory and the live model: {', '.join(differing)}")
+    routed = {
+        i.path
+        for i in live
+        if (i.family == "switch" or (i.family == "linear" and re.search(r"\.experts\.\d+\.", i.path)))
+        and not re.search("shared", i.path, re.IGNORECASE)
+    }
+    if found["experts"] != routed:
+        problems.append(f"@experts {sorted(found['experts'])[:2]} != routed expert layers {sorted(routed)[:2]}")
+    for other in ("mlp", "attention", "shared_expert", "router"):
+        if found["experts"] & found[other]:
+            problems.append(f"@experts and @{other} overlap")
+    counts = {i.num_experts for i in live if i.num_experts} | {
+        len(live.children(i.path)) for i in live if i.name == "experts" and i.family == "list"
+    }
+    for path in sorted(found["router"]):
+        if live[path].output_dims not in counts:
+            problems.append(f"router {path} has {live[path].output_dims} outputs, experts {sorted(counts)}")
+    if routed and found["attention"]:
+        warned = [d.code for d in make_plan(parse_spec("**@attention: lora(r=2)\n"), live).diagnostics]
+        covered = [
+            d.code for d in make_plan(parse_spec("**@attention: lora(r=2)\n**@experts: lora(r=2)\n"), live).diagnostics
+        ]
+        if "AS309" not in warned or "AS309" in covered:
+            problems.append(f"AS309 on attention only: {'AS309' in warned}, with the experts: {'AS309' in covered}")
+    table = role_table(live)
+    detail = "; ".join(problems) or ", ".join(f"@{role} {len(paths)}" for role, paths in table.items())
+    return Result(not problems, detail, {"roles": table, "moe": bool(routed)})
+
+
+CHECKS = {
+    "index": check_index,
+    "plan": check_plans,
+    "round_trip": check_round_trip,
+    "fuse": check_fuse,
+    "roles": check_roles,
+}
 QUANTIZED_CHECKS = ("index", "plan", "round_trip")
 
 
