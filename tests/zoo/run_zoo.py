@@ -24,7 +24,18 @@ if str(ROOT) not in sys.path:
 
 from tests.zoo import zoo  # noqa: E402
 
-COLUMNS = ("built", "index", "plan", "round_trip", "fuse", "roles", "q4_index", "q4_plan", "q4_round_trip")
+COLUMNS = (
+    "built",
+    "index",
+    "plan",
+    "round_trip",
+    "fuse",
+    "roles",
+    "mlx_lm_dirs",
+    "q4_index",
+    "q4_plan",
+    "q4_round_trip",
+)
 
 
 def run_one(arch: str, root: Path) -> dict:

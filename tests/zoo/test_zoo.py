@@ -3,7 +3,8 @@
 One test per architecture and check: (a) index from the directory = index of the live model,
 (b) plans equal on both, (c) apply → save → load reproduces the logits (and mlx-lm's loader when the
 adapter config says it fits), (d) the fused model's logits equal the adapted model's, (e) the role filters
-(@experts, @router, …) resolve alike on both indexes and AS309 warns of experts left out; (a)-(c)
+(@experts, @router, …) resolve alike on both indexes and AS309 warns of experts left out, (f) adapter directories as
+mlx_lm.lora writes them load and fuse to mlx-lm's logits; (a)-(c)
 again on 4-bit quantized variants of a subset.
 """
 
@@ -76,6 +77,11 @@ def test_fuse_matches_adapted_model(arch, zoo_root):
 @pytest.mark.parametrize("arch", _params(CONFIGS))
 def test_roles_resolve(arch, zoo_root):
     _check("roles", arch, zoo_root)
+
+
+@pytest.mark.parametrize("arch", _params(CONFIGS))
+def test_mlx_lm_adapter_directories(arch, zoo_root):
+    _check("mlx_lm_dirs", arch, zoo_root)
 
 
 @pytest.mark.parametrize("arch", _params(zoo.QUANTIZED))

@@ -398,6 +398,72 @@ def check_fuse(subject: Subject) -> Result:
     return Result(not failed, "; ".join(notes))
 
 
+def mlx_lm_trained(subject: Subject, name: str, fine_tune_type: str = "lora"):
+    """(model, adapter directory) as `mlx_lm.lora` leaves them (None and the reason where mlx-lm refuses): its own linear_to_lora_layers on the last two
+    blocks with no `keys` (mlx-lm picks them per architecture), random lora_b, the trainable parameters
+    saved to adapters.safetensors and the run's arguments to adapter_config.json."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model = subject.load()
+    model.freeze()
+    parameters = {"rank": 4, "scale": 10.0, "dropout": 0.0}
+    try:
+        linear_to_lora_layers(model, 2, parameters, use_dora=fine_tune_type == "dora")
+    except ValueError as e:  # mlx-lm's own refusal (DoRA on SwitchLinear): nothing of adapterspec's to check
+        return None, f"mlx-lm refuses it: {e}"
+    if not randomize_lora_b(model):
+        return None, "mlx-lm adapts no module of this model"
+    adapter_dir = subject.scratch(name)
+    adapter_dir.mkdir(parents=True)
+    mx.save_safetensors(str(adapter_dir / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
+    config = {"model": str(subject.model_dir), "fine_tune_type": fine_tune_type, "num_layers": 2}
+    config |= {"lora_parameters": parameters, "train": True, "batch_size": 1, "iters": 1, "learning_rate": 1e-5}
+    (adapter_dir / "adapter_config.json").write_text(json.dumps(config, indent=4), encoding="utf-8")
+    return model, adapter_dir
+
+
+def check_mlx_lm_dirs(subject: Subject) -> Result:
+    """(f) Adapter directories written as mlx_lm.lora writes them (LoRA and DoRA, keys omitted): adapterspec's
+    load_adapters and fuse give the logits of mlx-lm's adapted model."""
+    from .harness import fuse_cli, load_adapters
+
+    notes, failed = [], False
+    for fine_tune_type in ("lora", "dora"):
+        try:
+            model, adapter_dir = mlx_lm_trained(subject, f"mlx-lm-{fine_tune_type}", fine_tune_type)
+            if model is None:
+                notes.append(f"{fine_tune_type}: {adapter_dir}")
+                continue
+            expected = logits(model)
+            fresh = subject.load()
+            load_adapters(fresh, adapter_dir)
+            same = compare(expected, logits(fresh), 0, ROUND_TRIP_ATOL * max(1.0, mx_max_abs(expected)))
+            if not same:
+                failed = True
+                notes.append(f"{fine_tune_type}: load_adapters gives other logits, {same.detail}")
+            out = subject.scratch(f"mlx-lm-{fine_tune_type}-fused")
+            done = fuse_cli(subject.model_dir, adapter_dir, out)
+            if done.returncode != 0:
+                failed = True
+                message = (done.stderr.strip() or done.stdout.strip()).splitlines()
+                notes.append(f"{fine_tune_type}: fuse exit {done.returncode}: {' / '.join(message[-3:])[:400]}")
+                continue
+            same = compare(expected, logits(load_dir(out)[0]), FUSE_RTOL, FUSE_RTOL * max(1.0, mx_max_abs(expected)))
+            if not same:
+                failed = True
+                notes.append(f"{fine_tune_type}: fused logits differ, {same.detail}")
+            else:
+                notes.append(f"{fine_tune_type}: ok")
+        except BaseException as e:  # noqa: BLE001
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            failed = True
+            notes.append(f"{fine_tune_type}: {type(e).__name__}: {str(e)[:300]}")
+    return Result(not failed, "; ".join(notes))
+
+
 def _pattern(path: str) -> str:
     """A module path with block and expert numbers as `*` (one row per kind of module)."""
     return re.sub(r"\.\d+(?=\.|$)", ".*", path)
@@ -457,6 +523,7 @@ CHECKS = {
     "round_trip": check_round_trip,
     "fuse": check_fuse,
     "roles": check_roles,
+    "mlx_lm_dirs": check_mlx_lm_dirs,
 }
 QUANTIZED_CHECKS = ("index", "plan", "round_trip")
 
