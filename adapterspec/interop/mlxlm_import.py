@@ -16,7 +16,7 @@ from typing import Optional
 from ..errors import UserError
 from ..model.adapter_format import MAX_CONFIG_BYTES, read_config_json
 from ..model.index import ModuleIndex
-from ..model.mlxlm import block_list_path, mlx_lm_settings, spec_from_mlx_lm
+from ..model.mlxlm import mlx_lm_blocks, mlx_lm_settings, spec_from_mlx_lm
 from ..model.names import type_name
 from .findings import Finding, as_comments, lossy, note
 from .spec_writer import Assignment, explicit_rules, require_lint_clean
@@ -101,11 +101,11 @@ def mlx_lm_choice(
     fine_tune_type: str, num_layers: int, parameters: dict, index: ModuleIndex
 ) -> tuple[dict, list[Finding]]:
     """MLX path → Assignment of every module mlx-lm adapts (or unfreezes), simulated on the index."""
-    blocks = block_list_path(index)
-    if blocks is None:
+    blocks = mlx_lm_blocks(index)
+    if not blocks:
         raise UserError("the model has no list of blocks named 'layers', which mlx-lm's LoRA training needs")
-    length = index.list_length(blocks)
-    chosen = range(length - min(max(num_layers, 0) or length, length), length)
+    length = len(blocks)
+    chosen = blocks[length - min(max(num_layers, 0) or length, length) :]
     findings = []
     if num_layers > length:
         findings.append(
@@ -115,17 +115,16 @@ def mlx_lm_choice(
             )
         )
     if fine_tune_type == "full":
-        return {f"{blocks}.{b}": Assignment("full") for b in chosen}, findings
+        return {block: Assignment("full") for block in chosen}, findings
     assignment = Assignment(
         fine_tune_type, int(parameters["rank"]), scale=float(parameters["scale"]), dropout=float(parameters["dropout"])
     )
     keys = parameters.get("keys")
     if keys is None:
-        prefix = blocks + "."
-        keys = {m.path[len(prefix) :].partition(".")[2] for m in index if m.path.startswith(prefix) and m.adaptable}
+        keys = {m.path[len(block) + 1 :] for block in blocks for m in index.descendants(block) if m.adaptable}
     out: dict[str, Assignment] = {}
     for key in keys:
-        paths = [f"{blocks}.{b}.{key}" for b in chosen] + [key]
+        paths = [f"{block}.{key}" for block in chosen] + [key]
         for path in paths:
             if path not in index:
                 continue

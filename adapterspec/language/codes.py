@@ -128,6 +128,12 @@ CODES: dict[str, Code] = {
             "add a 'none' rule for the routers to leave them as they are",
         ),
         Code(
+            "AS312",
+            Severity.ERROR,
+            "a module whose class cannot take an adapter",
+            "leave the module out with a later 'none' rule",
+        ),
+        Code(
             "AS401",
             Severity.WARNING,
             "a rule that later rules override everywhere",

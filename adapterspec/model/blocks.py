@@ -64,3 +64,15 @@ def live_block_list(model, paths_by_id: dict[int, str], list_paths: set[str]) ->
             if parent in list_paths:
                 return parent
     return None
+
+
+def live_blocks(model, paths_by_id: dict[int, str]) -> tuple[str, ...] | None:
+    """The paths of the blocks `model.layers` returns on a live mlx-lm model, in its order (None when unknown)."""
+    try:
+        layers = getattr(model, "layers", None)
+    except Exception:  # noqa: BLE001 — a property that fails means no block list to report
+        return None
+    if not isinstance(layers, (list, tuple)) or not layers:
+        return None
+    paths = tuple(paths_by_id.get(id(block)) for block in layers)
+    return None if None in paths else paths

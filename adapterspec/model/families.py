@@ -76,6 +76,15 @@ def bare_weight_class(path: str, weight: Shape, bias: Shape | None, hints: Confi
     return None
 
 
+def linear_subclass(path: str, quantized: bool, hints: ConfigHints) -> str | None:
+    """The class of a Linear-looking module that is an mlx-lm subclass of nn.Linear (None for a plain one)."""
+    for model_type in hints.model_types:
+        for pattern, cls, quantized_cls in LINEAR_SUBCLASSES.get(model_type, ()):
+            if pattern.search(path):
+                return quantized_cls if quantized else cls
+    return None
+
+
 def is_embedding_path(path: str, embedding_names: frozenset[str]) -> bool:
     """Named like an embedding, or an element of a list named like one (`ngram_embeddings.embedders.0`)."""
     parts = path.split(".")
@@ -84,14 +93,26 @@ def is_embedding_path(path: str, embedding_names: frozenset[str]) -> bool:
     return len(parts) >= 2 and parts[-1].isdigit() and bool(EMBEDDING_LIST_WORD.search(parts[-2]))
 
 
+# model type → lists whose blocks mlx-lm's `model.layers` property appends to the block list (what its
+# `num_layers` counts from the end); `layers` in a spec means the block list alone
+APPENDED_BLOCK_LISTS = {"afm7": ("model.kv_reuse_layers",)}
+
+
+def appended_block_lists(model_type: str | None) -> tuple[str, ...]:
+    return APPENDED_BLOCK_LISTS.get(model_type or "", ())
+
+
 # ── architectures that cannot take some adapters (docs/architecture.md, "Architectures with limits") ──
 
 # mlx-lm classes whose instances look adaptable (an nn.Linear subclass) but that no adapter layer can wrap
-UNADAPTABLE_CLASSES = {
-    "FusedLinear": (
-        "afm7's FusedLinear returns a list of outputs (q, k, v split), which a LoRA layer cannot add to; "
-        "mlx-lm wraps it with its own FusedLoRALinear"
-    ),
+FUSED_LINEAR_REASON = (
+    "afm7's FusedLinear returns a list of outputs (q, k, v split), which a LoRA layer cannot add to; "
+    "mlx-lm wraps it with its own FusedLoRALinear"
+)
+UNADAPTABLE_CLASSES = {"FusedLinear": FUSED_LINEAR_REASON, "FusedQuantizedLinear": FUSED_LINEAR_REASON}
+# model type → (path pattern, class, quantized class): nn.Linear subclasses the headers cannot tell from a Linear
+LINEAR_SUBCLASSES: dict[str, tuple[tuple[re.Pattern, str, str], ...]] = {
+    "afm7": ((re.compile(r"(^|\.)qkv_proj$"), "FusedLinear", "FusedQuantizedLinear"),),
 }
 # (model type, module path) → why `fuse` refuses an adapter on that module: merging into the stored
 # weight would not give the adapted model's function

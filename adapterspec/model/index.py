@@ -6,11 +6,18 @@ import bisect
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Iterator
 
-from .blocks import guess_block_list, live_block_list
-from .families import ConfigHints, bare_weight_class, is_embedding_path, is_multi_linear
+from .blocks import guess_block_list, live_block_list, live_blocks
+from .families import (
+    ConfigHints,
+    appended_block_lists,
+    bare_weight_class,
+    is_embedding_path,
+    is_multi_linear,
+    linear_subclass,
+)
 
 FAMILIES = ("linear", "switch", "embedding", "container", "list", "leaf")
 ADAPTABLE_FAMILIES = frozenset({"linear", "switch", "embedding"})
@@ -100,6 +107,7 @@ class ModuleIndex:
         model_type: str | None = None,
         source: str = "module",
         block_list: str | None = GUESS_BLOCK_LIST,
+        blocks: tuple[str, ...] | None = None,
     ):
         keyed = sorted(((natural_key(m.path), m) for m in modules), key=lambda pair: pair[0])
         self.modules: dict[str, ModuleInfo] = {m.path: m for _, m in keyed}
@@ -116,6 +124,11 @@ class ModuleIndex:
         for path in self._paths:
             parent = path.rsplit(".", 1)[0] if "." in path else ""
             self._children.setdefault(parent, []).append(path)
+        if blocks is None:
+            lists = ((block_list,) if block_list else ()) + appended_block_lists(model_type)
+            blocks = tuple(p for name in lists if name in self.modules for p in self._children.get(name, ()))
+        # the blocks of mlx-lm's `model.layers`, in its order: what its `num_layers` counts from the end
+        self.blocks: tuple[str, ...] = blocks
 
     def __getitem__(self, path: str) -> ModuleInfo:
         return self.modules[path]
@@ -171,7 +184,8 @@ class ModuleIndex:
         named = _walk_modules(model)
         infos = infos_from_module(model, named)
         lists = {m.path for m in infos if m.family == "list"}
-        blocks = live_block_list(model, {id(m): p for p, (m, _) in named.items()}, lists)
+        paths_by_id = {id(m): p for p, (m, _) in named.items()}
+        blocks = live_block_list(model, paths_by_id, lists)
         args = getattr(model, "args", None)
         model_type = model_type or getattr(model, "model_type", None) or getattr(args, "model_type", None)
         text_args = getattr(args, "text_config", None)
@@ -181,7 +195,12 @@ class ModuleIndex:
         )
         tied = _tied_embeddings(infos, flag)
         return cls(
-            infos, tied_embeddings=tied, model_type=model_type, source="module", block_list=blocks or GUESS_BLOCK_LIST
+            infos,
+            tied_embeddings=tied,
+            model_type=model_type,
+            source="module",
+            block_list=blocks or GUESS_BLOCK_LIST,
+            blocks=live_blocks(model, paths_by_id),
         )
 
     @classmethod
@@ -283,11 +302,14 @@ def _info_from_tensors(
     if bare is not None:
         return ModuleInfo(path, bare, "leaf", **_own_param_fields(own))
     if "scales" in own:
-        return _quantized_info(path, name, own, quantization)
-    is_embedding = is_embedding_path(path, EMBEDDING_NAMES)
-    family = "switch" if len(weight[1]) == 3 else ("embedding" if is_embedding else "linear")
-    cls = {"switch": "SwitchLinear", "embedding": "Embedding", "linear": "Linear"}[family]
-    return _weight_info(path, cls, family, own, weight[1], weight[0], None)
+        info = _quantized_info(path, name, own, quantization)
+    else:
+        is_embedding = is_embedding_path(path, EMBEDDING_NAMES)
+        family = "switch" if len(weight[1]) == 3 else ("embedding" if is_embedding else "linear")
+        cls = {"switch": "SwitchLinear", "embedding": "Embedding", "linear": "Linear"}[family]
+        info = _weight_info(path, cls, family, own, weight[1], weight[0], None)
+    subclass = linear_subclass(path, info.quantized, hints) if info.family == "linear" else None
+    return replace(info, cls=subclass) if subclass else info
 
 
 def _quantized_info(path: str, name: str, own: dict[str, Tensor], quantization: dict) -> ModuleInfo:

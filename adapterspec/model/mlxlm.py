@@ -35,6 +35,25 @@ def block_list_path(index: ModuleIndex) -> Optional[str]:
     return min(lists, key=lambda p: (p.count("."), p)) if lists else None
 
 
+def mlx_lm_blocks(index: ModuleIndex) -> tuple[str, ...]:
+    """The block paths of mlx-lm's `model.layers`, in its order (afm7 appends its kv-reuse blocks)."""
+    blocks = getattr(index, "blocks", ())
+    if blocks:
+        return blocks
+    path = block_list_path(index)
+    return tuple(m.path for m in index.children(path)) if path else ()
+
+
+def _enclosing_block(path: str, position: dict[str, int]) -> Optional[str]:
+    """The block among `position`'s keys that holds `path` (None outside every block)."""
+    parts = path.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:end])
+        if prefix in position:
+            return prefix
+    return None
+
+
 @dataclass
 class MlxLmFit:
     """Whether a plan is expressible as an mlx-lm adapter config, and the config or the reasons why not."""
@@ -75,30 +94,29 @@ def mlx_lm_config(plan: Plan, index: ModuleIndex) -> MlxLmFit:
             f"{weight_read_by_model(types, reader.path)}, and mlx-lm's adapter layers have no .weight "
             f"(adapterspec's do): mlx-lm's load_adapters would fail on '{reader.path}'"
         )
-    blocks = block_list_path(index)
     if reasons:
         return MlxLmFit(None, reasons)
-    block_prefix = blocks + "." if blocks else None
+    blocks = mlx_lm_blocks(index)
+    position = {path: i for i, path in enumerate(blocks)}
     relative_keys: set[str] = set()
-    block_numbers: set[int] = set()
+    positions: set[int] = set()
     top_keys: set[str] = set()
     for entry in entries:
-        if block_prefix and entry.path.startswith(block_prefix):
-            number, _, key = entry.path[len(block_prefix) :].partition(".")
-            block_numbers.add(int(number))
-            relative_keys.add(key)
+        block = _enclosing_block(entry.path, position)
+        if block is not None:
+            positions.add(position[block])
+            relative_keys.add(entry.path[len(block) + 1 :])
         else:
             top_keys.add(entry.path)
-    length = index.list_length(blocks) if blocks else 0
-    num_layers = length - min(block_numbers) if block_numbers else 0
+    num_layers = len(blocks) - min(positions) if positions else 0
     keys = relative_keys | top_keys
     wanted = {e.path for e in entries}
-    produced = set()
-    for number in range(length - num_layers, length) if block_numbers else ():
-        for key in relative_keys:
-            path = f"{block_prefix}{number}.{key}"
-            if path in index and index[path].adaptable:
-                produced.add(path)
+    produced = {
+        f"{block}.{key}"
+        for block in blocks[len(blocks) - num_layers :]
+        for key in relative_keys
+        if f"{block}.{key}" in index and index[f"{block}.{key}"].adaptable
+    }
     produced |= {p for p in top_keys if p in index}
     if produced != wanted:
         missing = sorted(produced - wanted)
@@ -112,7 +130,7 @@ def mlx_lm_config(plan: Plan, index: ModuleIndex) -> MlxLmFit:
     first = entries[0]
     config = {
         "fine_tune_type": "dora" if kinds & set(DORA_KINDS) else "lora",
-        "num_layers": num_layers if block_numbers else 0,
+        "num_layers": num_layers,
         "lora_parameters": {"rank": first.r, "scale": first.scale, "dropout": first.dropout, "keys": sorted(keys)},
     }
     return MlxLmFit(config, [])
@@ -185,6 +203,19 @@ def _format_number(value: float) -> str:
     return repr(float(value)) if isinstance(value, float) else str(value)
 
 
+def _block_selectors(chosen: tuple[str, ...], index: ModuleIndex) -> list[str]:
+    """Anchored selectors for these blocks: one per list they sit in (`/model.layers[-2:]`, `/model.h[*]`)."""
+    by_list: dict[str, int] = {}
+    for block in chosen:
+        parent = block.rsplit(".", 1)[0]
+        by_list[parent] = by_list.get(parent, 0) + 1
+    selectors = []
+    for parent, count in by_list.items():
+        length = index.list_length(parent)
+        selectors.append(f"/{parent}[-{count}:]" if count < length else f"/{parent}[*]")
+    return selectors
+
+
 def spec_from_mlx_lm(
     lora_parameters: dict, num_layers: int, fine_tune_type: str, index: ModuleIndex
 ) -> tuple[str, list[str]]:
@@ -199,28 +230,25 @@ def spec_from_mlx_lm(
         f"r={int(lora_parameters.get('rank', 8))}, scale={_format_number(lora_parameters.get('scale', 20.0))}, "
         f"dropout={_format_number(lora_parameters.get('dropout', 0.0))}"
     )
-    blocks = block_list_path(index)
-    length = index.list_length(blocks) if blocks else 0
-    count = num_layers if 0 < num_layers < length else length
-    block_selector = f"/{blocks}[-{count}:]" if count < length else f"/{blocks}[*]"
+    blocks = mlx_lm_blocks(index)
+    count = num_layers if 0 < num_layers < len(blocks) else len(blocks)
+    chosen = blocks[len(blocks) - count :]
+    block_selectors = _block_selectors(chosen, index)
     notes: list[str] = []
     lines = [f"# translated from an mlx-lm adapter config (fine_tune_type={fine_tune_type}, num_layers={num_layers})"]
     keys = lora_parameters.get("keys")
     if keys is None:
-        lines.append(f"{block_selector}: {kind}({args})")
+        lines += [f"{selector}: {kind}({args})" for selector in block_selectors]
         return "\n".join(lines) + "\n", notes
-    chosen = range(length - count, length)
     for key in sorted(keys):
-        in_blocks = blocks is not None and any(
-            f"{blocks}.{n}.{key}" in index and index[f"{blocks}.{n}.{key}"].adaptable for n in chosen
-        )
+        in_blocks = any(f"{b}.{key}" in index and index[f"{b}.{key}"].adaptable for b in chosen)
         at_top = key in index and index[key].adaptable
         if in_blocks:
-            lines.append(f"{block_selector}.{key}: {kind}({args})")
+            lines += [f"{selector}.{key}: {kind}({args})" for selector in block_selectors]
         if at_top:
             lines.append(f"/{key}: {kind}({args})")
         if not in_blocks and not at_top:
-            found = [index[p] for p in [key] + [f"{blocks}.{n}.{key}" for n in chosen if blocks] if p in index]
+            found = [index[p] for p in [key] + [f"{b}.{key}" for b in chosen] if p in index]
             if found:
                 notes.append(
                     f"key '{key}' names a module that is no Linear, SwitchLinear or Embedding "

@@ -11,6 +11,7 @@ from ..language.codes import diagnostic
 from ..language.diagnostics import Diagnostic, Span, SpecError, sort_key
 from ..language.lint import parse_spec
 from ..language.spec import Rule, Spec
+from .families import unadaptable_reason
 from .index import ModuleIndex, ModuleInfo
 from .kinds import kind_for
 from .roles import ROLE_FILTERS, roles, routed_experts, routers
@@ -297,6 +298,7 @@ class _Planner:
                 decisions[module.path] = rule.index
         entries = []
         tied_rules: set[int] = set()
+        refused_rules: set[int] = set()
         for path in self.index.modules:
             if path not in decisions:
                 continue
@@ -310,6 +312,17 @@ class _Planner:
                 entries.append(
                     PlanEntry(path, info.cls, "full", None, None, None, info.num_params, rule.index, rule.span)
                 )
+                continue
+            reason = unadaptable_reason(info.cls)
+            if reason:
+                if rule.index not in refused_rules:
+                    refused_rules.add(rule.index)
+                    self.report(
+                        "AS312",
+                        f"'{path}' is a {info.cls}, which cannot take an adapter: {reason}",
+                        rule.selector.span,
+                        f"leave it out, e.g. with a later rule '**@{info.cls}: none'",
+                    )
                 continue
             kind = kind_for(transform.kind, info.family)
             trainable = kind.parameters(info.input_dims or 0, info.output_dims or 0, transform.r, info.num_experts)

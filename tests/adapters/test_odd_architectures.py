@@ -74,16 +74,48 @@ def test_seed_oss_tied_head_reads_the_embedding_weight():
     assert out.shape == base.shape and not mx.allclose(out, base).item()
 
 
-def test_afm7_fused_linear_is_refused_with_the_reason():
-    model, _ = build("afm7")
-    with pytest.raises(UserError, match=r"qkv_proj.*FusedLinear.*list") as caught:
+def test_afm7_fused_linear_is_refused_with_the_reason(tmp_path):
+    from adapterspec.language.diagnostics import SpecError
+    from adapterspec.model.index import ModuleIndex
+    from adapterspec.model.plan import make_plan, parse_spec
+
+    model, config = build("afm7")
+    with pytest.raises(SpecError) as caught:
         apply(model, "**@linear: lora(r=4)\n")
-    assert "FusedLoRALinear" in caught.value.message and "qkv_proj: none" in caught.value.help
+    (diagnostic,) = caught.value.diagnostics
+    assert diagnostic.code == "AS312" and "qkv_proj' is a FusedLinear" in diagnostic.message
+    assert "FusedLoRALinear" in diagnostic.message and "**@FusedLinear: none" in diagnostic.help
     assert not has_adapters(model)  # nothing was changed
+    # the model directory says the same before anything is built
+    directory = ModuleIndex.from_model_dir(tiny.save(tmp_path / "afm7", model, config, with_tokenizer=False))
+    assert directory["model.layers.0.self_attn.qkv_proj"].cls == "FusedLinear"
+    assert [d.code for d in make_plan(parse_spec("**@linear: lora(r=4)\n"), directory).diagnostics] == ["AS312"]
     # without the fused projections, the rest takes adapters
-    apply(model, "**@linear: lora(r=4)\n**.qkv_proj: none\n")
+    apply(model, "**@linear: lora(r=4)\n**@FusedLinear: none\n")
     randomize_lora_b(model)
     model(TOKENS)
+
+
+def test_afm7_mlx_lm_counts_the_kv_reuse_blocks_last(tmp_path):
+    """mlx-lm's afm7 `model.layers` is model.layers + model.kv_reuse_layers: its num_layers=1 means the kv-reuse
+    block, so an adapter on the last of `layers` alone is no mlx-lm config, and one on both is num_layers=2."""
+    from mlx_lm.tuner.utils import load_adapters as mlx_lm_load_adapters
+
+    from adapterspec.adapters.weights import save_adapters
+
+    model, config = build("afm7")
+    directory = tiny.save(tmp_path / "afm7", model, config, with_tokenizer=False)
+    plan = apply(model, "layers[-1:].mlp.*: lora(r=2)\n/model.kv_reuse_layers[*].mlp.*: lora(r=2)\n")
+    randomize_lora_b(model)
+    save_adapters(model, plan, tmp_path / "adapters")
+    saved = (tmp_path / "adapters" / "adapter_config.json").read_text()
+    assert '"num_layers": 2' in saved
+    theirs = mlx_lm_load_adapters(tiny.load(directory)[0], str(tmp_path / "adapters"))
+    assert mx.allclose(theirs(TOKENS), model(TOKENS), atol=1e-5).item()
+    alone = apply(build("afm7")[0], "layers[-1:].mlp.*: lora(r=2)\n")
+    from adapterspec.model.mlxlm import mlx_lm_config
+
+    assert not mlx_lm_config(alone, alone.index).compatible
 
 
 def test_recurrent_gemma_takes_adapters():

@@ -12,9 +12,20 @@ import sys
 from pathlib import Path
 
 from adapterspec import ModuleIndex, apply, load_adapters, make_plan, parse_spec, save_adapters
+from adapterspec.model.families import UNADAPTABLE_CLASSES, UNFUSABLE_MODULES
 from adapterspec.model.roles import roles
 
-__all__ = ["ModuleIndex", "apply", "load_adapters", "make_plan", "parse_spec", "roles", "save_adapters", "fuse_cli"]
+__all__ = [
+    "ModuleIndex",
+    "apply",
+    "documented_refusal",
+    "fuse_cli",
+    "load_adapters",
+    "make_plan",
+    "parse_spec",
+    "roles",
+    "save_adapters",
+]
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -36,3 +47,16 @@ def fuse_cli(model_dir, adapter_dir, out_dir, *extra: str, timeout: float = 300)
         *extra,
     ]
     return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def documented_refusal(message: str) -> str | None:
+    """The rule that leaves out what adapterspec refused, when `message` gives one of the documented reasons
+    (docs/architecture.md, "Architectures with limits"); None for any other failure."""
+    text = " ".join(message.split())
+    for cls, reason in UNADAPTABLE_CLASSES.items():
+        if reason[:60] in text:
+            return f"**@{cls}: none"
+    for (_, path), reason in UNFUSABLE_MODULES.items():
+        if reason[:60] in text:
+            return f"/{path}: none"
+    return None
