@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import UserError
+from .roles import is_routed_expert
 
 # Integer fields that must be positive, with an upper bound far above any real model.
 POSITIVE_INTS = {
@@ -287,7 +288,7 @@ def _check_embeddings(config: dict, infos: dict, path: Path) -> None:
 
 
 def _check_experts(config: dict, infos: dict, path: Path) -> None:
-    switches = [m for m in infos.values() if m.family == "switch"]
+    switches = [m for m in infos.values() if m.family == "switch" and is_routed_expert(m)]
     expert_key = next((name for name in EXPERT_COUNTS if config.get(name) is not None), None)
     if config.get("model_type") in MOE_TYPES and not switches and not any(".experts." in p for p in infos):
         raise config_error(

@@ -26,6 +26,8 @@ MULTI_LINEAR_NAMES = frozenset({"embed_q", "unembed_out"})
 MLA_CONFIG_KEYS = ("kv_lora_rank", "q_lora_rank")
 # path words of routed experts: a 3-D weight under one of these is a SwitchLinear even in an MLA model
 EXPERT_WORDS = re.compile(r"expert|switch|moe", re.IGNORECASE)
+# SwitchLinears outside any mixture in MLA models: deepseek_v41's grouped output projection (one matrix per group)
+GROUPED_SWITCH_NAMES = frozenset({"o_a_proj"})
 # model type → (path pattern, class): bare 2-D weights of classes that are not nn.Linear in mlx-lm
 BARE_WEIGHT_CLASSES: dict[str, tuple[tuple[re.Pattern, str], ...]] = {
     "deepseek": ((re.compile(r"(^|\.)mlp\.gate$"), "MoEGate"),),
@@ -57,6 +59,8 @@ def is_multi_linear(path: str, weight_ndim: int, hints: ConfigHints) -> bool:
     if weight_ndim != 3:
         return False
     name = path.rsplit(".", 1)[-1]
+    if name in GROUPED_SWITCH_NAMES:
+        return False
     return name in MULTI_LINEAR_NAMES or (hints.mla and not EXPERT_WORDS.search(path))
 
 

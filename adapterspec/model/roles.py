@@ -13,11 +13,11 @@ ROUTER_NAMES = frozenset({"gate", "router", "gate_inp", "wg", "w_gate", "gate_pr
 SHARED = re.compile(r"shared", re.IGNORECASE)
 
 
-def _is_routed(info) -> bool:
+def is_routed_expert(info) -> bool:
     if not info.adaptable or SHARED.search(info.path):
         return False
-    if info.family == "switch":
-        return True
+    if info.family == "switch":  # a SwitchLinear in the attention groups heads, it routes nothing
+        return not any(ATTENTION_WORD.search(s) for s in info.path.split(".")[:-1])
     parts = info.path.split(".")
     # per-expert linears: ...experts.3.w1 (a list of experts, each a module of linears)
     return info.family == "linear" and any(p == "experts" and q.isdigit() for p, q in zip(parts, parts[1:]))
@@ -25,7 +25,7 @@ def _is_routed(info) -> bool:
 
 def routed_experts(index) -> list[str]:
     """Paths of the adaptable modules that are routed experts (SwitchLinears, or linears of per-expert lists)."""
-    return [info.path for info in index if _is_routed(info)]
+    return [info.path for info in index if is_routed_expert(info)]
 
 
 def _moe_parents(index, experts: list[str]) -> set[str]:
@@ -48,7 +48,7 @@ def routers(index, experts: list[str] | None = None) -> list[str]:
     holders = _moe_parents(index, experts)
     found = []
     for info in index:
-        if info.family != "linear" or SHARED.search(info.path) or _is_routed(info):
+        if info.family != "linear" or SHARED.search(info.path) or is_routed_expert(info):
             continue
         parts = info.path.split(".")
         for depth in (1, 2):  # mlp.gate, or mlp.gate.proj
