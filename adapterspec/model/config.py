@@ -7,10 +7,9 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from ..errors import UserError
-from .roles import is_routed_expert
 
 # Integer fields that must be positive, with an upper bound far above any real model.
 POSITIVE_INTS = {
@@ -187,14 +186,17 @@ def _foreign_quantization(key: str, quantization: Any) -> bool:
 # ── against the weights ─────────────────────────────────────────────────────
 
 
-def check_config_against_weights(config: dict, modules: Iterable, weights: dict[str, tuple], path: Path) -> None:
-    """The config's dimensions against the tensors (name → (file, TensorInfo)) and the modules inferred from them."""
+def check_config_against_weights(
+    config: dict, modules: Iterable, weights: dict[str, tuple], path: Path, routed: Callable[[Any], bool]
+) -> None:
+    """The config's dimensions against the tensors (name → (file, TensorInfo)) and the modules inferred from them;
+    `routed` tells a routed expert layer (what the config's expert count counts) from other modules."""
     infos = {m.path: m for m in sorted(modules, key=lambda m: m.path)}  # messages name the first in order
     blocks = _block_tensors(weights)
     _check_blocks(config, blocks, path)
     _check_quantized_weights(config, weights, path)
     _check_embeddings(config, infos, path)
-    _check_experts(config, infos, path)
+    _check_experts(config, infos, path, routed)
     if config.get("model_type") in STANDARD_LAYOUT:
         if not config.get("mlp_only_layers") and config.get("decoder_sparse_step", 1) == 1:
             _check_uniform_blocks(blocks, weights)
@@ -287,8 +289,8 @@ def _check_embeddings(config: dict, infos: dict, path: Path) -> None:
         raise config_error(path, f"'hidden_size' is {hidden} but model.embed_tokens is {embed.output_dims} wide")
 
 
-def _check_experts(config: dict, infos: dict, path: Path) -> None:
-    switches = [m for m in infos.values() if m.family == "switch" and is_routed_expert(m)]
+def _check_experts(config: dict, infos: dict, path: Path, routed: Callable[[Any], bool]) -> None:
+    switches = [m for m in infos.values() if m.family == "switch" and routed(m)]
     expert_key = next((name for name in EXPERT_COUNTS if config.get(name) is not None), None)
     if config.get("model_type") in MOE_TYPES and not switches and not any(".experts." in p for p in infos):
         raise config_error(

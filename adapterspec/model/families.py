@@ -89,6 +89,22 @@ def linear_subclass(path: str, quantized: bool, hints: ConfigHints) -> str | Non
     return None
 
 
+# path words of a mixture's shared experts, and of attention (whose SwitchLinears group heads, routing nothing)
+SHARED_WORD = re.compile(r"shared", re.IGNORECASE)
+ATTENTION_WORD = re.compile(r"attn|attention|mixer|temporal_block|linear_attn", re.IGNORECASE)
+
+
+def is_routed_expert(info) -> bool:
+    """A routed expert layer: a SwitchLinear of a mixture, or a linear of a per-expert list (`experts.3.w1`)."""
+    if not info.adaptable or SHARED_WORD.search(info.path):
+        return False
+    if info.family == "switch":  # a SwitchLinear in the attention groups heads, it routes nothing
+        return not any(ATTENTION_WORD.search(s) for s in info.path.split(".")[:-1])
+    parts = info.path.split(".")
+    # per-expert linears: ...experts.3.w1 (a list of experts, each a module of linears)
+    return info.family == "linear" and any(p == "experts" and q.isdigit() for p, q in zip(parts, parts[1:]))
+
+
 def is_embedding_path(path: str, embedding_names: frozenset[str]) -> bool:
     """Named like an embedding, or an element of a list named like one (`ngram_embeddings.embedders.0`)."""
     parts = path.split(".")

@@ -16,6 +16,7 @@ from .families import (
     bare_weight_class,
     is_embedding_path,
     is_multi_linear,
+    is_routed_expert,
     linear_subclass,
 )
 
@@ -217,7 +218,7 @@ class ModuleIndex:
         config = read_model_config(path)
         weights = read_model_weights(path)
         infos = infos_from_tensors({name: (t.dtype_name, t.shape) for name, (_, t) in weights.items()}, config)
-        check_config_against_weights(config, infos, weights, path / CONFIG_FILE)
+        check_config_against_weights(config, infos, weights, path / CONFIG_FILE, is_routed_expert)
         text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else None
         tied = _tied_embeddings(infos, tie_flag(config, text_config))
         return cls(infos, tied_embeddings=tied, model_type=config.get("model_type"), source="model_dir")

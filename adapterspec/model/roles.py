@@ -7,20 +7,10 @@ import re
 import weakref
 
 from ..language.validate import ROLE_WORDS as ROLE_FILTERS
+from .families import ATTENTION_WORD, SHARED_WORD, is_routed_expert
 
 # names mlx-lm gives a mixture's router (or the module holding it: laguna's mlp.gate.proj)
 ROUTER_NAMES = frozenset({"gate", "router", "gate_inp", "wg", "w_gate", "gate_proj_router"})
-SHARED = re.compile(r"shared", re.IGNORECASE)
-
-
-def is_routed_expert(info) -> bool:
-    if not info.adaptable or SHARED.search(info.path):
-        return False
-    if info.family == "switch":  # a SwitchLinear in the attention groups heads, it routes nothing
-        return not any(ATTENTION_WORD.search(s) for s in info.path.split(".")[:-1])
-    parts = info.path.split(".")
-    # per-expert linears: ...experts.3.w1 (a list of experts, each a module of linears)
-    return info.family == "linear" and any(p == "experts" and q.isdigit() for p, q in zip(parts, parts[1:]))
 
 
 def routed_experts(index) -> list[str]:
@@ -48,7 +38,7 @@ def routers(index, experts: list[str] | None = None) -> list[str]:
     holders = _moe_parents(index, experts)
     found = []
     for info in index:
-        if info.family != "linear" or SHARED.search(info.path) or is_routed_expert(info):
+        if info.family != "linear" or SHARED_WORD.search(info.path) or is_routed_expert(info):
             continue
         parts = info.path.split(".")
         for depth in (1, 2):  # mlp.gate, or mlp.gate.proj
@@ -60,7 +50,6 @@ def routers(index, experts: list[str] | None = None) -> list[str]:
 
 # ── role type filters: @experts, @shared_expert, @router, @attention, @mlp, @head ──────────────────
 
-ATTENTION_WORD = re.compile(r"attn|attention|mixer|temporal_block|linear_attn", re.IGNORECASE)
 MLP_WORD = re.compile(r"mlp|ffn|feed_forward|block_sparse_moe|moe", re.IGNORECASE)
 HEAD_NAMES = frozenset({"lm_head", "embed_out", "output"})
 _ROLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -89,7 +78,7 @@ def roles(index) -> dict[str, frozenset[str]]:
         if info.path in routed or info.path in routing:
             continue
         segments = info.path.split(".")[:-1]
-        if routed and SHARED.search(info.path):
+        if routed and SHARED_WORD.search(info.path):
             out["shared_expert"].add(info.path)
         if any(ATTENTION_WORD.search(s) for s in segments):
             out["attention"].add(info.path)
