@@ -1,0 +1,187 @@
+"""Hugging Face mixture-of-experts checkpoints seen as mlx-lm loads them: per-expert tensors stacked. Pure Python.
+
+mlx-lm loads a Hugging Face MoE directory as it is, and its `Model.sanitize` stacks the per-expert
+Linear weights (`model.layers.0.mlp.experts.3.gate_proj.weight`, Mixtral's `block_sparse_moe.experts.3.w1.weight`)
+into one SwitchLinear weight (`mlp.switch_mlp.gate_proj.weight`, shape (experts, out, in)). `EXPERT_STACKING`
+is that rule per model type, read off mlx-lm's sanitize methods: where the experts live, how their projections
+are renamed, which parameters are stacked, the config key of their number, and whether a tied `lm_head` is
+dropped. `sanitized_tensors` applies it to a directory's headers, so every command that reads the directory
+sees the module tree the live model has; `StackedTensor.parts` says where each expert's bytes are, for the fuse.
+
+Layouts mlx-lm's sanitize for the model type does not read (transformers 5's fused `experts.gate_up_proj`,
+experts missing or counted differently from config.json) are refused with a UserError: mlx-lm would fail on them too.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping, Optional
+
+from ..errors import UserError
+from .safetensors import TensorInfo
+
+W123 = MappingProxyType({"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"})
+GATE_UP_DOWN = MappingProxyType({"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"})
+STACKED_PARAMS = ("weight", "scales", "biases")
+CONVERT_HELP = "convert the model with `mlx_lm.convert` (or use a checkpoint in the per-expert layout)"
+
+
+@dataclass(frozen=True)
+class ExpertStacking:
+    """How mlx-lm's sanitize stacks one model type's experts: `{block}.{container}.experts.{e}.{hf}.{param}` →
+    `{block}.{container}.{switch}.{renames[hf]}.{param}` for every param of `params`, experts 0..count-1."""
+
+    container: str
+    count_key: str
+    renames: Mapping[str, str] = field(default_factory=lambda: GATE_UP_DOWN)
+    switch: str = "switch_mlp"
+    params: tuple[str, ...] = STACKED_PARAMS
+    drops_tied_head: bool = False
+
+
+# model type → its stacking, as the `sanitize` of mlx-lm's model module does it
+EXPERT_STACKING: Mapping[str, ExpertStacking] = MappingProxyType(
+    {
+        "mixtral": ExpertStacking("block_sparse_moe", "num_local_experts", W123, drops_tied_head=True),
+        "phimoe": ExpertStacking("block_sparse_moe", "num_local_experts", W123),
+        "minimax": ExpertStacking("block_sparse_moe", "num_local_experts", W123, params=("weight",)),
+        "qwen2_moe": ExpertStacking("mlp", "num_experts"),
+        "qwen3_moe": ExpertStacking("mlp", "num_experts", params=("weight",), drops_tied_head=True),
+        "olmoe": ExpertStacking("mlp", "num_experts"),
+        "hunyuan": ExpertStacking("mlp", "num_experts"),
+        "deepseek": ExpertStacking("mlp", "n_routed_experts"),
+        "ernie4_5_moe": ExpertStacking("mlp", "moe_num_experts", params=("weight",)),
+        "dots1": ExpertStacking("mlp", "n_routed_experts", switch="experts", drops_tied_head=True),
+        "afmoe": ExpertStacking("mlp", "num_experts", switch="experts", drops_tied_head=True),
+    }
+)
+PER_EXPERT = re.compile(r"^(?P<owner>.+)\.experts\.(?P<expert>\d+)\.(?P<proj>[^.]+)\.(?P<param>[^.]+)$")
+# transformers 5's fused experts: `mlp.experts.gate_up_proj` (E, 2·I, H) and `mlp.experts.down_proj` (E, H, I)
+FUSED_EXPERTS = re.compile(r"^(?P<owner>.+)\.experts\.(?P<name>gate_up_proj|down_proj)(_bias|_blocks|_scales)?$")
+
+
+@dataclass(frozen=True)
+class StackedTensor:
+    """A tensor mlx-lm's sanitize makes by stacking: its name, the per-expert tensors in expert order, and its header."""
+
+    name: str
+    parts: tuple[str, ...]
+    info: TensorInfo
+
+
+@dataclass
+class SanitizedTensors:
+    """A directory's tensors as mlx-lm's sanitize leaves them: `tensors` by name (stacked ones included),
+    `stacked` (what each stacked tensor is made of), `dropped` (tensors sanitize removes)."""
+
+    tensors: dict[str, TensorInfo]
+    stacked: dict[str, StackedTensor] = field(default_factory=dict)
+    dropped: tuple[str, ...] = ()
+
+    def source_of(self, name: str) -> str:
+        """The stored tensor a sanitized tensor's file position comes from (a stacked tensor's first expert)."""
+        stacked = self.stacked.get(name)
+        return stacked.parts[0] if stacked else name
+
+
+def expert_stacking(model_type: Optional[str]) -> Optional[ExpertStacking]:
+    return EXPERT_STACKING.get(model_type or "")
+
+
+def expert_renames(model_type: Optional[str]) -> Mapping[str, str]:
+    """Hugging Face expert projection name → the SwitchLinear's name in mlx-lm, for this model type."""
+    stacking = expert_stacking(model_type)
+    return {hf: mlx for hf, mlx in stacking.renames.items() if hf != mlx} if stacking else {}
+
+
+def switch_containers() -> frozenset[str]:
+    """The names mlx-lm gives the module holding a mixture's stacked SwitchLinears."""
+    return frozenset(s.switch for s in EXPERT_STACKING.values())
+
+
+def sanitized_tensors(tensors: Mapping[str, TensorInfo], config: dict, where: str = "") -> SanitizedTensors:
+    """The tensors of a model directory as mlx-lm's sanitize leaves them for its model type (config.json's).
+
+    Raises UserError for an expert layout mlx-lm's sanitize does not read."""
+    model_type = config.get("model_type")
+    stacking = expert_stacking(model_type)
+    prefix = f"{where}: " if where else ""
+    fused = next((name for name in tensors if FUSED_EXPERTS.match(name)), None)
+    if fused is not None:
+        reads = (
+            f"mlx-lm's {model_type} does not read (its sanitize stacks per-expert tensors only); mlx_lm.load "
+            "would fail on this directory too"
+            if stacking is not None
+            else "adapterspec does not read yet (mlx-lm's sanitize splits it at load time)"
+        )
+        raise UserError(f"{prefix}'{fused}' is transformers' fused expert layout, which {reads}", help=CONVERT_HELP)
+    if stacking is None:
+        return SanitizedTensors(dict(tensors))
+    groups: dict[tuple[str, str, str], dict[int, str]] = {}
+    for name in tensors:
+        match = PER_EXPERT.match(name)
+        if match is None or match["param"] not in stacking.params:
+            continue
+        owner, proj = match["owner"], match["proj"]
+        if not owner.endswith("." + stacking.container) or proj not in stacking.renames:
+            continue
+        groups.setdefault((owner, proj, match["param"]), {})[int(match["expert"])] = name
+    if not groups:
+        return _drop_tied_head(SanitizedTensors(dict(tensors)), stacking, config)
+    count = config.get(stacking.count_key)
+    if not isinstance(count, int) or isinstance(count, bool):
+        raise UserError(
+            f"{prefix}the weights hold per-expert tensors but config.json has no '{stacking.count_key}', "
+            f"which mlx-lm's {model_type} stacks them by",
+            help="add the number of experts to config.json, or convert the model with `mlx_lm.convert`",
+        )
+    out = dict(tensors)
+    stacked: dict[str, StackedTensor] = {}
+    for (owner, proj, param), experts in sorted(groups.items()):
+        parts = _expert_parts(owner, proj, param, experts, count, tensors, stacking, prefix)
+        name = f"{owner}.{stacking.switch}.{stacking.renames[proj]}.{param}"
+        first = tensors[parts[0]]
+        nbytes = sum(tensors[p].offsets[1] - tensors[p].offsets[0] for p in parts)
+        stacked[name] = StackedTensor(name, parts, TensorInfo(first.dtype, (count,) + first.shape, (0, nbytes)))
+        for part in parts:
+            del out[part]
+        out[name] = stacked[name].info
+    return _drop_tied_head(SanitizedTensors(out, stacked), stacking, config)
+
+
+def _expert_parts(
+    owner, proj, param, experts: dict[int, str], count: int, tensors, stacking, prefix
+) -> tuple[str, ...]:
+    """The names of experts 0..count-1 of one projection, checked to be all there, alike, and no more."""
+    first_name = f"{owner}.experts.{{e}}.{proj}.{param}"
+    missing = [e for e in range(count) if e not in experts]
+    extra = sorted(e for e in experts if e >= count)
+    if missing or extra:
+        what = (
+            f"'{first_name.format(e=missing[0])}' is missing"
+            if missing
+            else f"'{first_name.format(e=extra[0])}' is beyond the {count} experts of '{stacking.count_key}'"
+        )
+        raise UserError(
+            f"{prefix}{what}: mlx-lm stacks experts 0 to {count - 1} of every mixture",
+            help="the checkpoint is incomplete or config.json does not belong to it; download or convert it again",
+        )
+    parts = tuple(experts[e] for e in range(count))
+    shape, dtype = tensors[parts[0]].shape, tensors[parts[0]].dtype
+    for part in parts[1:]:
+        if (tensors[part].shape, tensors[part].dtype) != (shape, dtype):
+            raise UserError(
+                f"{prefix}'{part}' is {tensors[part].dtype} {list(tensors[part].shape)} but '{parts[0]}' is "
+                f"{dtype} {list(shape)}: experts stacked into one tensor must be alike",
+                help="the checkpoint is damaged; download or convert it again",
+            )
+    return parts
+
+
+def _drop_tied_head(result: SanitizedTensors, stacking: ExpertStacking, config: dict) -> SanitizedTensors:
+    if stacking.drops_tied_head and config.get("tie_word_embeddings") and "lm_head.weight" in result.tensors:
+        del result.tensors["lm_head.weight"]
+        result.dropped = ("lm_head.weight",)
+    return result
