@@ -108,15 +108,20 @@ def sanitized_tensors(tensors: Mapping[str, TensorInfo], config: dict, where: st
     model_type = config.get("model_type")
     stacking = expert_stacking(model_type)
     prefix = f"{where}: " if where else ""
-    fused = next((name for name in tensors if FUSED_EXPERTS.match(name)), None)
+    fused = min((name for name in tensors if FUSED_EXPERTS.match(name)), key=_natural, default=None)
     if fused is not None:
-        reads = (
-            f"mlx-lm's {model_type} does not read (its sanitize stacks per-expert tensors only); mlx_lm.load "
-            "would fail on this directory too"
-            if stacking is not None
-            else "adapterspec does not read yet (mlx-lm's sanitize splits it at load time)"
-        )
-        raise UserError(f"{prefix}'{fused}' is transformers' fused expert layout, which {reads}", help=CONVERT_HELP)
+        if stacking is not None:
+            reads = (
+                f"mlx-lm's {model_type} does not read (its sanitize stacks per-expert tensors only); "
+                "mlx_lm.load would fail on this directory too"
+            )
+            help = (
+                "use the per-expert checkpoint as the model's Hugging Face repo stores it "
+                "(`mlx_lm.convert` of that writes mlx-lm's stacked layout)"
+            )
+        else:
+            reads, help = "adapterspec does not read yet (mlx-lm splits it when it loads the model)", CONVERT_HELP
+        raise UserError(f"{prefix}'{fused}' is transformers' fused expert layout, which {reads}", help=help)
     if stacking is None:
         return SanitizedTensors(dict(tensors))
     groups: dict[tuple[str, str, str], dict[int, str]] = {}
@@ -178,6 +183,10 @@ def _expert_parts(
                 help="the checkpoint is damaged; download or convert it again",
             )
     return parts
+
+
+def _natural(name: str) -> list[tuple[int, int, str]]:
+    return [(0, int(s), "") if s.isdigit() else (1, 0, s) for s in name.split(".")]
 
 
 def _drop_tied_head(result: SanitizedTensors, stacking: ExpertStacking, config: dict) -> SanitizedTensors:
