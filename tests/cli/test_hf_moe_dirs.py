@@ -234,3 +234,31 @@ def test_a_missing_expert_is_refused(tmp_path, capsys):
     assert main(["tree", str(path)]) != 0
     err = capsys.readouterr().err
     assert f"'{missing}' is missing" in err and "Traceback" not in err
+
+
+def test_a_tied_head_stored_anyway_is_dropped_as_mlx_lm_drops_it(tmp_path):
+    """qwen3_moe's sanitize drops `lm_head.weight` when the embeddings are tied; the index sees no head either."""
+    path = tiny.write_hf_moe(tmp_path / "hf", "qwen3_moe", shards=1, tie_word_embeddings=True)
+    filename = "model-00001-of-00001.safetensors"
+    weights = mx.load(str(path / filename))
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+    mx.save_safetensors(str(path / filename), weights, metadata={"format": "pt"})
+    index_path = path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"]["lm_head.weight"] = filename
+    index_path.write_text(json.dumps(index))
+    from_dir, live = ModuleIndex.from_model_dir(path), ModuleIndex.from_module(live_model(path))
+    assert "lm_head" not in from_dir and described(from_dir) == described(live)
+    assert from_dir.tied_embeddings and live.tied_embeddings
+
+
+def test_export_peft_from_the_directory_names_experts_as_hugging_face_does(tmp_path, capsys):
+    path = tiny.write_hf_moe(tmp_path / "hf", "mixtral")
+    (tmp_path / "s.aspec").write_text(SPEC)
+    assert main(["apply", str(path), str(tmp_path / "s.aspec"), "-o", str(tmp_path / "ad")]) == 0
+    assert main(["export", "peft", str(path), str(tmp_path / "ad"), "-o", str(tmp_path / "peft")]) == 0
+    keys = mx.load(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    expert_keys = [k for k in keys if ".experts." in k]
+    assert "base_model.model.model.layers.1.block_sparse_moe.experts.3.w1.lora_A.weight" in expert_keys
+    assert len(expert_keys) == 2 * 4 * 2  # layers × experts × (lora_A, lora_B)
+    assert not any("switch_mlp" in k for k in keys)
