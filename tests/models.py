@@ -80,7 +80,17 @@ HF_MOE_CONFIGS: dict[str, dict[str, Any]] = {
         "num_key_value_heads": 4, "intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2,
         "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 512, "tie_word_embeddings": False,
     },
+    "gemma4_text": {
+        **{k: builder.TINY_CONFIGS["mixtral"][k] for k in ("hidden_size", "num_attention_heads", "vocab_size")},
+        "model_type": "gemma4_text", "architectures": ["Gemma4ForCausalLM"], "num_hidden_layers": 3,
+        "intermediate_size": 64, "head_dim": 16, "global_head_dim": 32, "vocab_size_per_layer_input": 320,
+        "num_key_value_heads": 1, "num_kv_shared_layers": 1, "hidden_size_per_layer_input": 8, "sliding_window": 16,
+        "sliding_window_pattern": 2, "enable_moe_block": True, "num_experts": 4, "top_k_experts": 2,
+        "moe_intermediate_size": 32, "max_position_embeddings": 512, "tie_word_embeddings": True,
+    },
 }  # fmt: skip
+# architectures whose Hugging Face checkpoint stores experts fused, as transformers 5 does (gate_up_proj, down_proj)
+HF_FUSED_EXPERTS = frozenset({"gemma4_text"})
 # how the Hugging Face checkpoint of each architecture names an expert's projections (mlx-lm's name → HF's)
 HF_EXPERT_NAMES = {"mixtral": {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}}
 
@@ -104,6 +114,8 @@ def hf_moe_weights(model, arch: str) -> dict:
 
     names = HF_EXPERT_NAMES.get(arch, {})
     out = {}
+    if arch in HF_FUSED_EXPERTS:
+        return _fused_expert_weights(model)
     for name, value in tree_flatten(model.parameters()):
         match = re.match(r"^(.*)\.switch_mlp\.(\w+)\.weight$", name)
         if match is None:
@@ -112,6 +124,33 @@ def hf_moe_weights(model, arch: str) -> dict:
         owner, proj = match.groups()
         for expert in range(value.shape[0]):
             out[f"{owner}.experts.{expert}.{names.get(proj, proj)}.weight"] = value[expert]
+    return out
+
+
+def _fused_expert_weights(model) -> dict:
+    """transformers 5's layout: `experts.gate_up_proj` (experts, 2·intermediate, hidden) holding each expert's gate
+    rows then its up rows, `experts.down_proj` (experts, hidden, intermediate); and, as the checkpoint may hold them,
+    k/v projections of the KV-shared layers that mlx-lm's gemma4_text drops."""
+    import re
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    weights = dict(tree_flatten(model.parameters()))
+    out = {}
+    for name, value in weights.items():
+        match = re.match(r"^(.*)\.switch_glu\.(\w+)_proj\.weight$", name)
+        if match is None:
+            out[name] = value
+        elif match[2] == "gate":
+            out[f"{match[1]}.gate_up_proj"] = mx.concatenate(
+                [value, weights[f"{match[1]}.switch_glu.up_proj.weight"]], 1
+            )
+        elif match[2] == "down":
+            out[f"{match[1]}.down_proj"] = value
+    for layer in range(len(model.layers)):
+        if f"model.layers.{layer}.self_attn.k_proj.weight" not in out:
+            out[f"model.layers.{layer}.self_attn.k_proj.weight"] = mx.random.normal((16, model.args.hidden_size))
     return out
 
 

@@ -299,16 +299,23 @@ def _sources_as_sanitized(model_dir: Path, config: dict) -> list[SourceTensor]:
     if not sanitized.stacked and not sanitized.dropped:
         return stored
     by_name = {s.name: s for s in stored}
-    first_part = {t.parts[0]: t for t in sanitized.stacked.values()}
-    skipped = set(sanitized.dropped) | {p for t in sanitized.stacked.values() for p in t.parts}
+    placed: dict[str, list] = {}
+    for stacked in sanitized.stacked.values():
+        placed.setdefault(stacked.parts[0].tensor, []).append(stacked)
+    skipped = set(sanitized.dropped) | {p.tensor for t in sanitized.stacked.values() for p in t.parts}
     sources = []
     for source in stored:
-        stacked = first_part.get(source.name)
-        if stacked is not None:
-            sources.append(stacked_source(stacked.name, [by_name[p] for p in stacked.parts]))
-        elif source.name not in skipped:
+        for stacked in sorted(placed.get(source.name, ()), key=lambda t: t.name):
+            parts = [_part_source(by_name[p.tensor], p, stacked.info.shape[1:]) for p in stacked.parts]
+            sources.append(stacked_source(stacked.name, parts))
+        if source.name not in skipped:
             sources.append(source)
     return sources
+
+
+def _part_source(stored: SourceTensor, part, shape: tuple[int, ...]) -> SourceTensor:
+    """One expert of a stacked tensor: its bytes inside the stored tensor that holds them."""
+    return SourceTensor(stored.name, stored.path, stored.dtype, tuple(shape), stored.offset + part.start, part.length)
 
 
 def _refuse_unfusable(config: dict, adapters: AdapterSource) -> None:

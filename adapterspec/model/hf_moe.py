@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 from ..errors import UserError
 from .safetensors import TensorInfo
@@ -57,17 +57,60 @@ EXPERT_STACKING: Mapping[str, ExpertStacking] = MappingProxyType(
         "afmoe": ExpertStacking("mlp", "num_experts", switch="experts", drops_tied_head=True),
     }
 )
+
+
+@dataclass(frozen=True)
+class FusedExperts:
+    """transformers 5's fused experts as mlx-lm's sanitize splits them: `{owner}.experts.gate_up_proj` (E, 2·I, H)
+    into gate (each expert's first I rows) and up (its last I rows), `{owner}.experts.down_proj` (E, H, I) renamed;
+    the SwitchLinears go under `{owner}.{switch}`."""
+
+    switch: str
+
+
+# model type → its split of fused experts, where mlx-lm's sanitize reads that layout (and no other sanitize effect
+# of the type changes the module tree beyond what SANITIZE_DROPS says)
+FUSED_EXPERT_SPLITS: Mapping[str, FusedExperts] = MappingProxyType({"gemma4_text": FusedExperts("experts.switch_glu")})
 PER_EXPERT = re.compile(r"^(?P<owner>.+)\.experts\.(?P<expert>\d+)\.(?P<proj>[^.]+)\.(?P<param>[^.]+)$")
 # transformers 5's fused experts: `mlp.experts.gate_up_proj` (E, 2·I, H) and `mlp.experts.down_proj` (E, H, I)
-FUSED_EXPERTS = re.compile(r"^(?P<owner>.+)\.experts\.(?P<name>gate_up_proj|down_proj)(_bias|_blocks|_scales)?$")
+FUSED_EXPERTS = re.compile(
+    r"^(?P<owner>.+)\.experts\.(?P<name>gate_up_proj|down_proj)(?P<suffix>_bias|_blocks|_scales)?$"
+)
+
+
+def _gemma4_text_drops(name: str, config: dict) -> bool:
+    """gemma4_text's sanitize: rotary and clipping buffers go, and the KV-shared layers' k/v projections and k_norm."""
+    if any(s in name for s in ("self_attn.rotary_emb", "input_max", "input_min", "output_max", "output_min")):
+        return True
+    after = name.split("layers.", 1)[1].split(".", 1)[0] if "layers." in name else ""
+    if (
+        not any(s in name for s in (".self_attn.k_proj", ".self_attn.v_proj", ".self_attn.k_norm"))
+        or not after.isdigit()
+    ):
+        return False
+    layers, shared = config.get("num_hidden_layers"), config.get("num_kv_shared_layers", 20)  # mlx-lm's default
+    return isinstance(layers, int) and isinstance(shared, int) and int(after) >= layers - shared
+
+
+# model type → which stored tensors its sanitize removes (beyond a tied lm_head, which ExpertStacking says)
+SANITIZE_DROPS: Mapping[str, Callable[[str, dict], bool]] = MappingProxyType({"gemma4_text": _gemma4_text_drops})
+
+
+@dataclass(frozen=True)
+class Part:
+    """`length` bytes of a stored tensor's data from byte `start`: one expert of a stacked tensor."""
+
+    tensor: str
+    start: int
+    length: int
 
 
 @dataclass(frozen=True)
 class StackedTensor:
-    """A tensor mlx-lm's sanitize makes by stacking: its name, the per-expert tensors in expert order, and its header."""
+    """A tensor mlx-lm's sanitize makes of experts stored apart (or fused): its name, one part per expert, its header."""
 
     name: str
-    parts: tuple[str, ...]
+    parts: tuple[Part, ...]
     info: TensorInfo
 
 
@@ -83,7 +126,7 @@ class SanitizedTensors:
     def source_of(self, name: str) -> str:
         """The stored tensor a sanitized tensor's file position comes from (a stacked tensor's first expert)."""
         stacked = self.stacked.get(name)
-        return stacked.parts[0] if stacked else name
+        return stacked.parts[0].tensor if stacked else name
 
 
 def expert_stacking(model_type: Optional[str]) -> Optional[ExpertStacking]:
@@ -106,22 +149,76 @@ def sanitized_tensors(tensors: Mapping[str, TensorInfo], config: dict, where: st
 
     Raises UserError for an expert layout mlx-lm's sanitize does not read."""
     model_type = config.get("model_type")
-    stacking = expert_stacking(model_type)
     prefix = f"{where}: " if where else ""
+    drops = SANITIZE_DROPS.get(model_type or "")
+    dropped = tuple(name for name in tensors if drops(name, config)) if drops else ()
+    kept = {name: info for name, info in tensors.items() if name not in dropped} if dropped else dict(tensors)
+    split = FUSED_EXPERT_SPLITS.get(model_type or "")
+    if split is not None:
+        result = _split_fused(kept, split, prefix)
+    else:
+        _refuse_fused(kept, model_type, prefix)
+        result = _stack_experts(kept, config, prefix)
+    result.dropped += dropped
+    return result
+
+
+def _refuse_fused(tensors: Mapping[str, TensorInfo], model_type: Optional[str], prefix: str) -> None:
     fused = min((name for name in tensors if FUSED_EXPERTS.match(name)), key=_natural, default=None)
-    if fused is not None:
-        if stacking is not None:
-            reads = (
-                f"mlx-lm's {model_type} does not read (its sanitize stacks per-expert tensors only); "
-                "mlx_lm.load would fail on this directory too"
+    if fused is None:
+        return
+    if expert_stacking(model_type) is not None:
+        reads = (
+            f"mlx-lm's {model_type} does not read (its sanitize stacks per-expert tensors only); "
+            "mlx_lm.load would fail on this directory too"
+        )
+        help = (
+            "use the per-expert checkpoint as the model's Hugging Face repo stores it "
+            "(`mlx_lm.convert` of that writes mlx-lm's stacked layout)"
+        )
+    else:
+        reads, help = "adapterspec does not read yet for this model type", CONVERT_HELP
+    raise UserError(f"{prefix}'{fused}' is transformers' fused expert layout, which {reads}", help=help)
+
+
+def _split_fused(tensors: Mapping[str, TensorInfo], split: FusedExperts, prefix: str) -> SanitizedTensors:
+    """gate_up_proj split in two halves of each expert's rows, down_proj renamed, as parts of the stored tensors."""
+    out = dict(tensors)
+    stacked: dict[str, StackedTensor] = {}
+    for name, info in tensors.items():
+        match = FUSED_EXPERTS.match(name)
+        if match is None:
+            continue
+        if match["suffix"] or len(info.shape) != 3 or (match["name"] == "gate_up_proj" and info.shape[1] % 2):
+            raise UserError(
+                f"{prefix}'{name}' ({info.dtype} {list(info.shape)}) is a fused expert tensor adapterspec does not "
+                "read: it splits unquantized (experts, 2·intermediate, hidden) gate_up_proj and down_proj tensors",
+                help=CONVERT_HELP,
             )
-            help = (
-                "use the per-expert checkpoint as the model's Hugging Face repo stores it "
-                "(`mlx_lm.convert` of that writes mlx-lm's stacked layout)"
-            )
+        experts = info.shape[0]
+        per_expert = (info.offsets[1] - info.offsets[0]) // max(experts, 1)
+        owner = f"{match['owner']}.{split.switch}"
+        if match["name"] == "down_proj":
+            halves = {"down_proj": (0, per_expert, info.shape[1:])}
         else:
-            reads, help = "adapterspec does not read yet (mlx-lm splits it when it loads the model)", CONVERT_HELP
-        raise UserError(f"{prefix}'{fused}' is transformers' fused expert layout, which {reads}", help=help)
+            rows = info.shape[1] // 2
+            shape = (rows, info.shape[2])
+            halves = {"gate_proj": (0, per_expert // 2, shape), "up_proj": (per_expert // 2, per_expert // 2, shape)}
+        for proj, (start, length, shape) in halves.items():
+            target = f"{owner}.{proj}.weight"
+            parts = tuple(Part(name, e * per_expert + start, length) for e in range(experts))
+            stacked[target] = StackedTensor(
+                target, parts, TensorInfo(info.dtype, (experts,) + tuple(shape), (0, length * experts))
+            )
+            out[target] = stacked[target].info
+        del out[name]
+    return SanitizedTensors(out, stacked)
+
+
+def _stack_experts(tensors: Mapping[str, TensorInfo], config: dict, prefix: str) -> SanitizedTensors:
+    """Per-expert tensors stacked as the model type's ExpertStacking says; the tied head dropped where it drops it."""
+    model_type = config.get("model_type")
+    stacking = expert_stacking(model_type)
     if stacking is None:
         return SanitizedTensors(dict(tensors))
     groups: dict[tuple[str, str, str], dict[int, str]] = {}
@@ -145,14 +242,15 @@ def sanitized_tensors(tensors: Mapping[str, TensorInfo], config: dict, where: st
     out = dict(tensors)
     stacked: dict[str, StackedTensor] = {}
     for (owner, proj, param), experts in sorted(groups.items()):
-        parts = _expert_parts(owner, proj, param, experts, count, tensors, stacking, prefix)
+        names = _expert_parts(owner, proj, param, experts, count, tensors, stacking, prefix)
         name = f"{owner}.{stacking.switch}.{stacking.renames[proj]}.{param}"
-        first = tensors[parts[0]]
-        nbytes = sum(tensors[p].offsets[1] - tensors[p].offsets[0] for p in parts)
-        stacked[name] = StackedTensor(name, parts, TensorInfo(first.dtype, (count,) + first.shape, (0, nbytes)))
-        for part in parts:
+        parts = tuple(Part(n, 0, tensors[n].offsets[1] - tensors[n].offsets[0]) for n in names)
+        first = tensors[names[0]]
+        info = TensorInfo(first.dtype, (count,) + first.shape, (0, sum(p.length for p in parts)))
+        stacked[name] = StackedTensor(name, parts, info)
+        for part in names:
             del out[part]
-        out[name] = stacked[name].info
+        out[name] = info
     return _drop_tied_head(SanitizedTensors(out, stacked), stacking, config)
 
 
@@ -192,5 +290,5 @@ def _natural(name: str) -> list[tuple[int, int, str]]:
 def _drop_tied_head(result: SanitizedTensors, stacking: ExpertStacking, config: dict) -> SanitizedTensors:
     if stacking.drops_tied_head and config.get("tie_word_embeddings") and "lm_head.weight" in result.tensors:
         del result.tensors["lm_head.weight"]
-        result.dropped = ("lm_head.weight",)
+        result.dropped += ("lm_head.weight",)
     return result

@@ -6,6 +6,7 @@ adapters imported against the directory load in adapterspec and mlx-lm."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 
 import models as tiny  # noqa: E402
+from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 from mlx_lm.utils import load_model as mlx_lm_load_model  # noqa: E402
 
 from adapterspec.adapters.weights import load_adapters  # noqa: E402
@@ -21,12 +23,14 @@ from adapterspec.language.lint import parse_spec  # noqa: E402
 from adapterspec.model.index import ModuleIndex  # noqa: E402
 from adapterspec.model.plan import make_plan  # noqa: E402
 
-ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
-MOE = {"mixtral": "block_sparse_moe", "qwen2_moe": "mlp", "qwen3_moe": "mlp", "olmoe": "mlp"}
+ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gemma4_text")
+# where mlx-lm puts each architecture's stacked experts (gemma4_text: from transformers 5's fused experts)
+SWITCH = {"mixtral": "block_sparse_moe.switch_mlp", "qwen2_moe": "mlp.switch_mlp", "qwen3_moe": "mlp.switch_mlp",
+          "olmoe": "mlp.switch_mlp", "gemma4_text": "experts.switch_glu"}  # fmt: skip
 # gate_proj only on the experts: up_proj and down_proj are copied, stacked, from the per-expert tensors
 SPEC = """adapterspec 1
 
-layers[*].**.switch_mlp.gate_proj: lora(r=4, scale=2.0)
+layers[*].**.<switch_mlp,switch_glu>.gate_proj: lora(r=4, scale=2.0)
 layers[*].self_attn.<q,v>_proj: lora(r=4)
 """
 TOKENS = [[1, 5, 9, 14, 2, 7, 3]]
@@ -55,21 +59,24 @@ def logits(model) -> np.ndarray:
     return np.array(model(mx.array(TOKENS)).astype(mx.float32))
 
 
-def test_the_stored_layout_is_per_expert(hf_dir):
+def test_the_stored_layout_is_hugging_faces(hf_dir):
     arch, path = hf_dir
-    index = json.loads((path / "model.safetensors.index.json").read_text())
-    leaf = "w1" if arch == "mixtral" else "gate_proj"
-    assert f"model.layers.0.{MOE[arch]}.experts.3.{leaf}.weight" in index["weight_map"]
-    assert not any("switch_mlp" in name for name in index["weight_map"])
+    stored = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    if arch in tiny.HF_FUSED_EXPERTS:
+        assert "model.layers.0.experts.gate_up_proj" in stored and "model.layers.2.self_attn.k_proj.weight" in stored
+    else:
+        leaf = "w1" if arch == "mixtral" else "gate_proj"
+        assert f"model.layers.0.{SWITCH[arch].split('.')[0]}.experts.3.{leaf}.weight" in stored
+    assert not any("switch_" in name for name in stored)
 
 
 def test_directory_index_is_the_live_index(hf_dir):
     arch, path = hf_dir
     from_dir, live = ModuleIndex.from_model_dir(path), ModuleIndex.from_module(live_model(path))
     assert described(from_dir) == described(live)
-    switch = from_dir[f"model.layers.1.{MOE[arch]}.switch_mlp.down_proj"]
+    switch = from_dir[f"model.layers.1.{SWITCH[arch]}.down_proj"]
     assert (switch.cls, switch.num_experts) == ("SwitchLinear", 4)
-    assert not any(".experts." in p for p in from_dir.modules)
+    assert not any(re.search(r"experts\.\d", p) for p in from_dir.modules)
     assert from_dir.block_list == live.block_list and from_dir.tied_embeddings == live.tied_embeddings
 
 
@@ -100,13 +107,22 @@ def test_apply_then_fuse_on_the_same_directory(hf_dir, tmp_path, capsys):
     adapted = live_model(path)
     load_adapters(adapted, tmp_path / "ad")
     fused = live_model(tmp_path / "fused")
-    np.testing.assert_allclose(logits(fused), logits(adapted), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logits(fused), logits(adapted), rtol=1e-4, atol=1e-4)
+    # bit for bit the adapter layers' own fuse, tensor by tensor
+    fused_layers = [(n, m.fuse()) for n, m in adapted.named_modules() if hasattr(m, "lora_a")]
+    reference = dict(tree_flatten(adapted.update_modules(tree_unflatten(fused_layers)).parameters()))
+    written = {}
+    for shard in (tmp_path / "fused").glob("*.safetensors"):
+        written.update(mx.load(str(shard)))
+    assert set(written) == set(reference)
+    for name, value in reference.items():
+        assert mx.array_equal(written[name], value), name
     assert not np.allclose(logits(fused), logits(live_model(path)), atol=1e-3)  # the adapters did change it
 
     # the fused model is written in mlx-lm's stacked layout, its index consistent with its files
     stored = json.loads((tmp_path / "fused" / "model.safetensors.index.json").read_text())["weight_map"]
-    assert f"model.layers.0.{MOE[arch]}.switch_mlp.up_proj.weight" in stored
-    assert not any(".experts." in name for name in stored)
+    assert f"model.layers.0.{SWITCH[arch]}.up_proj.weight" in stored
+    assert not any(re.search(r"experts\.(\d|gate_up_proj|down_proj$)", name) for name in stored)
     assert described(ModuleIndex.from_model_dir(tmp_path / "fused")) == described(ModuleIndex.from_model_dir(path))
     assert (tmp_path / "ad" / "adapters.safetensors").read_bytes() == before
 
@@ -118,10 +134,10 @@ def test_apply_then_fuse_on_the_same_directory(hf_dir, tmp_path, capsys):
 
 def test_tree_lint_and_explain_show_the_stacked_modules(hf_dir, tmp_path, capsys):
     arch, path = hf_dir
-    switch = f"model.layers.0.{MOE[arch]}.switch_mlp.gate_proj"
+    switch = f"model.layers.0.{SWITCH[arch]}.gate_proj"
     assert main(["tree", str(path), "--no-fold"]) == 0
     out = capsys.readouterr().out
-    assert "switch_mlp" in out and "SwitchLinear" in out and "experts.0" not in out
+    assert SWITCH[arch].rsplit(".", 1)[-1] in out and "SwitchLinear" in out and "experts.0" not in out
     (tmp_path / "s.aspec").write_text(SPEC)
     assert main(["lint", "--model", str(path), str(tmp_path / "s.aspec")]) == 0
     assert main(["explain", str(tmp_path / "s.aspec"), str(path), switch]) == 0
