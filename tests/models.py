@@ -107,7 +107,8 @@ def build_any(arch: str, **build_args: Any):
 def hf_moe_weights(model, arch: str) -> dict:
     """The model's weights named as its Hugging Face checkpoint stores them: every stacked SwitchLinear weight
     (`mlp.switch_mlp.gate_proj.weight`, (experts, out, in)) un-stacked into per-expert Linear weights
-    (`mlp.experts.3.gate_proj.weight`; Mixtral's `block_sparse_moe.experts.3.w1.weight`)."""
+    (`mlp.experts.3.gate_proj.weight`; Mixtral's `block_sparse_moe.experts.3.w1.weight`), quantized ones with
+    their scales and biases."""
     import re
 
     from mlx.utils import tree_flatten
@@ -117,13 +118,13 @@ def hf_moe_weights(model, arch: str) -> dict:
     if arch in HF_FUSED_EXPERTS:
         return _fused_expert_weights(model)
     for name, value in tree_flatten(model.parameters()):
-        match = re.match(r"^(.*)\.switch_mlp\.(\w+)\.weight$", name)
+        match = re.match(r"^(.*)\.switch_mlp\.(\w+)\.(weight|scales|biases)$", name)
         if match is None:
             out[name] = value
             continue
-        owner, proj = match.groups()
+        owner, proj, param = match.groups()
         for expert in range(value.shape[0]):
-            out[f"{owner}.experts.{expert}.{names.get(proj, proj)}.weight"] = value[expert]
+            out[f"{owner}.experts.{expert}.{names.get(proj, proj)}.{param}"] = value[expert]
     return out
 
 

@@ -278,3 +278,33 @@ def test_export_peft_from_the_directory_names_experts_as_hugging_face_does(tmp_p
     assert "base_model.model.model.layers.1.block_sparse_moe.experts.3.w1.lora_A.weight" in expert_keys
     assert len(expert_keys) == 2 * 4 * 2  # layers × experts × (lora_A, lora_B)
     assert not any("switch_mlp" in k for k in keys)
+
+
+def test_a_quantized_per_expert_checkpoint_is_stacked_with_its_scales(tmp_path, capsys):
+    """mlx-lm's mixtral sanitize stacks scales and biases with the weights; index and fuse see the same."""
+    path = tiny.write_hf_moe(tmp_path / "hf", "mixtral", quantization=tiny.Q4, dtype="float16")
+    stored = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.layers.0.block_sparse_moe.experts.1.w2.scales" in stored
+    from_dir, live = ModuleIndex.from_model_dir(path), ModuleIndex.from_module(live_model(path))
+    assert described(from_dir) == described(live)
+    switch = from_dir["model.layers.0.block_sparse_moe.switch_mlp.down_proj"]
+    assert (switch.cls, switch.bits, switch.group_size, switch.num_experts) == ("QuantizedSwitchLinear", 4, 32, 4)
+
+    (tmp_path / "s.aspec").write_text(SPEC)
+    assert main(["apply", str(path), str(tmp_path / "s.aspec"), "-o", str(tmp_path / "ad")]) == 0
+    weights = mx.load(str(tmp_path / "ad" / "adapters.safetensors"))
+    mx.random.seed(5)
+    weights = {k: mx.random.normal(v.shape) if k.endswith("lora_b") else v for k, v in weights.items()}
+    mx.save_safetensors(str(tmp_path / "ad" / "adapters.safetensors"), weights)
+    assert main(["fuse", str(path), str(tmp_path / "ad"), "-o", str(tmp_path / "fused")]) == 0
+    capsys.readouterr()
+    adapted = live_model(path)
+    load_adapters(adapted, tmp_path / "ad")
+    fused_layers = [(n, m.fuse()) for n, m in adapted.named_modules() if hasattr(m, "lora_a")]
+    reference = dict(tree_flatten(adapted.update_modules(tree_unflatten(fused_layers)).parameters()))
+    written = mx.load(str(tmp_path / "fused" / "model.safetensors"))
+    assert set(written) == set(reference)
+    for name, value in reference.items():
+        assert mx.array_equal(written[name], value), name
+    assert "model.layers.1.block_sparse_moe.switch_mlp.gate_proj.scales" in written
+    np.testing.assert_array_equal(logits(live_model(tmp_path / "fused")), logits(adapted))
