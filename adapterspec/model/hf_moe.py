@@ -1,15 +1,19 @@
-"""Hugging Face mixture-of-experts checkpoints seen as mlx-lm loads them: per-expert tensors stacked. Pure Python.
+"""Hugging Face mixture-of-experts checkpoints seen as mlx-lm's sanitize loads them: experts stacked. Pure Python.
 
 mlx-lm loads a Hugging Face MoE directory as it is, and its `Model.sanitize` stacks the per-expert
 Linear weights (`model.layers.0.mlp.experts.3.gate_proj.weight`, Mixtral's `block_sparse_moe.experts.3.w1.weight`)
-into one SwitchLinear weight (`mlp.switch_mlp.gate_proj.weight`, shape (experts, out, in)). `EXPERT_STACKING`
-is that rule per model type, read off mlx-lm's sanitize methods: where the experts live, how their projections
-are renamed, which parameters are stacked, the config key of their number, and whether a tied `lm_head` is
-dropped. `sanitized_tensors` applies it to a directory's headers, so every command that reads the directory
-sees the module tree the live model has; `StackedTensor.parts` says where each expert's bytes are, for the fuse.
+into one SwitchLinear weight (`mlp.switch_mlp.gate_proj.weight`, shape (experts, out, in)). The tables here say
+what each model type's sanitize does to the module tree, read off mlx-lm's code (tests/model/test_hf_moe.py
+holds them to it): `EXPERT_STACKING` (where the experts live, how their projections are renamed, which
+parameters are stacked, the config key of their number, whether a tied `lm_head` is dropped),
+`FUSED_EXPERT_SPLITS` (transformers 5's fused `experts.gate_up_proj` split in halves) and `SANITIZE_DROPS`.
+`sanitized_tensors` applies them to a directory's headers, so every command that reads the directory sees the
+module tree the live model has; each stacked tensor's `parts` say where its experts' bytes are, for the fuse.
 
-Layouts mlx-lm's sanitize for the model type does not read (transformers 5's fused `experts.gate_up_proj`,
-experts missing or counted differently from config.json) are refused with a UserError: mlx-lm would fail on them too.
+Expert layouts mlx-lm's sanitize for the model type does not read (fused experts where it stacks per-expert
+ones, experts missing or counted differently from config.json) are refused with a UserError: mlx-lm would
+fail on them too. Fused experts of other model types, which mlx-lm splits with more changes than these
+tables know, are refused with the advice to convert the model first.
 """
 
 from __future__ import annotations
