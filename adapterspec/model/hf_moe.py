@@ -24,6 +24,7 @@ from types import MappingProxyType
 from typing import Callable, Mapping, Optional
 
 from ..errors import UserError
+from .config import mlx_lm_model_source
 from .safetensors import TensorInfo
 
 W123 = MappingProxyType({"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"})
@@ -56,6 +57,10 @@ EXPERT_STACKING: Mapping[str, ExpertStacking] = MappingProxyType(
         "olmoe": ExpertStacking("mlp", "num_experts"),
         "hunyuan": ExpertStacking("mlp", "num_experts"),
         "deepseek": ExpertStacking("mlp", "n_routed_experts"),
+        "deepseek_v2": ExpertStacking("mlp", "n_routed_experts"),
+        "glm4_moe": ExpertStacking("mlp", "n_routed_experts"),
+        "mellum": ExpertStacking("mlp", "num_experts", params=("weight",), drops_tied_head=True),
+        "Klear": ExpertStacking("mlp", "num_experts", switch="experts", params=("weight",)),
         "ernie4_5_moe": ExpertStacking("mlp", "moe_num_experts", params=("weight",)),
         "dots1": ExpertStacking("mlp", "n_routed_experts", switch="experts", drops_tied_head=True),
         "afmoe": ExpertStacking("mlp", "num_experts", switch="experts", drops_tied_head=True),
@@ -76,6 +81,8 @@ class FusedExperts:
 # of the type changes the module tree beyond what SANITIZE_DROPS says)
 FUSED_EXPERT_SPLITS: Mapping[str, FusedExperts] = MappingProxyType({"gemma4_text": FusedExperts("experts.switch_glu")})
 PER_EXPERT = re.compile(r"^(?P<owner>.+)\.experts\.(?P<expert>\d+)\.(?P<proj>[^.]+)\.(?P<param>[^.]+)$")
+# what a sanitize method that stacks per-expert tensors says in mlx-lm's source
+MLX_LM_STACKS = re.compile(r"experts\.\{e\}|experts\.0\.")
 # transformers 5's fused experts: `mlp.experts.gate_up_proj` (E, 2·I, H) and `mlp.experts.down_proj` (E, H, I)
 FUSED_EXPERTS = re.compile(
     r"^(?P<owner>.+)\.experts\.(?P<name>gate_up_proj|down_proj)(?P<suffix>_bias|_blocks|_scales)?$"
@@ -96,8 +103,16 @@ def _gemma4_text_drops(name: str, config: dict) -> bool:
     return isinstance(layers, int) and isinstance(shared, int) and int(after) >= layers - shared
 
 
+def _glm4_moe_drops(name: str, config: dict) -> bool:
+    """glm4_moe's sanitize: the multi-token-prediction layer after the last block goes (matched as it matches it)."""
+    layers = config.get("num_hidden_layers")
+    return isinstance(layers, int) and name.startswith(f"model.layers.{layers}")
+
+
 # model type → which stored tensors its sanitize removes (beyond a tied lm_head, which ExpertStacking says)
-SANITIZE_DROPS: Mapping[str, Callable[[str, dict], bool]] = MappingProxyType({"gemma4_text": _gemma4_text_drops})
+SANITIZE_DROPS: Mapping[str, Callable[[str, dict], bool]] = MappingProxyType(
+    {"gemma4_text": _gemma4_text_drops, "glm4_moe": _glm4_moe_drops}
+)
 
 
 @dataclass(frozen=True)
@@ -224,6 +239,7 @@ def _stack_experts(tensors: Mapping[str, TensorInfo], config: dict, prefix: str)
     model_type = config.get("model_type")
     stacking = expert_stacking(model_type)
     if stacking is None:
+        _refuse_unknown_stacking(tensors, model_type, prefix)
         return SanitizedTensors(dict(tensors))
     groups: dict[tuple[str, str, str], dict[int, str]] = {}
     for name in tensors:
@@ -256,6 +272,20 @@ def _stack_experts(tensors: Mapping[str, TensorInfo], config: dict, prefix: str)
             del out[part]
         out[name] = info
     return _drop_tied_head(SanitizedTensors(out, stacked), stacking, config)
+
+
+def _refuse_unknown_stacking(tensors: Mapping[str, TensorInfo], model_type: Optional[str], prefix: str) -> None:
+    """Per-expert tensors of a model type whose mlx-lm sanitize stacks them by a rule the table does not hold."""
+    expert = min((name for name in tensors if PER_EXPERT.match(name)), key=_natural, default=None)
+    if expert is None or not isinstance(model_type, str):
+        return
+    source = mlx_lm_model_source(model_type)
+    if source is not None and MLX_LM_STACKS.search(source):
+        raise UserError(
+            f"{prefix}'{expert}' is a per-expert tensor, which mlx-lm's {model_type} stacks when it loads the model "
+            "by a rule adapterspec does not know yet: the module tree would not be the one mlx-lm builds",
+            help="convert the model with `mlx_lm.convert`, which writes the stacked layout",
+        )
 
 
 def _expert_parts(

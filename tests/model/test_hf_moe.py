@@ -26,7 +26,12 @@ def info(shape, itemsize=4) -> TensorInfo:
 def per_expert(model_type: str, experts: int = 3, layers: int = 2) -> dict[str, tuple]:
     """Per-expert tensor shapes of a Hugging Face checkpoint of this model type, plus embeddings and a tied head."""
     stacking = EXPERT_STACKING[model_type]
-    shapes = {"model.embed_tokens.weight": (8, 4), "lm_head.weight": (8, 4)}
+    # a block beyond num_hidden_layers: glm4_moe's multi-token-prediction layer, which its sanitize drops
+    shapes = {
+        "model.embed_tokens.weight": (8, 4),
+        "lm_head.weight": (8, 4),
+        f"model.layers.{layers}.eh_proj.weight": (4, 8),
+    }
     for layer in range(layers):
         shapes[f"model.layers.{layer}.self_attn.q_proj.weight"] = (4, 4)
         for hf in stacking.renames:
@@ -51,9 +56,9 @@ def mlx_lm_sanitize(model_type: str, shapes: dict[str, tuple], args: dict) -> di
 def test_the_stacking_table_is_mlx_lms_sanitize(model_type):
     stacking = EXPERT_STACKING[model_type]
     shapes = per_expert(model_type)
-    want = mlx_lm_sanitize(model_type, shapes, {**ARGS, stacking.count_key: 3})
-    ours = sanitized_tensors({n: info(s) for n, s in shapes.items()}, {"model_type": model_type,
-                             "tie_word_embeddings": True, stacking.count_key: 3})  # fmt: skip
+    config = {**ARGS, stacking.count_key: 3}
+    want = mlx_lm_sanitize(model_type, shapes, config)
+    ours = sanitized_tensors({n: info(s) for n, s in shapes.items()}, {"model_type": model_type, **config})
     assert {name: t.shape for name, t in ours.tensors.items()} == want
     assert any(len(shape) == 3 and shape[0] == 3 for shape in want.values())  # something was stacked
 
@@ -111,3 +116,11 @@ def test_layouts_mlx_lm_would_not_load_as_indexed_are_refused(tensors, config, m
 def test_other_model_types_are_left_as_stored():
     tensors = tensors_of()
     assert sanitized_tensors(tensors, {"model_type": "llama"}).tensors == tensors
+    assert sanitized_tensors(tensors, {"model_type": "dbrx"}).tensors == tensors  # its experts are a list live
+
+
+def test_per_expert_tensors_of_a_type_the_table_lacks_are_refused_where_mlx_lm_stacks_them():
+    pytest.importorskip("mlx_lm")  # the check reads the installed mlx-lm's model source
+    with pytest.raises(UserError, match="mlx-lm's lfm2_moe stacks when it loads the model") as raised:
+        sanitized_tensors(tensors_of(), {"model_type": "lfm2_moe"}, "model")
+    assert "mlx_lm.convert" in raised.value.help
