@@ -13,7 +13,7 @@ from ..errors import UserError
 from ..model.adapter_format import ADAPTER_WEIGHTS, check_weights_file, plan_of, read_adapter_config
 from ..model.families import ConfigHints, unfusable_reason
 from ..model.files import read_model_config, read_model_tensors, resolve_model_path, weight_files
-from ..model.hf_moe import sanitized_tensors
+from ..model.hf_moe import Part, StackedTensor, sanitized_tensors
 from ..model.index import ModuleIndex, ModuleInfo, natural_key
 from ..model.kinds import KINDS
 from .shards import SourceTensor, nbytes_of, read_sources, stacked_source
@@ -299,7 +299,7 @@ def _sources_as_sanitized(model_dir: Path, config: dict) -> list[SourceTensor]:
     if not sanitized.stacked and not sanitized.dropped:
         return stored
     by_name = {s.name: s for s in stored}
-    placed: dict[str, list] = {}
+    placed: dict[str, list[StackedTensor]] = {}
     for stacked in sanitized.stacked.values():
         placed.setdefault(stacked.parts[0].tensor, []).append(stacked)
     skipped = set(sanitized.dropped) | {p.tensor for t in sanitized.stacked.values() for p in t.parts}
@@ -313,7 +313,7 @@ def _sources_as_sanitized(model_dir: Path, config: dict) -> list[SourceTensor]:
     return sources
 
 
-def _part_source(stored: SourceTensor, part, shape: tuple[int, ...]) -> SourceTensor:
+def _part_source(stored: SourceTensor, part: Part, shape: tuple[int, ...]) -> SourceTensor:
     """One expert of a stacked tensor: its bytes inside the stored tensor that holds them."""
     return SourceTensor(stored.name, stored.path, stored.dtype, tuple(shape), stored.offset + part.start, part.length)
 
