@@ -12,10 +12,11 @@ from typing import Optional
 from ..errors import UserError
 from ..model.adapter_format import ADAPTER_WEIGHTS, check_weights_file, plan_of, read_adapter_config
 from ..model.families import ConfigHints, unfusable_reason
-from ..model.files import read_model_config, resolve_model_path, weight_files
+from ..model.files import read_model_config, read_model_tensors, resolve_model_path, weight_files
+from ..model.hf_moe import Part, StackedTensor, sanitized_tensors
 from ..model.index import ModuleIndex, ModuleInfo, natural_key
 from ..model.kinds import KINDS
-from .shards import SourceTensor, nbytes_of, read_sources
+from .shards import SourceTensor, nbytes_of, read_sources, stacked_source
 
 MODULE_TENSORS = ("weight", "scales", "biases")
 MAX_SHARD_BYTES = 5 << 30
@@ -271,9 +272,7 @@ def plan_fuse(model, adapters, *, dequantize: bool = False) -> FusePlan:
     index = ModuleIndex.from_model_dir(model_dir)
     if not isinstance(adapters, AdapterSource):
         adapters = AdapterSource.from_dir(adapters, index)
-    sources: list[SourceTensor] = []
-    for path in weight_files(model_dir):
-        sources.extend(read_sources(path).values())
+    sources = _sources_as_sanitized(model_dir, config)
     by_name = {s.name: s for s in sources}
     adapter_sources = read_sources(adapters.weights)
     _check_quantization_config(config, index)
@@ -287,6 +286,36 @@ def plan_fuse(model, adapters, *, dequantize: bool = False) -> FusePlan:
     units.sort(key=lambda u: natural_key(u.path))
     bits = {info.path: info.bits for info in index if info.quantized}
     return FusePlan(model_dir, adapters, config, units, sources, replaced, dequantize, bits, list(adapters.notes))
+
+
+def _sources_as_sanitized(model_dir: Path, config: dict) -> list[SourceTensor]:
+    """Every tensor of the model in file order, as mlx-lm's sanitize leaves them: a Hugging Face mixture's
+    per-expert tensors become one stacked tensor (at its first expert's place), tensors sanitize drops are left out.
+    The fused model is therefore written in mlx-lm's stacked layout."""
+    stored: list[SourceTensor] = []
+    for path in weight_files(model_dir):
+        stored.extend(read_sources(path).values())
+    sanitized = sanitized_tensors(read_model_tensors(model_dir), config, str(model_dir))
+    if not sanitized.stacked and not sanitized.dropped:
+        return stored
+    by_name = {s.name: s for s in stored}
+    placed: dict[str, list[StackedTensor]] = {}
+    for stacked in sanitized.stacked.values():
+        placed.setdefault(stacked.parts[0].tensor, []).append(stacked)
+    skipped = set(sanitized.dropped) | {p.tensor for t in sanitized.stacked.values() for p in t.parts}
+    sources = []
+    for source in stored:
+        for stacked in sorted(placed.get(source.name, ()), key=lambda t: t.name):
+            parts = [_part_source(by_name[p.tensor], p, stacked.info.shape[1:]) for p in stacked.parts]
+            sources.append(stacked_source(stacked.name, parts))
+        if source.name not in skipped:
+            sources.append(source)
+    return sources
+
+
+def _part_source(stored: SourceTensor, part: Part, shape: tuple[int, ...]) -> SourceTensor:
+    """One expert of a stacked tensor: its bytes inside the stored tensor that holds them."""
+    return SourceTensor(stored.name, stored.path, stored.dtype, tuple(shape), stored.offset + part.start, part.length)
 
 
 def _refuse_unfusable(config: dict, adapters: AdapterSource) -> None:

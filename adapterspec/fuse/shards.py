@@ -25,11 +25,28 @@ class SourceTensor:
     shape: tuple[int, ...]
     offset: int
     nbytes: int
+    parts: tuple["SourceTensor", ...] = ()
 
     @property
     def rows(self) -> int:
         """The number of rows: the product of every axis but the last."""
         return math.prod(self.shape[:-1])
+
+    def slab_ranges(self, start: int, stop: int) -> list[tuple[Path, int, int]]:
+        """(file, absolute offset, length) of the bytes of self[start:stop] along the first axis, in order.
+
+        A stacked tensor (Hugging Face per-expert tensors, see `model.hf_moe`) has one part per expert."""
+        if self.parts:
+            return [(p.path, p.offset, p.nbytes) for p in self.parts[start:stop]]
+        step = self.nbytes // max(self.shape[0], 1) if self.shape else self.nbytes
+        return [(self.path, self.offset + start * step, (stop - start) * step)]
+
+
+def stacked_source(name: str, parts: Sequence[SourceTensor]) -> SourceTensor:
+    """The tensor mlx-lm's sanitize makes by stacking `parts` (one per expert) along a new first axis."""
+    first = parts[0]
+    shape = (len(parts),) + tuple(first.shape)
+    return SourceTensor(name, first.path, first.dtype, shape, first.offset, sum(p.nbytes for p in parts), tuple(parts))
 
 
 def read_sources(path: str | os.PathLike) -> dict[str, SourceTensor]:
@@ -70,11 +87,17 @@ class SourceFiles:
 
     def read_slab(self, source: SourceTensor, start: int, stop: int) -> bytes:
         """The bytes of source[start:stop] along its first axis."""
-        step = source.nbytes // max(source.shape[0], 1) if source.shape else source.nbytes
-        return pread_all(self.fd(source.path), (stop - start) * step, source.offset + start * step)
+        ranges = source.slab_ranges(start, stop)
+        return b"".join(pread_all(self.fd(path), length, offset) for path, offset, length in ranges)
 
     def read_rows(self, source: SourceTensor, rows: Sequence[int]) -> bytes:
         """The bytes of some rows (indices over all but the last axis, ascending) of a tensor."""
+        if source.parts:
+            per_part = max(source.parts[0].rows, 1)
+            by_part: dict[int, list[int]] = {}
+            for row in rows:
+                by_part.setdefault(row // per_part, []).append(row % per_part)
+            return b"".join(self.read_rows(source.parts[p], inner) for p, inner in by_part.items())
         row_bytes = source.nbytes // max(source.rows, 1)
         fd = self.fd(source.path)
         chunks = []
@@ -135,7 +158,9 @@ class ShardFile:
             raise RuntimeError(
                 f"{self.path.name}: tensor {name!r} has {size} bytes in the header, {source.nbytes} in {source.path.name}"
             )
-        copy_range(files.fd(source.path), self._fd, source.offset, size, offset)
+        for path, start, length in source.slab_ranges(0, source.shape[0] if source.shape else 1):
+            copy_range(files.fd(path), self._fd, start, length, offset)
+            offset += length
         self.written(name, size)
 
     def close(self) -> None:

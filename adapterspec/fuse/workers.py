@@ -278,8 +278,7 @@ def _dense(lora_a: SourceTensor, scale: float) -> DenseMerge:
 
 def _read_rows(source: SourceTensor, start: int, stop: int) -> np.ndarray:
     """Rows start:stop of a tensor as stored (bfloat16 as its uint16 bit patterns)."""
-    row_bytes = source.nbytes // max(source.shape[0], 1)
-    raw = pread_all(_fd(str(source.path)), (stop - start) * row_bytes, source.offset + start * row_bytes)
+    raw = b"".join(pread_all(_fd(str(path)), n, offset) for path, offset, n in source.slab_ranges(start, stop))
     dtype = np.uint16 if source.dtype == "bfloat16" else source.dtype
     return np.frombuffer(raw, dtype).reshape((stop - start,) + tuple(source.shape[1:]))
 

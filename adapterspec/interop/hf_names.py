@@ -2,7 +2,8 @@
 
 mlx-lm keeps Hugging Face's module names except for mixture-of-experts layers, whose per-expert
 Linear modules (`mlp.experts.3.gate_proj`) it stacks into one SwitchLinear (`mlp.switch_mlp.gate_proj`),
-renaming Mixtral-style `w1`/`w2`/`w3` on the way.
+renaming Mixtral-style `w1`/`w2`/`w3` on the way. The renames per model type are `model.hf_moe`'s table,
+the one the directory index stacks a Hugging Face checkpoint by.
 """
 
 from __future__ import annotations
@@ -11,11 +12,10 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
+from ..model import hf_moe
 from ..model.index import ModuleIndex, ModuleInfo
 
-W123 = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
-EXPERT_RENAMES: dict[str, dict[str, str]] = {"mixtral": W123, "phimoe": W123}
-SWITCH_CONTAINERS = ("switch_mlp", "experts")
+SWITCH_CONTAINERS = tuple(sorted(hf_moe.switch_containers(), reverse=True))  # ("switch_mlp", "experts")
 EXPERT_KEY = re.compile(r"^(?P<parent>.*)\.experts\.(?P<expert>\d+)\.(?P<name>[^.]+)$")
 
 
@@ -31,7 +31,7 @@ class HfModule:
 
 def expert_renames(model_type: Optional[str]) -> dict[str, str]:
     """Hugging Face expert projection name → MLX name for this model type."""
-    return EXPERT_RENAMES.get(model_type or "", {})
+    return dict(hf_moe.expert_renames(model_type))
 
 
 def hf_expert_name(mlx_name: str, model_type: Optional[str]) -> str:

@@ -111,12 +111,21 @@ def mlx_lm_model_problem(model_type: str) -> str | None:
     if package is None:
         return None
     name = _mlx_lm_remapping(package).get(model_type, model_type)
-    module = package / "models" / f"{name}.py"
-    if not module.is_file():
+    source = mlx_lm_model_source(model_type)
+    if source is None:
         return "mlx-lm has no such architecture"
-    if not re.search(r"^class Model\b", module.read_text(encoding="utf-8", errors="replace"), re.MULTILINE):
+    if not re.search(r"^class Model\b", source, re.MULTILINE):
         return f"mlx-lm's module '{name}' defines no Model: it is not an architecture"
     return None
+
+
+def mlx_lm_model_source(model_type: str) -> str | None:
+    """The source of the installed mlx-lm's module for `model_type` (read, not imported); None without one."""
+    package = _mlx_lm_dir()
+    if package is None or not MODEL_TYPE.fullmatch(model_type):
+        return None
+    module = package / "models" / f"{_mlx_lm_remapping(package).get(model_type, model_type)}.py"
+    return module.read_text(encoding="utf-8", errors="replace") if module.is_file() else None
 
 
 def _mlx_lm_dir() -> Path | None:

@@ -19,6 +19,7 @@ from .families import (
     is_routed_expert,
     linear_subclass,
 )
+from .hf_moe import sanitized_tensors
 
 FAMILIES = ("linear", "switch", "embedding", "container", "list", "leaf")
 ADAPTABLE_FAMILIES = frozenset({"linear", "switch", "embedding"})
@@ -208,7 +209,8 @@ class ModuleIndex:
     def from_model_dir(cls, path: str | os.PathLike) -> "ModuleIndex":
         """Index a model directory (or a cached Hugging Face repo id) from config.json and safetensors headers.
 
-        Never imports mlx. Modules without parameters (RoPE, activations) are invisible here, and
+        Never imports mlx. A Hugging Face mixture of experts is seen as mlx-lm's sanitize stacks it (`hf_moe`).
+        Modules without parameters (RoPE, activations) are invisible here, and
         classes the headers cannot tell are named Norm, Leaf or Container (see GUESSED_CLASSES).
         """
         from .config import check_config_against_weights
@@ -216,7 +218,9 @@ class ModuleIndex:
 
         path = resolve_model_path(path)
         config = read_model_config(path)
-        weights = read_model_weights(path)
+        stored = read_model_weights(path)
+        sanitized = sanitized_tensors({name: t for name, (_, t) in stored.items()}, config, str(path))
+        weights = {name: (stored[sanitized.source_of(name)][0], t) for name, t in sanitized.tensors.items()}
         infos = infos_from_tensors({name: (t.dtype_name, t.shape) for name, (_, t) in weights.items()}, config)
         check_config_against_weights(config, infos, weights, path / CONFIG_FILE, is_routed_expert)
         text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else None
