@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -13,6 +14,8 @@ from .findings import Finding
 from .peft_config import CONFIG_FILE, PREFIX, WEIGHTS_FILE, read_peft_config
 from .peft_import import PeftTranslation, translate
 from .spec_writer import require_lint_clean
+
+EXPERT_MODULE = re.compile(r"\.experts\.\d+\.")
 
 
 @dataclass
@@ -45,7 +48,9 @@ def resolve_base_model(model: Optional[str], config: dict) -> tuple[Optional[Pat
         return None, None
 
 
-def import_peft(path, model: Optional[str] = None, *, need_model: bool = False) -> PeftImport:
+def import_peft(
+    path, model: Optional[str] = None, *, need_model: bool = False, layout: Optional[str] = None
+) -> PeftImport:
     """Translate a PEFT adapter's config into spec text, against the model when one is given or cached."""
     config = read_peft_config(path)
     model_dir, model_name = resolve_base_model(model, config)
@@ -56,7 +61,10 @@ def import_peft(path, model: Optional[str] = None, *, need_model: bool = False) 
         )
     index = ModuleIndex.from_model_dir(model_dir) if model_dir else None
     source = Path(path).name if Path(path).is_dir() else str(Path(path).name)
-    result = PeftImport(translate(config, index, source=f"{source}/{CONFIG_FILE}", model=model_name), model_dir)
+    if index is not None:
+        layout = layout or import_layout(config, path, model_dir, index)
+    translation = translate(config, index, source=f"{source}/{CONFIG_FILE}", model=model_name, layout=layout)
+    result = PeftImport(translation, model_dir)
     require_lint_clean(result.text, str(path))
     if index is not None:
         from ..language.lint import parse_spec
@@ -64,6 +72,28 @@ def import_peft(path, model: Optional[str] = None, *, need_model: bool = False) 
 
         result.plan = make_plan(parse_spec(result.text, "<imported spec>"), index)
     return result
+
+
+def model_layout(model_dir: Path) -> str:
+    """The PEFT layout of experts for the transformers version the model's config.json was written by."""
+    from ..model.files import read_model_config
+    from .fused_experts import layout_of_version
+
+    return layout_of_version(str(read_model_config(model_dir).get("transformers_version") or ""))
+
+
+def import_layout(config: dict, path, model_dir: Path, index: ModuleIndex) -> str:
+    """How the adapter saw the experts: fused parameters when it targets parameters or (on a MoE model) saved no
+    per-expert module; one module per expert when it saved such modules; else as the model's config.json says."""
+    from ..model.safetensors import read_safetensors_header
+
+    if config.get("target_parameters"):
+        return "target-parameters"
+    file = Path(path) / WEIGHTS_FILE if Path(path).is_dir() else Path(path).parent / WEIGHTS_FILE
+    if any(info.family == "switch" for info in index) and file.is_file():
+        keys = read_safetensors_header(file)
+        return "per-expert" if any(EXPERT_MODULE.search(key) for key in keys) else "target-parameters"
+    return model_layout(model_dir)
 
 
 def peft_weights_file(path) -> Path:
@@ -90,8 +120,10 @@ def write_imported_adapters(result: PeftImport, peft_dir, dest, *, force: bool =
 
     plan = result.plan
     tensors = read_weights(peft_weights_file(peft_dir))
-    factors = result.translation.choice.expert_factors if result.translation.choice else {}
-    weights = peft_to_adapters(tensors, plan, plan.index, factors)
+    choice = result.translation.choice
+    weights = peft_to_adapters(
+        tensors, plan, plan.index, choice.expert_factors if choice else {}, choice.fused if choice else []
+    )
     mismatched = changed_base_copies(tensors, result.model_dir)
     if mismatched:
         raise UserError(

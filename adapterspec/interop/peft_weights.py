@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from typing import Optional
+from typing import Optional, Sequence
 
 import mlx.core as mx
 
@@ -19,6 +19,7 @@ from ..errors import UserError
 from ..model.index import ModuleIndex
 from ..model.kinds import EMBEDDING_KINDS, KINDS, LINEAR_KINDS
 from ..model.plan import Plan, PlanEntry
+from .fused_experts import FusedParam, nesting_keys
 from .hf_names import expert_prefix, hf_expert_name, mlx_module
 from .peft_config import PREFIX
 
@@ -38,9 +39,10 @@ class _Collected:
         self.full: dict[str, mx.array] = {}
         self.base_copies: dict[str, mx.array] = {}
         self.problems: list[str] = []
+        self.fused: dict[str, dict[str, mx.array]] = defaultdict(dict)
 
 
-def _collect(tensors: dict[str, mx.array], plan: Plan, index: ModuleIndex) -> _Collected:
+def _collect(tensors: dict[str, mx.array], plan: Plan, index: ModuleIndex, fused_containers: set) -> _Collected:
     entries = {e.path: e for e in plan.entries}
     full_paths = [e.path for e in plan.entries if e.adapter == "full"]
     out = _Collected()
@@ -58,6 +60,9 @@ def _collect(tensors: dict[str, mx.array], plan: Plan, index: ModuleIndex) -> _C
             else:
                 out.problems.append(f"'{key}' belongs to no module the spec adapts or trains")
             continue
+        if factor["module"].split(".base_layer")[0] in fused_containers:
+            out.fused[factor["module"]][factor["part"]] = value
+            continue
         located = mlx_module(factor["module"], index)
         if located is None or located[0] not in entries:
             out.problems.append(f"'{key}' belongs to no module the spec adapts")
@@ -72,13 +77,19 @@ def peft_to_adapters(
     plan: Plan,
     index: ModuleIndex,
     expert_factors: Optional[dict[str, dict[int, float]]] = None,
+    fused: Sequence[FusedParam] = (),
 ) -> dict[str, mx.array]:
     """adapterspec adapter tensors (full paths, float32 factors) for PEFT's tensors on the plan's modules."""
-    collected = _collect(tensors, plan, index)
+    collected = _collect(tensors, plan, index, {p.container for p in fused})
     problems = collected.problems
     weights: dict[str, mx.array] = {}
+    try:
+        weights.update(_from_fused(collected.fused, fused))
+    except ValueError as error:
+        problems.append(str(error))
+    fused_paths = {path for param in fused for path in param.mlx_paths}
     for entry in plan.entries:
-        if entry.adapter == "full":
+        if entry.adapter == "full" or entry.path in fused_paths:
             continue
         parts = collected.factors.get(entry.path)
         if not parts:
@@ -97,6 +108,39 @@ def peft_to_adapters(
             help="import the adapter with the base model it was trained on",
         )
     return weights
+
+
+def _from_fused(factors: dict[str, dict[str, mx.array]], fused: Sequence[FusedParam]) -> dict[str, mx.array]:
+    """switch-LoRA factors from PEFT's ParamWrapper factors (see fused_experts): A (E·r, in) → (E, r, in),
+    B (out, r·E) → (E, out, r), gate_up's B split by rows into gate_proj and up_proj (which share A)."""
+    out: dict[str, mx.array] = {}
+    by_container: dict[str, list[FusedParam]] = defaultdict(list)
+    for param in fused:
+        by_container[param.container].append(param)
+    used = set()
+    for container, params in by_container.items():
+        keys = nesting_keys(container, [p.name for p in params])
+        for param in params:
+            key = keys[param.name]
+            used.add(key)
+            factor = factors.get(key, {})
+            a, b = _need(factor, "lora_A", param.key), _need(factor, "lora_B", param.key)
+            experts, total = param.experts, sum(param.output_dims)
+            if a.ndim != 2 or a.shape[0] % experts or a.shape[1] != param.input_dims:
+                raise ValueError(f"{param.key} lora_A has shape {tuple(a.shape)}, expected (E·r, {param.input_dims})")
+            r = a.shape[0] // experts
+            b = _expect(b, (total, r * experts), f"{param.key} lora_B")
+            a_stacked = a.astype(mx.float32).reshape(experts, r, param.input_dims)
+            b_stacked = b.reshape(total, r, experts).transpose(2, 0, 1)
+            start = 0
+            for path, rows in zip(param.mlx_paths, param.output_dims):
+                out[f"{path}.lora_a"] = a_stacked
+                out[f"{path}.lora_b"] = b_stacked[:, start : start + rows, :]
+                start += rows
+    extra = sorted(set(factors) - used)
+    if extra:
+        raise ValueError(f"'{PREFIX}{extra[0]}' has factors for a parameter the config does not target")
+    return out
 
 
 def _expect(array: mx.array, shape: tuple, what: str) -> mx.array:
