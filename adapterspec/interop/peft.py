@@ -122,7 +122,12 @@ def write_imported_adapters(result: PeftImport, peft_dir, dest, *, force: bool =
     tensors = read_weights(peft_weights_file(peft_dir))
     choice = result.translation.choice
     weights = peft_to_adapters(
-        tensors, plan, plan.index, choice.expert_factors if choice else {}, choice.fused if choice else []
+        tensors,
+        plan,
+        plan.index,
+        choice.expert_factors if choice else {},
+        choice.fused if choice else [],
+        choice.tied_head if choice else None,
     )
     mismatched = changed_base_copies(tensors, result.model_dir)
     if mismatched:
@@ -165,7 +170,13 @@ def changed_base_copies(tensors: dict, model_dir: Path) -> list[str]:
 
 
 def export_peft(
-    model: str, adapters, dest, *, base_model: Optional[str] = None, force: bool = False
+    model: str,
+    adapters,
+    dest,
+    *,
+    base_model: Optional[str] = None,
+    force: bool = False,
+    layout: Optional[str] = None,
 ) -> tuple[dict, list[Finding]]:
     """Write an adapterspec (or mlx-lm) adapter directory as a PEFT LoRA adapter for the Hugging Face model."""
     import mlx.core as mx
@@ -175,7 +186,8 @@ def export_peft(
     from ..model.files import resolve_model_path
     from ..outputs import atomic_output_dir
     from .peft_export import peft_config
-    from .peft_weights import adapters_to_peft, check_adapter_tensors
+    from .fused_experts import layout_problem
+    from .peft_weights import adapters_to_peft, check_adapter_tensors, fused_to_peft
 
     model_dir = resolve_model_path(model)
     index = ModuleIndex.from_model_dir(model_dir)
@@ -183,8 +195,18 @@ def export_peft(
     weights_file = check_weights_file(Path(adapters) / ADAPTER_WEIGHTS)
     weights = read_weights(weights_file)
     check_adapter_tensors(weights, plan, index, weights_file)
-    peft, findings = peft_config(plan, index, base_model or model)
-    tensors = adapters_to_peft(weights, plan, index)
+    layout = layout or model_layout(model_dir)
+    fused_tensors, fused = {}, {}
+    if layout == "target-parameters" and any(index[e.path].family == "switch" for e in plan.entries):
+        problem = layout_problem(index)
+        if problem:
+            raise UserError(
+                f"the experts cannot be written for transformers 5: {problem}",
+                help="export with --peft-layout per-expert (transformers 4's one module per expert)",
+            )
+        fused_tensors, fused = fused_to_peft(weights, plan, index)
+    peft, findings = peft_config(plan, index, base_model or model, layout, fused)
+    tensors = {**adapters_to_peft(weights, plan, index, layout), **fused_tensors}
     with atomic_output_dir(
         dest, force=force, protect=[adapters, model_dir], produces=(WEIGHTS_FILE, CONFIG_FILE)
     ) as tmp:

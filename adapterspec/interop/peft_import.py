@@ -42,6 +42,7 @@ class PeftChoice:
     findings: list[Finding] = field(default_factory=list)
     fused: list[FusedParam] = field(default_factory=list)
     layout: str = "per-expert"
+    tied_head: Optional[str] = None
 
 
 @dataclass
@@ -96,7 +97,7 @@ def peft_choice(config: dict, index: ModuleIndex, layout: str = "per-expert") ->
     kind, rslora = adapter_kind(config), bool(config.get("use_rslora"))
     dropout = float(config.get("lora_dropout") or 0.0)
     chosen: dict[str, dict[Optional[int], tuple[int, float]]] = defaultdict(dict)
-    ties = _ties_head(config, modules, index)
+    ties = choice.tied_head = _ties_head(config, modules, index)
     for module in modules:
         if not peft_match.is_targeted(config, module.key):
             continue

@@ -19,7 +19,7 @@ from ..errors import UserError
 from ..model.index import ModuleIndex
 from ..model.kinds import EMBEDDING_KINDS, KINDS, LINEAR_KINDS
 from ..model.plan import Plan, PlanEntry
-from .fused_experts import FusedParam, nesting_keys
+from .fused_experts import FusedParam, fused_params, nesting_keys
 from .hf_names import expert_prefix, hf_expert_name, mlx_module
 from .peft_config import PREFIX
 
@@ -40,9 +40,12 @@ class _Collected:
         self.base_copies: dict[str, mx.array] = {}
         self.problems: list[str] = []
         self.fused: dict[str, dict[str, mx.array]] = defaultdict(dict)
+        self.head_copies: dict[str, mx.array] = {}
 
 
-def _collect(tensors: dict[str, mx.array], plan: Plan, index: ModuleIndex, fused_containers: set) -> _Collected:
+def _collect(
+    tensors: dict[str, mx.array], plan: Plan, index: ModuleIndex, fused_containers: set, tied_head: Optional[str]
+) -> _Collected:
     entries = {e.path: e for e in plan.entries}
     full_paths = [e.path for e in plan.entries if e.adapter == "full"]
     out = _Collected()
@@ -59,6 +62,9 @@ def _collect(tensors: dict[str, mx.array], plan: Plan, index: ModuleIndex, fused
                 out.full[hf] = value
             else:
                 out.problems.append(f"'{key}' belongs to no module the spec adapts or trains")
+            continue
+        if factor["module"] == "lm_head" and tied_head:
+            out.head_copies[factor["part"]] = value
             continue
         if factor["module"].split(".base_layer")[0] in fused_containers:
             out.fused[factor["module"]][factor["part"]] = value
@@ -78,10 +84,14 @@ def peft_to_adapters(
     index: ModuleIndex,
     expert_factors: Optional[dict[str, dict[int, float]]] = None,
     fused: Sequence[FusedParam] = (),
+    tied_head: Optional[str] = None,
 ) -> dict[str, mx.array]:
-    """adapterspec adapter tensors (full paths, float32 factors) for PEFT's tensors on the plan's modules."""
-    collected = _collect(tensors, plan, index, {p.container for p in fused})
+    """adapterspec adapter tensors (full paths, float32 factors) for PEFT's tensors on the plan's modules. With
+    `tied_head` (ensure_weight_tying), the output head's saved factors must be the embedding's, transposed."""
+    collected = _collect(tensors, plan, index, {p.container for p in fused}, tied_head)
     problems = collected.problems
+    if tied_head:
+        problems += _head_copy_problems(collected, tied_head)
     weights: dict[str, mx.array] = {}
     try:
         weights.update(_from_fused(collected.fused, fused))
@@ -108,6 +118,19 @@ def peft_to_adapters(
             help="import the adapter with the base model it was trained on",
         )
     return weights
+
+
+def _head_copy_problems(collected: _Collected, embedding: str) -> list[str]:
+    """The tied head's copy of the embedding LoRA (PEFT saves lora_A = Bᵀ, lora_B = Aᵀ) must be that LoRA."""
+    own = collected.factors.get(embedding, {}).get(None, {})
+    pairs = (("lora_A", "lora_embedding_B"), ("lora_B", "lora_embedding_A"))
+    for head_part, own_part in pairs:
+        copy, source = collected.head_copies.get(head_part), own.get(own_part)
+        if copy is None or source is None:
+            continue
+        if copy.shape != source.T.shape or not mx.array_equal(copy, source.T).item():
+            return [f"the tied output head's {head_part} is not the transposed {own_part} of '{embedding}'"]
+    return []
 
 
 def _from_fused(factors: dict[str, dict[str, mx.array]], fused: Sequence[FusedParam]) -> dict[str, mx.array]:
@@ -240,11 +263,16 @@ def check_adapter_tensors(weights: dict[str, mx.array], plan: Plan, index: Modul
         )
 
 
-def adapters_to_peft(weights: dict[str, mx.array], plan: Plan, index: ModuleIndex) -> dict[str, mx.array]:
-    """PEFT tensors (`base_model.model.` keys) for an adapterspec adapter file on the plan's modules."""
+def adapters_to_peft(
+    weights: dict[str, mx.array], plan: Plan, index: ModuleIndex, layout: str = "per-expert"
+) -> dict[str, mx.array]:
+    """PEFT tensors (`base_model.model.` keys) for an adapterspec adapter file on the plan's modules; with the
+    `target-parameters` layout, the switch modules go through fused_to_peft instead."""
     out: dict[str, mx.array] = {}
     for entry in plan.entries:
         path = entry.path
+        if layout == "target-parameters" and index[path].family == "switch":
+            continue
         if entry.adapter == "full":
             for key, value in weights.items():
                 if key.startswith(path + ".") and "." not in key[len(path) + 1 :]:
@@ -272,6 +300,72 @@ def adapters_to_peft(weights: dict[str, mx.array], plan: Plan, index: ModuleInde
 
 
 def _full_to_peft(path: str, param: str, value: mx.array, index: ModuleIndex) -> dict[str, mx.array]:
+    if index[path].family == "embedding" and index.tied_embeddings and "lm_head" not in index:
+        # PEFT (ensure_weight_tying) saves the tied head's copy of a trained embedding too, and reads it back
+        return {f"{PREFIX}{path}.{param}": value, f"{PREFIX}lm_head.{param}": value}
     if index[path].family != "switch":
         return {f"{PREFIX}{path}.{param}": value}
     return {f"{PREFIX}{name}.{param}": value[e] for e, name in enumerate(hf_names_of(path, index))}
+
+
+def fused_to_peft(
+    weights: dict[str, mx.array], plan: Plan, index: ModuleIndex
+) -> tuple[dict[str, mx.array], dict[str, tuple[int, float]]]:
+    """PEFT ParamWrapper tensors for the plan's switch-LoRA on transformers 5's fused experts, and each targeted
+    parameter's (r, scale). gate_proj and up_proj become one `gate_up_proj` LoRA: of their rank when they share A and
+    the scale, else of the sum of their ranks, A stacked and B block-diagonal (each B rescaled to the common scale)."""
+    entries = {e.path: e for e in plan.entries}
+    tensors: dict[str, mx.array] = {}
+    ranks: dict[str, tuple[int, float]] = {}
+    adapted: dict[str, list[FusedParam]] = defaultdict(list)
+    for param in fused_params(index):
+        if any(path in entries for path in param.mlx_paths):
+            adapted[param.container].append(param)
+    for container, params in adapted.items():
+        keys = nesting_keys(container, [p.name for p in params])
+        for param in params:
+            a, b, scale = _fused_factors(param, entries, weights)
+            experts, r = a.shape[0], a.shape[1]
+            tensors[f"{PREFIX}{keys[param.name]}.lora_A.weight"] = a.reshape(experts * r, param.input_dims)
+            tensors[f"{PREFIX}{keys[param.name]}.lora_B.weight"] = b.transpose(1, 2, 0).reshape(-1, r * experts)
+            ranks[param.key] = (r, scale)
+    return {k: mx.contiguous(v) for k, v in tensors.items()}, ranks
+
+
+def _fused_factors(param: FusedParam, entries: dict, weights: dict) -> tuple[mx.array, mx.array, float]:
+    """(A (E, R, in), B (E, out, R), scale) of one fused parameter from the switch-LoRA of its MLX parts."""
+    parts = []
+    for path, rows in zip(param.mlx_paths, param.output_dims):
+        entry = entries.get(path)
+        if entry is None:
+            parts.append((None, None, None, rows))
+            continue
+        if entry.adapter != "switch-lora":
+            raise UserError(
+                f"'{path}' has a {entry.adapter} adapter; transformers 5 keeps these experts as the fused parameter "
+                f"'{param.key}', which PEFT adapts only with LoRA (target_parameters)",
+                help="export with --peft-layout per-expert for transformers 4, or use switch-lora on the experts",
+            )
+        a = weights[f"{path}.lora_a"].astype(mx.float32)
+        b = weights[f"{path}.lora_b"].astype(mx.float32)
+        parts.append((a, b, float(entry.scale), rows))
+    present = [p for p in parts if p[0] is not None]
+    scale = present[0][2]
+    first_a = present[0][0]
+    shared = len(present) == len(parts) and all(
+        p[2] == scale and p[0].shape == first_a.shape and mx.array_equal(p[0], first_a).item() for p in present
+    )
+    if shared:
+        return first_a, mx.concatenate([p[1] for p in parts], axis=1), scale
+    experts = first_a.shape[0]
+    total_r = sum(p[0].shape[1] for p in present)
+    a_rows, b_blocks, offset = [], [], 0
+    for a, b, s, rows in parts:
+        block = mx.zeros((experts, rows, total_r))
+        if a is not None:
+            r = a.shape[1]
+            a_rows.append(a)
+            block[:, :, offset : offset + r] = b * (s / scale)
+            offset += r
+        b_blocks.append(block)
+    return mx.concatenate(a_rows, axis=1), mx.concatenate(b_blocks, axis=1), scale
