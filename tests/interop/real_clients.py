@@ -19,7 +19,7 @@ COMMON = dict(
     num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=2,
-    vocab_size=128,
+    vocab_size=320,
     rope_theta=ROPE_THETA,
     rms_norm_eps=1e-6,
 )
@@ -65,7 +65,7 @@ def build_pair(kind: str, root: Path, seed: int = 0) -> tuple[Path, Path]:
     # transformers 5 writes rope_parameters (and, for qwen3_moe, num_local_experts), which mlx-lm 0.32 does not read
     overrides = {"rope_theta": ROPE_THETA, **({"num_experts": MOE["num_experts"]} if kind == "qwen3_moe" else {})}
     mlx_model, mlx_config = load_model(hf_dir, model_config=overrides)
-    mlx_dir = models.save(root / f"{kind}-mlx", mlx_model, mlx_config, with_tokenizer=False)
+    mlx_dir = models.save(root / f"{kind}-mlx", mlx_model, mlx_config)
     return hf_dir, mlx_dir
 
 
@@ -121,3 +121,36 @@ def max_error(a: np.ndarray, b: np.ndarray) -> float:
 
 def config_of(peft_dir: Path) -> dict:
     return json.loads((Path(peft_dir) / "adapter_config.json").read_text())
+
+
+def write_our_adapters(mlx_dir: Path, out: Path, spec: str, seed: int = 1) -> Path:
+    """An adapterspec adapter directory for `spec` with random nonzero factors, as if trained (the fuse tests' writer)."""
+    import importlib.util
+    import sys
+
+    name = "fuse_support"
+    if name not in sys.modules:
+        location = Path(__file__).resolve().parent.parent / "fuse" / "fuse_support.py"
+        module_spec = importlib.util.spec_from_file_location(name, location)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        module_spec.loader.exec_module(module)
+    return sys.modules[name].write_adapters(mlx_dir, out, "adapterspec 1\n" + spec + "\n", b_scale=0.1, seed=seed)
+
+
+def ours_logits(mlx_dir: Path, adapters: Path) -> np.ndarray:
+    """Logits of the mlx-lm model with the adapter directory installed by adapterspec.load_adapters."""
+    from adapterspec import load_adapters
+    from adapterspec.adapters.loading import load_model
+
+    model, _ = load_model(mlx_dir)
+    load_adapters(model, adapters)
+    return mlx_logits(model)
+
+
+def mlx_lm_logits(mlx_dir: Path, adapters: Path | None = None) -> np.ndarray:
+    """Logits of the model as mlx-lm itself loads it (with `adapter_path` when given)."""
+    import mlx_lm
+
+    model, _ = mlx_lm.load(str(mlx_dir), adapter_path=str(adapters) if adapters else None)
+    return mlx_logits(model)
