@@ -114,11 +114,40 @@ def nesting_keys(container: str, names: list[str]) -> dict[str, str]:
     return {name: container + ".base_layer" * (depth - 1 - i) for i, name in enumerate(ordered)}
 
 
-def router_paths(index: ModuleIndex) -> set[str]:
-    """The routers of MoE blocks (`mlp.gate`): Linear in MLX, a router class PEFT cannot adapt in transformers 5."""
+def _moe_owners(index: ModuleIndex) -> set[str]:
     owners = set()
     for info in index:
         if info.family == "switch":
             container = info.parent
             owners.add(container.rpartition(".")[0] if container.endswith("switch_mlp") else container)
-    return {f"{owner}.gate" for owner in owners if f"{owner}.gate" in index}
+    return owners
+
+
+def router_paths(index: ModuleIndex) -> set[str]:
+    """The routers of MoE blocks (`mlp.gate`): Linear in MLX; in transformers 5 a router class that is no Linear, so
+    PEFT reaches its weight only through target_parameters (`mlp.gate.weight`, a 2-D ParamWrapper: plain LoRA)."""
+    paths = {f"{owner}.gate" for owner in _moe_owners(index)}
+    return {path for path in paths if path in index and index[path].family == "linear"}
+
+
+@dataclass(frozen=True)
+class RouterParam:
+    """A router's weight under transformers 5's name, and its MLX Linear."""
+
+    key: str
+    mlx_path: str
+
+    @property
+    def container(self) -> str:
+        return self.key.rpartition(".")[0]
+
+
+def router_params(index: ModuleIndex) -> list[RouterParam]:
+    """The routers' weights as transformers 5 names them (known fused layouts only)."""
+    if index.model_type not in FUSED_MODEL_TYPES:
+        return []
+    out = []
+    for path in sorted(router_paths(index)):
+        owner = path.rpartition(".")[0]
+        out.append(RouterParam(f"{_t5_owner(owner, index.model_type)}.gate.weight", path))
+    return out

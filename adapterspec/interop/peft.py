@@ -128,6 +128,7 @@ def write_imported_adapters(result: PeftImport, peft_dir, dest, *, force: bool =
         choice.expert_factors if choice else {},
         choice.fused if choice else [],
         choice.tied_head if choice else None,
+        choice.routers if choice else [],
     )
     mismatched = changed_base_copies(tensors, result.model_dir)
     if mismatched:
@@ -185,8 +186,8 @@ def export_peft(
     from ..model.adapter_format import ADAPTER_WEIGHTS, check_weights_file, plan_of, read_adapter_config
     from ..model.files import resolve_model_path
     from ..outputs import atomic_output_dir
+    from .fused_experts import layout_problem, router_paths
     from .peft_export import peft_config
-    from .fused_experts import layout_problem
     from .peft_weights import adapters_to_peft, check_adapter_tensors, fused_to_peft
 
     model_dir = resolve_model_path(model)
@@ -197,7 +198,8 @@ def export_peft(
     check_adapter_tensors(weights, plan, index, weights_file)
     layout = layout or model_layout(model_dir)
     fused_tensors, fused = {}, {}
-    if layout == "target-parameters" and any(index[e.path].family == "switch" for e in plan.entries):
+    moe = {e.path for e in plan.entries if index[e.path].family == "switch"} | router_paths(index)
+    if layout == "target-parameters" and any(e.path in moe for e in plan.entries):
         problem = layout_problem(index)
         if problem:
             raise UserError(

@@ -233,7 +233,9 @@ def unsupported(config: dict) -> list[Finding]:
         )
     if config.get("ensure_weight_tying"):
         out.append(
-            note("ensure_weight_tying=true: PEFT sends the tied output head through the embedding's adapter, as MLX does")
+            note(
+                "ensure_weight_tying=true: PEFT sends the tied output head through the embedding's adapter, as MLX does"
+            )
         )
     init = str(config.get("init_lora_weights", True)).lower()
     if any(init.startswith(name) for name in BASE_CHANGING_INITS):

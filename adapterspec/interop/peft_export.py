@@ -15,7 +15,7 @@ from ..model.mlxlm import block_list_path
 from ..model.plan import Plan
 from . import peft_match
 from .findings import Finding, note
-from .fused_experts import fused_params, is_param_targeted, router_paths
+from .fused_experts import fused_params, is_param_targeted, router_params, router_paths
 from .hf_names import hf_modules
 from .peft_weights import hf_names_of
 
@@ -36,11 +36,15 @@ def wanted_modules(
     routers = router_paths(index) if layout == "target-parameters" else set()
     for entry in plan.entries:
         if entry.path in routers:
-            raise UserError(
-                f"'{entry.path}' is the router of a mixture-of-experts block; transformers 5 routes with a class "
-                "that is no Linear, which PEFT cannot adapt",
-                help="leave the router out of the spec, or export with --peft-layout per-expert for transformers 4",
-            )
+            if entry.adapter != "lora":
+                raise UserError(
+                    f"'{entry.path}' is the router of a mixture-of-experts block and has a {entry.adapter} adapter; "
+                    "transformers 5 routes with a class that is no Linear, whose weight PEFT adapts only with LoRA "
+                    "(target_parameters)",
+                    help="use lora on the router or leave it out, or export with --peft-layout per-expert "
+                    "for transformers 4",
+                )
+            continue
         if layout == "target-parameters" and index[entry.path].family == "switch":
             if entry.adapter == "full":
                 raise UserError(
@@ -123,7 +127,7 @@ def parameter_candidates(params: dict, param_keys: list[str]) -> list[list[str]]
     """Ways to write target_parameters: `experts.NAME` suffixes, then the full names."""
     if not params:
         return [[]]
-    return [sorted({"experts." + k.rpartition(".")[2] for k in params}), sorted(params)]
+    return [sorted({".".join(k.split(".")[-2:]) for k in params}), sorted(params)]
 
 
 def tie_head(config: dict, plan: Plan, index: ModuleIndex, adapted: dict, saved: list[str]) -> Optional[str]:
@@ -188,7 +192,7 @@ def peft_config(
         "inference_mode": True,
     }
     keys = [m.key for m in hf_modules(index, layout)]
-    param_keys = [p.key for p in fused_params(index)] if layout == "target-parameters" else []
+    param_keys = [p.key for p in [*fused_params(index), *router_params(index)]] if layout == "target-parameters" else []
     for targets in target_candidates(adapted, index):
         for parameters in parameter_candidates(params, param_keys):
             for ranks, alphas in pattern_candidates(both, default):

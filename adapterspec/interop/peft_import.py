@@ -20,7 +20,15 @@ from ..model.index import ModuleIndex
 from ..model.names import shown
 from . import peft_match
 from .findings import Finding, as_comments, lossy, note
-from .fused_experts import FusedParam, fused_params, is_param_targeted, layout_problem
+from .fused_experts import (
+    FusedParam,
+    RouterParam,
+    fused_params,
+    is_param_targeted,
+    layout_problem,
+    router_params,
+    router_paths,
+)
 from .hf_names import HfModule, hf_modules, mlx_selector_name
 from .peft_config import bias_findings, unsupported
 from .spec_writer import Assignment, call, explicit_rules
@@ -43,6 +51,7 @@ class PeftChoice:
     fused: list[FusedParam] = field(default_factory=list)
     layout: str = "per-expert"
     tied_head: Optional[str] = None
+    routers: list[RouterParam] = field(default_factory=list)
 
 
 @dataclass
@@ -177,7 +186,19 @@ def _fused_choice(choice: PeftChoice, config: dict, index: ModuleIndex, rslora: 
         choice.findings.append(lossy("target_parameters with use_dora: PEFT refuses DoRA on parameters"))
         return
     params = [p for p in fused_params(index) if is_param_targeted(config, p.key)]
-    if not params:
+    routers = [p for p in router_params(index) if is_param_targeted(config, p.key)]
+    others = [
+        f"{info.path}.{name}"
+        for info in index
+        if info.family != "switch" and info.has_params and info.path not in router_paths(index)
+        for name in ("weight", "bias")
+        if is_param_targeted(config, f"{info.path}.{name}")
+    ]
+    if others:
+        choice.findings.append(
+            lossy(f"target_parameters adapts '{others[0]}', a parameter other than fused experts; only those are read")
+        )
+    if not params and not routers:
         choice.findings.append(
             note(f"target_parameters {config['target_parameters']} names no fused expert parameter of this model")
         )
@@ -185,7 +206,11 @@ def _fused_choice(choice: PeftChoice, config: dict, index: ModuleIndex, rslora: 
         r, alpha = peft_match.rank_and_alpha(config, param.key)
         for path in param.mlx_paths:
             choice.assignments[path] = Assignment("lora", r, alpha, rslora, dropout=dropout)
+    for router in routers:
+        r, alpha = peft_match.rank_and_alpha(config, router.key)
+        choice.assignments[router.mlx_path] = Assignment("lora", r, alpha, rslora, dropout=dropout)
     choice.fused = params
+    choice.routers = routers
 
 
 def _switch_assignment(
@@ -396,7 +421,9 @@ def translate(
         text = "\n".join(header(source, None, False) + as_comments(findings) + [defaults_line] + rules) + "\n"
         return PeftTranslation(text, findings, explicit=False)
     choice = peft_choice(config, index, layout)
-    findings += choice.findings + _fused_advice(config, index, choice) + bias_findings(config, _biased(config, index, choice))
+    findings += (
+        choice.findings + _fused_advice(config, index, choice) + bias_findings(config, _biased(config, index, choice))
+    )
     if not choice.assignments:
         targets = config.get("target_modules")
         raise UserError(

@@ -19,7 +19,7 @@ from ..errors import UserError
 from ..model.index import ModuleIndex
 from ..model.kinds import EMBEDDING_KINDS, KINDS, LINEAR_KINDS
 from ..model.plan import Plan, PlanEntry
-from .fused_experts import FusedParam, fused_params, nesting_keys
+from .fused_experts import FusedParam, RouterParam, fused_params, nesting_keys, router_params
 from .hf_names import expert_prefix, hf_expert_name, mlx_module
 from .peft_config import PREFIX
 
@@ -85,19 +85,20 @@ def peft_to_adapters(
     expert_factors: Optional[dict[str, dict[int, float]]] = None,
     fused: Sequence[FusedParam] = (),
     tied_head: Optional[str] = None,
+    routers: Sequence[RouterParam] = (),
 ) -> dict[str, mx.array]:
     """adapterspec adapter tensors (full paths, float32 factors) for PEFT's tensors on the plan's modules. With
     `tied_head` (ensure_weight_tying), the output head's saved factors must be the embedding's, transposed."""
-    collected = _collect(tensors, plan, index, {p.container for p in fused}, tied_head)
+    collected = _collect(tensors, plan, index, {p.container for p in [*fused, *routers]}, tied_head)
     problems = collected.problems
     if tied_head:
         problems += _head_copy_problems(collected, tied_head)
     weights: dict[str, mx.array] = {}
     try:
-        weights.update(_from_fused(collected.fused, fused))
+        weights.update(_from_fused(collected.fused, fused, routers))
     except ValueError as error:
         problems.append(str(error))
-    fused_paths = {path for param in fused for path in param.mlx_paths}
+    fused_paths = {path for param in fused for path in param.mlx_paths} | {r.mlx_path for r in routers}
     for entry in plan.entries:
         if entry.adapter == "full" or entry.path in fused_paths:
             continue
@@ -133,14 +134,24 @@ def _head_copy_problems(collected: _Collected, embedding: str) -> list[str]:
     return []
 
 
-def _from_fused(factors: dict[str, dict[str, mx.array]], fused: Sequence[FusedParam]) -> dict[str, mx.array]:
+def _from_fused(
+    factors: dict[str, dict[str, mx.array]], fused: Sequence[FusedParam], routers: Sequence[RouterParam] = ()
+) -> dict[str, mx.array]:
     """switch-LoRA factors from PEFT's ParamWrapper factors (see fused_experts): A (E·r, in) → (E, r, in),
-    B (out, r·E) → (E, out, r), gate_up's B split by rows into gate_proj and up_proj (which share A)."""
+    B (out, r·E) → (E, out, r), gate_up's B split by rows into gate_proj and up_proj (which share A); a router's
+    2-D ParamWrapper is a plain LoRA."""
     out: dict[str, mx.array] = {}
+    for router in routers:
+        factor = factors.get(router.container, {})
+        a, b = _need(factor, "lora_A", router.key), _need(factor, "lora_B", router.key)
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(f"{router.key}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not fit")
+        out[f"{router.mlx_path}.lora_a"] = a.astype(mx.float32).T
+        out[f"{router.mlx_path}.lora_b"] = b.astype(mx.float32).T
     by_container: dict[str, list[FusedParam]] = defaultdict(list)
     for param in fused:
         by_container[param.container].append(param)
-    used = set()
+    used = {router.container for router in routers}
     for container, params in by_container.items():
         keys = nesting_keys(container, [p.name for p in params])
         for param in params:
@@ -329,6 +340,13 @@ def fused_to_peft(
             tensors[f"{PREFIX}{keys[param.name]}.lora_A.weight"] = a.reshape(experts * r, param.input_dims)
             tensors[f"{PREFIX}{keys[param.name]}.lora_B.weight"] = b.transpose(1, 2, 0).reshape(-1, r * experts)
             ranks[param.key] = (r, scale)
+    for router in router_params(index):
+        entry = entries.get(router.mlx_path)
+        if entry is None:
+            continue
+        tensors[f"{PREFIX}{router.container}.lora_A.weight"] = weights[f"{entry.path}.lora_a"].T
+        tensors[f"{PREFIX}{router.container}.lora_B.weight"] = weights[f"{entry.path}.lora_b"].T
+        ranks[router.key] = (entry.r, float(entry.scale))
     return {k: mx.contiguous(v) for k, v in tensors.items()}, ranks
 
 

@@ -53,7 +53,10 @@ IMPORTS = {
         "llama",
         dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"], rank_pattern={"v_proj": 2}),
     ),
-    "llama bias=lora_only (no biases)": ("llama", dict(r=2, lora_alpha=4, target_modules="all-linear", bias="lora_only")),
+    "llama bias=lora_only (no biases)": (
+        "llama",
+        dict(r=2, lora_alpha=4, target_modules="all-linear", bias="lora_only"),
+    ),
     "llama-tied embedding lora, ensure_weight_tying": (
         "llama-tied",
         dict(r=2, lora_alpha=4, target_modules=["q_proj", "embed_tokens"], ensure_weight_tying=True),
@@ -76,9 +79,18 @@ IMPORTS = {
         "qwen3_moe",
         dict(r=3, lora_alpha=4, use_rslora=True, target_modules=[], target_parameters=["experts.gate_up_proj"]),
     ),
+    "qwen2_moe target_parameters router + experts": (
+        "qwen2_moe",
+        dict(r=2, lora_alpha=4, target_modules=[], target_parameters=["mlp.gate.weight", "experts.down_proj"]),
+    ),
     "mixtral target_parameters": (
         "mixtral",
-        dict(r=2, lora_alpha=6, target_modules=["o_proj"], target_parameters=["experts.gate_up_proj", "experts.down_proj"]),
+        dict(
+            r=2,
+            lora_alpha=6,
+            target_modules=["o_proj"],
+            target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+        ),
     ),
 }
 # PEFT's merge_and_unload adds a tied embedding's delta to the shared weight twice (once for the embedding, once for
@@ -123,7 +135,11 @@ IMPORT_REFUSALS = {
         dict(r=2, lora_alpha=4, target_modules=["q_proj", "embed_tokens"]),
         "tied to the output head",
     ),
-    "qwen2_moe bias=all (biased attention)": ("qwen2_moe", dict(r=2, lora_alpha=4, target_modules=["q_proj"], bias="all"), "bias"),
+    "qwen2_moe bias=all (biased attention)": (
+        "qwen2_moe",
+        dict(r=2, lora_alpha=4, target_modules=["q_proj"], bias="all"),
+        "bias",
+    ),
 }
 
 
@@ -155,6 +171,11 @@ EXPORTS = {
         "switch_mlp.gate_proj: lora(r=4, scale=2.0)\nlayers[1].mlp.switch_mlp.up_proj: lora(r=2, scale=3.0)",
     ),
     "mixtral switch-lora": ("mixtral", "switch_mlp.<gate,up,down>_proj: lora(r=2, scale=4.0)"),
+    "qwen2_moe every block module (mlx-lm's default keys, router too)": (
+        "qwen2_moe",
+        "layers[*].**@linear: lora(r=2, scale=4.0)\nlayers[*].**@switch: lora(r=2, scale=4.0)",
+    ),
+    "mixtral router + experts": ("mixtral", "<gate,w1,w2,w3>: lora(r=2)\nswitch_mlp.<gate,up,down>_proj: lora(r=2)"),
 }
 MERGE_DOUBLES_TIED_EXPORT = {"llama-tied embedding lora"}
 
@@ -179,13 +200,13 @@ def test_exported_adapters_compute_in_peft_what_they_compute_here(pairs, tmp_pat
         assert record("ours → mlx_lm.load(adapter_path) vs ours", case, error) < ATOL
 
 
-def test_export_refuses_a_router_for_transformers_5(pairs, tmp_path):
+def test_export_refuses_a_router_dora_for_transformers_5(pairs, tmp_path):
     _, mlx_dir = pairs["qwen2_moe"]
-    ours = rc.write_our_adapters(mlx_dir, tmp_path / "ours", "layers[*].mlp.gate: lora(r=2)")
+    ours = rc.write_our_adapters(mlx_dir, tmp_path / "ours", "layers[*].mlp.gate: dora(r=2)")
     code, err = rc.cli("export", "peft", mlx_dir, ours, "-o", tmp_path / "peft")
-    assert code == 2 and "router" in err and "no Linear" in err, err
+    assert code == 2 and "router" in err and "only with LoRA" in err, err
     assert not (tmp_path / "peft").exists()
-    MATRIX[("export → PeftModel.from_pretrained vs ours", "qwen2_moe router lora")] = "refused (exit 2)"
+    MATRIX[("export → PeftModel.from_pretrained vs ours", "qwen2_moe router dora")] = "refused (exit 2)"
 
 
 def test_per_expert_layout_is_written_on_request(pairs, tmp_path):
