@@ -28,13 +28,15 @@ def pairs(tmp_path_factory):
 @pytest.fixture(scope="module", autouse=True)
 def print_matrix():
     yield
-    if MATRIX:
-        cases = sorted({case for _, case in MATRIX})
-        paths = sorted({path for path, _ in MATRIX})
-        lines = ["| case | " + " | ".join(paths) + " |", "| --- |" + " --- |" * len(paths)]
+    groups: dict[str, list[str]] = {}
+    for path in sorted({path for path, _ in MATRIX}):
+        groups.setdefault(path.split(" ")[0].rstrip(":"), []).append(path)
+    for paths in groups.values():
+        cases = sorted({case for path, case in MATRIX if path in paths})
+        lines = ["| model, adapter | " + " | ".join(paths) + " |", "| --- |" + " --- |" * len(paths)]
         for case in cases:
             lines.append(f"| {case} | " + " | ".join(MATRIX.get((p, case), "") for p in paths) + " |")
-        print("\n" + "\n".join(lines))
+        print("\n\n" + "\n".join(lines))
 
 
 def record(path: str, case: str, error: float) -> float:
@@ -83,6 +85,17 @@ IMPORTS = {
         "qwen2_moe",
         dict(r=2, lora_alpha=4, target_modules=[], target_parameters=["mlp.gate.weight", "experts.down_proj"]),
     ),
+    "qwen2_moe target_parameters, layers_to_transform (not applied to parameters)": (
+        "qwen2_moe",
+        dict(
+            r=2,
+            lora_alpha=4,
+            target_modules=["q_proj"],
+            target_parameters=["experts.down_proj"],
+            layers_to_transform=[1],
+            layers_pattern="layers",
+        ),
+    ),
     "mixtral target_parameters": (
         "mixtral",
         dict(
@@ -113,20 +126,20 @@ def test_imported_peft_adapters_compute_what_peft_computes(pairs, tmp_path, case
     if "bias" in case:
         assert "changes nothing" in err
 
-    assert record("import → load_adapters vs PEFT", case, rc.max_error(want, rc.ours_logits(mlx_dir, ours))) < ATOL
+    assert record("import: load_adapters vs PEFT", case, rc.max_error(want, rc.ours_logits(mlx_dir, ours))) < ATOL
     if rc.config_of(ours).get("fine_tune_type"):  # written in mlx-lm's format where the plan fits it
-        assert record("import → mlx_lm.load(adapter_path) vs PEFT", case, rc.max_error(want, rc.mlx_lm_logits(mlx_dir, ours))) < ATOL  # fmt: skip
+        assert record("import: mlx_lm.load(adapter_path) vs PEFT", case, rc.max_error(want, rc.mlx_lm_logits(mlx_dir, ours))) < ATOL  # fmt: skip
     else:
         assert not rc.config_of(ours)["adapterspec"]["mlx_lm_compatible"]
-        MATRIX[("import → mlx_lm.load(adapter_path) vs PEFT", case)] = "not mlx-lm's format (per-module ranks)"
+        MATRIX[("import: mlx_lm.load(adapter_path) vs PEFT", case)] = "not mlx-lm's format (per-module ranks)"
     code, err = rc.cli("fuse", mlx_dir, ours, "-o", tmp_path / "fused")
     assert code == 0, err
-    assert record("import → fuse → mlx_lm.load vs PEFT", case, rc.max_error(want, rc.mlx_lm_logits(tmp_path / "fused"))) < ATOL  # fmt: skip
+    assert record("import: fuse → mlx_lm.load vs PEFT", case, rc.max_error(want, rc.mlx_lm_logits(tmp_path / "fused"))) < ATOL  # fmt: skip
     if case not in MERGE_DOUBLES_TIED:
         merged = rc.hf_logits(model.merge_and_unload())
-        assert record("import → load_adapters vs PEFT merged", case, rc.max_error(merged, rc.ours_logits(mlx_dir, ours))) < ATOL  # fmt: skip
+        assert record("import: load_adapters vs PEFT merge_and_unload", case, rc.max_error(merged, rc.ours_logits(mlx_dir, ours))) < ATOL  # fmt: skip
     else:
-        MATRIX[("import → load_adapters vs PEFT merged", case)] = "n/a (PEFT merges tied twice)"
+        MATRIX[("import: load_adapters vs PEFT merge_and_unload", case)] = "n/a (PEFT merges tied twice)"
 
 
 IMPORT_REFUSALS = {
@@ -151,7 +164,7 @@ def test_imports_that_cannot_be_exact_are_refused(pairs, tmp_path, case):
     code, err = rc.cli("import", "peft", tmp_path / "peft", "--model", mlx_dir, "-o", tmp_path / "s.aspec", "--adapters-out", tmp_path / "ours")  # fmt: skip
     assert code == 2 and reason in err, err
     assert not (tmp_path / "ours").exists() and not (tmp_path / "s.aspec").exists()
-    MATRIX[("import → load_adapters vs PEFT", case)] = "refused (exit 2)"
+    MATRIX[("import: load_adapters vs PEFT", case)] = "refused (exit 2)"
 
 
 EXPORTS = {
@@ -189,15 +202,15 @@ def test_exported_adapters_compute_in_peft_what_they_compute_here(pairs, tmp_pat
     code, err = rc.cli("export", "peft", mlx_dir, ours, "-o", tmp_path / "peft")
     assert code == 0, err
     model = rc.peft_loaded(hf_dir, tmp_path / "peft")
-    assert record("export → PeftModel.from_pretrained vs ours", case, rc.max_error(want, rc.hf_logits(model))) < ATOL
+    assert record("export: PeftModel.from_pretrained vs ours", case, rc.max_error(want, rc.hf_logits(model))) < ATOL
     if case in MERGE_DOUBLES_TIED_EXPORT:
-        MATRIX[("export → PEFT merged vs ours", case)] = "n/a (PEFT merges tied twice)"
+        MATRIX[("export: PEFT merge_and_unload vs ours", case)] = "n/a (PEFT merges tied twice)"
     else:
         merged = rc.hf_logits(model.merge_and_unload())
-        assert record("export → PEFT merged vs ours", case, rc.max_error(want, merged)) < ATOL
+        assert record("export: PEFT merge_and_unload vs ours", case, rc.max_error(want, merged)) < ATOL
     if rc.config_of(ours).get("fine_tune_type"):
         error = rc.max_error(want, rc.mlx_lm_logits(mlx_dir, ours))
-        assert record("ours → mlx_lm.load(adapter_path) vs ours", case, error) < ATOL
+        assert record("export: ours → mlx_lm.load(adapter_path) vs ours", case, error) < ATOL
 
 
 def test_export_refuses_a_router_dora_for_transformers_5(pairs, tmp_path):
@@ -206,7 +219,7 @@ def test_export_refuses_a_router_dora_for_transformers_5(pairs, tmp_path):
     code, err = rc.cli("export", "peft", mlx_dir, ours, "-o", tmp_path / "peft")
     assert code == 2 and "router" in err and "only with LoRA" in err, err
     assert not (tmp_path / "peft").exists()
-    MATRIX[("export → PeftModel.from_pretrained vs ours", "qwen2_moe router dora")] = "refused (exit 2)"
+    MATRIX[("export: PeftModel.from_pretrained vs ours", "qwen2_moe router dora")] = "refused (exit 2)"
 
 
 def test_per_expert_layout_is_written_on_request(pairs, tmp_path):
@@ -223,6 +236,6 @@ def test_per_expert_layout_is_written_on_request(pairs, tmp_path):
     assert config["target_modules"] == ["w1"] and not config.get("target_parameters")
     with pytest.raises(ValueError, match="w1"):
         peft.PeftModel.from_pretrained(rc.hf_model(hf_dir), str(tmp_path / "peft"))
-    MATRIX[("export → PeftModel.from_pretrained vs ours", "mixtral --peft-layout per-expert on transformers 5")] = (
+    MATRIX[("export: PeftModel.from_pretrained vs ours", "mixtral --peft-layout per-expert on transformers 5")] = (
         "PEFT refuses (no experts.N.w1)"
     )
