@@ -427,7 +427,8 @@ def translate(
     if not choice.assignments:
         targets = config.get("target_modules")
         raise UserError(
-            f"PEFT's config adapts no module of this model (target_modules is {shown(targets)})",
+            f"PEFT's config adapts no module of this model (target_modules is {shown(targets)})"
+            + "".join(f"; {f.message}" for f in findings if f.lossy)[:400],
             help="name the modules in target_modules (PEFT's defaults per architecture are not read), and check that "
             "the adapter was made for this model",
         )
