@@ -159,6 +159,13 @@ def peft_choice(config: dict, index: ModuleIndex, layout: str = "per-expert") ->
         )
     _fused_choice(choice, config, index, rslora, dropout)
     _saved_modules(choice, config, modules, index)
+    if layout == "target-parameters":
+        fused_modules = sorted({p.container for p in fused_params(index)} | {r.container for r in router_params(index)})
+        for key in fused_modules:
+            if peft_match.is_saved(config, key):
+                choice.findings.append(
+                    lossy(f"modules_to_save trains '{key}', transformers 5's fused experts or router, whole; not read")
+                )
     return choice
 
 

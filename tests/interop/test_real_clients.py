@@ -143,6 +143,11 @@ def test_imported_peft_adapters_compute_what_peft_computes(pairs, tmp_path, case
 
 
 IMPORT_REFUSALS = {
+    "qwen2_moe modules_to_save on the fused experts": (
+        "qwen2_moe",
+        dict(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["experts"]),
+        "transformers 5's fused experts",
+    ),
     "llama-tied embedding lora without ensure_weight_tying": (
         "llama-tied",
         dict(r=2, lora_alpha=4, target_modules=["q_proj", "embed_tokens"]),
