@@ -11,6 +11,7 @@ from typing import Optional
 from ..errors import UserError
 from ..model.index import ModuleIndex
 from .findings import Finding
+from .fused_experts import router_paths
 from .peft_config import CONFIG_FILE, PREFIX, WEIGHTS_FILE, read_peft_config
 from .peft_import import PeftTranslation, translate
 from .spec_writer import require_lint_clean
@@ -92,7 +93,10 @@ def import_layout(config: dict, path, model_dir: Path, index: ModuleIndex) -> st
     file = Path(path) / WEIGHTS_FILE if Path(path).is_dir() else Path(path).parent / WEIGHTS_FILE
     if any(info.family == "switch" for info in index) and file.is_file():
         keys = read_safetensors_header(file)
-        return "per-expert" if any(EXPERT_MODULE.search(key) for key in keys) else "target-parameters"
+        routers = tuple(f"{PREFIX}{path}.lora_" for path in router_paths(index))
+        # per-expert modules, or a router adapted as a module (transformers 5's router is no Linear)
+        t4 = any(EXPERT_MODULE.search(key) or key.startswith(routers) for key in keys)
+        return "per-expert" if t4 else "target-parameters"
     return model_layout(model_dir)
 
 

@@ -102,7 +102,7 @@ def peft_choice(config: dict, index: ModuleIndex, layout: str = "per-expert") ->
     """Which modules PEFT adapts (and with which r and alpha) or trains whole, as MLX module assignments."""
     choice = PeftChoice(layout=layout)
     modules = peft_modules(index, layout)
-    config = resolved_config(config, modules)
+    config = _tied_targets(resolved_config(config, modules), modules, index)
     kind, rslora = adapter_kind(config), bool(config.get("use_rslora"))
     dropout = float(config.get("lora_dropout") or 0.0)
     chosen: dict[str, dict[Optional[int], tuple[int, float]]] = defaultdict(dict)
@@ -167,6 +167,30 @@ def peft_choice(config: dict, index: ModuleIndex, layout: str = "per-expert") ->
                     lossy(f"modules_to_save trains '{key}', transformers 5's fused experts or router, whole; not read")
                 )
     return choice
+
+
+TIED_NAMES = ("embed_tokens", "lm_head")  # PEFT's EMBEDDING_LAYER_NAMES
+
+
+def _tied_targets(config: dict, modules: list[HfModule], index: ModuleIndex) -> dict:
+    """PEFT's `_add_targets_to_tie`: with `ensure_weight_tying` on a tied model, a target named like an embedding
+    or the head (`embed_tokens`, `lm_head`) puts the input embedding among the targets and takes the head out."""
+    targets = config.get("target_modules")
+    embedding = next((m.key for m in modules if m.family == "embedding" and m.key.endswith("embed_tokens")), None)
+    if not (index.tied_embeddings and config.get("ensure_weight_tying")) or embedding is None or not targets:
+        return config
+    if isinstance(targets, str):
+        if not any(re.fullmatch(targets, name) for name in TIED_NAMES):
+            return config
+        return {**config, "target_modules": rf"(?:{targets}|^{re.escape(embedding)}$)"}
+    if not any(str(t).split(".")[-1] in TIED_NAMES for t in targets):
+        return config
+    names = list(dict.fromkeys([*targets, embedding]))
+    for name in names:
+        if re.match(rf"(^|.*\.){name}($|\..*)", "lm_head"):
+            names.remove(name)
+            break
+    return {**config, "target_modules": names}
 
 
 def _ties_head(config: dict, modules: list[HfModule], index: ModuleIndex) -> Optional[str]:

@@ -141,3 +141,20 @@ def test_peft_layout_is_refused_for_mlx_lm_imports(tmp_path, capsys):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora", "num_layers": 2}))
     assert main(["import", "mlx-lm", str(tmp_path), "--peft-layout", "per-expert"]) == 2
     assert "--peft-layout is for PEFT adapters" in capsys.readouterr().err
+
+
+def test_a_router_adapted_as_a_module_means_transformers_4(tmp_path):
+    """transformers 5's router is no Linear, so router factors under target_modules come from transformers 4."""
+    model_dir = models.example_model_dir("tiny-moe")
+    tensors = {}
+    for block in range(3):
+        key = f"{PREFIX}model.layers.{block}.mlp.gate"
+        tensors[f"{key}.lora_A.weight"] = mx.ones((2, 64))
+        tensors[f"{key}.lora_B.weight"] = mx.ones((4, 2))
+    write_peft(tmp_path / "peft", {"r": 2, "lora_alpha": 4, "target_modules": ["gate"]}, tensors)
+    result = import_peft(tmp_path / "peft", str(model_dir), need_model=True)
+    assert result.translation.choice.layout == "per-expert"
+    assert [e.path for e in result.plan.entries] == [f"model.layers.{b}.mlp.gate" for b in range(3)]
+    write_imported_adapters(result, tmp_path / "peft", tmp_path / "ours")
+    ours = mx.load(str(tmp_path / "ours" / "adapters.safetensors"))
+    assert ours["model.layers.0.mlp.gate.lora_a"].shape == (64, 2)

@@ -63,6 +63,10 @@ IMPORTS = {
         "llama-tied",
         dict(r=2, lora_alpha=4, target_modules=["q_proj", "embed_tokens"], ensure_weight_tying=True),
     ),
+    "llama-tied regex reaching lm_head, ensure_weight_tying": (
+        "llama-tied",
+        dict(r=2, lora_alpha=4, target_modules=r".*(q_proj|lm_head)", ensure_weight_tying=True),
+    ),
     "qwen2_moe target_parameters + q_proj": (
         "qwen2_moe",
         dict(
@@ -108,7 +112,10 @@ IMPORTS = {
 }
 # PEFT's merge_and_unload adds a tied embedding's delta to the shared weight twice (once for the embedding, once for
 # the head): PEFT warns about it; its unmerged model is the reference there.
-MERGE_DOUBLES_TIED = {"llama-tied embedding lora, ensure_weight_tying"}
+MERGE_DOUBLES_TIED = {
+    "llama-tied embedding lora, ensure_weight_tying",
+    "llama-tied regex reaching lm_head, ensure_weight_tying",
+}
 
 
 @pytest.mark.parametrize("case", sorted(IMPORTS))
