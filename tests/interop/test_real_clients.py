@@ -251,3 +251,24 @@ def test_per_expert_layout_is_written_on_request(pairs, tmp_path):
     MATRIX[("export: PeftModel.from_pretrained vs ours", "mixtral --peft-layout per-expert on transformers 5")] = (
         "PEFT refuses (no experts.N.w1)"
     )
+
+
+def test_fused_experts_round_trip_to_the_same_peft_tensors(pairs, tmp_path):
+    """import then export gives PEFT's own tensors back: gate_proj and up_proj share A, so gate_up_proj keeps rank r."""
+    from safetensors.numpy import load_file
+
+    hf_dir, mlx_dir = pairs["mixtral"]
+    config = dict(r=2, lora_alpha=4, target_modules=["q_proj"], target_parameters=["experts.gate_up_proj", "experts.down_proj"])  # fmt: skip
+    rc.make_peft(hf_dir, tmp_path / "peft", **config)
+    code, err = rc.cli("import", "peft", tmp_path / "peft", "--model", mlx_dir, "--adapters-out", tmp_path / "ours")
+    assert code == 0, err
+    code, err = rc.cli("export", "peft", mlx_dir, tmp_path / "ours", "-o", tmp_path / "back")
+    assert code == 0, err
+    back = rc.config_of(tmp_path / "back")
+    assert (back["r"], back["lora_alpha"], back["rank_pattern"]) == (2, 4.0, {})
+    assert sorted(back["target_parameters"]) == sorted(config["target_parameters"])
+    original = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    written = load_file(str(tmp_path / "back" / "adapter_model.safetensors"))
+    assert sorted(written) == sorted(original)
+    for key, value in original.items():
+        assert rc.max_error(value, written[key]) == 0.0, key
