@@ -130,14 +130,22 @@ def parameter_candidates(params: dict, param_keys: list[str]) -> list[list[str]]
     return [sorted({".".join(k.split(".")[-2:]) for k in params}), sorted(params)]
 
 
+class NotTied(Exception):
+    """This way of writing target_modules would not make PEFT tie the head to the embedding's adapter."""
+
+
 def tie_head(config: dict, plan: Plan, index: ModuleIndex, adapted: dict, saved: list[str]) -> Optional[str]:
     """Set ensure_weight_tying when the plan adapts or trains an embedding tied to the output head: PEFT then sends
     the head through the embedding's adapter (or trained copy), as MLX does. Returns the embedding's name."""
     if not index.tied_embeddings:
         return None
-    embedding = next((name for name in list(adapted) + saved if index[name].family == "embedding"), None)
+    embedding = next(
+        (name for name in list(adapted) + saved if name in index and index[name].family == "embedding"), None
+    )
     if embedding is None:
         return None
+    if embedding in adapted and not peft_match.names_tied_layer(config["target_modules"]):
+        raise NotTied
     config["ensure_weight_tying"] = True
     if embedding in adapted and peft_match.rank_and_alpha(config, "lm_head") != adapted[embedding]:
         r, alpha = adapted[embedding]
@@ -171,6 +179,12 @@ def peft_config(
     if params and dropout:
         findings.append(note("PEFT's target_parameters take no dropout: lora_dropout is written as 0"))
         dropout = 0.0
+    if params and kind == "dora":
+        raise UserError(
+            "the plan has DoRA, and transformers 5's fused experts need target_parameters, which PEFT adapts with "
+            "LoRA only (one PEFT adapter is either LoRA or DoRA)",
+            help="export with --peft-layout per-expert for transformers 4, or use lora",
+        )
     both = {**adapted, **params}
     default = Counter(both.values()).most_common(1)[0][0] if both else (8, 8.0)
     base = {
@@ -199,7 +213,10 @@ def peft_config(
                 config = {**base, **targets, "rank_pattern": ranks, "alpha_pattern": alphas}
                 if parameters:
                     config["target_parameters"] = parameters
-                tie_head(config, plan, index, adapted, saved)
+                try:
+                    tie_head(config, plan, index, adapted, saved)
+                except NotTied:
+                    continue
                 if chooses(config, adapted, saved, keys, params, param_keys):
                     return config, findings
     raise UserError(

@@ -169,9 +169,6 @@ def peft_choice(config: dict, index: ModuleIndex, layout: str = "per-expert") ->
     return choice
 
 
-TIED_NAMES = ("embed_tokens", "lm_head")  # PEFT's EMBEDDING_LAYER_NAMES
-
-
 def _tied_targets(config: dict, modules: list[HfModule], index: ModuleIndex) -> dict:
     """PEFT's `_add_targets_to_tie`: with `ensure_weight_tying` on a tied model, a target named like an embedding
     or the head (`embed_tokens`, `lm_head`) puts the input embedding among the targets and takes the head out."""
@@ -179,12 +176,10 @@ def _tied_targets(config: dict, modules: list[HfModule], index: ModuleIndex) -> 
     embedding = next((m.key for m in modules if m.family == "embedding" and m.key.endswith("embed_tokens")), None)
     if not (index.tied_embeddings and config.get("ensure_weight_tying")) or embedding is None or not targets:
         return config
-    if isinstance(targets, str):
-        if not any(re.fullmatch(targets, name) for name in TIED_NAMES):
-            return config
-        return {**config, "target_modules": rf"(?:{targets}|^{re.escape(embedding)}$)"}
-    if not any(str(t).split(".")[-1] in TIED_NAMES for t in targets):
+    if not peft_match.names_tied_layer(targets):
         return config
+    if isinstance(targets, str):
+        return {**config, "target_modules": rf"(?:{targets}|^{re.escape(embedding)}$)"}
     names = list(dict.fromkeys([*targets, embedding]))
     for name in names:
         if re.match(rf"(^|.*\.){name}($|\..*)", "lm_head"):

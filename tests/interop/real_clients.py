@@ -36,14 +36,18 @@ MODEL_KINDS = {
         transformers.Qwen2MoeForCausalLM,
         dict(MOE, shared_expert_intermediate_size=32),
     ),
-    "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM, dict(MOE, head_dim=8)),
+    "qwen3_moe-tied": (
+        transformers.Qwen3MoeConfig,
+        transformers.Qwen3MoeForCausalLM,
+        dict(MOE, head_dim=8, tie_word_embeddings=True),
+    ),
     "mixtral": (
         transformers.MixtralConfig,
         transformers.MixtralForCausalLM,
         dict(intermediate_size=16, num_local_experts=4, num_experts_per_tok=2),
     ),
 }
-MOE_KINDS = ("qwen2_moe", "qwen3_moe", "mixtral")
+MOE_KINDS = ("qwen2_moe", "qwen3_moe-tied", "mixtral")
 
 
 def build_pair(kind: str, root: Path, seed: int = 0) -> tuple[Path, Path]:
@@ -63,7 +67,10 @@ def build_pair(kind: str, root: Path, seed: int = 0) -> tuple[Path, Path]:
     hf_dir = root / f"{kind}-hf"
     model.save_pretrained(hf_dir)
     # transformers 5 writes rope_parameters (and, for qwen3_moe, num_local_experts), which mlx-lm 0.32 does not read
-    overrides = {"rope_theta": ROPE_THETA, **({"num_experts": MOE["num_experts"]} if kind == "qwen3_moe" else {})}
+    overrides = {
+        "rope_theta": ROPE_THETA,
+        **({"num_experts": MOE["num_experts"]} if kind.startswith("qwen3_moe") else {}),
+    }
     mlx_model, mlx_config = load_model(hf_dir, model_config=overrides)
     mlx_dir = models.save(root / f"{kind}-mlx", mlx_model, mlx_config)
     return hf_dir, mlx_dir

@@ -158,3 +158,23 @@ def test_a_router_adapted_as_a_module_means_transformers_4(tmp_path):
     write_imported_adapters(result, tmp_path / "peft", tmp_path / "ours")
     ours = mx.load(str(tmp_path / "ours" / "adapters.safetensors"))
     assert ours["model.layers.0.mlp.gate.lora_a"].shape == (64, 2)
+
+
+@pytest.mark.parametrize("layout", ["per-expert", "target-parameters"])
+def test_a_tied_moe_model_exports_its_embedding_lora_tied(tmp_path, layout):
+    qwen3_moe = dict(models.tiny_config("qwen2_moe"), model_type="qwen3_moe", head_dim=16, decoder_sparse_step=1)
+    qwen3_moe.update(mlp_only_layers=[], norm_topk_prob=True, tie_word_embeddings=True)
+    model, config = models.builder.build_model(qwen3_moe)
+    model_dir = models.save(tmp_path / "moe", model, config, with_tokenizer=False)
+    assert ModuleIndex.from_model_dir(model_dir).tied_embeddings
+    adapters = _our_adapters(model_dir, tmp_path / "ours", "switch_mlp.gate_proj: lora(r=2)\nembed_tokens: lora(r=4)\n")
+    config, _ = export_peft(str(model_dir), adapters, tmp_path / "peft", layout=layout)
+    assert config["ensure_weight_tying"] is True
+    assert config["rank_pattern"]["lm_head"] == 4
+
+
+def test_export_refuses_dora_beside_fused_experts(tmp_path):
+    model_dir = models.example_model_dir("tiny-moe")
+    adapters = _our_adapters(model_dir, tmp_path / "ours", "switch_mlp.gate_proj: lora(r=2)\nq_proj: dora(r=2)\n")
+    with pytest.raises(UserError, match="LoRA only"):
+        export_peft(str(model_dir), adapters, tmp_path / "peft", layout="target-parameters")

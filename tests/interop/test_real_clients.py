@@ -81,8 +81,8 @@ IMPORTS = {
         "qwen2_moe",
         dict(r=2, lora_alpha=4, target_modules=["gate_proj", "up_proj", "down_proj"]),
     ),
-    "qwen3_moe target_parameters gate_up, rslora": (
-        "qwen3_moe",
+    "qwen3_moe-tied target_parameters gate_up, rslora": (
+        "qwen3_moe-tied",
         dict(r=3, lora_alpha=4, use_rslora=True, target_modules=[], target_parameters=["experts.gate_up_proj"]),
     ),
     "qwen2_moe target_parameters router + experts": (
@@ -100,6 +100,16 @@ IMPORTS = {
             layers_pattern="layers",
         ),
     ),
+    "qwen3_moe-tied target_parameters + embedding, ensure_weight_tying": (
+        "qwen3_moe-tied",
+        dict(
+            r=2,
+            lora_alpha=4,
+            target_modules=["embed_tokens"],
+            target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+            ensure_weight_tying=True,
+        ),
+    ),
     "mixtral target_parameters": (
         "mixtral",
         dict(
@@ -114,6 +124,7 @@ IMPORTS = {
 # the head): PEFT warns about it; its unmerged model is the reference there.
 MERGE_DOUBLES_TIED = {
     "llama-tied embedding lora, ensure_weight_tying",
+    "qwen3_moe-tied target_parameters + embedding, ensure_weight_tying",
     "llama-tied regex reaching lm_head, ensure_weight_tying",
 }
 
@@ -191,9 +202,13 @@ EXPORTS = {
         "qwen2_moe",
         "switch_mlp.<gate,up,down>_proj: lora(r=4, scale=2.0)\nshared_expert.up_proj: lora(r=2)\nq_proj: lora(r=2)",
     ),
-    "qwen3_moe gate/up of other ranks": (
-        "qwen3_moe",
+    "qwen3_moe-tied gate/up of other ranks": (
+        "qwen3_moe-tied",
         "switch_mlp.gate_proj: lora(r=4, scale=2.0)\nlayers[1].mlp.switch_mlp.up_proj: lora(r=2, scale=3.0)",
+    ),
+    "qwen3_moe-tied experts + embedding lora": (
+        "qwen3_moe-tied",
+        "switch_mlp.<gate,up,down>_proj: lora(r=2, scale=2.0)\nembed_tokens: lora(r=2, scale=2.0)",
     ),
     "mixtral switch-lora": ("mixtral", "switch_mlp.<gate,up,down>_proj: lora(r=2, scale=4.0)"),
     "qwen2_moe every block module (mlx-lm's default keys, router too)": (
@@ -202,7 +217,7 @@ EXPORTS = {
     ),
     "mixtral router + experts": ("mixtral", "<gate,w1,w2,w3>: lora(r=2)\nswitch_mlp.<gate,up,down>_proj: lora(r=2)"),
 }
-MERGE_DOUBLES_TIED_EXPORT = {"llama-tied embedding lora"}
+MERGE_DOUBLES_TIED_EXPORT = {"llama-tied embedding lora", "qwen3_moe-tied experts + embedding lora"}
 
 
 @pytest.mark.parametrize("case", sorted(EXPORTS))
