@@ -77,6 +77,10 @@ IMPORTS = {
             rank_pattern={"down_proj": 3},
         ),
     ),
+    "qwen2_moe all-linear (neither experts nor router on transformers 5)": (
+        "qwen2_moe",
+        dict(r=2, lora_alpha=4, target_modules="all-linear"),
+    ),
     "qwen2_moe shared expert only (target_modules)": (
         "qwen2_moe",
         dict(r=2, lora_alpha=4, target_modules=["gate_proj", "up_proj", "down_proj"]),
