@@ -32,6 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="write the result even when the source says things a spec cannot (they become comments)",
     )
+    parser.add_argument(
+        "--peft-layout",
+        choices=("per-expert", "target-parameters"),
+        help="PEFT: how the adapter saw mixture-of-experts layers: one module per expert (transformers 4) or fused "
+        "parameters (transformers 5, target_parameters); default: read from the adapter and the model's config.json",
+    )
     parser.add_argument("--force", action="store_true", help="replace existing output files")
 
 
@@ -73,7 +79,7 @@ def run(args) -> int:
         return run_mlx_lm(args)
     from ..interop.peft import import_peft, write_imported_adapters
 
-    result = import_peft(args.path, args.model, need_model=bool(args.adapters_out))
+    result = import_peft(args.path, args.model, need_model=bool(args.adapters_out), layout=args.peft_layout)
     report(result.findings, args.allow_lossy)
     if result.plan is not None and not result.plan.ok:
         from .common import print_diagnostics
@@ -93,9 +99,9 @@ def run(args) -> int:
 def run_mlx_lm(args) -> int:
     from ..interop.mlxlm_import import read_mlx_lm_config, translate
 
-    if args.adapters_out:
+    if args.adapters_out or args.peft_layout:
         raise UserError(
-            "--adapters-out is for PEFT adapters",
+            f"{'--adapters-out' if args.adapters_out else '--peft-layout'} is for PEFT adapters",
             help="mlx-lm adapter directories load as they are: adapterspec.load_adapters(model, DIR)",
         )
     model_name, index = args.model, None

@@ -14,6 +14,7 @@ from typing import Optional
 
 from ..model import hf_moe
 from ..model.index import ModuleIndex, ModuleInfo
+from .fused_experts import router_paths
 
 SWITCH_CONTAINERS = tuple(sorted(hf_moe.switch_containers(), reverse=True))  # ("switch_mlp", "experts")
 EXPERT_KEY = re.compile(r"^(?P<parent>.*)\.experts\.(?P<expert>\d+)\.(?P<name>[^.]+)$")
@@ -48,14 +49,20 @@ def expert_prefix(info: ModuleInfo) -> str:
     return f"{owner}.experts" if owner else "experts"
 
 
-def hf_modules(index: ModuleIndex) -> list[HfModule]:
-    """Every module of the model under its Hugging Face name; a switch module becomes one module per expert."""
+def hf_modules(index: ModuleIndex, layout: str = "per-expert") -> list[HfModule]:
+    """Every module of the model under its Hugging Face name: a switch module becomes one module per expert
+    (transformers 4), or none with the `target-parameters` layout (transformers 5 fuses the experts into parameters
+    and routes with a class PEFT cannot adapt)."""
     switch_containers = {m.parent for m in index if m.family == "switch"}
+    fused = layout == "target-parameters"
+    routers = router_paths(index) if fused else set()
     out: list[HfModule] = []
     for info in index:
-        if info.path in switch_containers:
+        if info.path in switch_containers or info.path in routers:
             continue
         if info.family == "switch":
+            if fused:
+                continue
             prefix = expert_prefix(info)
             name = hf_expert_name(info.name, index.model_type)
             for expert in range(info.num_experts or 0):

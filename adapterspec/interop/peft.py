@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -10,9 +11,12 @@ from typing import Optional
 from ..errors import UserError
 from ..model.index import ModuleIndex
 from .findings import Finding
+from .fused_experts import router_paths
 from .peft_config import CONFIG_FILE, PREFIX, WEIGHTS_FILE, read_peft_config
 from .peft_import import PeftTranslation, translate
 from .spec_writer import require_lint_clean
+
+EXPERT_MODULE = re.compile(r"\.experts\.\d+\.")
 
 
 @dataclass
@@ -45,7 +49,9 @@ def resolve_base_model(model: Optional[str], config: dict) -> tuple[Optional[Pat
         return None, None
 
 
-def import_peft(path, model: Optional[str] = None, *, need_model: bool = False) -> PeftImport:
+def import_peft(
+    path, model: Optional[str] = None, *, need_model: bool = False, layout: Optional[str] = None
+) -> PeftImport:
     """Translate a PEFT adapter's config into spec text, against the model when one is given or cached."""
     config = read_peft_config(path)
     model_dir, model_name = resolve_base_model(model, config)
@@ -56,7 +62,10 @@ def import_peft(path, model: Optional[str] = None, *, need_model: bool = False) 
         )
     index = ModuleIndex.from_model_dir(model_dir) if model_dir else None
     source = Path(path).name if Path(path).is_dir() else str(Path(path).name)
-    result = PeftImport(translate(config, index, source=f"{source}/{CONFIG_FILE}", model=model_name), model_dir)
+    if index is not None:
+        layout = layout or import_layout(config, path, model_dir, index)
+    translation = translate(config, index, source=f"{source}/{CONFIG_FILE}", model=model_name, layout=layout)
+    result = PeftImport(translation, model_dir)
     require_lint_clean(result.text, str(path))
     if index is not None:
         from ..language.lint import parse_spec
@@ -64,6 +73,31 @@ def import_peft(path, model: Optional[str] = None, *, need_model: bool = False) 
 
         result.plan = make_plan(parse_spec(result.text, "<imported spec>"), index)
     return result
+
+
+def model_layout(model_dir: Path) -> str:
+    """The PEFT layout of experts for the transformers version the model's config.json was written by."""
+    from ..model.files import read_model_config
+    from .fused_experts import layout_of_version
+
+    return layout_of_version(str(read_model_config(model_dir).get("transformers_version") or ""))
+
+
+def import_layout(config: dict, path, model_dir: Path, index: ModuleIndex) -> str:
+    """How the adapter saw the experts: fused parameters when it targets parameters or (on a MoE model) saved no
+    per-expert module; one module per expert when it saved such modules; else as the model's config.json says."""
+    from ..model.safetensors import read_safetensors_header
+
+    if config.get("target_parameters"):
+        return "target-parameters"
+    file = Path(path) / WEIGHTS_FILE if Path(path).is_dir() else Path(path).parent / WEIGHTS_FILE
+    if any(info.family == "switch" for info in index) and file.is_file():
+        keys = read_safetensors_header(file)
+        routers = tuple(f"{PREFIX}{path}.lora_" for path in router_paths(index))
+        # per-expert modules, or a router adapted as a module (transformers 5's router is no Linear)
+        t4 = any(EXPERT_MODULE.search(key) or key.startswith(routers) for key in keys)
+        return "per-expert" if t4 else "target-parameters"
+    return model_layout(model_dir)
 
 
 def peft_weights_file(path) -> Path:
@@ -90,8 +124,16 @@ def write_imported_adapters(result: PeftImport, peft_dir, dest, *, force: bool =
 
     plan = result.plan
     tensors = read_weights(peft_weights_file(peft_dir))
-    factors = result.translation.choice.expert_factors if result.translation.choice else {}
-    weights = peft_to_adapters(tensors, plan, plan.index, factors)
+    choice = result.translation.choice
+    weights = peft_to_adapters(
+        tensors,
+        plan,
+        plan.index,
+        choice.expert_factors if choice else {},
+        choice.fused if choice else [],
+        choice.tied_head if choice else None,
+        choice.routers if choice else [],
+    )
     mismatched = changed_base_copies(tensors, result.model_dir)
     if mismatched:
         raise UserError(
@@ -133,7 +175,13 @@ def changed_base_copies(tensors: dict, model_dir: Path) -> list[str]:
 
 
 def export_peft(
-    model: str, adapters, dest, *, base_model: Optional[str] = None, force: bool = False
+    model: str,
+    adapters,
+    dest,
+    *,
+    base_model: Optional[str] = None,
+    force: bool = False,
+    layout: Optional[str] = None,
 ) -> tuple[dict, list[Finding]]:
     """Write an adapterspec (or mlx-lm) adapter directory as a PEFT LoRA adapter for the Hugging Face model."""
     import mlx.core as mx
@@ -142,8 +190,9 @@ def export_peft(
     from ..model.adapter_format import ADAPTER_WEIGHTS, check_weights_file, plan_of, read_adapter_config
     from ..model.files import resolve_model_path
     from ..outputs import atomic_output_dir
+    from .fused_experts import layout_problem, router_paths
     from .peft_export import peft_config
-    from .peft_weights import adapters_to_peft, check_adapter_tensors
+    from .peft_weights import adapters_to_peft, check_adapter_tensors, fused_to_peft
 
     model_dir = resolve_model_path(model)
     index = ModuleIndex.from_model_dir(model_dir)
@@ -151,8 +200,19 @@ def export_peft(
     weights_file = check_weights_file(Path(adapters) / ADAPTER_WEIGHTS)
     weights = read_weights(weights_file)
     check_adapter_tensors(weights, plan, index, weights_file)
-    peft, findings = peft_config(plan, index, base_model or model)
-    tensors = adapters_to_peft(weights, plan, index)
+    layout = layout or model_layout(model_dir)
+    fused_tensors, fused = {}, {}
+    moe = {e.path for e in plan.entries if index[e.path].family == "switch"} | router_paths(index)
+    if layout == "target-parameters" and any(e.path in moe for e in plan.entries):
+        problem = layout_problem(index)
+        if problem:
+            raise UserError(
+                f"the experts cannot be written for transformers 5: {problem}",
+                help="export with --peft-layout per-expert (transformers 4's one module per expert)",
+            )
+        fused_tensors, fused = fused_to_peft(weights, plan, index)
+    peft, findings = peft_config(plan, index, base_model or model, layout, fused)
+    tensors = {**adapters_to_peft(weights, plan, index, layout), **fused_tensors}
     with atomic_output_dir(
         dest, force=force, protect=[adapters, model_dir], produces=(WEIGHTS_FILE, CONFIG_FILE)
     ) as tmp:

@@ -199,20 +199,24 @@ FIELD_CHECKS = {
 }
 
 
+def bias_findings(config: dict, biased: Optional[list[str]]) -> list[Finding]:
+    """`bias` other than "none" trains base biases: lossy unless the modules it trains (`biased`, as PEFT picks them for
+    the config on the model; None without a model) have no bias, so that nothing is trained."""
+    bias = config.get("bias", "none")
+    if bias == "none":
+        return []
+    if biased is None:
+        return [lossy(f"bias='{bias}' trains the base layers' biases; a spec cannot train biases alone")]
+    if biased:
+        return [lossy(f"bias='{bias}' trains the bias of '{biased[0]}'; a spec cannot train biases alone")]
+    return [note(f"bias='{bias}': the modules it would train have no bias on this model, so it changes nothing")]
+
+
 def unsupported(config: dict) -> list[Finding]:
     """Everything in the config a spec cannot express (lossy) or that the user should know about (note)."""
     out: list[Finding] = []
-    if config.get("bias", "none") != "none":
-        out.append(lossy(f"bias='{config['bias']}' trains the base layers' biases; a spec cannot train biases alone"))
     if config.get("lora_bias"):
         out.append(lossy("lora_bias=true gives lora_B a bias; adapterspec's LoRA has none"))
-    if config.get("target_parameters"):
-        out.append(
-            lossy(
-                f"target_parameters {config['target_parameters']} adapts raw parameters (fused experts); "
-                "only modules can be imported"
-            )
-        )
     if config.get("layer_replication"):
         out.append(lossy("layer_replication duplicates blocks of the base model; a spec cannot"))
     if config.get("trainable_token_indices"):
@@ -229,7 +233,9 @@ def unsupported(config: dict) -> list[Finding]:
         )
     if config.get("ensure_weight_tying"):
         out.append(
-            note("ensure_weight_tying=true: with tied embeddings MLX adapts the output head through the embedding")
+            note(
+                "ensure_weight_tying=true: PEFT sends the tied output head through the embedding's adapter, as MLX does"
+            )
         )
     init = str(config.get("init_lora_weights", True)).lower()
     if any(init.startswith(name) for name in BASE_CHANGING_INITS):

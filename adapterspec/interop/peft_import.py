@@ -20,8 +20,17 @@ from ..model.index import ModuleIndex
 from ..model.names import shown
 from . import peft_match
 from .findings import Finding, as_comments, lossy, note
+from .fused_experts import (
+    FusedParam,
+    RouterParam,
+    fused_params,
+    is_param_targeted,
+    layout_problem,
+    router_params,
+    router_paths,
+)
 from .hf_names import HfModule, hf_modules, mlx_selector_name
-from .peft_config import unsupported
+from .peft_config import bias_findings, unsupported
 from .spec_writer import Assignment, call, explicit_rules
 
 PLAIN_NAME = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
@@ -39,6 +48,10 @@ class PeftChoice:
     assignments: dict[str, Assignment] = field(default_factory=dict)
     expert_factors: dict[str, dict[int, float]] = field(default_factory=dict)
     findings: list[Finding] = field(default_factory=list)
+    fused: list[FusedParam] = field(default_factory=list)
+    layout: str = "per-expert"
+    tied_head: Optional[str] = None
+    routers: list[RouterParam] = field(default_factory=list)
 
 
 @dataclass
@@ -71,9 +84,9 @@ def defaults_arguments(config: dict) -> dict:
 # ── PEFT's exact choice on a model ──────────────────────────────────────────
 
 
-def peft_modules(index: ModuleIndex) -> list[HfModule]:
+def peft_modules(index: ModuleIndex, layout: str = "per-expert") -> list[HfModule]:
     """The model's modules under Hugging Face names, plus the tied `lm_head` that MLX models leave out."""
-    modules = hf_modules(index)
+    modules = hf_modules(index, layout)
     if index.tied_embeddings and "lm_head" not in index:
         modules.append(HfModule("lm_head", "", "linear"))
     return modules
@@ -85,16 +98,19 @@ def resolved_config(config: dict, modules: list[HfModule]) -> dict:
     return peft_match.expand_all_linear(config, linear, output)
 
 
-def peft_choice(config: dict, index: ModuleIndex) -> PeftChoice:
+def peft_choice(config: dict, index: ModuleIndex, layout: str = "per-expert") -> PeftChoice:
     """Which modules PEFT adapts (and with which r and alpha) or trains whole, as MLX module assignments."""
-    choice = PeftChoice()
-    modules = peft_modules(index)
-    config = resolved_config(config, modules)
+    choice = PeftChoice(layout=layout)
+    modules = peft_modules(index, layout)
+    config = _tied_targets(resolved_config(config, modules), modules, index)
     kind, rslora = adapter_kind(config), bool(config.get("use_rslora"))
     dropout = float(config.get("lora_dropout") or 0.0)
     chosen: dict[str, dict[Optional[int], tuple[int, float]]] = defaultdict(dict)
+    ties = choice.tied_head = _ties_head(config, modules, index)
     for module in modules:
         if not peft_match.is_targeted(config, module.key):
+            continue
+        if not module.mlx_path and ties:
             continue
         if not module.mlx_path:
             choice.findings.append(
@@ -127,15 +143,100 @@ def peft_choice(config: dict, index: ModuleIndex) -> PeftChoice:
                         "adapterspec's DoRA embedding normalises rows"
                     )
                 )
-            if index.tied_embeddings:
+            if index.tied_embeddings and not ties:
                 choice.findings.append(
                     lossy(
                         f"'{path}' is tied to the output head: in MLX the head goes through "
                         "the embedding's adapter too, in PEFT it does not"
                     )
                 )
+    if ties and peft_match.rank_and_alpha(config, "lm_head") != peft_match.rank_and_alpha(config, ties):
+        choice.findings.append(
+            lossy(
+                f"ensure_weight_tying ties the output head to '{ties}', but rank_pattern/alpha_pattern give "
+                "'lm_head' another r or alpha, so PEFT scales the head's copy of the adapter differently"
+            )
+        )
+    _fused_choice(choice, config, index, rslora, dropout)
     _saved_modules(choice, config, modules, index)
+    if layout == "target-parameters":
+        fused_modules = sorted({p.container for p in fused_params(index)} | {r.container for r in router_params(index)})
+        for key in fused_modules:
+            if peft_match.is_saved(config, key):
+                choice.findings.append(
+                    lossy(f"modules_to_save trains '{key}', transformers 5's fused experts or router, whole; not read")
+                )
     return choice
+
+
+def _tied_targets(config: dict, modules: list[HfModule], index: ModuleIndex) -> dict:
+    """PEFT's `_add_targets_to_tie`: with `ensure_weight_tying` on a tied model, a target named like an embedding
+    or the head (`embed_tokens`, `lm_head`) puts the input embedding among the targets and takes the head out."""
+    targets = config.get("target_modules")
+    embedding = next((m.key for m in modules if m.family == "embedding" and m.key.endswith("embed_tokens")), None)
+    if not (index.tied_embeddings and config.get("ensure_weight_tying")) or embedding is None or not targets:
+        return config
+    if not peft_match.names_tied_layer(targets):
+        return config
+    if isinstance(targets, str):
+        return {**config, "target_modules": rf"(?:{targets}|^{re.escape(embedding)}$)"}
+    names = list(dict.fromkeys([*targets, embedding]))
+    for name in names:
+        if re.match(rf"(^|.*\.){name}($|\..*)", "lm_head"):
+            names.remove(name)
+            break
+    return {**config, "target_modules": names}
+
+
+def _ties_head(config: dict, modules: list[HfModule], index: ModuleIndex) -> Optional[str]:
+    """The embedding whose LoRA PEFT shares with the tied output head (`ensure_weight_tying` with the embedding
+    targeted), so that the head goes through the embedding's adapter as it does in MLX; None when PEFT does not."""
+    if not (index.tied_embeddings and config.get("ensure_weight_tying")):
+        return None
+    for module in modules:
+        if module.family == "embedding" and peft_match.is_targeted(config, module.key):
+            return module.key
+    return None
+
+
+def _fused_choice(choice: PeftChoice, config: dict, index: ModuleIndex, rslora: bool, dropout: float) -> None:
+    """The switch modules PEFT adapts through `target_parameters` (transformers 5's fused experts), exactly: the
+    per-expert factors of `gate_up_proj` split by rows into gate_proj and up_proj, which share A."""
+    if not config.get("target_parameters"):
+        return
+    problem = layout_problem(index)
+    if problem:
+        choice.findings.append(lossy(f"target_parameters {config['target_parameters']}: {problem}"))
+        return
+    if adapter_kind(config) == "dora":
+        choice.findings.append(lossy("target_parameters with use_dora: PEFT refuses DoRA on parameters"))
+        return
+    params = [p for p in fused_params(index) if is_param_targeted(config, p.key)]
+    routers = [p for p in router_params(index) if is_param_targeted(config, p.key)]
+    others = [
+        f"{info.path}.{name}"
+        for info in index
+        if info.family != "switch" and info.has_params and info.path not in router_paths(index)
+        for name in ("weight", "bias")
+        if is_param_targeted(config, f"{info.path}.{name}")
+    ]
+    if others:
+        choice.findings.append(
+            lossy(f"target_parameters adapts '{others[0]}', a parameter other than fused experts; only those are read")
+        )
+    if not params and not routers:
+        choice.findings.append(
+            note(f"target_parameters {config['target_parameters']} names no fused expert parameter of this model")
+        )
+    for param in params:
+        r, alpha = peft_match.rank_and_alpha(config, param.key)
+        for path in param.mlx_paths:
+            choice.assignments[path] = Assignment("lora", r, alpha, rslora, dropout=dropout)
+    for router in routers:
+        r, alpha = peft_match.rank_and_alpha(config, router.key)
+        choice.assignments[router.mlx_path] = Assignment("lora", r, alpha, rslora, dropout=dropout)
+    choice.fused = params
+    choice.routers = routers
 
 
 def _switch_assignment(
@@ -221,6 +322,8 @@ def structural_rules(config: dict, index: Optional[ModuleIndex]) -> tuple[list[s
     defaults = defaults_arguments(config)
     targets = config.get("target_modules")
     rules: list[str] = []
+    if config.get("target_parameters"):
+        raise NeedsModel("target_parameters name fused expert parameters")
     if targets is None:
         raise NeedsModel("the config has no target_modules")
     if peft_match.is_all_linear(targets):
@@ -324,6 +427,7 @@ def translate(
     *,
     source: str = "adapter_config.json",
     model: Optional[str] = None,
+    layout: str = "per-expert",
 ) -> PeftTranslation:
     """The spec for a PEFT LoRA config; with a model index, its plan equals PEFT's choice on that model."""
     findings = unsupported(config)
@@ -339,15 +443,18 @@ def translate(
             ) from None
         rules, structural_findings = None, [note(f"{reason}: the spec names PEFT's choice of modules explicitly")]
     if index is None:
-        findings += structural_findings
+        findings += structural_findings + bias_findings(config, None)
         text = "\n".join(header(source, None, False) + as_comments(findings) + [defaults_line] + rules) + "\n"
         return PeftTranslation(text, findings, explicit=False)
-    choice = peft_choice(config, index)
-    findings += choice.findings
+    choice = peft_choice(config, index, layout)
+    findings += (
+        choice.findings + _fused_advice(config, index, choice) + bias_findings(config, _biased(config, index, choice))
+    )
     if not choice.assignments:
         targets = config.get("target_modules")
         raise UserError(
-            f"PEFT's config adapts no module of this model (target_modules is {shown(targets)})",
+            f"PEFT's config adapts no module of this model (target_modules is {shown(targets)})"
+            + "".join(f"; {f.message}" for f in findings if f.lossy)[:400],
             help="name the modules in target_modules (PEFT's defaults per architecture are not read), and check that "
             "the adapter was made for this model",
         )
@@ -371,6 +478,32 @@ def translate(
         findings += structural_findings
         explicit_text = _compose(source, model, True, findings, defaults_lines, explicit)
     return PeftTranslation(explicit_text, findings, True, choice)
+
+
+def _biased(config: dict, index: ModuleIndex, choice: PeftChoice) -> list[str]:
+    """The modules with a bias that PEFT's `bias` setting trains: all of them ("all"), or the adapted ones."""
+    if config.get("bias") == "all":
+        return [info.path for info in index if info.bias]
+    return [path for path, a in choice.assignments.items() if a.kind != "full" and index[path].bias]
+
+
+def _fused_advice(config: dict, index: ModuleIndex, choice: PeftChoice) -> list[Finding]:
+    """A note when PEFT, on transformers 5's fused experts, adapts only the modules around them (the shared expert)
+    while the same config on transformers 4's per-expert modules would have adapted the experts too."""
+    if choice.layout != "target-parameters" or choice.fused or not any(i.family == "switch" for i in index):
+        return []
+    per_expert = peft_choice({k: v for k, v in config.items() if k != "target_parameters"}, index)
+    missed = sorted(p for p in per_expert.assignments if index[p].family == "switch")
+    if not missed:
+        return []
+    return [
+        note(
+            f"transformers 5 keeps the routed experts as fused parameters, which target_modules does not reach: PEFT "
+            f"adapted only the modules around them (not '{missed[0]}'{' …' if len(missed) > 1 else ''}); to adapt the "
+            "experts, train with target_parameters (experts.gate_up_proj, experts.down_proj), or import with "
+            "--peft-layout per-expert if the adapter was made with transformers 4"
+        )
+    ]
 
 
 def _compose(source, model, explicit, findings, defaults_lines, rules) -> str:

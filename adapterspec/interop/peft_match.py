@@ -98,3 +98,14 @@ def expand_all_linear(config: dict, linear_keys: Sequence[str], output_key: Opti
         return config
     names = {k for k in linear_keys if k != output_key}
     return {**config, "target_modules": names}
+
+
+TIED_NAMES = ("embed_tokens", "lm_head")  # PEFT's EMBEDDING_LAYER_NAMES
+
+
+def names_tied_layer(target_modules) -> bool:
+    """PEFT's test (in `_check_tied_modules`) of whether `target_modules` name an embedding or the output head, which
+    with `ensure_weight_tying` makes it tie the head's adapter to the input embedding's."""
+    if isinstance(target_modules, str):
+        return any(re.fullmatch(target_modules, name) for name in TIED_NAMES)
+    return any(str(name).split(".")[-1] in TIED_NAMES for name in target_modules or ())

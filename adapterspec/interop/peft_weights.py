@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from typing import Optional
+from typing import Optional, Sequence
 
 import mlx.core as mx
 
@@ -19,6 +19,7 @@ from ..errors import UserError
 from ..model.index import ModuleIndex
 from ..model.kinds import EMBEDDING_KINDS, KINDS, LINEAR_KINDS
 from ..model.plan import Plan, PlanEntry
+from .fused_experts import FusedParam, RouterParam, fused_params, nesting_keys, router_params
 from .hf_names import expert_prefix, hf_expert_name, mlx_module
 from .peft_config import PREFIX
 
@@ -38,9 +39,13 @@ class _Collected:
         self.full: dict[str, mx.array] = {}
         self.base_copies: dict[str, mx.array] = {}
         self.problems: list[str] = []
+        self.fused: dict[str, dict[str, mx.array]] = defaultdict(dict)
+        self.head_copies: dict[str, mx.array] = {}
 
 
-def _collect(tensors: dict[str, mx.array], plan: Plan, index: ModuleIndex) -> _Collected:
+def _collect(
+    tensors: dict[str, mx.array], plan: Plan, index: ModuleIndex, fused_containers: set, tied_head: Optional[str]
+) -> _Collected:
     entries = {e.path: e for e in plan.entries}
     full_paths = [e.path for e in plan.entries if e.adapter == "full"]
     out = _Collected()
@@ -58,6 +63,12 @@ def _collect(tensors: dict[str, mx.array], plan: Plan, index: ModuleIndex) -> _C
             else:
                 out.problems.append(f"'{key}' belongs to no module the spec adapts or trains")
             continue
+        if factor["module"] == "lm_head" and tied_head:
+            out.head_copies[factor["part"]] = value
+            continue
+        if factor["module"].split(".base_layer")[0] in fused_containers:
+            out.fused[factor["module"]][factor["part"]] = value
+            continue
         located = mlx_module(factor["module"], index)
         if located is None or located[0] not in entries:
             out.problems.append(f"'{key}' belongs to no module the spec adapts")
@@ -72,13 +83,24 @@ def peft_to_adapters(
     plan: Plan,
     index: ModuleIndex,
     expert_factors: Optional[dict[str, dict[int, float]]] = None,
+    fused: Sequence[FusedParam] = (),
+    tied_head: Optional[str] = None,
+    routers: Sequence[RouterParam] = (),
 ) -> dict[str, mx.array]:
-    """adapterspec adapter tensors (full paths, float32 factors) for PEFT's tensors on the plan's modules."""
-    collected = _collect(tensors, plan, index)
+    """adapterspec adapter tensors (full paths, float32 factors) for PEFT's tensors on the plan's modules. With
+    `tied_head` (ensure_weight_tying), the output head's saved factors must be the embedding's, transposed."""
+    collected = _collect(tensors, plan, index, {p.container for p in [*fused, *routers]}, tied_head)
     problems = collected.problems
+    if tied_head:
+        problems += _head_copy_problems(collected, tied_head)
     weights: dict[str, mx.array] = {}
+    try:
+        weights.update(_from_fused(collected.fused, fused, routers))
+    except ValueError as error:
+        problems.append(str(error))
+    fused_paths = {path for param in fused for path in param.mlx_paths} | {r.mlx_path for r in routers}
     for entry in plan.entries:
-        if entry.adapter == "full":
+        if entry.adapter == "full" or entry.path in fused_paths:
             continue
         parts = collected.factors.get(entry.path)
         if not parts:
@@ -97,6 +119,62 @@ def peft_to_adapters(
             help="import the adapter with the base model it was trained on",
         )
     return weights
+
+
+def _head_copy_problems(collected: _Collected, embedding: str) -> list[str]:
+    """The tied head's copy of the embedding LoRA (PEFT saves lora_A = Bᵀ, lora_B = Aᵀ) must be that LoRA."""
+    own = collected.factors.get(embedding, {}).get(None, {})
+    pairs = (("lora_A", "lora_embedding_B"), ("lora_B", "lora_embedding_A"))
+    for head_part, own_part in pairs:
+        copy, source = collected.head_copies.get(head_part), own.get(own_part)
+        if copy is None or source is None:
+            continue
+        if copy.shape != source.T.shape or not mx.array_equal(copy, source.T).item():
+            return [f"the tied output head's {head_part} is not the transposed {own_part} of '{embedding}'"]
+    return []
+
+
+def _from_fused(
+    factors: dict[str, dict[str, mx.array]], fused: Sequence[FusedParam], routers: Sequence[RouterParam] = ()
+) -> dict[str, mx.array]:
+    """switch-LoRA factors from PEFT's ParamWrapper factors (see fused_experts): A (E·r, in) → (E, r, in),
+    B (out, r·E) → (E, out, r), gate_up's B split by rows into gate_proj and up_proj (which share A); a router's
+    2-D ParamWrapper is a plain LoRA."""
+    out: dict[str, mx.array] = {}
+    for router in routers:
+        factor = factors.get(router.container, {})
+        a, b = _need(factor, "lora_A", router.key), _need(factor, "lora_B", router.key)
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(f"{router.key}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not fit")
+        out[f"{router.mlx_path}.lora_a"] = a.astype(mx.float32).T
+        out[f"{router.mlx_path}.lora_b"] = b.astype(mx.float32).T
+    by_container: dict[str, list[FusedParam]] = defaultdict(list)
+    for param in fused:
+        by_container[param.container].append(param)
+    used = {router.container for router in routers}
+    for container, params in by_container.items():
+        keys = nesting_keys(container, [p.name for p in params])
+        for param in params:
+            key = keys[param.name]
+            used.add(key)
+            factor = factors.get(key, {})
+            a, b = _need(factor, "lora_A", param.key), _need(factor, "lora_B", param.key)
+            experts, total = param.experts, sum(param.output_dims)
+            if a.ndim != 2 or a.shape[0] % experts or a.shape[1] != param.input_dims:
+                raise ValueError(f"{param.key} lora_A has shape {tuple(a.shape)}, expected (E·r, {param.input_dims})")
+            r = a.shape[0] // experts
+            b = _expect(b, (total, r * experts), f"{param.key} lora_B")
+            a_stacked = a.astype(mx.float32).reshape(experts, r, param.input_dims)
+            b_stacked = b.reshape(total, r, experts).transpose(2, 0, 1)
+            start = 0
+            for path, rows in zip(param.mlx_paths, param.output_dims):
+                out[f"{path}.lora_a"] = a_stacked
+                out[f"{path}.lora_b"] = b_stacked[:, start : start + rows, :]
+                start += rows
+    extra = sorted(set(factors) - used)
+    if extra:
+        raise ValueError(f"'{PREFIX}{extra[0]}' has factors for a parameter the config does not target")
+    return out
 
 
 def _expect(array: mx.array, shape: tuple, what: str) -> mx.array:
@@ -196,11 +274,16 @@ def check_adapter_tensors(weights: dict[str, mx.array], plan: Plan, index: Modul
         )
 
 
-def adapters_to_peft(weights: dict[str, mx.array], plan: Plan, index: ModuleIndex) -> dict[str, mx.array]:
-    """PEFT tensors (`base_model.model.` keys) for an adapterspec adapter file on the plan's modules."""
+def adapters_to_peft(
+    weights: dict[str, mx.array], plan: Plan, index: ModuleIndex, layout: str = "per-expert"
+) -> dict[str, mx.array]:
+    """PEFT tensors (`base_model.model.` keys) for an adapterspec adapter file on the plan's modules; with the
+    `target-parameters` layout, the switch modules go through fused_to_peft instead."""
     out: dict[str, mx.array] = {}
     for entry in plan.entries:
         path = entry.path
+        if layout == "target-parameters" and index[path].family == "switch":
+            continue
         if entry.adapter == "full":
             for key, value in weights.items():
                 if key.startswith(path + ".") and "." not in key[len(path) + 1 :]:
@@ -228,6 +311,79 @@ def adapters_to_peft(weights: dict[str, mx.array], plan: Plan, index: ModuleInde
 
 
 def _full_to_peft(path: str, param: str, value: mx.array, index: ModuleIndex) -> dict[str, mx.array]:
+    if index[path].family == "embedding" and index.tied_embeddings and "lm_head" not in index:
+        # PEFT (ensure_weight_tying) saves the tied head's copy of a trained embedding too, and reads it back
+        return {f"{PREFIX}{path}.{param}": value, f"{PREFIX}lm_head.{param}": value}
     if index[path].family != "switch":
         return {f"{PREFIX}{path}.{param}": value}
     return {f"{PREFIX}{name}.{param}": value[e] for e, name in enumerate(hf_names_of(path, index))}
+
+
+def fused_to_peft(
+    weights: dict[str, mx.array], plan: Plan, index: ModuleIndex
+) -> tuple[dict[str, mx.array], dict[str, tuple[int, float]]]:
+    """PEFT ParamWrapper tensors for the plan's switch-LoRA on transformers 5's fused experts, and each targeted
+    parameter's (r, scale). gate_proj and up_proj become one `gate_up_proj` LoRA: of their rank when they share A and
+    the scale, else of the sum of their ranks, A stacked and B block-diagonal (each B rescaled to the common scale)."""
+    entries = {e.path: e for e in plan.entries}
+    tensors: dict[str, mx.array] = {}
+    ranks: dict[str, tuple[int, float]] = {}
+    adapted: dict[str, list[FusedParam]] = defaultdict(list)
+    for param in fused_params(index):
+        if any(path in entries for path in param.mlx_paths):
+            adapted[param.container].append(param)
+    for container, params in adapted.items():
+        keys = nesting_keys(container, [p.name for p in params])
+        for param in params:
+            a, b, scale = _fused_factors(param, entries, weights)
+            experts, r = a.shape[0], a.shape[1]
+            tensors[f"{PREFIX}{keys[param.name]}.lora_A.weight"] = a.reshape(experts * r, param.input_dims)
+            tensors[f"{PREFIX}{keys[param.name]}.lora_B.weight"] = b.transpose(1, 2, 0).reshape(-1, r * experts)
+            ranks[param.key] = (r, scale)
+    for router in router_params(index):
+        entry = entries.get(router.mlx_path)
+        if entry is None:
+            continue
+        tensors[f"{PREFIX}{router.container}.lora_A.weight"] = weights[f"{entry.path}.lora_a"].T
+        tensors[f"{PREFIX}{router.container}.lora_B.weight"] = weights[f"{entry.path}.lora_b"].T
+        ranks[router.key] = (entry.r, float(entry.scale))
+    return {k: mx.contiguous(v) for k, v in tensors.items()}, ranks
+
+
+def _fused_factors(param: FusedParam, entries: dict, weights: dict) -> tuple[mx.array, mx.array, float]:
+    """(A (E, R, in), B (E, out, R), scale) of one fused parameter from the switch-LoRA of its MLX parts."""
+    parts = []
+    for path, rows in zip(param.mlx_paths, param.output_dims):
+        entry = entries.get(path)
+        if entry is None:
+            parts.append((None, None, None, rows))
+            continue
+        if entry.adapter != "switch-lora":
+            raise UserError(
+                f"'{path}' has a {entry.adapter} adapter; transformers 5 keeps these experts as the fused parameter "
+                f"'{param.key}', which PEFT adapts only with LoRA (target_parameters)",
+                help="export with --peft-layout per-expert for transformers 4, or use switch-lora on the experts",
+            )
+        a = weights[f"{path}.lora_a"].astype(mx.float32)
+        b = weights[f"{path}.lora_b"].astype(mx.float32)
+        parts.append((a, b, float(entry.scale), rows))
+    present = [p for p in parts if p[0] is not None]
+    scale = present[0][2]
+    first_a = present[0][0]
+    shared = len(present) == len(parts) and all(
+        p[2] == scale and p[0].shape == first_a.shape and mx.array_equal(p[0], first_a).item() for p in present
+    )
+    if shared:
+        return first_a, mx.concatenate([p[1] for p in parts], axis=1), scale
+    experts = first_a.shape[0]
+    total_r = sum(p[0].shape[1] for p in present)
+    a_rows, b_blocks, offset = [], [], 0
+    for a, b, s, rows in parts:
+        block = mx.zeros((experts, rows, total_r))
+        if a is not None:
+            r = a.shape[1]
+            a_rows.append(a)
+            block[:, :, offset : offset + r] = b * (s / scale)
+            offset += r
+        b_blocks.append(block)
+    return mx.concatenate(a_rows, axis=1), mx.concatenate(b_blocks, axis=1), scale

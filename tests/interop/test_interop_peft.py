@@ -179,13 +179,13 @@ def test_weights_need_a_model(hf_dir, tmp_path, capsys):
 
 
 def test_lossy_configs_are_refused_unless_allowed(hf_dir, tmp_path, capsys):
-    make_peft(hf_dir, tmp_path / "peft", r=4, lora_alpha=16, target_modules=["q_proj"], bias="lora_only")
+    make_peft(hf_dir, tmp_path / "peft", r=4, lora_alpha=16, target_modules=["q_proj"], lora_bias=True)
     args = ["import", "peft", str(tmp_path / "peft"), "--model", str(hf_dir), "-o", str(tmp_path / "s.aspec")]
     assert main(args) == 2
-    assert "bias='lora_only'" in capsys.readouterr().err
+    assert "lora_bias=true" in capsys.readouterr().err
     assert not (tmp_path / "s.aspec").exists()
     assert main(args + ["--allow-lossy"]) == 0
-    assert "# warning: bias='lora_only'" in (tmp_path / "s.aspec").read_text()
+    assert "# warning: lora_bias=true" in (tmp_path / "s.aspec").read_text()
 
 
 # ── the spec's plan equals PEFT's choice, case by case ──────────────────────
