@@ -118,7 +118,7 @@ CODES: dict[str, Code] = {
             "AS309",
             Severity.WARNING,
             "a mixture of experts whose experts get no adapter",
-            "add a rule for the experts (e.g. '**@switch: lora'), or one that says 'none' for them",
+            "add a rule for the experts (e.g. '**@experts: lora'), or one that says 'none' for them",
         ),
         Code("AS310", Severity.ERROR, "`full` on quantized weights", "use lora on quantized modules"),
         Code(

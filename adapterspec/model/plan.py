@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from difflib import get_close_matches
 from typing import Optional, Union
@@ -12,11 +13,15 @@ from ..language.diagnostics import Diagnostic, Span, SpecError, sort_key
 from ..language.lint import parse_spec
 from ..language.spec import Rule, Spec
 from .families import unadaptable_reason
+from .hf_moe import W123, expert_renames
 from .index import ModuleIndex, ModuleInfo
 from .kinds import kind_for
 from .roles import ROLE_FILTERS, roles, routed_experts, routers
 from .selectors import SelectorMatcher, literal_names
 
+# a Hugging Face per-expert module name in a selector: `.experts.3.up_proj`, `.experts.*.w1`, `.experts[0].w2`
+BLOCK_HEAD = re.compile(r"^.*?layers(\[[^\]]*\]|\.\d+)")
+HF_EXPERT_NAME = re.compile(r"\.experts(?:\.(?P<e1>\d+|\*)|\[(?P<e2>[^\]]*)\])\.(?P<proj>\w+)")
 TYPE_FAMILIES = {"linear": "linear", "switch": "switch", "embedding": "embedding"}
 
 
@@ -143,7 +148,7 @@ class _Planner:
             f"the model routes tokens to experts ({len(experts)} expert layers, e.g. '{experts[0]}') and this "
             "spec adapts its other linears but no expert",
             rule.selector.span,
-            "add a rule for the experts (e.g. '**@switch: lora'), or one that says 'none' for them to mean it",
+            "add a rule for the experts (e.g. '**@experts: lora'), or one that says 'none' for them to mean it",
         )
 
     def segment_names(self) -> list[str]:
@@ -186,14 +191,42 @@ class _Planner:
 
     def no_match(self, rule: Rule) -> None:
         selector = rule.selector
+        help_text = "run 'adapterspec tree MODEL' to see the module names"
+        stacked = self.stacked_expert_hint(selector.text)
+        if stacked:
+            self.report("AS301", f"'{selector.text}' matches no module of the model: {stacked[0]}", selector.span,
+                        f"{stacked[1]}; {help_text}")  # fmt: skip
+            return
         suggestions = []
         for name in literal_names(selector):
             if name not in self.segment_names():
                 suggestions += get_close_matches(name, self.segment_names(), n=1, cutoff=0.6)
-        help_text = "run 'adapterspec tree MODEL' to see the module names"
         if suggestions:
             help_text = f"did you mean '{suggestions[0]}'? " + help_text
         self.report("AS301", f"'{selector.text}' matches no module of the model", selector.span, help_text)
+
+    def stacked_expert_hint(self, text: str) -> Optional[tuple[str, str]]:
+        """(what happened, what to write) for a Hugging Face per-expert name (`mlp.experts.3.up_proj`,
+        `block_sparse_moe.experts.*.w1`) on a model whose experts mlx-lm stacks into SwitchLinears."""
+        pasted = HF_EXPERT_NAME.search(text)
+        if not pasted:
+            return None
+        projection = expert_renames(self.index.model_type).get(pasted["proj"]) or W123.get(pasted["proj"])
+        projection = projection or pasted["proj"]
+        found = next((p for p in routed_experts(self.index) if p.endswith(f".{projection}")), None)
+        if found is None or self.index[found].family != "switch":
+            return None
+        block = next((b for b in self.index.blocks if found.startswith(b + ".")), None)
+        relative = found[len(block) + 1 :] if block else found
+        head = BLOCK_HEAD.match(text)
+        written = f"{head.group() if head else 'layers[*]'}.{relative}" if block else f"/{found}"
+        number = pasted["e1"] or pasted["e2"] or ""
+        expert = f"expert {number} of " if number.isdigit() else "these experts are in "
+        return (
+            f"mlx-lm stacks the experts into one SwitchLinear per projection; {expert}'{found}' "
+            f"({self.index[found].cls}, {self.index[found].num_experts} experts)",
+            f"write '{written}' (a rule adapts every expert of a switch layer), or '**@experts'",
+        )
 
     def cannot_adapt(self, rule: Rule, matched: list[str], filtered: list[ModuleInfo]) -> None:
         kind = rule.transform.kind

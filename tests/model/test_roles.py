@@ -88,3 +88,28 @@ def test_tree_marks_each_role_once_on_the_highest_module_that_has_it(capsys):
     assert "lm_head  Linear 64→320  @head" in out and "embed_tokens  Embedding 320×64  @embedding" in out
     assert "SwitchLinear 4×(64→64)  @" not in out  # said once, by switch_mlp
     assert "── mlp  Container\n" in out  # a mixture holds several roles
+
+
+def test_hugging_face_expert_names_get_the_stacked_module(tmp_path):
+    """The per-expert names users paste from PEFT configs get a help naming mlx-lm's SwitchLinear, with the
+    model type's renames (Mixtral's w1 is gate_proj) and the model's own container."""
+    mixtral = ModuleIndex.from_model_dir(tiny.write(tmp_path / "mixtral", "mixtral", with_tokenizer=False))
+
+    def help_of(spec, index):
+        (diagnostic,) = [d for d in make_plan(parse_spec(spec), index).diagnostics if d.code == "AS301"]
+        return diagnostic.message, diagnostic.help
+
+    message, help_text = help_of("layers[1:].block_sparse_moe.experts.2.w1: lora(r=2)\n", mixtral)
+    assert "expert 2 of 'model.layers.0.block_sparse_moe.switch_mlp.gate_proj' (SwitchLinear" in message
+    assert "write 'layers[1:].block_sparse_moe.switch_mlp.gate_proj'" in help_text
+    message, help_text = help_of("model.layers.0.mlp.experts.*.w2: lora(r=2)\n", mixtral)
+    assert (
+        "switch_mlp.down_proj" in message
+        and "write 'model.layers.0.block_sparse_moe.switch_mlp.down_proj'" in help_text
+    )
+    # a written spec with the suggested selector plans on the experts
+    fixed = make_plan(parse_spec("layers[1:].block_sparse_moe.switch_mlp.gate_proj: lora(r=2)\n"), mixtral)
+    assert fixed.ok and {e.adapter for e in fixed.entries} == {"switch-lora"}
+    # a dense model has no stacked experts: the usual did-you-mean
+    dense = ModuleIndex.from_model_dir(tiny.example_model_dir("tiny-llama"))
+    assert "SwitchLinear" not in help_of("layers[*].mlp.experts.0.w1: lora\n", dense)[0]
