@@ -1,0 +1,148 @@
+"""Vision-language models through mlx-vlm: the live tree agrees with the directory's, adapters adapterspec saves are
+loaded by mlx-vlm's own loader to the same outputs, and a fused directory is loaded and generates in mlx-vlm."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("mlx_vlm")
+mx = pytest.importorskip("mlx.core")
+import numpy as np
+from mlx.utils import tree_flatten
+from mlx_vlm import load as mlx_vlm_load
+from mlx_vlm.prompt_utils import apply_chat_template
+from mlx_vlm.utils import prepare_inputs
+from PIL import Image
+
+import adapterspec
+from adapterspec.adapters.loading import load_model
+from adapterspec.model.index import ModuleIndex
+
+ROOT = Path(__file__).resolve().parents[2]
+MODELS = ROOT / "examples" / "models"
+SPECS = ROOT / "examples" / "specs"
+VLMS = ("tiny-qwen2-vl", "tiny-gemma3", "tiny-paligemma")
+ONE_RANK = {
+    "tiny-qwen2-vl": (SPECS / "vlm-qwen2-vl.aspec").read_text(),
+    "tiny-paligemma": "adapterspec 1\n\n/language_model.model.layers[*].self_attn.<q,v>_proj: lora(r=8)\n"
+    "/vision_tower.**.<q,k,v>_proj: lora(r=8)\n/multi_modal_projector.linear: lora(r=8)\n",
+}
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "adapterspec.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def _image() -> Image.Image:
+    pixels = (np.random.RandomState(0).rand(56, 56, 3) * 255).astype("uint8")
+    return Image.fromarray(pixels)
+
+
+def _inputs(model, processor) -> dict:
+    prompt = apply_chat_template(processor, model.config, "describe the image", num_images=1)
+    token = getattr(model.config, "image_token_index", None) or getattr(model.config, "image_token_id", None)
+    return prepare_inputs(processor, images=[_image()], prompts=[prompt], image_token_index=token)
+
+
+def _logits(model, inputs: dict) -> np.ndarray:
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "pixel_values", "attention_mask")}
+    out = model(inputs["input_ids"], inputs["pixel_values"], mask=inputs["attention_mask"], **extra)
+    return np.array(out.logits)
+
+
+@pytest.mark.parametrize("name", VLMS)
+def test_the_live_tree_agrees_with_the_directory(name):
+    disk = ModuleIndex.from_model_dir(MODELS / name)
+    model, _ = load_model(MODELS / name)
+    live = ModuleIndex.from_module(model)
+    for info in disk:
+        if info.family in ("linear", "embedding", "list"):
+            other = live[info.path]
+            assert (other.family, other.input_dims, other.output_dims) == (
+                info.family,
+                info.input_dims,
+                info.output_dims,
+            )
+    assert live.block_list == disk.block_list == "language_model.model.layers"
+    assert live.tied_embeddings == disk.tied_embeddings
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """name → an adapter directory saved by adapterspec with random (non-zero) adapter weights, and its model."""
+    out = {}
+    for name, text in ONE_RANK.items():
+        model, _ = load_model(MODELS / name)
+        plan = adapterspec.apply(model, adapterspec.parse_spec(text))
+        mx.random.seed(1)
+        weights = [(k, mx.random.normal(v.shape) * 0.005) for k, v in tree_flatten(model.trainable_parameters())]
+        model.load_weights(weights, strict=False)
+        model.eval()
+        directory = tmp_path_factory.mktemp(name) / "adapters"
+        adapterspec.save_adapters(model, plan, directory)
+        out[name] = (directory, model, plan)
+    return out
+
+
+@pytest.mark.parametrize("name", tuple(ONE_RANK))
+def test_mlx_vlm_loads_the_adapters_to_the_same_outputs(name, trained):
+    directory, model, plan = trained[name]
+    config = json.loads((directory / "adapter_config.json").read_text())
+    assert config["adapterspec"]["mlx_vlm_compatible"] is True
+    assert config["lora_parameters"]["keys"] == [e.path for e in plan.entries]
+    assert any(k.startswith("vision_tower.") for k in config["lora_parameters"]["keys"])
+    base, processor = mlx_vlm_load(str(MODELS / name))
+    theirs, _ = mlx_vlm_load(str(MODELS / name), adapter_path=str(directory))
+    inputs = _inputs(base, processor)
+    ours = _logits(model, inputs)
+    assert np.abs(ours - _logits(base, inputs)).max() > 1e-3  # the adapters change the output
+    np.testing.assert_allclose(_logits(theirs, inputs), ours, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", tuple(ONE_RANK))
+def test_the_fused_directory_loads_and_generates_in_mlx_vlm(name, trained, tmp_path):
+    from mlx_vlm import generate
+
+    directory, model, _ = trained[name]
+    result = _cli("fuse", str(MODELS / name), str(directory), "-o", str(tmp_path / "fused"))
+    assert result.returncode == 0, result.stderr
+    fused, processor = mlx_vlm_load(str(tmp_path / "fused"))
+    inputs = _inputs(fused, processor)
+    np.testing.assert_allclose(_logits(fused, inputs), _logits(model, inputs), atol=1e-4)
+    prompt = apply_chat_template(processor, fused.config, "describe the image", num_images=1)
+    out = generate(fused, processor, prompt, image=[_image()], max_tokens=4, verbose=False)
+    assert out.generation_tokens > 0
+
+
+def test_apply_writes_mlx_vlm_keys_and_plan_says_why_not_when_they_do_not_fit(tmp_path):
+    spec = SPECS / "vlm-towers.aspec"
+    result = _cli("apply", str(MODELS / "tiny-gemma3"), str(spec), "-o", str(tmp_path / "a"))
+    assert result.returncode == 0, result.stderr
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["adapterspec"]["mlx_vlm_compatible"] is False
+    assert "lora_parameters" not in config
+    assert config["adapterspec"]["mlx_lm_compatible"] is False
+    plan = _cli("plan", str(MODELS / "tiny-gemma3"), str(spec))
+    assert "mlx-vlm compatible: no — it trains some modules fully" in plan.stdout
+    fresh, _ = load_model(MODELS / "tiny-gemma3")
+    loaded = adapterspec.load_adapters(fresh, tmp_path / "a")
+    assert len(loaded.entries) == 15
+
+
+def test_without_mlx_vlm_a_vlm_directory_names_the_extra(tmp_path):
+    code = (
+        "import sys\nsys.modules['mlx_vlm'] = None\n"
+        "from adapterspec.cli import main\n"
+        f"sys.exit(main(['apply', {str(MODELS / 'tiny-paligemma')!r}, {str(SPECS / 'vlm-towers.aspec')!r}, "
+        f"'-o', {str(tmp_path / 'out')!r}]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "vision-language model, which needs mlx-vlm" in result.stderr
+    assert "adapterspec[vlm]" in result.stderr
+    assert "Traceback" not in result.stderr
