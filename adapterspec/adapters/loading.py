@@ -78,3 +78,15 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
         raise UserError(
             f"{path}: cannot load the tokenizer: {e}", help="the directory needs tokenizer.json or tokenizer.model"
         ) from e
+
+
+def vision_language(model: Any, config: dict) -> bool:
+    """Whether a model load_model built is a vision-language model (built by mlx-vlm)."""
+    return is_vlm_dir(config, ModuleIndex.from_module(model))
+
+
+def load_processor(path: str | os.PathLike, config: dict) -> Any:
+    """mlx-vlm's processor of a vision-language model directory (tokenizer, image processor; no download)."""
+    from .vlm import load_vlm_processor
+
+    return load_vlm_processor(resolve_model_path(path), config)
