@@ -124,3 +124,30 @@ def test_an_mlx_vlm_architecture_is_accepted_without_importing_anything(tmp_path
     assert result.returncode == 0, result.stderr
     assert "LOADED []" in result.stdout
     assert "mlx-vlm compatible: no" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("name", "vision_blocks"),
+    [("tiny-qwen2-vl", "vision_tower.blocks"), ("tiny-paligemma", "vision_tower.vision_model.encoder.layers")],
+)
+def test_layers_means_each_towers_block_list(name, vision_blocks):
+    """`layers` selects the vision tower's block list whatever its name, and the language model's; the roles
+    resolve in both towers, and one selector reaching both is warned about (AS307)."""
+    index = ModuleIndex.from_model_dir(MODELS / name)
+    text = "adapterspec 1\n\n/vision_tower.**.layers[-1].**@attention: lora(r=4)\n"
+    plan = plan_spec(text, index, "v.aspec")
+    assert plan.entries and all(e.path.startswith(f"{vision_blocks}.1.") for e in plan.entries)
+    both = plan_spec("adapterspec 1\n\nlayers[-1].**@attention: lora(r=4)\n", index, "b.aspec")
+    roots = {e.path.split(".")[0] for e in both.entries}
+    assert roots == {"language_model", "vision_tower"}
+    assert any(e.path.startswith(f"{vision_blocks}.1.") for e in both.entries)
+    assert any(e.path.startswith("language_model.model.layers.1.self_attn.") for e in both.entries)
+    assert "AS307" in {d.code for d in both.diagnostics}
+
+
+def test_tree_marks_the_vision_towers_block_list(capsys):
+    from adapterspec.cli import main
+
+    assert main(["tree", str(MODELS / "tiny-qwen2-vl")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any("blocks  list[2]  (layers)" in line for line in lines)
