@@ -146,3 +146,21 @@ def test_without_mlx_vlm_a_vlm_directory_names_the_extra(tmp_path):
     assert "vision-language model, which needs mlx-vlm" in result.stderr
     assert "adapterspec[vlm]" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("name", VLMS)
+def test_example_vlms_are_what_their_script_writes(name, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("adapterspec_example_vlms", MODELS / "make_vlms.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    written = script.make_vlm(script.EXAMPLE_VLMS[name], tmp_path / name)
+    shipped = MODELS / name
+    assert sorted(p.name for p in written.iterdir()) == sorted(p.name for p in shipped.iterdir())
+    for file in shipped.iterdir():
+        if file.suffix != ".safetensors":
+            assert (written / file.name).read_bytes() == file.read_bytes(), file.name
+    ours, theirs = mx.load(str(written / "model.safetensors")), mx.load(str(shipped / "model.safetensors"))
+    assert ours.keys() == theirs.keys()
+    assert all(mx.array_equal(ours[k], theirs[k]).item() for k in ours)

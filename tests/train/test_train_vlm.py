@@ -131,3 +131,17 @@ def test_two_processes_train_a_vlm_to_the_adapters_of_one(tmp_path):
     assert expected.keys() == actual.keys()
     for key in expected:
         assert mx.allclose(actual[key], expected[key], atol=1e-4, rtol=1e-3).item(), key
+
+
+def test_example_vlm_data_is_what_its_script_writes(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("adapterspec_example_vlm_data", DATA / "make_data.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.make_data(tmp_path)
+    for split in ("train", "valid", "test"):
+        assert (tmp_path / f"{split}.jsonl").read_text() == (DATA / f"{split}.jsonl").read_text()
+    images = sorted(p.name for p in (DATA / "images").iterdir())
+    assert images == sorted(p.name for p in (tmp_path / "images").iterdir()) and len(images) == 96
+    assert all((tmp_path / "images" / n).read_bytes() == (DATA / "images" / n).read_bytes() for n in images)
