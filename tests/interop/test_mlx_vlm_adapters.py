@@ -72,3 +72,16 @@ def test_import_translates_the_mlx_vlm_config_into_a_spec(theirs):
     assert result.returncode == 0, result.stderr
     assert "/vision_tower.blocks.1.attn.qkv: lora(r=4, scale=2.0, dropout=0.0)" in result.stdout
     assert "/language_model.model.layers.1.self_attn.v_proj: lora(r=4, scale=2.0, dropout=0.0)" in result.stdout
+
+
+def test_peft_export_of_a_vlm_is_refused_with_the_reason(theirs, tmp_path):
+    directory, _, _ = theirs
+    result = subprocess.run(
+        [sys.executable, "-m", "adapterspec", "export", "peft", str(QWEN), str(directory), "-o", str(tmp_path / "p")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "a vision-language model; adapterspec cannot export PEFT adapters for it yet" in result.stderr
+    assert not (tmp_path / "p").exists()
