@@ -164,3 +164,36 @@ def test_example_vlms_are_what_their_script_writes(name, tmp_path):
     ours, theirs = mx.load(str(written / "model.safetensors")), mx.load(str(shipped / "model.safetensors"))
     assert ours.keys() == theirs.keys()
     assert all(mx.array_equal(ours[k], theirs[k]).item() for k in ours)
+
+
+def test_a_vlm_quantized_by_mlx_vlm_trains_loads_in_mlx_vlm_and_fuses(tmp_path):
+    """mlx_vlm.convert -q quantizes the language model and leaves the vision tower dense; adapters on both
+    (QLoRA on the language model) load in mlx-vlm to adapterspec's outputs, and the fused model generates."""
+    import contextlib
+    import io
+
+    from mlx_vlm import convert, generate
+
+    quantized = tmp_path / "q4"
+    with contextlib.redirect_stdout(io.StringIO()):
+        convert(str(MODELS / "tiny-qwen2-vl"), str(quantized), quantize=True, q_group_size=32, q_bits=4)
+    index = ModuleIndex.from_model_dir(quantized)
+    assert index["language_model.model.layers.0.self_attn.q_proj"].bits == 4
+    assert index["vision_tower.blocks.0.attn.qkv"].bits is None
+    model, _ = load_model(quantized)
+    plan = adapterspec.apply(model, adapterspec.parse_spec(ONE_RANK["tiny-qwen2-vl"]))
+    mx.random.seed(1)
+    model.load_weights(
+        [(k, mx.random.normal(v.shape) * 0.005) for k, v in tree_flatten(model.trainable_parameters())], strict=False
+    )
+    model.eval()
+    adapterspec.save_adapters(model, plan, tmp_path / "adapters")
+    theirs, processor = mlx_vlm_load(str(quantized), adapter_path=str(tmp_path / "adapters"))
+    inputs = _inputs(theirs, processor)
+    np.testing.assert_allclose(_logits(theirs, inputs), _logits(model, inputs), atol=1e-4)
+    result = _cli("fuse", str(quantized), str(tmp_path / "adapters"), "-o", str(tmp_path / "fused"))
+    assert result.returncode == 0, result.stderr
+    fused, processor = mlx_vlm_load(str(tmp_path / "fused"))
+    assert ModuleIndex.from_model_dir(tmp_path / "fused")["language_model.model.layers.0.self_attn.q_proj"].bits == 4
+    prompt = apply_chat_template(processor, fused.config, "describe the image", num_images=1)
+    assert generate(fused, processor, prompt, image=[_image()], max_tokens=4, verbose=False).generation_tokens > 0
