@@ -145,3 +145,11 @@ def test_example_vlm_data_is_what_its_script_writes(tmp_path):
     images = sorted(p.name for p in (DATA / "images").iterdir())
     assert images == sorted(p.name for p in (tmp_path / "images").iterdir()) and len(images) == 96
     assert all((tmp_path / "images" / n).read_bytes() == (DATA / "images" / n).read_bytes() for n in images)
+
+
+def test_mask_prompt_trains_on_the_answers_only(tmp_path):
+    """--mask-prompt is mlx-vlm's train_on_completions: the loss counts the assistant's tokens, not the prompt's
+    (the question and the image tokens)."""
+    every = train(tmp_path / "all", iters=2, save_every=2)
+    answers = train(tmp_path / "answers", iters=2, save_every=2, mask_prompt=True)
+    assert 0 < answers.trained_tokens < every.trained_tokens / 2
