@@ -50,6 +50,7 @@ def module_rows(plan) -> list[list[object]]:
 
 def render(plan, verbose: bool) -> str:
     from ..model.mlxlm import mlx_lm_config
+    from ..model.vlm import is_vlm_index, mlx_vlm_config
 
     out = [
         format_table(
@@ -77,6 +78,17 @@ def render(plan, verbose: bool) -> str:
             f"mlx-lm compatible: yes (fine_tune_type={fit.config['fine_tune_type']}, "
             f"num_layers={fit.config['num_layers']}, rank={params['rank']}, keys={len(params['keys'])})"
         )
+    elif is_vlm_index(plan.index):
+        vlm_fit = mlx_vlm_config(plan)
+        if vlm_fit.compatible:
+            params = vlm_fit.config["lora_parameters"]
+            out.append(
+                f"mlx-vlm compatible: yes (fine_tune_type={vlm_fit.config['fine_tune_type']}, "
+                f"rank={params['rank']}, keys={len(params['keys'])})"
+            )
+        else:
+            out.append("mlx-vlm compatible: no — " + "; ".join(vlm_fit.reasons))
+            out.append("  (adapterspec.load_adapters and 'adapterspec fuse' still read these adapters)")
     else:
         out.append("mlx-lm compatible: no — " + "; ".join(fit.reasons))
         out.append("  (adapterspec.load_adapters and 'adapterspec fuse' still read these adapters)")

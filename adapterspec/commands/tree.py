@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import EXIT_ERRORS, EXIT_OK
-from ..model.blocks import BLOCKS_ALIAS
+from ..model.blocks import BLOCKS_ALIAS, block_lists
 from ..model.roles import module_roles
 from .common import describe_shape, model_index, print_diagnostics
 
@@ -116,7 +116,7 @@ class TreePrinter:
             )
             if info.path in self.roles:  # what the role type filters select, e.g. `**@attention`
                 details += "  " + " ".join(f"@{r}" for r in self.roles[info.path])
-            if info.path == self.index.block_list and info.name != BLOCKS_ALIAS:
+            if info.path in block_lists(self.index) and info.name != BLOCKS_ALIAS:
                 details += f"  ({BLOCKS_ALIAS})"  # what the selector segment `layers` means in this model
             self.lines.append(f"{prefix}{'└── ' if last else '├── '}{mark}{name}  {details}")
             self.walk(info.path, prefix + ("    " if last else "│   "))

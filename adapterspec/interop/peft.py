@@ -61,6 +61,8 @@ def import_peft(
             help="pass --model MODEL (the mlx-lm model directory the adapter is for)",
         )
     index = ModuleIndex.from_model_dir(model_dir) if model_dir else None
+    if index is not None:
+        refuse_vlm(index, model_dir, "import")
     source = Path(path).name if Path(path).is_dir() else str(Path(path).name)
     if index is not None:
         layout = layout or import_layout(config, path, model_dir, index)
@@ -196,6 +198,7 @@ def export_peft(
 
     model_dir = resolve_model_path(model)
     index = ModuleIndex.from_model_dir(model_dir)
+    refuse_vlm(index, model_dir, "export")
     plan, _ = plan_of(read_adapter_config(adapters), index, adapters)
     weights_file = check_weights_file(Path(adapters) / ADAPTER_WEIGHTS)
     weights = read_weights(weights_file)
@@ -219,3 +222,18 @@ def export_peft(
         mx.save_safetensors(str(tmp / WEIGHTS_FILE), tensors, metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(peft, indent=2) + "\n", encoding="utf-8")
     return peft, findings
+
+
+def refuse_vlm(index: ModuleIndex, model_dir, verb: str) -> None:
+    """PEFT's names for a vision-language model are transformers' (`model.visual.blocks…`), not mlx-vlm's module
+    paths, and no table between them exists here yet: refused rather than written under names PEFT would not find."""
+    from ..model.vlm import is_vlm_index
+
+    if is_vlm_index(index):
+        raise UserError(
+            f"{model_dir}: a vision-language model; adapterspec cannot {verb} PEFT adapters for it yet "
+            "(transformers names its modules differently from mlx-vlm)",
+            help="mlx-vlm loads adapterspec's adapter directories directly (see 'plan': mlx-vlm compatible)"
+            if verb == "export"
+            else "adapter directories written by mlx-vlm's trainer import with 'adapterspec import mlx-lm'",
+        )

@@ -27,8 +27,10 @@ DAMAGED_HELP = "the adapter directory is damaged: write it again with 'adaptersp
 
 
 def adapter_config(plan: Plan, extra: Optional[dict] = None) -> dict:
-    """The adapter_config.json of a plan: our section, plus mlx-lm's keys when the plan fits them."""
+    """The adapter_config.json of a plan: our section, plus mlx-lm's keys when the plan fits them (mlx-vlm's for a
+    vision-language model)."""
     from .mlxlm import mlx_lm_config
+    from .vlm import is_vlm_index, mlx_vlm_config
 
     fit = mlx_lm_config(plan, plan.index)
     plan_json = plan.to_json()
@@ -46,6 +48,13 @@ def adapter_config(plan: Plan, extra: Optional[dict] = None) -> dict:
     config: dict = {"adapterspec": ours}
     if fit.compatible:
         config.update(fit.config)
+    elif is_vlm_index(plan.index):
+        vlm_fit = mlx_vlm_config(plan)
+        ours["mlx_vlm_compatible"] = vlm_fit.compatible
+        if vlm_fit.compatible:
+            config.update(vlm_fit.config)
+        else:
+            ours["mlx_vlm_incompatible_because"] = vlm_fit.reasons
     if extra:
         config.update(extra)
     return config

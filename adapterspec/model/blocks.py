@@ -9,6 +9,7 @@ vision or audio tower, the shallowest and then the one holding the most paramete
 from __future__ import annotations
 
 import re
+import weakref
 from typing import Iterable
 
 # the names mlx-lm's architectures give their block list, best first
@@ -47,6 +48,27 @@ def guess_block_list(infos: Iterable) -> str | None:
         )
 
     return min(candidates, key=rank)
+
+
+_BLOCK_LISTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def block_lists(index) -> frozenset[str]:
+    """Every list the selector segment `layers` matches: the model's block list, and in a vision-language model
+    (a `language_model` beside other towers) the block list of each other tower (`vision_tower.blocks`,
+    `vision_tower.vision_model.encoder.layers`); once per index."""
+    found = _BLOCK_LISTS.get(index)
+    if found is None:
+        paths = {index.block_list} if index.block_list else set()
+        roots = [info for info in index.children("") if info.family == "container"]
+        if any(root.name == "language_model" for root in roots):
+            for root in roots:
+                if root.name != "language_model" and not (index.block_list or "").startswith(root.path + "."):
+                    tower = guess_block_list(index.descendants(root.path))
+                    if tower:
+                        paths.add(tower)
+        found = _BLOCK_LISTS[index] = frozenset(paths)
+    return found
 
 
 def live_block_list(model, paths_by_id: dict[int, str], list_paths: set[str]) -> str | None:

@@ -100,6 +100,8 @@ def _check_model_type(config: dict, path: Path) -> None:
     if not isinstance(model_type, str) or not MODEL_TYPE.fullmatch(model_type):
         raise config_error(path, f"'model_type' is {_show(model_type)}, not an architecture name")
     problem = mlx_lm_model_problem(model_type)
+    if problem and is_vlm_config(config):
+        problem = mlx_vlm_model_problem(model_type)
     if problem:
         raise config_error(path, f"model_type '{model_type}': {problem}", help="check 'model_type', or upgrade mlx-lm")
 
@@ -107,10 +109,10 @@ def _check_model_type(config: dict, path: Path) -> None:
 def mlx_lm_model_problem(model_type: str) -> str | None:
     """Why the installed mlx-lm cannot build `model_type` (read from its files, nothing imported); None if it can,
     or when mlx-lm is not installed (the light install cannot tell)."""
-    package = _mlx_lm_dir()
+    package = _package_dir("mlx_lm")
     if package is None:
         return None
-    name = _mlx_lm_remapping(package).get(model_type, model_type)
+    name = _remapping(package).get(model_type, model_type)
     source = mlx_lm_model_source(model_type)
     if source is None:
         return "mlx-lm has no such architecture"
@@ -121,17 +123,34 @@ def mlx_lm_model_problem(model_type: str) -> str | None:
 
 def mlx_lm_model_source(model_type: str) -> str | None:
     """The source of the installed mlx-lm's module for `model_type` (read, not imported); None without one."""
-    package = _mlx_lm_dir()
+    package = _package_dir("mlx_lm")
     if package is None or not MODEL_TYPE.fullmatch(model_type):
         return None
-    module = package / "models" / f"{_mlx_lm_remapping(package).get(model_type, model_type)}.py"
+    module = package / "models" / f"{_remapping(package).get(model_type, model_type)}.py"
     return module.read_text(encoding="utf-8", errors="replace") if module.is_file() else None
 
 
-def _mlx_lm_dir() -> Path | None:
-    """mlx-lm's package directory, found on sys.path without importing anything (nor asking the import system)."""
+def is_vlm_config(config: Any) -> bool:
+    """config.json describes a vision-language model: it has a vision_config section, as mlx-vlm's do."""
+    return isinstance(config, dict) and isinstance(config.get("vision_config"), dict)
+
+
+def mlx_vlm_model_problem(model_type: str) -> str | None:
+    """Why the installed mlx-vlm cannot build `model_type` (read from its files); None if it can, or when mlx-vlm
+    is not installed."""
+    package = _package_dir("mlx_vlm")
+    if package is None:
+        return None
+    name = _remapping(package).get(model_type.lower(), model_type.lower())
+    if not (package / "models" / name / "__init__.py").is_file():
+        return "neither mlx-lm nor mlx-vlm has such an architecture"
+    return None
+
+
+def _package_dir(name: str) -> Path | None:
+    """An installed package's directory, found on sys.path without importing anything (nor asking the import system)."""
     for entry in sys.path:
-        candidate = Path(entry or ".") / "mlx_lm"
+        candidate = Path(entry or ".") / name
         if (candidate / "__init__.py").is_file():
             return candidate
     return None
@@ -140,8 +159,8 @@ def _mlx_lm_dir() -> Path | None:
 _REMAPPINGS: dict[Path, dict[str, str]] = {}
 
 
-def _mlx_lm_remapping(package: Path) -> dict[str, str]:
-    """mlx-lm's MODEL_REMAPPING (model types built by another module), read from its source as a literal."""
+def _remapping(package: Path) -> dict[str, str]:
+    """The package's MODEL_REMAPPING in utils.py (model types built by another module), read as a literal."""
     if package not in _REMAPPINGS:
         found: dict[str, str] = {}
         try:

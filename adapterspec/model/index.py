@@ -46,7 +46,7 @@ EMBEDDING_NAMES = frozenset(
     {
         "embed_tokens", "embed_tokens_per_layer", "embed", "embed_in", "embedding", "embeddings",
         "word_embeddings", "token_embeddings", "tok_embeddings", "wte", "wpe", "embed_positions",
-        "position_embeddings", "position_embedding_table", "token_type_embeddings",
+        "position_embeddings", "position_embedding", "position_embedding_table", "token_type_embeddings",
     }
 )  # fmt: skip
 HEAD_NAMES = frozenset({"lm_head", "embed_out"})

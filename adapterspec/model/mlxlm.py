@@ -10,6 +10,7 @@ from .families import weight_read_by_model
 from .index import ModuleIndex
 from .kinds import DORA_KINDS, KINDS
 from .names import name_problem, number_problem, shown, type_name
+from .vlm import is_vlm_index
 
 if TYPE_CHECKING:
     from .plan import Plan
@@ -69,6 +70,8 @@ class MlxLmFit:
 def mlx_lm_config(plan: Plan, index: ModuleIndex) -> MlxLmFit:
     """The mlx-lm `adapter_config.json` keys that make mlx-lm build exactly this plan's adapters."""
     entries = plan.entries
+    if is_vlm_index(index):
+        return MlxLmFit(None, ["it is a vision-language model, which mlx-vlm loads (not mlx-lm)"])
     reasons = []
     if not entries:
         reasons.append("the plan adapts no module")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from ..language import syntax as ast
-from .blocks import BLOCKS_ALIAS
+from .blocks import BLOCKS_ALIAS, block_lists
 
 
 @dataclass(frozen=True)
@@ -173,14 +173,14 @@ _TREES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def _tree(index) -> dict[str, list[tuple[str, str, bool, str | None]]]:
     """Parent path → its children as (path, name, is list, other name), in natural order; built once per index.
 
-    The other name is `layers` for the model's block list when it has another name (`h`, `blocks`)."""
+    The other name is `layers` for the model's block lists when they have another name (`h`, `blocks`)."""
     tree = _TREES.get(index)
     if tree is None:
         tree = {}
-        blocks = getattr(index, "block_list", None)
+        blocks = block_lists(index)
         for info in index:
             if info.path and info.parent != info.path:  # an odd path can never be its own child: no endless walk
-                alias = BLOCKS_ALIAS if info.path == blocks and info.name != BLOCKS_ALIAS else None
+                alias = BLOCKS_ALIAS if info.path in blocks and info.name != BLOCKS_ALIAS else None
                 tree.setdefault(info.parent, []).append((info.path, info.name, info.family == "list", alias))
         _TREES[index] = tree
     return tree

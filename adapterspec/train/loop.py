@@ -65,6 +65,8 @@ def fit(
     start: Optional[StartState] = None,
     save: Optional[Callable] = None,
     loss=None,
+    batches: Optional[Callable] = None,
+    compiled: bool = True,
 ) -> TrainResult:
     """mlx-lm's `train()` loop, started at `start.step`: same batches, loss, compiled step, reports and evals.
 
@@ -72,6 +74,8 @@ def fit(
     replayed up to the start step; with several processes (or gradient accumulation) gradients are
     weighted by their token counts, so that N processes equal one process with the same global batch;
     `save(step, grad_accum, accum_tokens, trained_tokens)` is called every `steps_per_save` steps and at the end.
+    `batches` replaces mlx-lm's batching (a vision-language model's, `vlm_data.vlm_batches`), with the same
+    arguments; `compiled=False` runs the step uncompiled (mlx-vlm's models read array values while building inputs).
     """
     import mlx.core as mx
     import mlx.nn as nn
@@ -95,7 +99,6 @@ def fit(
 
     state = [model.state, optimizer.state, mx.random.state]
 
-    @partial(mx.compile, inputs=state, outputs=state)
     def step(batch, prev_grad, prev_tokens, do_update):
         (lvalue, toks), grad = loss_value_and_grad(model, *batch)
         tokens = toks.astype(mx.float32)
@@ -113,7 +116,9 @@ def fit(
             return lvalue, toks, None, None
         return lvalue, toks, grad, tokens
 
-    order = partial(seeded_batches, seed=seed)
+    if compiled:
+        step = partial(mx.compile, inputs=state, outputs=state)(step)
+    order = partial(batches or seeded_batches, seed=seed)
     batches = skip(order(train_set, args.batch_size, args.max_seq_length, loop=True, comm_group=world), start.step)
     result = TrainResult(step=start.step, resumed_from=start.step or None, trained_tokens=0)
 
@@ -183,9 +188,9 @@ def fit(
     return result
 
 
-def evaluate_split(model, dataset, options: TrainOptions, num_batches: int) -> float:
+def evaluate_split(model, dataset, options: TrainOptions, num_batches: int, loss=None, batches=None) -> float:
     """mlx-lm's `evaluate` over `num_batches` batches (-1: all) in the seeded order; token-weighted mean loss."""
-    from mlx_lm.tuner.trainer import evaluate
+    from mlx_lm.tuner.trainer import default_loss, evaluate
 
     from .data import seeded_batches
 
@@ -195,7 +200,8 @@ def evaluate_split(model, dataset, options: TrainOptions, num_batches: int) -> f
         options.batch_size,
         num_batches,
         options.max_seq_length,
-        iterate_batches=partial(seeded_batches, seed=options.seed),
+        loss=loss or default_loss,
+        iterate_batches=partial(batches or seeded_batches, seed=options.seed),
     )
 
 

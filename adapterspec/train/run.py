@@ -118,7 +118,7 @@ def run(options: TrainOptions, *, stream=None, training_callback=None) -> TrainR
     import mlx.core as mx
 
     from ..adapters.install import apply, plan_for_model
-    from ..adapters.loading import load_model, load_tokenizer
+    from ..adapters.loading import load_model, load_processor, load_tokenizer, vision_language
     from ..model.files import resolve_model_path
     from .checkpoint import prune, publish, save_checkpoint, trainer_arrays
     from .data import check_local_data, load_datasets
@@ -135,9 +135,16 @@ def run(options: TrainOptions, *, stream=None, training_callback=None) -> TrainR
     model_dir = resolve_model_path(options.model)
     if options.data and Path(options.data).exists():
         check_local_data(Path(options.data), options)  # before the model loads: a broken file is found at once
-    model, _config = load_model(model_dir)
-    tokenizer = load_tokenizer(model_dir)
-    train_set, valid_set, test_set = load_datasets(options, tokenizer)
+    model, config = load_model(model_dir)
+    vlm = vision_language(model, config)
+    if vlm:
+        from .vlm_data import load_vlm_datasets, vlm_batches, vlm_loss
+
+        train_set, valid_set, test_set = load_vlm_datasets(options, model, load_processor(model_dir, config))
+        pieces = {"loss": vlm_loss, "batches": vlm_batches}
+    else:
+        train_set, valid_set, test_set = load_datasets(options, load_tokenizer(model_dir))
+        pieces = {}
     plan = plan_for_model(model, spec)
     if rank == 0:
         print_warnings(spec_warnings + plan.diagnostics, spec_text)
@@ -211,12 +218,14 @@ def run(options: TrainOptions, *, stream=None, training_callback=None) -> TrainR
         report=report,
         start=start,
         save=save,
+        compiled=not vlm,
+        **pieces,
     )
     if result.step == start.step:
         save(start.step, start.grad_accum, start.accum_tokens, start.trained_tokens)
     result.out, result.model, result.plan = out, model, plan
     if options.test:
-        result.test_loss = evaluate_split(model, test_set, options, options.test_batches)
+        result.test_loss = evaluate_split(model, test_set, options, options.test_batches, **pieces)
         report.on_test(result.test_loss)
     return result
 
