@@ -154,7 +154,7 @@ def _module_problem(module: dict) -> Optional[str]:
     checks = {"r": {"whole": True, "positive": True}, "scale": {}, "dropout": {"below_one": True}}
     for key, wanted in checks.items():
         value = module.get(key)
-        if value is None and adapter == "full":
+        if value is None and (adapter == "full" or KINDS.get(adapter) and KINDS[adapter].transform == "tokens"):
             continue
         if value is None and key == "dropout":
             continue

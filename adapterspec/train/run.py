@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import EXIT_ERRORS, UserError
+from .groups import group_table
 from .loop import TrainResult, build_optimizer, evaluate_split, fit, training_args
 from .options import TrainOptions
 from .state import StartState, put_weights, rank0_outcome, resume, rng_key
@@ -25,7 +26,10 @@ def run_identity(options: TrainOptions, plan, train_set) -> dict:
         **options.trajectory(),
         "train_examples": len(train_set),
         "train_sha256": data_fingerprint(options.data),
-        "plan": [[e.path, e.adapter, e.r, e.scale, e.dropout] for e in plan.entries],
+        "plan": [
+            [e.path, e.adapter, e.r, e.scale, e.dropout, *([e.training_json()] if e.training_json() else [])]
+            for e in plan.entries
+        ],
     }
 
 
@@ -145,7 +149,7 @@ def run(options: TrainOptions, *, stream=None, training_callback=None) -> TrainR
     apply(model, plan)
     out = Path(options.adapter_path)
     report = ProgressReport(options.iters, rank=rank, stream=stream, then=training_callback)
-    optimizer = build_optimizer(options)
+    optimizer = build_optimizer(options, plan, model.trainable_parameters())
     optimizer.init(model.trainable_parameters())
     identity = run_identity(options, plan, train_set)
 
@@ -172,6 +176,8 @@ def run(options: TrainOptions, *, stream=None, training_callback=None) -> TrainR
     sizes = tuple(len(s) if s is not None else 0 for s in (train_set, valid_set, test_set))
     for line in header_lines(options, plan, sizes, world_size):
         report.print(line)
+    for group, count in group_table(plan, model.trainable_parameters()):
+        report.print(f"group      {group.describe()}: {count:,} parameters")
 
     config_summary = {
         "model": str(options.model),
