@@ -10,8 +10,8 @@ from ..language.checks import overridden, overriding_rules
 from ..language.codes import diagnostic
 from ..language.diagnostics import Diagnostic, Span, SpecError, sort_key
 from ..language.lint import parse_spec
-from ..language.validate import BASE_CHANGING_INITS
 from ..language.spec import Rule, Spec
+from ..language.validate import BASE_CHANGING_INITS
 from .index import ModuleIndex, ModuleInfo
 from .kinds import kind_for
 from .roles import ROLE_FILTERS, roles, routed_experts, routers
