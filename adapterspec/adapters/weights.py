@@ -36,8 +36,9 @@ def save_adapters(
     import mlx.core as mx
 
     from ..outputs import atomic_output_dir
+    from .inits import saved_weights
 
-    weights = adapter_weights(model)
+    weights = saved_weights(model, adapter_weights(model))
     config = adapter_config(plan, extra_config)
     with atomic_output_dir(dest, force=force, protect=protect, produces=ADAPTER_DIR_FILES) as tmp:
         mx.save_safetensors(str(tmp / ADAPTER_WEIGHTS), weights, metadata={"format": "mlx"})

@@ -23,13 +23,40 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_DIR_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG)
 FORMAT = 1
 MAX_CONFIG_BYTES = 16 << 20
+# per-rule settings that change how adapters train, not what they compute: no adapter config but ours carries them
+TRAINING_ONLY = ("lr_scale", "loraplus", "weight_decay")
 DAMAGED_HELP = "the adapter directory is damaged: write it again with 'adapterspec apply' or 'adapterspec train'"
+
+
+def saved_plan(plan: Plan) -> Plan:
+    """The plan an adapter directory stands for: an entry whose init changes the base (PiSSA, OLoRA) is saved as
+    the plain LoRA of rank 2r on the original weights that it equals ([A, A0] and [B, −B0])."""
+    from dataclasses import replace
+
+    from ..language.validate import BASE_CHANGING_INITS
+
+    if not any(e.init in BASE_CHANGING_INITS for e in plan.entries):
+        return plan
+    entries = [
+        replace(e, r=2 * e.r, init="default", trainable=2 * e.trainable) if e.init in BASE_CHANGING_INITS else e
+        for e in plan.entries
+    ]
+    return replace(plan, entries=entries)
+
+
+def conversions(plan: Plan) -> list[dict]:
+    """The entries `saved_plan` writes at twice their rank, with the init and rank they trained at."""
+    from ..language.validate import BASE_CHANGING_INITS
+
+    return [{"path": e.path, "init": e.init, "r": e.r} for e in plan.entries if e.init in BASE_CHANGING_INITS]
 
 
 def adapter_config(plan: Plan, extra: Optional[dict] = None) -> dict:
     """The adapter_config.json of a plan: our section, plus mlx-lm's keys when the plan fits them."""
     from .mlxlm import mlx_lm_config
 
+    converted = conversions(plan)
+    plan = saved_plan(plan)
     fit = mlx_lm_config(plan, plan.index)
     plan_json = plan.to_json()
     plan_json.pop("diagnostics", None)
@@ -43,6 +70,11 @@ def adapter_config(plan: Plan, extra: Optional[dict] = None) -> dict:
     }
     if not fit.compatible:
         ours["mlx_lm_incompatible_because"] = fit.reasons
+    if converted:
+        ours["converted_to_plain_lora"] = converted
+    not_carried = sorted({key for e in plan.entries for key in e.training_json() if key in TRAINING_ONLY})
+    if not_carried:
+        ours["training_settings_not_in_mlx_lm_config"] = not_carried
     config: dict = {"adapterspec": ours}
     if fit.compatible:
         config.update(fit.config)
@@ -195,7 +227,7 @@ def plan_of(config: dict, index: ModuleIndex, directory) -> tuple["Plan", list[s
     file = Path(directory) / ADAPTER_CONFIG
     text, filename, notes = spec_text_of(config, index, str(file))
     try:
-        plan = plan_spec(text, index, filename)
+        plan = saved_plan(plan_spec(text, index, filename))
     except SpecError as error:
         raise UserError(
             f"{file}: the adapters were made for another model: their spec does not plan on it ({error})",

@@ -51,10 +51,11 @@ def prepare_output(out: Path, options: TrainOptions, protect: list) -> None:
         raise
 
 
-def initial_weights(model, path: str) -> None:
+def initial_weights(model, path: str, plan) -> None:
     """--resume-adapter-file: start from given adapter weights (a .safetensors file or an adapter directory)."""
     import mlx.core as mx
 
+    from ..adapters.inits import trained_weights
     from ..model.adapter_format import ADAPTER_WEIGHTS
 
     file = Path(path) / ADAPTER_WEIGHTS if Path(path).is_dir() else Path(path)
@@ -63,7 +64,7 @@ def initial_weights(model, path: str) -> None:
             f"{path}: no adapter weights found",
             help=f"pass a .safetensors file or a directory holding {ADAPTER_WEIGHTS}",
         )
-    put_weights(model, mx.load(str(file)), str(file))
+    put_weights(model, trained_weights(plan, mx.load(str(file))), str(file))
 
 
 def read_spec(path: str):
@@ -154,7 +155,7 @@ def run(options: TrainOptions, *, stream=None, training_callback=None) -> TrainR
     identity = run_identity(options, plan, train_set)
 
     if options.resume:
-        start = resume(model, optimizer, out, identity, world)
+        start = resume(model, optimizer, out, identity, world, plan)
         if start.step > options.iters:
             raise UserError(
                 f"the run in {out} is at step {start.step}, past --iters {options.iters}",
@@ -172,7 +173,7 @@ def run(options: TrainOptions, *, stream=None, training_callback=None) -> TrainR
                 error = failure
         rank0_outcome(error, world)
         if options.resume_adapter_file:
-            initial_weights(model, options.resume_adapter_file)
+            initial_weights(model, options.resume_adapter_file, plan)
     sizes = tuple(len(s) if s is not None else 0 for s in (train_set, valid_set, test_set))
     for line in header_lines(options, plan, sizes, world_size):
         report.print(line)
