@@ -1,6 +1,6 @@
 """How an adapter starts (a rule's `init`): mlx-lm's default, PEFT's gaussian, and PiSSA / OLoRA, which move the
-principal part of W into A and B and leave the base the residual; their saved form (a plain delta on the original
-weights, rank doubled) and the trained factors read back from it."""
+principal part of W into A and B and leave the base the residual; the trained factors read back from their saved
+form (a plain delta on the original weights, rank doubled: `weights.saved_weights`)."""
 
 from __future__ import annotations
 
@@ -68,24 +68,6 @@ def start(entry, base: nn.Module, make: Callable[[nn.Module], nn.Module]) -> nn.
     if entry.init == "gaussian":
         gaussian(adapter, entry.r)
     return adapter
-
-
-def saved_weights(model, weights: dict) -> dict:
-    """The weights to save: an adapter that started from PiSSA / OLoRA factors is written as [A, A0] and [B, −B0],
-    rank 2r, so that original W + scale·(A·B − A0·B0)ᵀ is the trained layer, as mlx-lm and PEFT read it."""
-    from .install import module_at
-
-    saved = dict(weights)
-    for name in weights:
-        if not name.endswith(".lora_a"):
-            continue
-        path = name[: -len(".lora_a")]
-        initial = getattr(module_at(model, path), INITIAL, None)
-        if initial is not None:
-            a0, b0 = initial
-            saved[f"{path}.lora_a"] = mx.concatenate([weights[f"{path}.lora_a"], a0], axis=1)
-            saved[f"{path}.lora_b"] = mx.concatenate([weights[f"{path}.lora_b"], -b0], axis=0)
-    return saved
 
 
 def trained_weights(plan, weights: dict) -> dict:
