@@ -10,12 +10,13 @@ from typing import Optional
 
 from ..errors import UserError
 from ..model.index import ModuleIndex
-from ..model.kinds import KINDS
+from ..model.kinds import KINDS, TOKEN_KINDS
 from ..model.mlxlm import block_list_path
 from ..model.plan import Plan
 from . import peft_match
 from .findings import Finding, note
 from .hf_names import hf_modules
+from .peft_tokens import exported_indices
 from .peft_weights import hf_names_of
 
 
@@ -33,6 +34,8 @@ def wanted_modules(plan: Plan, index: ModuleIndex) -> tuple[dict[str, tuple[int,
         if entry.adapter == "full":
             saved += hf_names_of(entry.path, index)
             continue
+        if entry.adapter in TOKEN_KINDS:  # trainable_token_indices, not a target
+            continue
         if entry.adapter == "dora-embedding":
             raise UserError(
                 f"'{entry.path}' has a {entry.adapter} adapter, which PEFT has no equivalent for",
@@ -47,6 +50,26 @@ def wanted_modules(plan: Plan, index: ModuleIndex) -> tuple[dict[str, tuple[int,
             help="export a plan with one kind, or split it into two specs",
         )
     return adapted, saved, kinds.pop() if kinds else "lora"
+
+
+def exported_init(plan: Plan):
+    """PEFT's init_lora_weights: "gaussian" when every adapter started so, else True (mlx-lm's start is PEFT's
+    default in kind; PiSSA / OLoRA adapters were saved as plain deltas on the original weights)."""
+    inits = {e.init for e in plan.entries if e.adapter not in ("full", *TOKEN_KINDS)}
+    return "gaussian" if inits == {"gaussian"} else True
+
+
+def training_findings(plan: Plan) -> list[Finding]:
+    """Notes for the per-rule training settings a PEFT config does not carry."""
+    keys = sorted({k for e in plan.entries for k in e.training_json() if k in ("lr_scale", "loraplus", "weight_decay")})
+    if not keys:
+        return []
+    return [
+        note(
+            f"the spec's {', '.join(keys)} set how the adapters trained; PEFT's config has no such fields "
+            "(LoRA+ and per-group learning rates are optimizer settings there), so they are not exported"
+        )
+    ]
 
 
 def _leaf(name: str) -> str:
@@ -100,7 +123,8 @@ def peft_config(plan: Plan, index: ModuleIndex, base_model: Optional[str] = None
     """The PEFT LoRA config whose module choice on this model equals the plan's."""
     adapted, saved, kind = wanted_modules(plan, index)
     findings: list[Finding] = []
-    lora_entries = [e for e in plan.entries if e.adapter != "full"]
+    lora_entries = [e for e in plan.entries if e.adapter != "full" and e.adapter not in TOKEN_KINDS]
+    findings += training_findings(plan)
     dropouts = Counter(e.dropout for e in lora_entries)
     if len(dropouts) > 1:
         findings.append(
@@ -121,7 +145,8 @@ def peft_config(plan: Plan, index: ModuleIndex, base_model: Optional[str] = None
         "use_dora": kind == "dora",
         "bias": "none",
         "fan_in_fan_out": False,
-        "init_lora_weights": True,
+        "init_lora_weights": exported_init(plan),
+        "trainable_token_indices": exported_indices(plan, index),
         "modules_to_save": saved or None,
         "exclude_modules": None,
         "layers_to_transform": None,
