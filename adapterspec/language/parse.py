@@ -60,6 +60,7 @@ TERMINAL_WORDS = {
 
 RULE_HELP = "a rule reads SELECTOR: TRANSFORM, e.g. 'self_attn.q_proj: lora(r=8)'"
 INDEX_HELP = "an index reads [*], [3], [-1], [0:8], [-4:], [::2] or [0,5,9]"
+ROWS_HELP = "a row list reads [32000, 32001] or [32000:32008] (rows separated by ',')"
 
 
 class _LineScanner:
@@ -512,6 +513,8 @@ class _SyntaxErrorReport:
             return self.error(
                 "AS104", f"'{bracket}' is not closed", span, f"add the missing '{BRACKET_PAIRS[bracket]}'"
             )
+        if bracket == "[" and "LPAR" in self.passed:
+            return self.error("AS101", f"unexpected {shown} in a row list", span, ROWS_HELP)
         if bracket == "[":
             return self.error("AS101", f"unexpected {shown} in an index", span, INDEX_HELP)
         if bracket == "<":

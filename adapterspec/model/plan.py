@@ -290,6 +290,14 @@ class _Planner:
                 "use init=default or gaussian, or dequantize the model first",
             )
             return False
+        if transform.init in BASE_CHANGING_INITS and transform.scale <= 0:
+            self.report(
+                "AS314",
+                f"init={transform.init} needs a positive scale, got {transform.scale:g}",
+                rule.transform_span,
+                "the principal part moves into the adapter as scale·B·A; give scale > 0 (or alpha)",
+            )
+            return False
         if transform.init in BASE_CHANGING_INITS:
             other = [m for m in reached if transform.kind != "lora" or m.family != "linear"]
             if other:

@@ -481,3 +481,6 @@ def test_pissa_and_olora_only_initialise_lora_on_linear_layers(index):
     )
     assert "AS314" in codes(plan("self_attn.q_proj: dora(init=pissa)\n", index("llama")))
     assert "AS314" in codes(plan("**@switch: lora(init=pissa)\n", index("mixtral")))
+    assert (
+        "needs a positive scale" in only(plan("q_proj: lora(scale=0, init=pissa)\n", index("llama")), "AS314").message
+    )
