@@ -16,7 +16,7 @@ from ..model.plan import Plan
 from . import peft_match
 from .findings import Finding, note
 from .hf_names import hf_modules
-from .peft_tokens import exported_indices
+from .peft_training import exported_indices
 from .peft_weights import hf_names_of
 
 

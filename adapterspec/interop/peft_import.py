@@ -320,9 +320,10 @@ def header(source: str, model: Optional[str], explicit: bool) -> list[str]:
 
 def translate(config: dict, index: Optional[ModuleIndex] = None, **where) -> PeftTranslation:
     """The spec for a PEFT LoRA config (see `_translate`), with a `tokens([...])` rule per trainable_token_indices."""
-    from .peft_tokens import token_rules
+    from .peft_training import token_rules, with_init
 
     translation = _translate(config, index, **where)
+    translation.text = with_init(translation.text, config)
     model_type = index.model_type if index is not None else None
     rules = token_rules(config, lambda name: selector_for(name, model_type))
     if rules:

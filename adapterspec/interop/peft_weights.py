@@ -21,7 +21,7 @@ from ..model.kinds import EMBEDDING_KINDS, KINDS, LINEAR_KINDS, TOKEN_KINDS
 from ..model.plan import Plan, PlanEntry
 from .hf_names import expert_prefix, hf_expert_name, mlx_module
 from .peft_config import PREFIX
-from .peft_tokens import PEFT_SUFFIX, peft_token_key
+from .peft_training import PEFT_SUFFIX, peft_token_key
 
 FACTOR = re.compile(
     r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|"

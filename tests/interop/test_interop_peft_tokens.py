@@ -88,3 +88,17 @@ def test_export_says_which_training_settings_peft_cannot_carry_and_keeps_gaussia
     exported, findings = export_peft(str(base), tmp_path / "ours", tmp_path / "exported")
     assert exported["init_lora_weights"] == "gaussian" and exported["trainable_token_indices"] is None
     assert any("loraplus, lr_scale set how the adapters trained" in f.message for f in findings)
+
+
+def test_a_config_alone_translates_init_and_token_rows():
+    from adapterspec.interop.peft_import import translate
+    from adapterspec.language.lint import lint_text
+
+    config = {
+        "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "init_lora_weights": "gaussian",
+        "trainable_token_indices": {"embed_tokens": [1, 2, 3, 9]},
+    }  # fmt: skip
+    text = translate(config).text
+    assert "defaults lora(r=4, alpha=8, init=gaussian)" in text.splitlines()
+    assert text.splitlines()[-1] == "embed_tokens: tokens([1:4, 9])"
+    assert not [d for d in lint_text(text) if d.is_error]

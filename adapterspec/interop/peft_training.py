@@ -1,4 +1,5 @@
-"""PEFT's `trainable_token_indices` ↔ `tokens([...])` rules and `token_rows` tensors, both ways.
+"""PEFT's `trainable_token_indices` ↔ `tokens([...])` rules and `token_rows` tensors, and `init_lora_weights` ↔
+`init=`, both ways.
 
 PEFT keeps the trained rows' values (not differences) as `<embedding>.token_adapter.trainable_tokens_delta`
 (n, dims), in the order of the indices, as `token_rows` is; a tied output head reads the same tensor."""
@@ -47,6 +48,22 @@ def row_list(rows: list[int]) -> str:
 def token_rules(config: dict, selector_for) -> list[str]:
     """The `tokens([...])` rules a PEFT config's trainable_token_indices stands for (last: they decide)."""
     return [f"{selector_for(name)}: tokens({row_list(rows)})" for name, rows in sorted(token_indices(config).items())]
+
+
+def with_init(text: str, config: dict) -> str:
+    """The spec text with `init=gaussian` on its defaults lines when PEFT's adapter started that way (PiSSA and
+    OLoRA adapters are read as saved: converted ones say `true`, unconverted ones get a note on import)."""
+    if str(config.get("init_lora_weights", True)).lower() != "gaussian":
+        return text
+    lines = []
+    for line in text.split("\n"):
+        for kind in ("lora", "dora"):
+            if line == f"defaults {kind}":
+                line = f"defaults {kind}(init=gaussian)"
+            elif line.startswith(f"defaults {kind}(") and line.endswith(")"):
+                line = line[:-1] + ", init=gaussian)"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def peft_token_key(key: str) -> Optional[str]:
