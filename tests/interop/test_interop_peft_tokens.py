@@ -56,7 +56,7 @@ def test_trainable_token_indices_round_trip(tmp_path, tied):
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "trainable_tokens_delta" in name or "lora_B" in name:
-                parameter.add_(torch.randn_like(parameter) * 0.5)
+                parameter.add_(torch.randn_like(parameter) * 0.1)
     model.save_pretrained(tmp_path / "peft")
     want = logits(model)
     assert np.abs(want - logits(hf_model(base))).max() > 1e-3
@@ -67,13 +67,13 @@ def test_trainable_token_indices_round_trip(tmp_path, tied):
     write_imported_adapters(imported, tmp_path / "peft", tmp_path / "ours")
     ours, _ = load_model(base)
     load_adapters(ours, tmp_path / "ours")
-    np.testing.assert_allclose(mlx_logits(ours), want, atol=LOGITS_ATOL, rtol=0)
+    np.testing.assert_allclose(mlx_logits(ours), want, atol=LOGITS_ATOL, rtol=1e-6)
 
     export_peft(str(base), tmp_path / "ours", tmp_path / "exported")
     exported = json.loads((tmp_path / "exported" / "adapter_config.json").read_text())
     assert exported["trainable_token_indices"] == [5, 300, 301]
     reloaded = peft.PeftModel.from_pretrained(hf_model(base), tmp_path / "exported").eval()
-    np.testing.assert_allclose(logits(reloaded), want, atol=LOGITS_ATOL, rtol=0)
+    np.testing.assert_allclose(logits(reloaded), want, atol=LOGITS_ATOL, rtol=1e-6)
 
 
 def test_export_says_which_training_settings_peft_cannot_carry_and_keeps_gaussian(tmp_path):
