@@ -87,7 +87,22 @@ def grouped_optimizer(make: Callable, name: str, learning_rate, settings: dict, 
             own["weight_decay"] = group.weight_decay
         optimizers.append(make(scaled(learning_rate, group.lr_scale), **own))
     filters = [lambda path, _value, group=group: groups.get(path, RUN_GROUP) == group for group in distinct]
-    return optim.MultiOptimizer(optimizers, filters)
+    return grouped_class(optim.MultiOptimizer)(optimizers, filters)
+
+
+def grouped_class(base: type) -> type:
+    """mlx's MultiOptimizer with the groups' updates joined by path: its own `tree_merge` fails when an earlier
+    group's block list is shorter than a later one's that skips blocks (None against {})."""
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    class GroupedOptimizer(base):
+        def apply_gradients(self, gradients: dict, parameters: dict):
+            flat = []
+            for optimizer, part in zip(self.optimizers, self._split_dictionary(gradients)):
+                flat += tree_flatten(optimizer.apply_gradients(part, parameters))
+            return tree_unflatten(flat)
+
+    return GroupedOptimizer
 
 
 def run_learning_rate(optimizer):

@@ -28,6 +28,7 @@ defaults lora(r=4, scale=2, loraplus=16)
 layers[*].self_attn.<q,v>_proj: lora
 layers[*].mlp.down_proj: lora(lr_scale=0.5, weight_decay=0.25)
 layers[0].input_layernorm: full(lr_scale=0.1)
+layers[-1].mlp.up_proj: lora(lr_scale=3)
 norm: full
 """
 LR = 0.01
@@ -39,7 +40,7 @@ def expected_lr_and_decay(path: str) -> tuple[float, float]:
         return LR * 0.1, 0.0
     if path.startswith("model.norm"):
         return LR, 0.0
-    scale = 0.5 if ".mlp.down_proj." in path else 1.0
+    scale = 0.5 if ".mlp.down_proj." in path else 3.0 if ".mlp.up_proj." in path else 1.0
     loraplus = 16.0 if path.endswith("lora_b") else 1.0
     return LR * scale * loraplus, 0.25 if ".mlp.down_proj." in path else 0.0
 
@@ -55,7 +56,7 @@ def test_each_group_steps_with_its_own_learning_rate_and_weight_decay():
     before = dict(tree_flatten(model.trainable_parameters()))
     options = TrainOptions(model=LLAMA, spec="x", data=DATA, optimizer="sgd", learning_rate=LR)
     optimizer = build_optimizer(options, plan, model.trainable_parameters())
-    assert len(optimizer.optimizers) == 5  # four scaled groups and the run's
+    assert len(optimizer.optimizers) == 7  # six scaled groups and the run's
 
     batch = mx.array([[1, 40, 41, 42, 43, 44, 45, 46, 47, 2]])
     lengths = mx.array([[0, 10]])
@@ -93,7 +94,7 @@ def test_the_run_learning_rate_and_schedules_scale_per_group():
     run_rate = optimizer.optimizers[-1].learning_rate.item()
     assert run_rate == pytest.approx(LR * (1 - 3 / 10))
     rates = sorted(o.learning_rate.item() / run_rate for o in optimizer.optimizers)
-    assert rates == pytest.approx(sorted([0.1, 0.5, 8.0, 16.0, 1.0]))
+    assert rates == pytest.approx(sorted([0.1, 0.5, 8.0, 16.0, 3.0, 48.0, 1.0]))
 
 
 def test_weight_decay_needs_an_optimizer_that_has_it():
