@@ -102,3 +102,27 @@ def test_a_config_alone_translates_init_and_token_rows():
     assert "defaults lora(r=4, alpha=8, init=gaussian)" in text.splitlines()
     assert text.splitlines()[-1] == "embed_tokens: tokens([1:4, 9])"
     assert not [d for d in lint_text(text) if d.is_error]
+
+
+def test_a_pissa_adapter_reaches_peft_as_a_plain_delta_on_the_original_weights(tmp_path):
+    import mlx.core as mx
+
+    from adapterspec.adapters.install import apply
+    from adapterspec.adapters.loading import load_model
+    from adapterspec.adapters.weights import save_adapters
+
+    base = hf_dir(tmp_path, False)
+    model, _ = load_model(base)
+    mx.random.seed(2)
+    plan = apply(model, "self_attn.<q_proj,v_proj>: lora(r=2, alpha=4, init=pissa)\nmlp.down_proj: lora(init=olora)\n")
+    for layer in model.model.layers:  # as if trained: A and B moved away from the principal factors
+        for module in (layer.self_attn.q_proj, layer.self_attn.v_proj, layer.mlp.down_proj):
+            module.lora_a = module.lora_a + 0.05 * mx.random.normal(module.lora_a.shape)
+            module.lora_b = module.lora_b + 0.05 * mx.random.normal(module.lora_b.shape)
+    model.eval()
+    want = mlx_logits(model)
+    save_adapters(model, plan, tmp_path / "ours")
+    exported, _ = export_peft(str(base), tmp_path / "ours", tmp_path / "exported")
+    assert exported["r"] == 4 and exported["init_lora_weights"] is True
+    reloaded = peft.PeftModel.from_pretrained(hf_model(base), tmp_path / "exported").eval()
+    np.testing.assert_allclose(logits(reloaded), want, atol=LOGITS_ATOL, rtol=1e-6)
