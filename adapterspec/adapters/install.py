@@ -19,8 +19,11 @@ def adapter_classes() -> dict[str, type]:
     from .embedding import LoRAEmbedding
     from .lora import LoRALinear
     from .switch import LoRASwitchLinear
+    from .tokens import TokenRows
 
-    return {cls.kind: cls for cls in (LoRALinear, LoRASwitchLinear, LoRAEmbedding, DoRALinear, DoRAEmbedding)}
+    return {
+        cls.kind: cls for cls in (LoRALinear, LoRASwitchLinear, LoRAEmbedding, DoRALinear, DoRAEmbedding, TokenRows)
+    }
 
 
 def from_base(kind: str, base, r: int = 8, scale: float = 20.0, dropout: float = 0.0, freeze_base: bool = True):
@@ -32,12 +35,12 @@ def from_base(kind: str, base, r: int = 8, scale: float = 20.0, dropout: float =
 
 
 def has_adapters(model) -> bool:
-    """Whether any module of the model holds adapter parameters (`lora_a` and `lora_b`)."""
+    """Whether any module of the model holds adapter parameters (`lora_a` and `lora_b`, or `token_rows`)."""
     stack = [model]
     while stack:
         node = stack.pop()
         if isinstance(node, dict):
-            if all(leaf in node for leaf in ADAPTER_LEAVES):
+            if all(leaf in node for leaf in ADAPTER_LEAVES) or "token_rows" in node:
                 return True
             stack.extend(v for v in node.values() if isinstance(v, (dict, list, tuple)))
         else:
@@ -61,17 +64,25 @@ def plan_for_model(model, spec: Union[Spec, str]) -> Plan:
 def build_adapters(model, plan: Plan) -> list[tuple[str, object]]:
     """Every adapter module the plan asks for, built beside the model (the model is not changed:
     the bases are left unfrozen here, `install` freezes the whole base in one pass)."""
+    from .inits import start
+
     refuse_unadaptable(model, plan)
     return [
-        (
-            entry.path,
-            from_base(
-                entry.adapter, module_at(model, entry.path), entry.r, entry.scale, entry.dropout, freeze_base=False
-            ),
-        )
+        (entry.path, start(entry, module_at(model, entry.path), _maker(entry)))
         for entry in plan.entries
         if entry.adapter != "full"
     ]
+
+
+def _maker(entry):
+    """How to build the entry's adapter on a base (the tokens layer takes its rows, the others a rank)."""
+    from ..model.kinds import TOKEN_KINDS
+
+    if entry.adapter in TOKEN_KINDS:
+        from .tokens import TokenRows
+
+        return lambda base: TokenRows.from_base(base, rows=entry.rows, freeze_base=False)
+    return lambda base: from_base(entry.adapter, base, entry.r, entry.scale, entry.dropout, freeze_base=False)
 
 
 def trainable_shapes(model, plan: Plan, adapters: list[tuple[str, object]]) -> dict[str, tuple]:

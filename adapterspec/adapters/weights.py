@@ -37,12 +37,33 @@ def save_adapters(
 
     from ..outputs import atomic_output_dir
 
-    weights = adapter_weights(model)
+    weights = saved_weights(model, adapter_weights(model))
     config = adapter_config(plan, extra_config)
     with atomic_output_dir(dest, force=force, protect=protect, produces=ADAPTER_DIR_FILES) as tmp:
         mx.save_safetensors(str(tmp / ADAPTER_WEIGHTS), weights, metadata={"format": "mlx"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return Path(dest)
+
+
+def saved_weights(model, weights: dict) -> dict:
+    """The weights to save: an adapter that started from PiSSA / OLoRA factors is written as [A, A0] and [B, −B0],
+    rank 2r, so that original W + scale·(A·B − A0·B0)ᵀ is the trained layer, as mlx-lm and PEFT read it."""
+    import mlx.core as mx
+
+    from .inits import INITIAL
+    from .install import module_at
+
+    saved = dict(weights)
+    for name in weights:
+        if not name.endswith(".lora_a"):
+            continue
+        path = name[: -len(".lora_a")]
+        initial = getattr(module_at(model, path), INITIAL, None)
+        if initial is not None:
+            a0, b0 = initial
+            saved[f"{path}.lora_a"] = mx.concatenate([weights[f"{path}.lora_a"], a0], axis=1)
+            saved[f"{path}.lora_b"] = mx.concatenate([weights[f"{path}.lora_b"], -b0], axis=0)
+    return saved
 
 
 def load_adapters(model, path, *, strict: bool = True) -> Plan:

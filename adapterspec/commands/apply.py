@@ -54,7 +54,7 @@ def run(args) -> int:
     from ..adapters.weights import install_weights, save_adapters
     from ..fuse.run import fused_model_files
     from ..language.diagnostics import SpecError
-    from ..model.adapter_format import ADAPTER_DIR_FILES
+    from ..model.adapter_format import ADAPTER_DIR_FILES, saved_plan
     from ..model.files import resolve_model_path
     from ..outputs import check_output_dir
     from .reports import render
@@ -90,6 +90,7 @@ def run(args) -> int:
         print(f"\nwrote fresh adapters (seed {args.seed}) to {args.output}")
         return EXIT_OK
     weights = adapter_weights_file(args.adapters)
+    plan = saved_plan(plan)  # given weights are saved adapters: PiSSA / OLoRA ones as their plain rank-2r delta
     if args.fuse:
         from ..fuse.plan import AdapterSource
         from ..fuse.progress import progress_for

@@ -49,6 +49,7 @@ def module_rows(plan) -> list[list[object]]:
 
 
 def render(plan, verbose: bool) -> str:
+    from ..model.adapter_format import saved_plan
     from ..model.mlxlm import mlx_lm_config
     from ..model.vlm import is_vlm_index, mlx_vlm_config
 
@@ -71,7 +72,10 @@ def render(plan, verbose: bool) -> str:
     total, trainable = plan.total_parameters, plan.trainable_parameters
     share = 100.0 * trainable / total if total else 0.0
     out += ["", f"{len(plan.entries)} modules adapted; trainable parameters: {trainable:,} of {total:,} ({share:.3f}%)"]
-    fit = mlx_lm_config(plan, plan.index)
+    saved = saved_plan(plan)  # what the adapter directory holds (PiSSA / OLoRA: rank 2r on the original weights)
+    fit = mlx_lm_config(saved, plan.index)
+    if saved is not plan:
+        out.append("pissa/olora adapters are saved as plain LoRA of twice their rank on the original weights")
     if fit.compatible:
         params = fit.config["lora_parameters"]
         out.append(

@@ -20,9 +20,9 @@ import mlx.core as mx
 import numpy as np
 
 from ..adapters import fusemath
-from ..model.kinds import DORA_KINDS
+from ..model.kinds import DORA_KINDS, TOKEN_KINDS
 from . import merge_numpy
-from .merge_mlx import adapter_rows, requantize
+from .merge_mlx import adapter_rows, merge, requantize, token_slots
 from .plan import FusePlan, Unit
 from .report import Measurement, Survival
 from .shards import SourceFiles, SourceTensor
@@ -182,6 +182,8 @@ def _rows_array(files: SourceFiles, source: SourceTensor, rows: list[int]) -> mx
 def _row_problem(kind: str, unit: Unit, weight: mx.array, adapters: dict[str, mx.array], rows: list[int]):
     """The weight rows and the adapter slices whose merge gives exactly those rows of the full merge."""
     adapter = {param: adapters[source.name] for param, source in unit.adapter_tensors.items()}
+    if kind in TOKEN_KINDS:
+        adapter["slots"] = token_slots(unit)
     index = mx.array(rows)
     if kind != "switch-lora":
         return weight, adapter_rows(kind, adapter, index)
@@ -194,6 +196,8 @@ def _row_problem(kind: str, unit: Unit, weight: mx.array, adapters: dict[str, mx
 
 
 def _merge(kind: str, weight: mx.array, adapter: dict[str, mx.array], scale: float) -> mx.array:
+    if kind in TOKEN_KINDS:
+        return merge(kind, weight, adapter, scale)
     if kind in DORA_KINDS:
         return fusemath.dora_fused_weight(kind, weight, adapter["lora_a"], adapter["lora_b"], adapter["m"], scale)
     return fusemath.fused_weight(kind, weight, adapter["lora_a"], adapter["lora_b"], scale)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import mlx.core as mx
 
 from ..adapters import fusemath
-from ..model.kinds import DORA_KINDS, EMBEDDING_KINDS
+from ..model.kinds import DORA_KINDS, EMBEDDING_KINDS, TOKEN_KINDS
 
 if TYPE_CHECKING:
     from .plan import Quantization, Unit
@@ -121,10 +121,23 @@ def _merge(kind: str, scale: float, dtype: mx.Dtype) -> Callable:
     return compiled(lambda w, a, b: fusemath.fused_weight(kind, w, a, b, scale).astype(dtype))
 
 
+def token_slots(unit: Unit) -> mx.array:
+    """Per row of a tokens unit's embedding: the position of its trained values in `token_rows`, or −1."""
+    slots = [-1] * unit.logical_shape[0]
+    for slot, row in enumerate(unit.adapter.rows):
+        slots[row] = slot
+    return mx.array(slots, dtype=mx.int32)
+
+
 def merge(
     kind: str, weight: mx.array, adapter: dict[str, mx.array], scale: float, dtype: Optional[mx.Dtype] = None
 ) -> mx.array:
-    """W + ΔW (DoRA: renormalised) through `fusemath`, rounded once to `dtype` (default: the weight's)."""
+    """W + ΔW (DoRA: renormalised) through `fusemath`, rounded once to `dtype` (default: the weight's); for token
+    rows, the rows written (`adapter["slots"]` says which row of `weight` takes which trained row)."""
+    if kind in TOKEN_KINDS:
+        slots = adapter["slots"]
+        written = adapter["token_rows"][mx.maximum(slots, 0)].astype(dtype or weight.dtype)
+        return mx.where((slots >= 0)[:, None], written, weight.astype(dtype or weight.dtype))
     args = (weight, adapter["lora_a"], adapter["lora_b"]) + ((adapter["m"],) if kind in DORA_KINDS else ())
     return _merge(kind, float(scale), dtype or weight.dtype)(*args)
 
@@ -137,6 +150,8 @@ def requantize(weight: mx.array, q: Quantization) -> dict[str, mx.array]:
 
 def adapter_rows(kind: str, adapter: dict[str, mx.array], index) -> dict[str, mx.array]:
     """The adapter tensors that merge into `index` (a slice or indices) along the weight's first axis."""
+    if kind in TOKEN_KINDS:
+        return {"token_rows": adapter["token_rows"], "slots": adapter["slots"][index]}
     a, b = adapter["lora_a"], adapter["lora_b"]
     if kind == "switch-lora":
         return {"lora_a": a[index], "lora_b": b[index]}
@@ -165,6 +180,8 @@ def compute_chunk(
         weight = widen(base["weight"], base["scales"], base.get("biases"), q)
     if unit.adapter is not None:
         adapter = {param: adapters[source.name] for param, source in unit.adapter_tensors.items()}
+        if unit.adapter.kind in TOKEN_KINDS:
+            adapter["slots"] = token_slots(unit)
         if rows is not None:
             adapter = adapter_rows(unit.adapter.kind, adapter, slice(*rows))
         weight = merge(unit.adapter.kind, weight, adapter, unit.adapter.scale, getattr(mx, unit.dense_dtype))

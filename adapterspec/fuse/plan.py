@@ -34,8 +34,11 @@ class AdaptedModule:
     kind: str
     r: Optional[int] = None
     scale: Optional[float] = None
+    rows: Optional[tuple[int, ...]] = None  # the rows a tokens adapter writes
 
     def describe(self) -> str:
+        if self.rows is not None:
+            return f"{self.kind} ({len(self.rows)} rows)"
         return self.kind if self.r is None else f"{self.kind} r={self.r}"
 
 
@@ -56,7 +59,12 @@ class AdapterSource:
         """A plan in memory (`model.plan.Plan`, or its entries' JSON) with the weights file it goes with."""
         entries = plan.to_json()["modules"] if hasattr(plan, "to_json") else plan
         try:
-            modules = tuple(AdaptedModule(m["path"], m["adapter"], m.get("r"), m.get("scale")) for m in entries)
+            modules = tuple(
+                AdaptedModule(
+                    m["path"], m["adapter"], m.get("r"), m.get("scale"), tuple(m["rows"]) if m.get("rows") else None
+                )
+                for m in entries
+            )
         except (KeyError, TypeError) as error:
             raise UserError(f"the adapter config's plan is damaged ({error})") from error
         return cls(modules, Path(weights), Path(weights))
@@ -363,7 +371,8 @@ def _units_for_adapters(adapters: AdapterSource, index, by_name, adapter_sources
                 f"{adapters.origin} was made for another model: '{module.path}' ({module.kind}) is {what} in this model",
                 help="fuse the adapters into the model they were trained on",
             )
-        shapes = kind.shapes(info.input_dims, info.output_dims, module.r, info.num_experts)
+        inner = len(module.rows) if module.rows is not None else module.r
+        shapes = kind.shapes(info.input_dims, info.output_dims, inner, info.num_experts)
         names = {p: f"{module.path}.{p}" for p in kind.params}
         tensors = {}
         for param, name in names.items():

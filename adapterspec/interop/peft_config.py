@@ -219,8 +219,6 @@ def unsupported(config: dict) -> list[Finding]:
         out.append(lossy("lora_bias=true gives lora_B a bias; adapterspec's LoRA has none"))
     if config.get("layer_replication"):
         out.append(lossy("layer_replication duplicates blocks of the base model; a spec cannot"))
-    if config.get("trainable_token_indices"):
-        out.append(lossy("trainable_token_indices trains single embedding rows; a spec cannot"))
     if config.get("alora_invocation_tokens"):
         out.append(lossy("activated LoRA (alora_invocation_tokens) switches the adapter on by token; a spec cannot"))
     if config.get("use_qalora"):

@@ -10,13 +10,14 @@ from typing import Optional
 
 from ..errors import UserError
 from ..model.index import ModuleIndex
-from ..model.kinds import KINDS
+from ..model.kinds import KINDS, TOKEN_KINDS
 from ..model.mlxlm import block_list_path
 from ..model.plan import Plan
 from . import peft_match
 from .findings import Finding, note
 from .fused_experts import fused_params, is_param_targeted, router_params, router_paths
 from .hf_names import hf_modules
+from .peft_training import exported_indices
 from .peft_weights import hf_names_of
 
 
@@ -56,6 +57,8 @@ def wanted_modules(
         if entry.adapter == "full":
             saved += hf_names_of(entry.path, index)
             continue
+        if entry.adapter in TOKEN_KINDS:  # trainable_token_indices, not a target
+            continue
         if entry.adapter == "dora-embedding":
             raise UserError(
                 f"'{entry.path}' has a {entry.adapter} adapter, which PEFT has no equivalent for",
@@ -70,6 +73,26 @@ def wanted_modules(
             help="export a plan with one kind, or split it into two specs",
         )
     return adapted, saved, kinds.pop() if kinds else "lora"
+
+
+def exported_init(plan: Plan):
+    """PEFT's init_lora_weights: "gaussian" when every adapter started so, else True (mlx-lm's start is PEFT's
+    default in kind; PiSSA / OLoRA adapters were saved as plain deltas on the original weights)."""
+    inits = {e.init for e in plan.entries if e.adapter not in ("full", *TOKEN_KINDS)}
+    return "gaussian" if inits == {"gaussian"} else True
+
+
+def training_findings(plan: Plan) -> list[Finding]:
+    """Notes for the per-rule training settings a PEFT config does not carry."""
+    keys = sorted({k for e in plan.entries for k in e.training_json() if k in ("lr_scale", "loraplus", "weight_decay")})
+    if not keys:
+        return []
+    return [
+        note(
+            f"the spec's {', '.join(keys)} set how the adapters trained; PEFT's config has no such fields "
+            "(LoRA+ and per-group learning rates are optimizer settings there), so they are not exported"
+        )
+    ]
 
 
 def _leaf(name: str) -> str:
@@ -166,7 +189,8 @@ def peft_config(
     adapted, saved, kind = wanted_modules(plan, index, layout)
     params = {key: (r, _alpha(r, scale)) for key, (r, scale) in (fused or {}).items()}
     findings: list[Finding] = []
-    lora_entries = [e for e in plan.entries if e.adapter != "full"]
+    lora_entries = [e for e in plan.entries if e.adapter != "full" and e.adapter not in TOKEN_KINDS]
+    findings += training_findings(plan)
     dropouts = Counter(e.dropout for e in lora_entries)
     dropout = dropouts.most_common(1)[0][0] if dropouts else 0.0
     if len(dropouts) > 1:
@@ -198,7 +222,8 @@ def peft_config(
         "use_dora": kind == "dora",
         "bias": "none",
         "fan_in_fan_out": False,
-        "init_lora_weights": True,
+        "init_lora_weights": exported_init(plan),
+        "trainable_token_indices": exported_indices(plan, index),
         "modules_to_save": saved or None,
         "exclude_modules": None,
         "layers_to_transform": None,

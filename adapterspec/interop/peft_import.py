@@ -421,7 +421,20 @@ def header(source: str, model: Optional[str], explicit: bool) -> list[str]:
     return lines
 
 
-def translate(
+def translate(config: dict, index: Optional[ModuleIndex] = None, **where) -> PeftTranslation:
+    """The spec for a PEFT LoRA config (see `_translate`), with a `tokens([...])` rule per trainable_token_indices."""
+    from .peft_training import token_rules, with_init
+
+    translation = _translate(config, index, **where)
+    translation.text = with_init(translation.text, config)
+    model_type = index.model_type if index is not None else None
+    rules = token_rules(config, lambda name: selector_for(name, model_type))
+    if rules:
+        translation.text += "\n".join(rules) + "\n"
+    return translation
+
+
+def _translate(
     config: dict,
     index: Optional[ModuleIndex] = None,
     *,

@@ -17,11 +17,12 @@ import mlx.core as mx
 
 from ..errors import UserError
 from ..model.index import ModuleIndex
-from ..model.kinds import EMBEDDING_KINDS, KINDS, LINEAR_KINDS
+from ..model.kinds import EMBEDDING_KINDS, KINDS, LINEAR_KINDS, TOKEN_KINDS
 from ..model.plan import Plan, PlanEntry
 from .fused_experts import FusedParam, RouterParam, fused_params, nesting_keys, router_params
 from .hf_names import expert_prefix, hf_expert_name, mlx_module
 from .peft_config import PREFIX
+from .peft_training import PEFT_SUFFIX, peft_token_key
 
 FACTOR = re.compile(
     r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|"
@@ -38,6 +39,7 @@ class _Collected:
         self.factors: dict[str, dict[Optional[int], dict[str, mx.array]]] = defaultdict(lambda: defaultdict(dict))
         self.full: dict[str, mx.array] = {}
         self.base_copies: dict[str, mx.array] = {}
+        self.token_rows: dict[str, mx.array] = {}
         self.problems: list[str] = []
         self.fused: dict[str, dict[str, mx.array]] = defaultdict(dict)
         self.head_copies: dict[str, mx.array] = {}
@@ -55,6 +57,9 @@ def _collect(
             out.problems.append(f"'{key}' is a LoRA bias (lora_bias), which adapterspec's LoRA has not")
             continue
         factor = FACTOR.match(hf)
+        if peft_token_key(hf) is not None and peft_token_key(hf) in entries:
+            out.token_rows[peft_token_key(hf)] = value
+            continue
         if factor is None:
             if hf.endswith(".base_layer.weight"):
                 out.base_copies[hf[: -len(".base_layer.weight")]] = value
@@ -101,6 +106,15 @@ def peft_to_adapters(
     fused_paths = {path for param in fused for path in param.mlx_paths} | {r.mlx_path for r in routers}
     for entry in plan.entries:
         if entry.adapter == "full" or entry.path in fused_paths:
+            continue
+        if entry.adapter in TOKEN_KINDS:
+            rows = collected.token_rows.get(entry.path)
+            if rows is None or tuple(rows.shape) != (len(entry.rows), index[entry.path].output_dims):
+                problems.append(
+                    f"the PEFT adapter has no trainable_tokens_delta of {len(entry.rows)} rows for '{entry.path}'"
+                )
+            else:
+                weights[f"{entry.path}.token_rows"] = rows.astype(mx.float32)
             continue
         parts = collected.factors.get(entry.path)
         if not parts:
@@ -254,7 +268,8 @@ def check_adapter_tensors(weights: dict[str, mx.array], plan: Plan, index: Modul
         if entry.adapter == "full":
             continue
         info = index[entry.path]
-        shapes = KINDS[entry.adapter].shapes(info.input_dims, info.output_dims, entry.r, info.num_experts)
+        inner = len(entry.rows) if entry.rows is not None else entry.r
+        shapes = KINDS[entry.adapter].shapes(info.input_dims, info.output_dims, inner, info.num_experts)
         expected.update({f"{entry.path}.{param}": tuple(shape) for param, shape in shapes.items()})
     problems = []
     for name, shape in expected.items():
@@ -288,6 +303,9 @@ def adapters_to_peft(
             for key, value in weights.items():
                 if key.startswith(path + ".") and "." not in key[len(path) + 1 :]:
                     out.update(_full_to_peft(path, key[len(path) + 1 :], value, index))
+            continue
+        if entry.adapter in TOKEN_KINDS:
+            out[f"{PREFIX}{path}{PEFT_SUFFIX}"] = weights[f"{path}.token_rows"]
             continue
         a, b = weights[f"{path}.lora_a"], weights[f"{path}.lora_b"]
         if entry.adapter in LINEAR_KINDS:

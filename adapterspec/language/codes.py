@@ -61,15 +61,21 @@ CODES: dict[str, Code] = {
             "AS201",
             Severity.ERROR,
             "unknown argument",
-            "use one of the transform's arguments (r, scale, alpha, rslora, dropout)",
+            "use one of the transform's arguments (lora: r, scale, alpha, rslora, dropout, init, lr_scale, "
+            "loraplus, weight_decay)",
         ),
-        Code("AS202", Severity.ERROR, "unknown transform", "use lora, dora, full or none"),
+        Code("AS202", Severity.ERROR, "unknown transform", "use lora, dora, tokens, full or none"),
         Code("AS203", Severity.ERROR, "unknown type filter", "use @linear, @switch, @embedding or a class name"),
         Code("AS204", Severity.ERROR, "value of the wrong type", "give the argument a value of its type"),
         Code("AS205", Severity.ERROR, "value out of range", "give the argument a value inside its range"),
         Code("AS206", Severity.ERROR, "both `scale` and `alpha`", "give either scale or alpha"),
         Code("AS207", Severity.ERROR, "`rslora` without `alpha`", "add alpha, or remove rslora"),
-        Code("AS208", Severity.ERROR, "arguments on `full` / `none`", "write full or none alone"),
+        Code(
+            "AS208",
+            Severity.ERROR,
+            "an argument the transform does not take",
+            "full takes lr_scale and weight_decay, tokens a row list too, none nothing",
+        ),
         Code("AS209", Severity.ERROR, "argument given twice", "keep one of the two"),
         Code(
             "AS210",
@@ -81,6 +87,7 @@ CODES: dict[str, Code] = {
         Code("AS212", Severity.ERROR, "`defaults` for `full` / `none`", "delete the defaults line"),
         Code("AS213", Severity.ERROR, "slice step 0", "use a step other than 0"),
         Code("AS214", Severity.ERROR, "no rules", "add a rule such as 'layers[*].self_attn.<q,v>_proj: lora'"),
+        Code("AS215", Severity.ERROR, "`tokens` without rows", "list the rows: tokens([32000, 32001])"),
         Code(
             "AS301",
             Severity.ERROR,
@@ -129,6 +136,24 @@ CODES: dict[str, Code] = {
         ),
         Code(
             "AS312",
+            Severity.ERROR,
+            "token row outside the embedding",
+            "list rows below the embedding's number of rows (the vocabulary size)",
+        ),
+        Code(
+            "AS313",
+            Severity.ERROR,
+            "`tokens` or `init=pissa`/`olora` on quantized weights",
+            "use the default or gaussian init on quantized layers, or dequantize the model first",
+        ),
+        Code(
+            "AS314",
+            Severity.ERROR,
+            "`init=pissa`/`olora` where it cannot apply",
+            "use pissa and olora with lora on Linear layers; other adapters take init=default or gaussian",
+        ),
+        Code(
+            "AS315",
             Severity.ERROR,
             "a module whose class cannot take an adapter",
             "leave the module out with a later 'none' rule",

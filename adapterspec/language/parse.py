@@ -60,6 +60,7 @@ TERMINAL_WORDS = {
 
 RULE_HELP = "a rule reads SELECTOR: TRANSFORM, e.g. 'self_attn.q_proj: lora(r=8)'"
 INDEX_HELP = "an index reads [*], [3], [-1], [0:8], [-4:], [::2] or [0,5,9]"
+ROWS_HELP = "a row list reads [32000, 32001] or [32000:32008] (rows separated by ',')"
 
 
 class _LineScanner:
@@ -307,7 +308,16 @@ class _LineConverter:
         return ast.TransformCall(str(name), self.tspan(name), arguments, self.tree_span(tree))
 
     def argument(self, tree: Tree) -> ast.Argument:
+        if tree.data == "positional_argument":
+            rows = self.row_list(tree.children[0])
+            span = self.tree_span(tree)
+            return ast.Argument("rows", span, rows.text, rows, span, span)
         name, _equal, value_tree = tree.children
+        if value_tree.data == "row_list":
+            rows = self.row_list(value_tree)
+            return ast.Argument(
+                str(name), self.tspan(name), rows.text, rows, self.tree_span(value_tree), self.tree_span(tree)
+            )
         token = value_tree.children[0]
         raw = str(token)
         value: int | float | str
@@ -318,6 +328,14 @@ class _LineConverter:
         else:
             value = float(raw)
         return ast.Argument(str(name), self.tspan(name), raw, value, self.tspan(token), self.tree_span(tree))
+
+    def row_list(self, tree: Tree) -> ast.RowList:
+        ranges = []
+        for item in tree.children:
+            if isinstance(item, Tree):
+                numbers = [_integer(t) for t in item.children if isinstance(t, Token) and t.type == "SIGNED_INT"]
+                ranges.append((numbers[0], numbers[1] if len(numbers) > 1 else numbers[0] + 1))
+        return ast.RowList(tuple(ranges))
 
 
 def describe_char(char: str) -> str:
@@ -495,6 +513,8 @@ class _SyntaxErrorReport:
             return self.error(
                 "AS104", f"'{bracket}' is not closed", span, f"add the missing '{BRACKET_PAIRS[bracket]}'"
             )
+        if bracket == "[" and "LPAR" in self.passed:
+            return self.error("AS101", f"unexpected {shown} in a row list", span, ROWS_HELP)
         if bracket == "[":
             return self.error("AS101", f"unexpected {shown} in an index", span, INDEX_HELP)
         if bracket == "<":

@@ -28,6 +28,10 @@ class LoraArguments(BaseModel):
     alpha: Optional[float] = None
     rslora: Optional[bool] = None
     dropout: Optional[float] = None
+    init: Optional[str] = None
+    lr_scale: Optional[float] = None
+    loraplus: Optional[float] = None
+    weight_decay: Optional[float] = None
 
     @field_validator("*")
     @classmethod
@@ -47,12 +51,26 @@ class Transform(TransformBehaviour, BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    kind: Literal["lora", "dora", "full", "none"]
+    kind: Literal["lora", "dora", "tokens", "full", "none"]
     r: Optional[int] = None
     scale: Optional[float] = None
     dropout: Optional[float] = None
     alpha: Optional[float] = None
     rslora: bool = False
+    lr_scale: float = 1.0
+    loraplus: Optional[float] = None
+    weight_decay: Optional[float] = None
+    init: str = "default"
+    rows: Optional[tuple[int, ...]] = None
+
+    @field_validator("lr_scale", "loraplus", "weight_decay", "init", "rows")
+    @classmethod
+    def _valid(cls, value: Any, info) -> Any:
+        if value is not None:
+            problem = argument_problem(info.field_name, value)
+            if problem is not None:
+                raise ValueError(problem[1])
+        return value
 
 
 class Rule(BaseModel):
@@ -67,6 +85,7 @@ class Rule(BaseModel):
     span: InstanceOf[Span]
     transform_span: InstanceOf[Span]
     type_filter_span: Optional[InstanceOf[Span]] = None
+    rows_span: Optional[InstanceOf[Span]] = None
 
     @property
     def text(self) -> str:
@@ -103,6 +122,7 @@ def spec_from_checked(checked: CheckedSpec) -> Spec:
             span=rule.span,
             transform_span=rule.transform_span,
             type_filter_span=rule.type_filter_span,
+            rows_span=rule.rows_span,
         )
         for rule in checked.rules
     ]

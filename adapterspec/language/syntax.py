@@ -86,11 +86,24 @@ class TypeFilter:
 
 
 @dataclass(frozen=True)
+class RowList:
+    """`[32000, 32001, 32005:32008]`: rows of an embedding, each item a half-open range (a single row is i:i+1)."""
+
+    ranges: tuple[tuple[int, int], ...]
+
+    @property
+    def text(self) -> str:
+        return "[" + ", ".join(str(a) if b == a + 1 else f"{a}:{b}" for a, b in self.ranges) + "]"
+
+
+@dataclass(frozen=True)
 class Argument:
+    """`name=value`; a row list written without a name (`tokens([1, 2])`) is the argument `rows`."""
+
     name: str
     name_span: Span
     raw: str
-    value: Union[int, float, str]
+    value: Union[int, float, str, RowList]
     value_span: Span
     span: Span
 
@@ -184,4 +197,6 @@ def selector_text(anchored: bool, segments: tuple[Segment, ...]) -> str:
 
 
 def argument_text(argument: Argument) -> str:
+    if argument.name == "rows":
+        return argument.raw
     return f"{argument.name}={argument.raw}"

@@ -16,8 +16,22 @@ from .diagnostics import Diagnostic, Span
 
 SPEC_VERSION = 1
 ADAPTER_KINDS = ("lora", "dora")
-TRANSFORM_KINDS = ("lora", "dora", "full", "none")
-ARGUMENT_NAMES = ("r", "scale", "alpha", "rslora", "dropout")
+TRANSFORM_KINDS = ("lora", "dora", "tokens", "full", "none")
+# the order `fmt` writes them in
+ARGUMENT_NAMES = ("rows", "r", "scale", "alpha", "rslora", "dropout", "init", "lr_scale", "loraplus", "weight_decay")
+LOW_RANK_ARGUMENTS = ("r", "scale", "alpha", "rslora", "dropout", "init", "lr_scale", "loraplus", "weight_decay")
+# which arguments each transform takes (how its parameters train; `tokens` also which rows)
+TRANSFORM_ARGUMENTS = {
+    "lora": LOW_RANK_ARGUMENTS,
+    "dora": LOW_RANK_ARGUMENTS,
+    "tokens": ("rows", "lr_scale", "weight_decay"),
+    "full": ("lr_scale", "weight_decay"),
+    "none": (),
+}
+# mlx-lm's initialisation, PEFT's gaussian, and the two that move the principal part of W into the adapter
+INITS = ("default", "gaussian", "pissa", "olora")
+BASE_CHANGING_INITS = ("pissa", "olora")
+MAX_ROWS = 1 << 20
 # what a module does, resolved per architecture by model/roles.py (@embedding is also a family)
 ROLE_WORDS = ("experts", "shared_expert", "router", "attention", "mlp", "head", "embedding")
 TYPE_WORDS = ("linear", "switch", "embedding") + tuple(w for w in ROLE_WORDS if w != "embedding")
@@ -25,12 +39,13 @@ BUILTIN_DEFAULTS = {"r": 8, "scale": 20.0, "dropout": 0.0}
 MAX_RANK = 1 << 16
 
 ARGUMENT_SYNONYMS = {
-    "rank": "r", "lora_r": "r", "lora_rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    "rank": "r", "lora_r": "r", "lr": "lr_scale", "lr_ratio": "lr_scale", "loraplus_lr_ratio": "loraplus",
+    "init_lora_weights": "init", "wd": "weight_decay", "trainable_token_indices": "rows", "indices": "rows", "lora_rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
     "p": "dropout", "use_rslora": "rslora", "rs_lora": "rslora", "lora_scale": "scale",
 }  # fmt: skip
 TRANSFORM_SYNONYMS = {
     "qlora": "lora", "use_dora": "dora", "freeze": "none", "frozen": "none", "skip": "none",
-    "train": "full", "trainable": "full", "finetune": "full", "full_finetune": "full", "modules_to_save": "full",
+    "trainable_tokens": "tokens", "token_rows": "tokens", "train": "full", "trainable": "full", "finetune": "full", "full_finetune": "full", "modules_to_save": "full",
 }  # fmt: skip
 TYPE_SYNONYMS = {
     "lin": "linear", "dense": "linear", "expert": "experts", "moe": "experts", "routers": "router",
@@ -52,6 +67,8 @@ class ArgumentRule:
     in_range: Callable[[Any], bool]
 
     def accepts_type(self, value: Any) -> bool:
+        if self.type in (str, tuple):
+            return isinstance(value, self.type)
         if isinstance(value, bool) or self.type is bool:
             return isinstance(value, bool) and self.type is bool
         return isinstance(value, int) if self.type is int else isinstance(value, (int, float))
@@ -68,7 +85,49 @@ ARGUMENTS = {
                            "write rslora=true or rslora=false", lambda v: True),
     "dropout": ArgumentRule(float, "dropout must be a number", "dropout must be at least 0 and below 1",
                             "for example dropout=0.05", lambda v: 0 <= v < 1),
+    "init": ArgumentRule(str, "init must be a name", f"init must be one of {', '.join(INITS)}",
+                         "for example init=pissa (see docs/training.md)", lambda v: v in INITS),
+    "lr_scale": ArgumentRule(float, "lr_scale must be a number", "lr_scale must be a finite number > 0",
+                             "for example lr_scale=0.1 (this rule's learning rate is 0.1 × the run's)",
+                             lambda v: math.isfinite(v) and v > 0),
+    "loraplus": ArgumentRule(float, "loraplus must be a number", "loraplus must be a finite number > 0",
+                             "for example loraplus=16 (B learns 16 × as fast as A)",
+                             lambda v: math.isfinite(v) and v > 0),
+    "weight_decay": ArgumentRule(float, "weight_decay must be a number", "weight_decay must be a finite number ≥ 0",
+                                 "for example weight_decay=0.01", lambda v: math.isfinite(v) and v >= 0),
+    "rows": ArgumentRule(tuple, "rows must be a list of rows", f"rows must be distinct rows ≥ 0, at most {MAX_ROWS:,}",
+                         "for example tokens([32000, 32001]) or tokens([32000:32008])", lambda v: rows_valid(v)),
 }  # fmt: skip
+
+
+def rows_valid(rows: tuple) -> bool:
+    return (
+        0 < len(rows) <= MAX_ROWS
+        and all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in rows)
+        and len(set(rows)) == len(rows)
+    )
+
+
+def expand_rows(rows: ast.RowList) -> tuple[Optional[tuple[int, ...]], Optional[str]]:
+    """The rows a row list names, in the order written, or why it names none validly (an AS205 text)."""
+    if not rows.ranges:
+        return None, "the row list is empty"
+    count = 0
+    for start, stop in rows.ranges:
+        if start < 0:
+            return None, f"row {start} is negative"
+        if stop <= start:
+            return None, f"the range {start}:{stop} is empty (the stop is excluded, as in Python)"
+        count += stop - start
+        if count > MAX_ROWS:
+            return None, f"the list names more than {MAX_ROWS:,} rows"
+    expanded = tuple(row for start, stop in rows.ranges for row in range(start, stop))
+    seen: set[int] = set()
+    for row in expanded:
+        if row in seen:
+            return None, f"row {row} is listed twice"
+        seen.add(row)
+    return expanded, None
 
 
 def argument_problem(name: str, value: Any) -> Optional[tuple[str, str]]:
@@ -85,6 +144,8 @@ def argument_value(argument: ast.Argument) -> Any:
     """The Python value of an argument as written: numbers, `true`/`false`, or the bare word."""
     if argument.value in ("true", "false"):
         return argument.value == "true"
+    if isinstance(argument.value, ast.RowList):
+        return argument.value
     if ARGUMENTS.get(argument.name) and ARGUMENTS[argument.name].type is float and isinstance(argument.value, int):
         try:
             return float(argument.value)
@@ -93,15 +154,42 @@ def argument_value(argument: ast.Argument) -> Any:
     return argument.value
 
 
-def describe_transform(kind: str, r, scale, alpha, rslora: bool, dropout) -> str:
+def describe_rows(rows: tuple[int, ...]) -> str:
+    """`[32000, 32001]`, or for long lists `[32000 … 32063] (64 rows)`."""
+    if len(rows) <= 4:
+        return "[" + ", ".join(str(r) for r in rows) + "]"
+    return f"[{rows[0]} … {rows[-1]}] ({len(rows)} rows)"
+
+
+def training_text(lr_scale: float, loraplus, weight_decay, init: str = "default") -> str:
+    """`, init=pissa, lr×0.1, loraplus=16, weight_decay=0`: what a rule says beyond its adapter's shape."""
+    parts = []
+    if init != "default":
+        parts.append(f"init={init}")
+    if lr_scale != 1.0:
+        parts.append(f"lr×{lr_scale:g}")
+    if loraplus is not None:
+        parts.append(f"loraplus={loraplus:g}")
+    if weight_decay is not None:
+        parts.append(f"weight_decay={weight_decay:g}")
+    return "".join(", " + p for p in parts)
+
+
+def describe_transform(
+    kind: str, r, scale, alpha, rslora: bool, dropout, lr_scale=1.0, loraplus=None, weight_decay=None, init="default",
+    rows=None,
+) -> str:  # fmt: skip
+    extra = training_text(lr_scale, loraplus, weight_decay, init)
+    if kind == "tokens":
+        return f"tokens({describe_rows(rows)}{extra})"
     if kind not in ADAPTER_KINDS:
-        return kind
+        return f"{kind}({extra[2:]})" if extra else kind
     text = f"{kind}(r={r}, scale={scale:g}"
     if alpha is not None:
         text += f" [alpha={alpha:g}{', rslora' if rslora else ''}]"
     if dropout:
         text += f", dropout={dropout:g}"
-    return text + ")"
+    return text + extra + ")"
 
 
 class TransformBehaviour:
@@ -113,13 +201,21 @@ class TransformBehaviour:
     dropout: Optional[float]
     alpha: Optional[float]
     rslora: bool
+    lr_scale: float
+    loraplus: Optional[float]
+    weight_decay: Optional[float]
+    init: str
+    rows: Optional[tuple[int, ...]]
 
     @property
     def adapts(self) -> bool:
         return self.kind in ADAPTER_KINDS
 
     def describe(self) -> str:
-        return describe_transform(self.kind, self.r, self.scale, self.alpha, self.rslora, self.dropout)
+        return describe_transform(
+            self.kind, self.r, self.scale, self.alpha, self.rslora, self.dropout,
+            self.lr_scale, self.loraplus, self.weight_decay, self.init, self.rows,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -132,6 +228,11 @@ class ResolvedTransform(TransformBehaviour):
     dropout: Optional[float] = None
     alpha: Optional[float] = None
     rslora: bool = False
+    lr_scale: float = 1.0
+    loraplus: Optional[float] = None
+    weight_decay: Optional[float] = None
+    init: str = "default"
+    rows: Optional[tuple[int, ...]] = None
 
 
 def resolve(kind: str, defaults: Optional[dict[str, Value]], given: Optional[dict[str, Value]]) -> ResolvedTransform:
@@ -140,7 +241,13 @@ def resolve(kind: str, defaults: Optional[dict[str, Value]], given: Optional[dic
     `scale` and `alpha` replace each other; `rslora` belongs to `alpha` and goes when `scale` comes.
     """
     if kind not in ADAPTER_KINDS:
-        return ResolvedTransform(kind)
+        own = given or {}
+        return ResolvedTransform(
+            kind,
+            lr_scale=float(own.get("lr_scale", 1.0)),
+            weight_decay=None if own.get("weight_decay") is None else float(own["weight_decay"]),
+            rows=None if own.get("rows") is None else tuple(own["rows"]),
+        )
     merged: dict[str, Value] = dict(BUILTIN_DEFAULTS)
     for layer in (defaults, given):
         if not layer:
@@ -158,7 +265,18 @@ def resolve(kind: str, defaults: Optional[dict[str, Value]], given: Optional[dic
         scale = float(alpha) / (math.sqrt(r) if rslora else r)
     else:
         scale = float(merged["scale"])
-    return ResolvedTransform(kind, r, scale, float(merged["dropout"]), None if alpha is None else float(alpha), rslora)
+    return ResolvedTransform(
+        kind,
+        r,
+        scale,
+        float(merged["dropout"]),
+        None if alpha is None else float(alpha),
+        rslora,
+        lr_scale=float(merged.get("lr_scale", 1.0)),
+        loraplus=None if merged.get("loraplus") is None else float(merged["loraplus"]),
+        weight_decay=None if merged.get("weight_decay") is None else float(merged["weight_decay"]),
+        init=str(merged.get("init", "default")),
+    )
 
 
 @dataclass(frozen=True)
@@ -172,6 +290,7 @@ class CheckedRule:
     span: Span
     transform_span: Span
     type_filter_span: Optional[Span] = None
+    rows_span: Optional[Span] = None
 
     @property
     def text(self) -> str:
@@ -273,7 +392,9 @@ class _Validator:
         if kind not in ADAPTER_KINDS:
             self.report(
                 "AS212",
-                f"'{kind}' takes no arguments, so it has no defaults",
+                f"'{kind}' takes no arguments, so it has no defaults"
+                if kind == "none"
+                else f"'{kind}' has no defaults line: give its arguments on each rule",
                 call.name_span,
                 "defaults exist for lora and dora",
             )
@@ -305,29 +426,39 @@ class _Validator:
             "AS202",
             f"unknown transform '{call.name}'{_did_you_mean(call.name, TRANSFORM_KINDS, TRANSFORM_SYNONYMS)}",
             call.name_span,
-            "a transform is one of lora, dora, full, none",
+            "a transform is one of lora, dora, tokens, full, none",
         )
         return None
 
     def arguments(self, call: ast.TransformCall, kind: str) -> Optional[dict[str, Value]]:
         """The arguments of one call by name; None when any of them is wrong (each one reported)."""
-        if call.arguments is None:
+        if call.arguments is None and kind != "tokens":
             return {}
-        if kind not in ADAPTER_KINDS:
+        accepted = TRANSFORM_ARGUMENTS[kind]
+        if not accepted and call.arguments is not None:
             span = call.arguments[0].span if call.arguments else call.span
             self.report("AS208", f"'{kind}' takes no arguments", span, f"write '{kind}' alone")
             return None
         given: dict[str, Value] = {}
         seen: dict[str, ast.Argument] = {}
         ok = True
-        for argument in call.arguments:
+        for argument in call.arguments or ():
             if argument.name not in ARGUMENTS:
                 self.report(
                     "AS201",
                     f"unknown argument '{argument.name}' for {kind}"
-                    f"{_did_you_mean(argument.name, ARGUMENT_NAMES, ARGUMENT_SYNONYMS)}",
+                    f"{_did_you_mean(argument.name, accepted, ARGUMENT_SYNONYMS)}",
                     argument.name_span,
-                    f"{kind} takes {', '.join(ARGUMENT_NAMES)}",
+                    f"{kind} takes {', '.join(accepted)}",
+                )
+                ok = False
+                continue
+            if argument.name not in accepted:
+                self.report(
+                    "AS208",
+                    f"'{kind}' does not take {'a row list' if argument.name == 'rows' else repr(argument.name)}",
+                    argument.span,
+                    f"{kind} takes {', '.join(accepted)}",
                 )
                 ok = False
                 continue
@@ -343,6 +474,12 @@ class _Validator:
                 continue
             seen[argument.name] = argument
             value = argument_value(argument)
+            if isinstance(value, ast.RowList) and argument.name == "rows":
+                value, reason = expand_rows(value)
+                if reason is not None:
+                    self.report("AS205", reason, argument.value_span, ARGUMENTS["rows"].help)
+                    ok = False
+                    continue
             problem = argument_problem(argument.name, value)
             if problem is not None:
                 code, text = problem
@@ -350,6 +487,14 @@ class _Validator:
                 ok = False
                 continue
             given[argument.name] = value
+        if kind == "tokens" and "rows" not in given and ok:
+            self.report(
+                "AS215",
+                "tokens needs the rows to train",
+                call.span,
+                "list them first: tokens([32000, 32001]) or tokens([32000:32008])",
+            )
+            ok = False
         if "scale" in given and "alpha" in given:
             self.report(
                 "AS206",
@@ -382,6 +527,7 @@ class _Validator:
             line.span,
             line.transform.span,
             line.type_filter.span if line.type_filter else None,
+            next((a.value_span for a in line.transform.arguments or () if a.name == "rows"), None),
         )
 
     def rslora_without_alpha(self, call: ast.TransformCall, kind: str, given, defaults_spans) -> None:

@@ -23,7 +23,32 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_DIR_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG)
 FORMAT = 1
 MAX_CONFIG_BYTES = 16 << 20
+# per-rule settings that change how adapters train, not what they compute: no adapter config but ours carries them
+TRAINING_ONLY = ("lr_scale", "loraplus", "weight_decay")
 DAMAGED_HELP = "the adapter directory is damaged: write it again with 'adapterspec apply' or 'adapterspec train'"
+
+
+def saved_plan(plan: Plan) -> Plan:
+    """The plan an adapter directory stands for: an entry whose init changes the base (PiSSA, OLoRA) is saved as
+    the plain LoRA of rank 2r on the original weights that it equals ([A, A0] and [B, −B0])."""
+    from dataclasses import replace
+
+    from ..language.validate import BASE_CHANGING_INITS
+
+    if not any(e.init in BASE_CHANGING_INITS for e in plan.entries):
+        return plan
+    entries = [
+        replace(e, r=2 * e.r, init="default", trainable=2 * e.trainable) if e.init in BASE_CHANGING_INITS else e
+        for e in plan.entries
+    ]
+    return replace(plan, entries=entries)
+
+
+def conversions(plan: Plan) -> list[dict]:
+    """The entries `saved_plan` writes at twice their rank, with the init and rank they trained at."""
+    from ..language.validate import BASE_CHANGING_INITS
+
+    return [{"path": e.path, "init": e.init, "r": e.r} for e in plan.entries if e.init in BASE_CHANGING_INITS]
 
 
 def adapter_config(plan: Plan, extra: Optional[dict] = None) -> dict:
@@ -32,6 +57,8 @@ def adapter_config(plan: Plan, extra: Optional[dict] = None) -> dict:
     from .mlxlm import mlx_lm_config
     from .vlm import is_vlm_index, mlx_vlm_config
 
+    converted = conversions(plan)
+    plan = saved_plan(plan)
     fit = mlx_lm_config(plan, plan.index)
     plan_json = plan.to_json()
     plan_json.pop("diagnostics", None)
@@ -45,6 +72,11 @@ def adapter_config(plan: Plan, extra: Optional[dict] = None) -> dict:
     }
     if not fit.compatible:
         ours["mlx_lm_incompatible_because"] = fit.reasons
+    if converted:
+        ours["converted_to_plain_lora"] = converted
+    not_carried = sorted({key for e in plan.entries for key in e.training_json() if key in TRAINING_ONLY})
+    if not_carried:
+        ours["training_settings_not_in_mlx_lm_config"] = not_carried
     config: dict = {"adapterspec": ours}
     if fit.compatible:
         config.update(fit.config)
@@ -163,7 +195,7 @@ def _module_problem(module: dict) -> Optional[str]:
     checks = {"r": {"whole": True, "positive": True}, "scale": {}, "dropout": {"below_one": True}}
     for key, wanted in checks.items():
         value = module.get(key)
-        if value is None and adapter == "full":
+        if value is None and (adapter == "full" or KINDS.get(adapter) and KINDS[adapter].transform == "tokens"):
             continue
         if value is None and key == "dropout":
             continue
@@ -204,7 +236,7 @@ def plan_of(config: dict, index: ModuleIndex, directory) -> tuple["Plan", list[s
     file = Path(directory) / ADAPTER_CONFIG
     text, filename, notes = spec_text_of(config, index, str(file))
     try:
-        plan = plan_spec(text, index, filename)
+        plan = saved_plan(plan_spec(text, index, filename))
     except SpecError as error:
         raise UserError(
             f"{file}: the adapters were made for another model: their spec does not plan on it ({error})",

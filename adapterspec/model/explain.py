@@ -11,6 +11,7 @@ from typing import Optional
 
 from ..language import syntax as ast
 from ..language.spec import Rule
+from ..language.validate import describe_rows, training_text
 from .index import ModuleIndex, ModuleInfo
 from .plan import TYPE_FAMILIES, Plan, PlanEntry, passes_type_filter, receives
 from .roles import ROLE_FILTERS
@@ -157,10 +158,16 @@ def explain(
 def _outcome(info: ModuleInfo, decider: Optional[int], entries: dict) -> str:
     entry = entries.get(info.path)
     if entry is not None:
+        training = training_text(entry.lr_scale, entry.loraplus, entry.weight_decay, entry.init)
         if entry.adapter == "full":
-            return "full (its own parameters are trained)"
-        return f"{entry.adapter}(r={entry.r}, scale={entry.scale:g}" + (
-            f", dropout={entry.dropout:g})" if entry.dropout else ")"
+            return "full (its own parameters are trained" + training + ")"
+        if entry.rows is not None:
+            return f"{entry.adapter}(rows {describe_rows(entry.rows)}{training})"
+        return (
+            f"{entry.adapter}(r={entry.r}, scale={entry.scale:g}"
+            + (f", dropout={entry.dropout:g}" if entry.dropout else "")
+            + training
+            + ")"
         )
     if decider is not None:
         return "none (a rule says so: stays frozen)"

@@ -24,12 +24,17 @@ class AdapterKind:
     @property
     def params(self) -> tuple[str, ...]:
         """The adapter's own parameters, by the names mlx-lm gives them."""
+        if self.transform == "tokens":
+            return ("token_rows",)
         return ("lora_a", "lora_b", "m") if self.dora else ("lora_a", "lora_b")
 
     def shapes(
         self, input_dims: int, output_dims: int, r: int, num_experts: Optional[int] = None
     ) -> dict[str, tuple[int, ...]]:
-        """The shape of each parameter on a base of these logical dims (an embedding: number of rows, dimension)."""
+        """The shape of each parameter on a base of these logical dims (an embedding: number of rows, dimension);
+        for `tokens`, `r` is the number of rows it trains."""
+        if self.transform == "tokens":
+            return {"token_rows": (r, output_dims)}
         if self.family == "switch":
             return {"lora_a": (num_experts or 1, r, input_dims), "lora_b": (num_experts or 1, output_dims, r)}
         magnitude = input_dims if self.family == "embedding" else output_dims
@@ -48,10 +53,12 @@ KINDS: dict[str, AdapterKind] = {
         AdapterKind("embedding-lora", "lora", "embedding"),
         AdapterKind("dora", "dora", "linear"),
         AdapterKind("dora-embedding", "dora", "embedding"),
+        AdapterKind("embedding-tokens", "tokens", "embedding"),
     )
 }
 DORA_KINDS = tuple(name for name, kind in KINDS.items() if kind.dora)
-EMBEDDING_KINDS = tuple(name for name, kind in KINDS.items() if kind.family == "embedding")
+TOKEN_KINDS = tuple(name for name, kind in KINDS.items() if kind.transform == "tokens")
+EMBEDDING_KINDS = tuple(name for name, kind in KINDS.items() if kind.family == "embedding" and name not in TOKEN_KINDS)
 SWITCH_KINDS = tuple(name for name, kind in KINDS.items() if kind.family == "switch")
 LINEAR_KINDS = tuple(name for name, kind in KINDS.items() if kind.family == "linear")
 

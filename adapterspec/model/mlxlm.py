@@ -78,7 +78,9 @@ def mlx_lm_config(plan: Plan, index: ModuleIndex) -> MlxLmFit:
     kinds = {e.adapter for e in entries}
     if "full" in kinds:
         reasons.append("it trains some modules fully ('full'), which mlx-lm's lora/dora configs cannot say")
-    if {KINDS[k].transform for k in kinds - {"full"}} == {"lora", "dora"}:
+    if any(KINDS[k].transform == "tokens" for k in kinds - {"full"}):
+        reasons.append("it trains token rows ('tokens'), which mlx-lm's configs cannot say")
+    if {KINDS[k].transform for k in kinds - {"full"}} >= {"lora", "dora"}:
         reasons.append("it mixes lora and dora")
     for name, values in (
         ("rank", {e.r for e in entries}),

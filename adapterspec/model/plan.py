@@ -12,6 +12,7 @@ from ..language.codes import diagnostic
 from ..language.diagnostics import Diagnostic, Span, SpecError, sort_key
 from ..language.lint import parse_spec
 from ..language.spec import Rule, Spec
+from ..language.validate import BASE_CHANGING_INITS
 from .families import unadaptable_reason
 from .hf_moe import W123, expert_renames
 from .index import ModuleIndex, ModuleInfo
@@ -38,6 +39,23 @@ class PlanEntry:
     trainable: int
     rule_index: int
     rule_span: Span
+    # how the entry trains, and which rows a `tokens` entry holds (omitted from the JSON when at their defaults)
+    lr_scale: float = 1.0
+    loraplus: Optional[float] = None
+    weight_decay: Optional[float] = None
+    init: str = "default"
+    rows: Optional[tuple[int, ...]] = None
+
+    def training_json(self) -> dict:
+        """The entry's training settings that differ from the run's (learning rate scale, LoRA+, decay, init)."""
+        found = {
+            "lr_scale": self.lr_scale if self.lr_scale != 1.0 else None,
+            "loraplus": self.loraplus,
+            "weight_decay": self.weight_decay,
+            "init": self.init if self.init != "default" else None,
+            "rows": list(self.rows) if self.rows is not None else None,
+        }
+        return {key: value for key, value in found.items() if value is not None}
 
     def to_json(self) -> dict:
         return {
@@ -49,6 +67,7 @@ class PlanEntry:
             "dropout": self.dropout,
             "trainable": self.trainable,
             "rule": {"index": self.rule_index, "line": self.rule_span.line, "column": self.rule_span.column},
+            **self.training_json(),
         }
 
 
@@ -105,6 +124,8 @@ def receives(info: ModuleInfo, kind: str) -> bool:
         return info.adaptable
     if kind == "full":
         return info.num_params > 0
+    if kind == "tokens":
+        return info.family == "embedding"
     return info.adaptable or info.num_params > 0
 
 
@@ -273,6 +294,8 @@ class _Planner:
                     "use lora on quantized layers, or dequantize the model first",
                 )
                 return False
+        if not self.check_training(rule, reached):
+            return False
         if rule.transform.adapts:
             r = rule.transform.r
             too_wide = [m for m in reached if r >= min(m.input_dims or r + 1, m.output_dims or r + 1)]
@@ -284,6 +307,54 @@ class _Planner:
                     rule.transform_span,
                     "a low-rank adapter at full rank costs more than training the layer",
                 )
+        return True
+
+    def check_training(self, rule: Rule, reached: list[ModuleInfo]) -> bool:
+        """AS312 for token rows past the embedding; AS313/AS314 where `tokens` or a base-changing init cannot go."""
+        transform = rule.transform
+        rewrites = transform.kind == "tokens" or transform.init in BASE_CHANGING_INITS
+        quantized = [m for m in reached if m.quantized] if rewrites else []
+        if quantized:
+            what = "tokens" if transform.kind == "tokens" else f"init={transform.init}"
+            self.report(
+                "AS313",
+                f"{what} cannot rewrite the quantized weights of '{quantized[0].path}' ({quantized[0].cls})",
+                rule.rows_span or rule.transform_span,
+                "tokens and pissa/olora change the base weights, which a quantized layer cannot hold exactly; "
+                "use init=default or gaussian, or dequantize the model first",
+            )
+            return False
+        if transform.init in BASE_CHANGING_INITS and transform.scale <= 0:
+            self.report(
+                "AS314",
+                f"init={transform.init} needs a positive scale, got {transform.scale:g}",
+                rule.transform_span,
+                "the principal part moves into the adapter as scale·B·A; give scale > 0 (or alpha)",
+            )
+            return False
+        if transform.init in BASE_CHANGING_INITS:
+            other = [m for m in reached if transform.kind != "lora" or m.family != "linear"]
+            if other:
+                self.report(
+                    "AS314",
+                    f"init={transform.init} cannot initialise {transform.kind} on '{other[0].path}' ({other[0].cls})",
+                    rule.transform_span,
+                    f"{transform.init} takes the principal part of a Linear layer's weight; "
+                    "add @linear, or use init=default or gaussian here",
+                )
+                return False
+        if transform.kind == "tokens":
+            for module in reached:
+                past = [row for row in transform.rows if row >= (module.input_dims or 0)]
+                if past:
+                    self.report(
+                        "AS312",
+                        f"row {past[0]} is outside '{module.path}' ({module.input_dims} rows)",
+                        rule.rows_span or rule.transform_span,
+                        f"rows go from 0 to {(module.input_dims or 1) - 1}; add the new tokens to the "
+                        "vocabulary (and resize the embedding) first",
+                    )
+                    return False
         return True
 
     def check_prefixes(self, rule: Rule, prefixes: dict[str, str]) -> None:
@@ -341,9 +412,18 @@ class _Planner:
             if transform.kind == "none":
                 continue
             info = self.index[path]
+            training = {
+                "lr_scale": transform.lr_scale,
+                "loraplus": transform.loraplus,
+                "weight_decay": transform.weight_decay,
+                "init": transform.init,
+                "rows": transform.rows,
+            }
             if transform.kind == "full":
                 entries.append(
-                    PlanEntry(path, info.cls, "full", None, None, None, info.num_params, rule.index, rule.span)
+                    PlanEntry(
+                        path, info.cls, "full", None, None, None, info.num_params, rule.index, rule.span, **training
+                    )
                 )
                 continue
             reason = unadaptable_reason(info.cls)
@@ -351,13 +431,31 @@ class _Planner:
                 if rule.index not in refused_rules:
                     refused_rules.add(rule.index)
                     self.report(
-                        "AS312",
+                        "AS315",
                         f"'{path}' is a {info.cls}, which cannot take an adapter: {reason}",
                         rule.selector.span,
                         f"leave it out, e.g. with a later rule '**@{info.cls}: none'",
                     )
                 continue
             kind = kind_for(transform.kind, info.family)
+            if transform.kind == "tokens":
+                entries.append(
+                    PlanEntry(
+                        path,
+                        info.cls,
+                        kind.name,
+                        None,
+                        None,
+                        None,
+                        kind.parameters(info.input_dims or 0, info.output_dims or 0, len(transform.rows)),
+                        rule.index,
+                        rule.span,
+                        **training,
+                    )
+                )
+                if self.index.tied_embeddings:
+                    tied_rules.add(rule.index)
+                continue
             trainable = kind.parameters(info.input_dims or 0, info.output_dims or 0, transform.r, info.num_experts)
             entries.append(
                 PlanEntry(
@@ -370,6 +468,7 @@ class _Planner:
                     trainable,
                     rule.index,
                     rule.span,
+                    **training,
                 )
             )
             if info.family == "embedding" and self.index.tied_embeddings:

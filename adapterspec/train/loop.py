@@ -85,6 +85,7 @@ def fit(
     from mlx_lm.utils import maybe_set_recommended_wired_limit
 
     from .data import seeded_batches, skip
+    from .groups import run_learning_rate
 
     loss = loss or default_loss
     start = start or StartState()
@@ -169,7 +170,7 @@ def fit(
             info = {
                 "iteration": it,
                 "train_loss": train_loss,
-                "learning_rate": optimizer.learning_rate.item(),
+                "learning_rate": run_learning_rate(optimizer).item(),
                 "iterations_per_second": window_steps / window_time,
                 "tokens_per_second": tokens / window_time,
                 "trained_tokens": trained_tokens,
@@ -205,10 +206,13 @@ def evaluate_split(model, dataset, options: TrainOptions, num_batches: int, loss
     )
 
 
-def build_optimizer(options: TrainOptions):
-    """The optimizer mlx_lm.lora builds for these options (learning rate or lr_schedule, optimizer_config)."""
+def build_optimizer(options: TrainOptions, plan=None, parameters: Optional[dict] = None):
+    """The optimizer mlx_lm.lora builds for these options (learning rate or lr_schedule, optimizer_config);
+    given the plan and the trainable parameters, one per group of the spec's per-rule settings (`groups`)."""
     import mlx.optimizers as optim
     from mlx_lm.tuner.utils import build_schedule
+
+    from .groups import grouped_optimizer
 
     classes = {
         "adam": optim.Adam,
@@ -219,7 +223,10 @@ def build_optimizer(options: TrainOptions):
     }
     try:
         learning_rate = build_schedule(options.lr_schedule) if options.lr_schedule else options.learning_rate
-        return classes[options.optimizer](learning_rate=learning_rate, **options.optimizer_settings)
+        make = classes[options.optimizer]
+        if plan is None:
+            return make(learning_rate=learning_rate, **options.optimizer_settings)
+        return grouped_optimizer(make, options.optimizer, learning_rate, options.optimizer_settings, plan, parameters)
     except (AttributeError, TypeError, KeyError, ValueError) as error:
         raise UserError(
             f"cannot build the {options.optimizer} optimizer: {error}", help="check optimizer_config and lr_schedule"

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import EXIT_ERRORS, UserError
+from .groups import group_table
 from .loop import TrainResult, build_optimizer, evaluate_split, fit, training_args
 from .options import TrainOptions
 from .state import StartState, put_weights, rank0_outcome, resume, rng_key
@@ -25,7 +26,10 @@ def run_identity(options: TrainOptions, plan, train_set) -> dict:
         **options.trajectory(),
         "train_examples": len(train_set),
         "train_sha256": data_fingerprint(options.data),
-        "plan": [[e.path, e.adapter, e.r, e.scale, e.dropout] for e in plan.entries],
+        "plan": [
+            [e.path, e.adapter, e.r, e.scale, e.dropout, *([e.training_json()] if e.training_json() else [])]
+            for e in plan.entries
+        ],
     }
 
 
@@ -47,10 +51,11 @@ def prepare_output(out: Path, options: TrainOptions, protect: list) -> None:
         raise
 
 
-def initial_weights(model, path: str) -> None:
+def initial_weights(model, path: str, plan) -> None:
     """--resume-adapter-file: start from given adapter weights (a .safetensors file or an adapter directory)."""
     import mlx.core as mx
 
+    from ..adapters.inits import trained_weights
     from ..model.adapter_format import ADAPTER_WEIGHTS
 
     file = Path(path) / ADAPTER_WEIGHTS if Path(path).is_dir() else Path(path)
@@ -59,7 +64,7 @@ def initial_weights(model, path: str) -> None:
             f"{path}: no adapter weights found",
             help=f"pass a .safetensors file or a directory holding {ADAPTER_WEIGHTS}",
         )
-    put_weights(model, mx.load(str(file)), str(file))
+    put_weights(model, trained_weights(plan, mx.load(str(file))), str(file))
 
 
 def read_spec(path: str):
@@ -152,12 +157,12 @@ def run(options: TrainOptions, *, stream=None, training_callback=None) -> TrainR
     apply(model, plan)
     out = Path(options.adapter_path)
     report = ProgressReport(options.iters, rank=rank, stream=stream, then=training_callback)
-    optimizer = build_optimizer(options)
+    optimizer = build_optimizer(options, plan, model.trainable_parameters())
     optimizer.init(model.trainable_parameters())
     identity = run_identity(options, plan, train_set)
 
     if options.resume:
-        start = resume(model, optimizer, out, identity, world)
+        start = resume(model, optimizer, out, identity, world, plan)
         if start.step > options.iters:
             raise UserError(
                 f"the run in {out} is at step {start.step}, past --iters {options.iters}",
@@ -175,10 +180,12 @@ def run(options: TrainOptions, *, stream=None, training_callback=None) -> TrainR
                 error = failure
         rank0_outcome(error, world)
         if options.resume_adapter_file:
-            initial_weights(model, options.resume_adapter_file)
+            initial_weights(model, options.resume_adapter_file, plan)
     sizes = tuple(len(s) if s is not None else 0 for s in (train_set, valid_set, test_set))
     for line in header_lines(options, plan, sizes, world_size):
         report.print(line)
+    for group, count in group_table(plan, model.trainable_parameters()):
+        report.print(f"group      {group.describe()}: {count:,} parameters")
 
     config_summary = {
         "model": str(options.model),

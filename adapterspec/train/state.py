@@ -75,11 +75,13 @@ def put_weights(model, weights: dict, origin: str) -> None:
     model.load_weights(list(weights.items()), strict=False)
 
 
-def restore(model, optimizer, checkpoint) -> StartState:
+def restore(model, optimizer, checkpoint, plan) -> StartState:
     """Put a checkpoint's adapter weights, optimizer state and RNG key in place."""
     from mlx.utils import tree_flatten, tree_map_with_path
 
-    put_weights(model, checkpoint.weights, str(checkpoint.path))
+    from ..adapters.inits import trained_weights
+
+    put_weights(model, trained_weights(plan, checkpoint.weights), str(checkpoint.path))
     saved = checkpoint.optimizer_state()
     current = dict(tree_flatten(optimizer.state))
     if set(saved) != set(current):
@@ -96,7 +98,7 @@ def restore(model, optimizer, checkpoint) -> StartState:
     return StartState(checkpoint.step, grad_accum, tokens, int(checkpoint.info.get("trained_tokens", 0)))
 
 
-def resume(model, optimizer, out: Path, identity: dict, world) -> StartState:
+def resume(model, optimizer, out: Path, identity: dict, world, plan) -> StartState:
     """Rank 0 reads the newest checkpoint under out/ and checks it belongs to this run; every process gets its state."""
     import mlx.core as mx
     from mlx.utils import tree_map
@@ -114,7 +116,7 @@ def resume(model, optimizer, out: Path, identity: dict, world) -> StartState:
                     f"{checkpoint.path} comes from a run with other settings: " + "; ".join(changed),
                     help="resume with the options of the interrupted run, or start over with --force",
                 )
-            start = restore(model, optimizer, checkpoint)
+            start = restore(model, optimizer, checkpoint, plan)
         except UserError as failure:
             error = failure
     rank0_outcome(error, world)

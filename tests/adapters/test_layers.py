@@ -15,6 +15,7 @@ from adapterspec.adapters import fusemath, lowrank
 from adapterspec.adapters.basemodules import dense_weight, quantization
 from adapterspec.adapters.install import adapter_classes
 from adapterspec.adapters.install import from_base as adapter_from_base
+from adapterspec.model.kinds import TOKEN_KINDS
 
 IN, OUT, EXPERTS, TOP_K, R, VOCAB, GROUP = 64, 48, 4, 2, 4, 96, 32
 SCALE = 20.0
@@ -41,7 +42,9 @@ FAMILY = {
     "embedding-lora": "embedding",
     "dora-embedding": "embedding",
 }
-KINDS = list(adapter_classes())
+KINDS = [
+    kind for kind in adapter_classes() if kind not in TOKEN_KINDS
+]  # the low-rank layers (tokens: test_inits_tokens)
 
 
 @pytest.fixture(params=["never", "always"])
@@ -342,7 +345,14 @@ def test_from_base_rejects_unknown_kind_and_switch_dora():
     base, _ = make_base("linear", "float32")
     with pytest.raises(ValueError, match="unknown adapter kind"):
         adapter_from_base("dora-switch", base)
-    assert set(adapter_classes()) == {"lora", "switch-lora", "embedding-lora", "dora", "dora-embedding"}
+    assert set(adapter_classes()) == {
+        "lora",
+        "switch-lora",
+        "embedding-lora",
+        "dora",
+        "dora-embedding",
+        "embedding-tokens",
+    }
 
 
 def test_every_registered_kind_has_its_layer_with_the_registered_parameter_shapes():
@@ -352,7 +362,8 @@ def test_every_registered_kind_has_its_layer_with_the_registered_parameter_shape
     for name, kind in KINDS.items():
         family = kind.family
         base, _ = make_base(family, "float32")
-        layer = adapter_classes()[name].from_base(base, r=4)
+        size = {"rows": range(4)} if name in TOKEN_KINDS else {"r": 4}  # tokens: as many rows as a rank
+        layer = adapter_classes()[name].from_base(base, **size)
         dims = (base.weight.shape[-2], base.weight.shape[-1]) if family != "embedding" else base.weight.shape
         n_in, n_out = (dims[1], dims[0]) if family != "embedding" else dims
         experts = base.weight.shape[0] if family == "switch" else None

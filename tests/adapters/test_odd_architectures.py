@@ -83,13 +83,13 @@ def test_afm7_fused_linear_is_refused_with_the_reason(tmp_path):
     with pytest.raises(SpecError) as caught:
         apply(model, "**@linear: lora(r=4)\n")
     (diagnostic,) = caught.value.diagnostics
-    assert diagnostic.code == "AS312" and "qkv_proj' is a FusedLinear" in diagnostic.message
+    assert diagnostic.code == "AS315" and "qkv_proj' is a FusedLinear" in diagnostic.message
     assert "FusedLoRALinear" in diagnostic.message and "**@FusedLinear: none" in diagnostic.help
     assert not has_adapters(model)  # nothing was changed
     # the model directory says the same before anything is built
     directory = ModuleIndex.from_model_dir(tiny.save(tmp_path / "afm7", model, config, with_tokenizer=False))
     assert directory["model.layers.0.self_attn.qkv_proj"].cls == "FusedLinear"
-    assert [d.code for d in make_plan(parse_spec("**@linear: lora(r=4)\n"), directory).diagnostics] == ["AS312"]
+    assert [d.code for d in make_plan(parse_spec("**@linear: lora(r=4)\n"), directory).diagnostics] == ["AS315"]
     # without the fused projections, the rest takes adapters
     apply(model, "**@linear: lora(r=4)\n**@FusedLinear: none\n")
     randomize_lora_b(model)

@@ -69,7 +69,7 @@ def test_errors_exit_1_with_source_carets_and_help(capsys, write):
         f"{path}:1:14: AS201 unknown argument 'rank' for lora (did you mean 'r'?)\n"
         "  1 | q_proj: lora(rank=8)\n"
         "    |              ^^^^\n"
-        "  help: lora takes r, scale, alpha, rslora, dropout\n"
+        "  help: lora takes r, scale, alpha, rslora, dropout, init, lr_scale, loraplus, weight_decay\n"
     )
     assert f"{path}:2:7: AS103 space inside a selector" in out
 
@@ -154,7 +154,7 @@ def test_json_format_is_one_object_per_diagnostic(capsys, write):
         ("a.aspec", "AS201", "error"), ("a.aspec", "AS103", "error"), ("b.aspec", "AS402", "warning"),
     ]  # fmt: skip
     assert objects[0]["span"] == {"line": 1, "column": 14, "end_line": 1, "end_column": 18}
-    assert objects[0]["help"] == "lora takes r, scale, alpha, rslora, dropout"
+    assert objects[0]["help"] == "lora takes r, scale, alpha, rslora, dropout, init, lr_scale, loraplus, weight_decay"
     assert objects[0]["message"] == "unknown argument 'rank' for lora (did you mean 'r'?)"
 
 
@@ -166,7 +166,7 @@ def test_github_format_is_workflow_annotations(capsys, write):
     escaped = path.replace(",", "%2C")
     assert first == (
         f"::error file={escaped},line=1,col=14,endColumn=18,title=AS201::AS201 unknown argument "
-        "'rank' for lora (did you mean 'r'?) (help: lora takes r, scale, alpha, rslora, dropout)"
+        "'rank' for lora (did you mean 'r'?) (help: lora takes r, scale, alpha, rslora, dropout, init, lr_scale, loraplus, weight_decay)"
     )
     assert second.startswith(f"::error file={escaped},line=2,col=7,")
     assert third.startswith(f"::warning file={escaped},line=3,col=1,") and "title=AS404" in third

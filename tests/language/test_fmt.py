@@ -72,6 +72,11 @@ def test_messy_file_gets_the_canonical_layout():
     ("q: lora#c", "q: lora  #c"),
     ("q: lora      # c", "q: lora  # c"),
     ("   # c", "# c"),
+    ("e: tokens( lr_scale=0.1 ,[ 3 , +4:7 ])", "e: tokens([3, 4:7], lr_scale=0.1)"),
+    ("e: tokens(rows=[3,4])", "e: tokens([3, 4])"),
+    ("q: lora(weight_decay=0, loraplus=16, lr_scale=2, init=pissa, r=4)",
+     "q: lora(r=4, init=pissa, lr_scale=2, loraplus=16, weight_decay=0)"),
+    ("n: full(weight_decay=0,lr_scale=0.5)", "n: full(lr_scale=0.5, weight_decay=0)"),
 ])  # fmt: skip
 def test_canonical_spelling(written, canonical):
     assert fmt(written) == canonical + "\n"

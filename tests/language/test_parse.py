@@ -314,6 +314,10 @@ def test_positions_are_in_characters_not_bytes():
     ("adapterspec.x: lora", ("AS101", 1, 12)),
     ("adapterspec", ("AS101", 1, 12)),
     ("adapterspec 1 2", ("AS101", 1, 15)),
+    ("e: tokens([1 2])", ("AS101", 1, 14)),
+    ("e: tokens([1,,2])", ("AS101", 1, 14)),
+    ("e: tokens([1:])", ("AS101", 1, 14)),
+    ("e: tokens([1, 2)", ("AS104", 1, 16)),
 ])  # fmt: skip
 def test_syntax_error_code_and_position(text, expected):
     assert errors(text) == [expected]
@@ -404,3 +408,14 @@ def test_parser_is_cached_and_survives_a_corrupt_or_unwritable_cache(tmp_path):
     blocked.write_text("")
     result = parse_in_fresh_process(blocked)
     assert (result.stdout.strip(), result.stderr) == ("['AS103']", "")
+
+
+def test_a_row_list_keeps_its_ranges_and_spans():
+    tree, diagnostics = parse_text("e: tokens([5, 300:302], lr_scale=0.1)", "t")
+    assert diagnostics == []
+    (rows, scale) = tree.items[0].transform.arguments
+    assert (rows.name, rows.value.ranges, rows.raw) == ("rows", ((5, 6), (300, 302)), "[5, 300:302]")
+    assert (rows.value_span.column, rows.value_span.end_column) == (11, 23)
+    assert (scale.name, scale.value) == ("lr_scale", 0.1)
+    (named,) = parse_text("e: tokens(rows=[7])", "t")[0].items[0].transform.arguments
+    assert (named.name, named.value.ranges, named.value_span.column) == ("rows", ((7, 8),), 16)

@@ -169,13 +169,29 @@ def test_spec_error_holds_every_diagnostic():
     ("q: lora(scale=1, alpha=2)", "AS206", 18, "either scale or alpha"),
     ("q: lora(rslora=true)", "AS207", 9, "rslora needs alpha"),
     ("q: lora(scale=2, rslora=true)", "AS207", 18, "rslora needs alpha"),
-    ("q: full(r=8)", "AS208", 9, "'full' takes no arguments"),
+    ("q: full(r=8)", "AS208", 9, "'full' does not take 'r'"),
     ("q: none()", "AS208", 4, "'none' takes no arguments"),
     ("q: lora(r=8, r=9)", "AS209", 14, "argument 'r' is given twice"),
     ("q: lora\nadapterspec 1", "AS210", 1, "must come before every other line"),
     ("adapterspec 2\nq: lora", "AS210", 1, "unsupported spec version 2"),
     ("defaults lora\ndefaults lora(r=2)\nq: lora", "AS211", 1, "second 'defaults lora'"),
-    ("defaults full\nq: lora", "AS212", 10, "'full' takes no arguments, so it has no defaults"),
+    ("defaults full\nq: lora", "AS212", 10, "'full' has no defaults line"),
+    ("q: tokens", "AS215", 4, "tokens needs the rows"),
+    ("q: tokens(lr_scale=2)", "AS215", 4, "tokens needs the rows"),
+    ("q: tokens([5, 3:7])", "AS205", 11, "row 5 is listed twice"),
+    ("q: tokens([7:7])", "AS205", 11, "the range 7:7 is empty"),
+    ("q: tokens([-1])", "AS205", 11, "row -1 is negative"),
+    ("q: tokens([0:2000000])", "AS205", 11, "more than 1,048,576 rows"),
+    ("q: tokens(rows=4)", "AS204", 16, "rows must be a list"),
+    ("q: lora([1])", "AS208", 9, "'lora' does not take a row list"),
+    ("q: tokens([1], r=4)", "AS208", 16, "'tokens' does not take 'r'"),
+    ("q: full(loraplus=4)", "AS208", 9, "'full' does not take 'loraplus'"),
+    ("q: lora(init=svd)", "AS205", 14, "init must be one of default, gaussian, pissa, olora"),
+    ("q: lora(init=1)", "AS204", 14, "init must be a name"),
+    ("q: lora(lr_scale=0)", "AS205", 18, "lr_scale must be a finite number > 0"),
+    ("q: lora(loraplus=-2)", "AS205", 18, "loraplus must be a finite number > 0"),
+    ("q: full(weight_decay=-1)", "AS205", 22, "weight_decay must be a finite number ≥ 0"),
+    ("q: lora(loraplus_lr_ratio=16)", "AS201", 9, "did you mean 'loraplus'"),
     ("layers[::0]: none", "AS213", 7, "slice step cannot be zero"),
     ("", "AS214", 1, "no rules"),
     ("# only a comment\n\n", "AS214", 1, "no rules"),
@@ -237,3 +253,22 @@ def test_no_pydantic_message_reaches_the_user(name):
                 parse_spec(text)
             except SpecError as error:
                 assert not any(word in str(error) + error.render() for word in PYDANTIC_WORDS)
+
+
+def test_training_arguments_resolve_through_defaults_and_show_in_the_description():
+    spec = parse_spec(
+        "defaults lora(r=16, alpha=32, init=pissa, loraplus=16)\n"
+        "a: lora\n"
+        "b: lora(r=8, lr_scale=0.5, loraplus=4)\n"
+        "c: tokens([318, 310:312], lr_scale=0.1)\n"
+        "d: full(lr_scale=0.1, weight_decay=0)\n"
+    )
+    a, b, c, d = (rule.transform for rule in spec.rules)
+    assert (a.r, a.scale, a.init, a.loraplus, a.lr_scale) == (16, 2.0, "pissa", 16.0, 1.0)
+    assert (b.r, b.scale, b.init, b.loraplus, b.lr_scale) == (8, 4.0, "pissa", 4.0, 0.5)
+    assert (c.kind, c.rows, c.lr_scale) == ("tokens", (318, 310, 311), 0.1)
+    assert (d.kind, d.lr_scale, d.weight_decay) == ("full", 0.1, 0.0)
+    assert b.describe() == "lora(r=8, scale=4 [alpha=32], init=pissa, lr×0.5, loraplus=4)"
+    assert c.describe() == "tokens([318, 310, 311], lr×0.1)"
+    assert d.describe() == "full(lr×0.1, weight_decay=0)"
+    assert spec.rules[2].rows_span.column == 11

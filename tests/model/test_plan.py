@@ -431,3 +431,56 @@ def test_every_error_of_a_spec_is_reported_at_once(index):
     p = plan(text, index("llama"))
     assert codes(p) == ["AS301", "AS302", "AS305", "AS304"]
     assert [d.span.line for d in p.diagnostics] == [1, 2, 3, 4]
+
+
+# ── per-rule training settings and token rows ────────────────────────────────────────────
+
+
+def test_training_settings_reach_each_entry_and_its_json(index):
+    p = plan(
+        "defaults lora(r=4, loraplus=16)\n"
+        "self_attn.q_proj: lora(init=pissa, lr_scale=0.5)\n"
+        "embed_tokens: tokens([5, 9:11])\n"
+        "**.*norm: full(lr_scale=0.1, weight_decay=0)\n",
+        index("llama"),
+    )
+    assert p.ok, p.diagnostics
+    found = entries(p)
+    q = found["model.layers.0.self_attn.q_proj"]
+    assert (q.init, q.lr_scale, q.loraplus) == ("pissa", 0.5, 16.0)
+    assert q.to_json()["init"] == "pissa" and "rows" not in q.to_json()
+    tokens = found["model.embed_tokens"]
+    info = index("llama")["model.embed_tokens"]
+    assert (tokens.adapter, tokens.rows, tokens.trainable) == ("embedding-tokens", (5, 9, 10), 3 * info.output_dims)
+    norm = found["model.norm"]
+    assert norm.to_json()["lr_scale"] == 0.1 and norm.to_json()["weight_decay"] == 0.0
+    plain = plan("self_attn.q_proj: lora\n", index("llama")).entries[0].to_json()
+    assert not {"lr_scale", "loraplus", "weight_decay", "init", "rows"} & set(plain)
+
+
+def test_token_rows_past_the_vocabulary_are_as312_at_the_list(index):
+    rows = index("llama")["model.embed_tokens"].input_dims
+    text = f"embed_tokens: tokens([1, {rows - 1}:{rows + 1}])\n"
+    d = only(plan(text, index("llama")), "AS312")
+    assert d.message == f"row {rows} is outside 'model.embed_tokens' ({rows} rows)"
+    assert d.span.column == column_of(text, 1, "[")
+
+
+def test_tokens_only_on_embeddings_and_rewrites_no_quantized_weights(index):
+    assert "AS302" in codes(plan("self_attn.q_proj: tokens([1])\n", index("llama")))
+    quantized = index("llama", quantized=True)
+    assert only(plan("embed_tokens: tokens([1])\n", quantized), "AS313").message.startswith("tokens cannot rewrite")
+    d = only(plan("self_attn.q_proj: lora(init=pissa)\n", quantized), "AS313")
+    assert "init=pissa cannot rewrite the quantized weights" in d.message
+    assert plan("self_attn.q_proj: lora(init=gaussian)\n", quantized).ok
+
+
+def test_pissa_and_olora_only_initialise_lora_on_linear_layers(index):
+    assert only(plan("embed_tokens: lora(init=olora)\n", index("llama")), "AS314").message == (
+        "init=olora cannot initialise lora on 'model.embed_tokens' (Embedding)"
+    )
+    assert "AS314" in codes(plan("self_attn.q_proj: dora(init=pissa)\n", index("llama")))
+    assert "AS314" in codes(plan("**@switch: lora(init=pissa)\n", index("mixtral")))
+    assert (
+        "needs a positive scale" in only(plan("q_proj: lora(scale=0, init=pissa)\n", index("llama")), "AS314").message
+    )

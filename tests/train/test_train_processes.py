@@ -115,6 +115,25 @@ def test_a_killed_run_resumes_to_the_uninterrupted_runs_weights(tmp_path, spec):
 
 @pytest.mark.skipif(shutil.which("mlx.launch") is None, reason="mlx.launch is not installed")
 def test_two_processes_train_and_resume_to_the_adapters_of_one_with_the_same_global_batch(tmp_path, spec):
+    two_processes_equal_one(tmp_path, spec)
+
+
+GROUPED = """\
+defaults lora(r=4, scale=2, init=pissa, loraplus=8)
+self_attn.<q_proj,v_proj>: lora
+layers[-1].mlp.down_proj: lora(lr_scale=0.5)
+embed_tokens: tokens([40, 41], lr_scale=2)
+layers[0].input_layernorm: full(lr_scale=0.1)
+"""
+
+
+def test_per_rule_groups_inits_and_token_rows_train_alike_over_two_processes(tmp_path):
+    path = tmp_path / "grouped.aspec"
+    path.write_text(GROUPED)
+    two_processes_equal_one(tmp_path, path)
+
+
+def two_processes_equal_one(tmp_path, spec):
     out = tmp_path / "two"
     launch = [shutil.which("mlx.launch"), "--backend", "ring", "-n", "2", "--"]
     for extra in (["--iters", "6"], ["--iters", "12", "--resume"]):
