@@ -31,7 +31,13 @@ class AdapterKind:
     ) -> dict[str, tuple[int, ...]]:
         """The shape of each parameter on a base of these logical dims (an embedding: number of rows, dimension)."""
         if self.family == "switch":
-            return {"lora_a": (num_experts or 1, r, input_dims), "lora_b": (num_experts or 1, output_dims, r)}
+            experts = num_experts or 1
+            shapes = {
+                "lora_a": (experts, r, input_dims),
+                "lora_b": (experts, output_dims, r),
+                "m": (experts, output_dims),
+            }
+            return {param: shapes[param] for param in self.params}
         magnitude = input_dims if self.family == "embedding" else output_dims
         shapes = {"lora_a": (input_dims, r), "lora_b": (r, output_dims), "m": (magnitude,)}
         return {param: shapes[param] for param in self.params}
@@ -48,6 +54,7 @@ KINDS: dict[str, AdapterKind] = {
         AdapterKind("embedding-lora", "lora", "embedding"),
         AdapterKind("dora", "dora", "linear"),
         AdapterKind("dora-embedding", "dora", "embedding"),
+        AdapterKind("switch-dora", "dora", "switch"),
     )
 }
 DORA_KINDS = tuple(name for name, kind in KINDS.items() if kind.dora)
@@ -57,7 +64,7 @@ LINEAR_KINDS = tuple(name for name, kind in KINDS.items() if kind.family == "lin
 
 
 def kind_for(transform: str, family: str) -> Optional[AdapterKind]:
-    """The adapter a low-rank transform becomes on a module of `family`; None where there is none (DoRA on experts)."""
+    """The adapter a low-rank transform becomes on a module of `family`; None where there is none."""
     for kind in KINDS.values():
         if kind.transform == transform and kind.family == family:
             return kind

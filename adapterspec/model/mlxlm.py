@@ -58,6 +58,9 @@ def mlx_lm_config(plan: Plan, index: ModuleIndex) -> MlxLmFit:
         reasons.append("it trains some modules fully ('full'), which mlx-lm's lora/dora configs cannot say")
     if {KINDS[k].transform for k in kinds - {"full"}} == {"lora", "dora"}:
         reasons.append("it mixes lora and dora")
+    switch_dora = next((e.path for e in entries if e.adapter == "switch-dora"), None)
+    if switch_dora is not None:
+        reasons.append(f"it puts DoRA on the experts of '{switch_dora}' (switch-dora), which mlx-lm does not have")
     for name, values in (
         ("rank", {e.r for e in entries}),
         ("scale", {e.scale for e in entries}),
