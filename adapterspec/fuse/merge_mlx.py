@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import mlx.core as mx
 
 from ..adapters import fusemath
-from ..model.kinds import DORA_KINDS, EMBEDDING_KINDS
+from ..model.kinds import DORA_KINDS, EMBEDDING_KINDS, SWITCH_KINDS
 
 if TYPE_CHECKING:
     from .plan import Quantization, Unit
@@ -138,9 +138,12 @@ def requantize(weight: mx.array, q: Quantization) -> dict[str, mx.array]:
 def adapter_rows(kind: str, adapter: dict[str, mx.array], index) -> dict[str, mx.array]:
     """The adapter tensors that merge into `index` (a slice or indices) along the weight's first axis."""
     a, b = adapter["lora_a"], adapter["lora_b"]
-    if kind == "switch-lora":
-        return {"lora_a": a[index], "lora_b": b[index]}
-    rows = {"lora_a": a[index], "lora_b": b} if kind in EMBEDDING_KINDS else {"lora_a": a, "lora_b": b[:, index]}
+    if kind in SWITCH_KINDS:  # the first axis is the experts': each expert's own A, B (and m)
+        rows = {"lora_a": a[index], "lora_b": b[index]}
+    elif kind in EMBEDDING_KINDS:
+        rows = {"lora_a": a[index], "lora_b": b}
+    else:
+        rows = {"lora_a": a, "lora_b": b[:, index]}
     if "m" in adapter:
         rows["m"] = adapter["m"][index]
     return rows
