@@ -135,3 +135,25 @@ def test_erasure_report_measures_switch_dora_experts(moe_dirs, tmp_path, capsys)
     assert len(experts) == 3 * 2  # gate, up and down projections of 2 blocks
     for m in experts:
         assert m["status"] == "ok" and m["kept"] > 0.9 and m["error"] < 0.3, m
+
+
+@pytest.mark.parametrize("name", ["float32", "4bit"])
+def test_apply_with_trained_adapters_and_fuse_on_the_command_line(moe_dirs, tmp_path, capsys, name):
+    model_dir = moe_dirs["qwen2_moe", name]
+    spec = tmp_path / "experts.aspec"
+    spec.write_text(SPECS["qwen2_moe"])
+    trained = write_adapters(model_dir, tmp_path / "trained", SPECS["qwen2_moe"], b_scale=0.5)
+    weights = str(trained / "adapters.safetensors")
+    assert main(["plan", "-v", str(model_dir), str(spec)]) == 0
+    out = capsys.readouterr().out
+    assert "switch-dora" in out and "DoRA on the experts" in out
+    assert main(["apply", str(model_dir), str(spec), "--adapters", weights, "-o", str(tmp_path / "again")]) == 0
+    first, again = mx.load(weights), mx.load(str(tmp_path / "again" / "adapters.safetensors"))
+    assert first.keys() == again.keys() and any(k.endswith("switch_mlp.up_proj.m") for k in first)
+    assert all(mx.array_equal(first[k], again[k]).item() for k in first)
+    fused = tmp_path / "fused"
+    dequantize = ["--dequantize"] if name == "4bit" else []
+    assert (
+        main(["apply", str(model_dir), str(spec), "--adapters", weights, "--fuse", *dequantize, "-o", str(fused)]) == 0
+    )
+    assert rel_err(fused_logits(fused), adapted_logits(model_dir, trained)) < 1e-5
