@@ -109,6 +109,7 @@ def test_translated_config_adapts_what_mlx_lm_adapts(indexes, arch, keys, layers
     plan = make_plan(parse_spec(text), index)
     if expected is None:  # mlx-lm has no DoRA for experts; adapterspec plans switch-dora and says mlx-lm cannot
         assert plan.ok and "switch-dora" in {e.adapter for e in plan.entries}
+        assert any("mlx-lm refuses DoRA on experts" in note for note in notes), notes
         fit = mlx_lm_config(plan, index)
         assert not fit.compatible and any("switch-dora" in reason for reason in fit.reasons)
         return
