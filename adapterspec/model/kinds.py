@@ -37,9 +37,9 @@ class AdapterKind:
                 "lora_b": (experts, output_dims, r),
                 "m": (experts, output_dims),
             }
-            return {param: shapes[param] for param in self.params}
-        magnitude = input_dims if self.family == "embedding" else output_dims
-        shapes = {"lora_a": (input_dims, r), "lora_b": (r, output_dims), "m": (magnitude,)}
+        else:
+            magnitude = input_dims if self.family == "embedding" else output_dims
+            shapes = {"lora_a": (input_dims, r), "lora_b": (r, output_dims), "m": (magnitude,)}
         return {param: shapes[param] for param in self.params}
 
     def parameters(self, input_dims: int, output_dims: int, r: int, num_experts: Optional[int] = None) -> int:
