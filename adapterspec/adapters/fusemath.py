@@ -9,7 +9,7 @@ def lora_delta(kind: str, lora_a: mx.array, lora_b: mx.array, scale: float, dtyp
     """ΔW = scale·(B·A) in the base weight's layout, computed in float32 and cast to `dtype`.
 
     linear / dora: lora_a (in, r), lora_b (r, out) -> (out, in)
-    switch-lora: lora_a (E, r, in), lora_b (E, out, r) -> (E, out, in)
+    switch-lora / switch-dora: lora_a (E, r, in), lora_b (E, out, r) -> (E, out, in)
     embedding-lora / dora-embedding: lora_a (num, r), lora_b (r, dims) -> (num, dims)
     """
     a = lora_a.astype(mx.float32)
@@ -44,4 +44,4 @@ def dora_fused_weight(
         raise ValueError(f"{kind!r} is not a DoRA kind")
     adapted = weight.astype(mx.float32) + lora_delta(kind, lora_a, lora_b, scale)
     magnitude = m.astype(mx.float32) / row_norms(adapted)
-    return (magnitude[:, None] * adapted).astype(weight.dtype)
+    return (magnitude[..., None] * adapted).astype(weight.dtype)

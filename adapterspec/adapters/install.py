@@ -19,11 +19,11 @@ def adapter_classes() -> dict[str, type]:
     from .embedding import LoRAEmbedding
     from .lora import LoRALinear
     from .switch import LoRASwitchLinear
+    from .switch_dora import DoRASwitchLinear
     from .tokens import TokenRows
 
-    return {
-        cls.kind: cls for cls in (LoRALinear, LoRASwitchLinear, LoRAEmbedding, DoRALinear, DoRAEmbedding, TokenRows)
-    }
+    classes = (LoRALinear, LoRASwitchLinear, LoRAEmbedding, DoRALinear, DoRAEmbedding, DoRASwitchLinear, TokenRows)
+    return {cls.kind: cls for cls in classes}
 
 
 def from_base(kind: str, base, r: int = 8, scale: float = 20.0, dropout: float = 0.0, freeze_base: bool = True):

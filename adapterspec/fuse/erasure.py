@@ -20,7 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..adapters import fusemath
-from ..model.kinds import DORA_KINDS, TOKEN_KINDS
+from ..model.kinds import DORA_KINDS, SWITCH_KINDS, TOKEN_KINDS
 from . import merge_numpy
 from .merge_mlx import adapter_rows, merge, requantize, token_slots
 from .plan import FusePlan, Unit
@@ -185,14 +185,14 @@ def _row_problem(kind: str, unit: Unit, weight: mx.array, adapters: dict[str, mx
     if kind in TOKEN_KINDS:
         adapter["slots"] = token_slots(unit)
     index = mx.array(rows)
-    if kind != "switch-lora":
+    if kind not in SWITCH_KINDS:
         return weight, adapter_rows(kind, adapter, index)
     out_dims = adapter["lora_b"].shape[1]
     experts, outs = index // out_dims, index % out_dims
-    return weight[:, None, :], {
-        "lora_a": adapter["lora_a"][experts],
-        "lora_b": adapter["lora_b"][experts, outs][:, None, :],
-    }
+    rows = {"lora_a": adapter["lora_a"][experts], "lora_b": adapter["lora_b"][experts, outs][:, None, :]}
+    if "m" in adapter:
+        rows["m"] = adapter["m"][experts, outs][:, None]
+    return weight[:, None, :], rows
 
 
 def _merge(kind: str, weight: mx.array, adapter: dict[str, mx.array], scale: float) -> mx.array:

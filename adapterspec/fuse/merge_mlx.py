@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import mlx.core as mx
 
 from ..adapters import fusemath
-from ..model.kinds import DORA_KINDS, EMBEDDING_KINDS, TOKEN_KINDS
+from ..model.kinds import DORA_KINDS, EMBEDDING_KINDS, SWITCH_KINDS, TOKEN_KINDS
 
 if TYPE_CHECKING:
     from .plan import Quantization, Unit
@@ -153,9 +153,12 @@ def adapter_rows(kind: str, adapter: dict[str, mx.array], index) -> dict[str, mx
     if kind in TOKEN_KINDS:
         return {"token_rows": adapter["token_rows"], "slots": adapter["slots"][index]}
     a, b = adapter["lora_a"], adapter["lora_b"]
-    if kind == "switch-lora":
-        return {"lora_a": a[index], "lora_b": b[index]}
-    rows = {"lora_a": a[index], "lora_b": b} if kind in EMBEDDING_KINDS else {"lora_a": a, "lora_b": b[:, index]}
+    if kind in SWITCH_KINDS:  # the first axis is the experts': each expert's own A, B (and m)
+        rows = {"lora_a": a[index], "lora_b": b[index]}
+    elif kind in EMBEDDING_KINDS:
+        rows = {"lora_a": a[index], "lora_b": b}
+    else:
+        rows = {"lora_a": a, "lora_b": b[:, index]}
     if "m" in adapter:
         rows["m"] = adapter["m"][index]
     return rows

@@ -64,6 +64,12 @@ def wanted_modules(
                 f"'{entry.path}' has a {entry.adapter} adapter, which PEFT has no equivalent for",
                 help="PEFT's DoRA embedding normalises columns, adapterspec's rows; use lora on embeddings",
             )
+        if entry.adapter == "switch-dora":
+            raise UserError(
+                f"'{entry.path}' has a switch-dora adapter (DoRA on experts), which PEFT has no equivalent for",
+                help="PEFT adapts experts stored as one tensor through target_parameters, which does not work "
+                "with use_dora; use lora on the experts to export to PEFT",
+            )
         kinds.add(KINDS[entry.adapter].transform)
         for name in hf_names_of(entry.path, index):
             adapted[name] = (entry.r, _alpha(entry.r, entry.scale))

@@ -243,7 +243,9 @@ def _switch_assignment(
     choice: PeftChoice, path: str, ranks: dict, experts: int, kind: str, rslora: bool, dropout: float
 ) -> None:
     if kind == "dora":
-        choice.findings.append(lossy(f"DoRA on the experts of '{path}': adapterspec has no switch-DoRA"))
+        choice.findings.append(
+            lossy(f"DoRA on the experts of '{path}': PEFT's per-expert DoRA is not imported into switch-DoRA")
+        )
         return
     r = max(rank for rank, _ in ranks.values())
     alpha = next(a for rank, a in ranks.values() if rank == r)

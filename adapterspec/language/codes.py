@@ -100,7 +100,6 @@ CODES: dict[str, Code] = {
             "selector matches only modules the transform cannot adapt",
             "select linear, switch or embedding modules, or use full",
         ),
-        Code("AS303", Severity.ERROR, "`dora` on experts", "use lora on the experts"),
         Code(
             "AS304",
             Severity.ERROR,

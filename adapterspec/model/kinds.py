@@ -36,9 +36,15 @@ class AdapterKind:
         if self.transform == "tokens":
             return {"token_rows": (r, output_dims)}
         if self.family == "switch":
-            return {"lora_a": (num_experts or 1, r, input_dims), "lora_b": (num_experts or 1, output_dims, r)}
-        magnitude = input_dims if self.family == "embedding" else output_dims
-        shapes = {"lora_a": (input_dims, r), "lora_b": (r, output_dims), "m": (magnitude,)}
+            experts = num_experts or 1
+            shapes = {
+                "lora_a": (experts, r, input_dims),
+                "lora_b": (experts, output_dims, r),
+                "m": (experts, output_dims),
+            }
+        else:
+            magnitude = input_dims if self.family == "embedding" else output_dims
+            shapes = {"lora_a": (input_dims, r), "lora_b": (r, output_dims), "m": (magnitude,)}
         return {param: shapes[param] for param in self.params}
 
     def parameters(self, input_dims: int, output_dims: int, r: int, num_experts: Optional[int] = None) -> int:
@@ -54,6 +60,7 @@ KINDS: dict[str, AdapterKind] = {
         AdapterKind("dora", "dora", "linear"),
         AdapterKind("dora-embedding", "dora", "embedding"),
         AdapterKind("embedding-tokens", "tokens", "embedding"),
+        AdapterKind("switch-dora", "dora", "switch"),
     )
 }
 DORA_KINDS = tuple(name for name, kind in KINDS.items() if kind.dora)
@@ -64,7 +71,7 @@ LINEAR_KINDS = tuple(name for name, kind in KINDS.items() if kind.family == "lin
 
 
 def kind_for(transform: str, family: str) -> Optional[AdapterKind]:
-    """The adapter a low-rank transform becomes on a module of `family`; None where there is none (DoRA on experts)."""
+    """The adapter a low-rank transform becomes on a module of `family`; None where there is none."""
     for kind in KINDS.values():
         if kind.transform == transform and kind.family == family:
             return kind

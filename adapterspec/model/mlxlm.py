@@ -82,6 +82,9 @@ def mlx_lm_config(plan: Plan, index: ModuleIndex) -> MlxLmFit:
         reasons.append("it trains token rows ('tokens'), which mlx-lm's configs cannot say")
     if {KINDS[k].transform for k in kinds - {"full"}} >= {"lora", "dora"}:
         reasons.append("it mixes lora and dora")
+    switch_dora = next((e.path for e in entries if e.adapter == "switch-dora"), None)
+    if switch_dora is not None:
+        reasons.append(f"it puts DoRA on the experts of '{switch_dora}' (switch-dora), which mlx-lm does not have")
     for name, values in (
         ("rank", {e.r for e in entries}),
         ("scale", {e.scale for e in entries}),
@@ -242,6 +245,8 @@ def spec_from_mlx_lm(
     notes: list[str] = []
     lines = [f"# translated from an mlx-lm adapter config (fine_tune_type={fine_tune_type}, num_layers={num_layers})"]
     keys = lora_parameters.get("keys")
+    if kind == "dora":
+        notes += _dora_on_experts_note(index, blocks, range(length - count, length), keys)
     if keys is None:
         lines += [f"{selector}: {kind}({args})" for selector in block_selectors]
         return "\n".join(lines) + "\n", notes
@@ -264,3 +269,18 @@ def spec_from_mlx_lm(
     if len(lines) == 1:  # a spec needs a rule: say "nothing" explicitly, as mlx-lm adapts nothing here
         lines += ["# no key names an adaptable module of this model", "/**: none"]
     return "\n".join(lines) + "\n", notes
+
+
+def _dora_on_experts_note(index: ModuleIndex, blocks: Optional[str], chosen: range, keys) -> list[str]:
+    """mlx-lm refuses DoRA on a SwitchLinear; the translated spec gives those experts switch-DoRA."""
+    paths = list(keys or ())
+    for n in chosen if blocks else ():
+        block = f"{blocks}.{n}"
+        paths += [m.path for m in index.descendants(block)] if keys is None else [f"{block}.{k}" for k in keys]
+    expert = next((index[p] for p in paths if p in index and index[p].family == "switch"), None)
+    if expert is None:
+        return []
+    return [
+        f"mlx-lm refuses DoRA on experts ('{expert.path}' is a {expert.cls}); the spec gives them switch-DoRA, "
+        "which adapterspec trains, loads and fuses"
+    ]

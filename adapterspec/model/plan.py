@@ -119,7 +119,7 @@ def passes_type_filter(info: ModuleInfo, type_filter: Optional[str], index: Opti
 
 
 def receives(info: ModuleInfo, kind: str) -> bool:
-    """Whether a module can take a transform of this kind at all (dora on experts is judged later)."""
+    """Whether a module can take a transform of this kind at all."""
     if kind in ("lora", "dora"):
         return info.adaptable
     if kind == "full":
@@ -275,15 +275,6 @@ class _Planner:
 
     def check_reached(self, rule: Rule, reached: list[ModuleInfo]) -> bool:
         kind = rule.transform.kind
-        experts = [m for m in reached if m.family == "switch"]
-        if kind == "dora" and experts:
-            self.report(
-                "AS303",
-                f"dora cannot adapt the experts '{experts[0].path}' ({experts[0].cls})",
-                rule.transform_span,
-                "use lora for SwitchLinear experts, or add the type filter @linear",
-            )
-            return False
         if kind == "full":
             quantized = [m for m in reached if m.quantized]
             if quantized:

@@ -24,7 +24,7 @@ MLX_LM_ADAPTERS = (
     mlxlm_lora.LoRALinear, mlxlm_lora.LoRASwitchLinear, mlxlm_lora.LoRAEmbedding,
     mlxlm_dora.DoRALinear, mlxlm_dora.DoRAEmbedding,
 )  # fmt: skip
-OUR_ADAPTERS = {"LoRALinear", "LoRASwitchLinear", "LoRAEmbedding", "DoRALinear", "DoRAEmbedding"}
+OUR_ADAPTERS = {"LoRALinear", "LoRASwitchLinear", "LoRAEmbedding", "DoRALinear", "DoRAEmbedding", "DoRASwitchLinear"}
 
 
 def build(arch="llama", quantized=False):
@@ -86,6 +86,8 @@ ROUND_TRIPS = {
                     "layers[-1].mlp: dora(r=2)\nembed_tokens: lora(r=3)\n**.*norm: full\n"),
     "moe-experts": ("qwen2_moe", False, "switch_mlp.*: lora(r=2)\nlayers[0]@linear: lora(r=4, alpha=8)\n"),
     "quantized": ("llama", True, "layers[-2:]: lora(r=4)\nembed_tokens: dora(r=2)\n"),
+    "switch-dora": ("mixtral", False, "layers[*].block_sparse_moe: dora(r=2)\nq_proj: lora(r=4)\n"),
+    "switch-dora-4bit": ("qwen2_moe", True, "layers[*].mlp: dora(r=2)\n"),
     "tied-embedding": ("gemma", False, "embed_tokens: lora(r=4)\nq_proj: lora\n"),
 }  # fmt: skip
 
@@ -167,6 +169,23 @@ def test_a_directory_mlx_lm_cannot_express_says_why(tmp_path, name):
         mlx_lm_load_adapters(build(), str(tmp_path / "a"))
     fresh = build()
     load_adapters(fresh, tmp_path / "a")
+    assert mx.array_equal(logits(fresh), logits(model)).item()
+
+
+def test_a_switch_dora_directory_says_mlx_lm_has_no_dora_on_experts(tmp_path):
+    model, plan = adapted("mixtral", "layers[*].block_sparse_moe.switch_mlp.*: dora(r=2)\n")
+    assert {e.adapter for e in plan.entries} == {"switch-dora"}
+    save_adapters(model, plan, tmp_path / "a")
+    config = read_config(tmp_path / "a")
+    assert config["adapterspec"]["mlx_lm_compatible"] is False
+    assert any("switch-dora" in r and "mlx-lm" in r for r in config["adapterspec"]["mlx_lm_incompatible_because"])
+    assert not {"fine_tune_type", "num_layers", "lora_parameters"} & set(config)
+    with pytest.raises(Exception):  # noqa: B017 (mlx-lm refuses, with whatever error it raises)
+        mlx_lm_load_adapters(build("mixtral"), str(tmp_path / "a"))
+    fresh = build("mixtral")
+    load_adapters(fresh, tmp_path / "a")
+    assert {type(m).__name__ for _, m in fresh.named_modules()} >= {"DoRASwitchLinear"}
+    assert {k.rsplit(".", 1)[1] for k in trainable_names(fresh)} == {"lora_a", "lora_b", "m"}
     assert mx.array_equal(logits(fresh), logits(model)).item()
 
 

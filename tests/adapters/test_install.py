@@ -138,11 +138,11 @@ def test_full_on_quantized_layers_leaves_the_model_unchanged():
     assert snapshot(model) == before
 
 
-def test_dora_on_experts_leaves_the_model_unchanged():
+def test_a_spec_error_beside_dora_on_experts_leaves_the_model_unchanged():
     model = build("mixtral")
     before = snapshot(model)
     with pytest.raises(SpecError):
-        apply(model, "q_proj: lora\nlayers[*]: dora\n")
+        apply(model, "q_proj: lora\nlayers[*]: dora\nlayers[99]: lora\n")
     assert snapshot(model) == before
 
 

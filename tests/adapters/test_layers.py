@@ -28,12 +28,66 @@ VARIANTS = list(TOLERANCE)
 # Requantizing a fused weight to 4 bits moves each weight by up to half a quantization step.
 REQUANTIZE_TOLERANCE = 0.2
 
+
+class MlxLmDoRAPerExpert(nn.Module):
+    """mlx-lm's DoRALinear applied expert by expert: expert e's weight (and bias) in a Linear or QuantizedLinear,
+    wrapped in mlx-lm's DoRALinear with A_e, B_e, m_e taken from stacked (E, r, in), (E, out, r), (E, out) parameters;
+    each row's output is that of the DoRALinear of the expert it is routed to."""
+
+    @staticmethod
+    def from_base(base, r, dropout, scale):
+        twin = MlxLmDoRAPerExpert()
+        twin.linear = base
+        experts, out, inp = base.num_experts, base.output_dims, base.input_dims
+        twin.lora_a, twin.lora_b = mx.zeros((experts, r, inp)), mx.zeros((experts, out, r))
+        twin.m = fusemath.row_norms(dense_weight(base))
+        # built once, outside the module tree (their parameters are the stacked ones above, set at each call)
+        object.__setattr__(twin, "doras", [twin.expert_dora(e, r, scale) for e in range(experts)])
+        return twin
+
+    def expert_dora(self, e, r, scale):
+        base, q = self.linear, quantization(self.linear)
+        out, inp = base.output_dims, base.input_dims
+        if q is None:
+            linear = nn.Linear(inp, out, bias="bias" in base)
+            linear.weight = base.weight[e]
+        else:
+            linear = nn.QuantizedLinear(inp, out, bias="bias" in base, group_size=q["group_size"], bits=q["bits"])
+            linear.weight, linear.scales, linear.biases = base.weight[e], base.scales[e], base.biases[e]
+        if "bias" in base:
+            linear.bias = base.bias[e]
+        return mlxlm_dora.DoRALinear.from_base(linear, r=r, dropout=0.0, scale=scale)
+
+    def expert(self, e):
+        """mlx-lm's DoRALinear of expert e, holding A_e, B_e and m_e."""
+        dora = self.doras[e]
+        dora.lora_a, dora.lora_b, dora.m = self.lora_a[e].T, self.lora_b[e].T, self.m[e]
+        return dora
+
+    def __call__(self, x, indices, sorted_indices=False):
+        out = 0
+        for e in range(self.linear.num_experts):
+            routed = (indices == e)[..., None, None]
+            out = out + routed * self.expert(e)(x)
+        return out
+
+    def fuse(self, dequantize=False):
+        weight = mx.stack([self.expert(e).fuse(dequantize=True).weight for e in range(self.linear.num_experts)])
+        fused = SwitchLinear(weight.shape[2], weight.shape[1], weight.shape[0], bias="bias" in self.linear)
+        fused.weight = weight
+        if "bias" in self.linear:
+            fused.bias = self.linear.bias
+        q = quantization(self.linear)
+        return fused.to_quantized(**q) if q is not None and not dequantize else fused
+
+
 MLXLM_CLASSES = {
     "lora": mlxlm_lora.LoRALinear,
     "switch-lora": mlxlm_lora.LoRASwitchLinear,
     "embedding-lora": mlxlm_lora.LoRAEmbedding,
     "dora": mlxlm_dora.DoRALinear,
     "dora-embedding": mlxlm_dora.DoRAEmbedding,
+    "switch-dora": MlxLmDoRAPerExpert,  # mlx-lm has no DoRA on experts: its DoRALinear, expert by expert
 }
 FAMILY = {
     "lora": "linear",
@@ -41,6 +95,7 @@ FAMILY = {
     "switch-lora": "switch",
     "embedding-lora": "embedding",
     "dora-embedding": "embedding",
+    "switch-dora": "switch",
 }
 KINDS = [
     kind for kind in adapter_classes() if kind not in TOKEN_KINDS
@@ -336,12 +391,12 @@ def test_initialisation_is_reproducible_and_like_mlxlm(kind):
     second = adapter_from_base(kind, base, r=R)
     assert mx.array_equal(first.lora_a, second.lora_a)
     assert not mx.any(first.lora_b).item()
-    fan_in = first.lora_a.shape[-1] if kind == "switch-lora" else first.lora_a.shape[0]
+    fan_in = first.lora_a.shape[-1] if FAMILY[kind] == "switch" else first.lora_a.shape[0]
     assert mx.abs(first.lora_a).max().item() <= 1 / fan_in**0.5
     assert first.scale == 20.0
 
 
-def test_from_base_rejects_unknown_kind_and_switch_dora():
+def test_from_base_rejects_an_unknown_kind():
     base, _ = make_base("linear", "float32")
     with pytest.raises(ValueError, match="unknown adapter kind"):
         adapter_from_base("dora-switch", base)
@@ -352,6 +407,7 @@ def test_from_base_rejects_unknown_kind_and_switch_dora():
         "dora",
         "dora-embedding",
         "embedding-tokens",
+        "switch-dora",
     }
 
 

@@ -148,3 +148,38 @@ def test_export_refuses_mixed_lora_and_dora():
     plan = make_plan(parse_spec("q_proj: lora\nv_proj: dora\n"), index)
     with pytest.raises(UserError, match="mixes lora and dora"):
         peft_config(plan, index)
+
+
+def test_export_refuses_switch_dora_with_the_reason(tmp_path, capsys):
+    from adapterspec.cli import main
+    from adapterspec.errors import UserError
+    from adapterspec.interop.peft_export import peft_config
+    from adapterspec.language.lint import parse_spec
+    from adapterspec.model.plan import make_plan
+
+    index = ModuleIndex.from_model_dir(models.example_model_dir("tiny-moe"))
+    plan = make_plan(parse_spec("layers[*].mlp.switch_mlp.*: dora(r=2)\n"), index)
+    assert plan.ok and {e.adapter for e in plan.entries} == {"switch-dora"}
+    with pytest.raises(UserError, match="switch-dora adapter \\(DoRA on experts\\), which PEFT has no equivalent"):
+        peft_config(plan, index)
+
+    from adapterspec.adapters.install import apply
+    from adapterspec.adapters.loading import load_model
+    from adapterspec.adapters.weights import save_adapters
+
+    model_dir = models.example_model_dir("tiny-moe")
+    model = load_model(model_dir)[0]
+    save_adapters(model, apply(model, "layers[*].mlp.switch_mlp.*: dora(r=2)\n"), tmp_path / "ours")
+    assert main(["export", "peft", str(model_dir), str(tmp_path / "ours"), "-o", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert "switch-dora" in err and "use_dora" in err and "Traceback" not in err
+    assert not (tmp_path / "p").exists()
+
+
+def test_import_of_peft_dora_on_experts_stays_lossy():
+    from adapterspec.interop.peft_import import translate
+
+    index = ModuleIndex.from_model_dir(models.example_model_dir("tiny-moe"))
+    lossy = translate({"r": 4, "lora_alpha": 8, "use_dora": True, "target_modules": ["gate_proj"]}, index).lossy
+    messages = [f.message for f in lossy]
+    assert any("DoRA on the experts" in m and "switch-DoRA" in m for m in messages), messages

@@ -107,8 +107,11 @@ def test_translated_config_adapts_what_mlx_lm_adapts(indexes, arch, keys, layers
 
     text, notes = spec_from_mlx_lm(parameters, num_layers, kind, index)
     plan = make_plan(parse_spec(text), index)
-    if expected is None:  # mlx-lm has no DoRA for experts; the plan says so too
-        assert "AS303" in [d.code for d in plan.diagnostics]
+    if expected is None:  # mlx-lm has no DoRA for experts; adapterspec plans switch-dora and says mlx-lm cannot
+        assert plan.ok and "switch-dora" in {e.adapter for e in plan.entries}
+        assert any("mlx-lm refuses DoRA on experts" in note for note in notes), notes
+        fit = mlx_lm_config(plan, index)
+        assert not fit.compatible and any("switch-dora" in reason for reason in fit.reasons)
         return
     paths, count = expected
     assert plan.ok, [d.message for d in plan.diagnostics]
@@ -144,7 +147,7 @@ def test_the_table_covers_adapters_of_every_kind(indexes):
                 plan = make_plan(parse_spec(text), indexes[arch])
                 if plan.ok:
                     seen |= {e.adapter for e in plan.entries}
-    assert seen == {"lora", "switch-lora", "embedding-lora", "dora", "dora-embedding"}
+    assert seen == {"lora", "switch-lora", "embedding-lora", "dora", "dora-embedding", "switch-dora"}
 
 
 def test_keys_naming_modules_mlx_lm_cannot_convert_are_noted(indexes):

@@ -71,9 +71,16 @@ def test_transform_that_cannot_adapt_the_module(moe):
     assert 2 not in by_line
 
 
-def test_rule_with_an_error_on_the_model(moe):
-    _, by_line = explained(moe, "model.layers.1.mlp.switch_mlp.up_proj", "mlp: dora\n")
-    assert by_line[1].status == CANNOT and "dora cannot adapt the experts" in by_line[1].reason
+def test_rule_with_an_error_on_the_model():
+    quantized = ModuleIndex.from_model_dir(models.example_model_dir("tiny-llama-4bit"))
+    _, by_line = explained(quantized, "model.layers.1.mlp.up_proj", "mlp: full\n")
+    assert by_line[1].status == CANNOT and "full cannot train the quantized weights" in by_line[1].reason
+
+
+def test_dora_on_the_experts_is_switch_dora(moe):
+    item, by_line = explained(moe, "model.layers.1.mlp.switch_mlp.up_proj", "mlp: dora(r=4)\n")
+    assert by_line[1].status == DECIDES
+    assert item.outcome == "switch-dora(r=4, scale=20)"
 
 
 def test_filters(moe):

@@ -14,6 +14,7 @@ from adapterspec.adapters.install import apply
 from adapterspec.language.diagnostics import Severity
 from adapterspec.language.lint import parse_spec
 from adapterspec.model.index import ModuleIndex
+from adapterspec.model.kinds import KINDS
 from adapterspec.model.plan import make_plan
 
 BLOCKS = 4
@@ -252,6 +253,8 @@ def trainable_by_module(model):
         ("llama", True, "layers[-1]: lora(r=3)\n", {"lora"}),
         ("qwen2_moe", False, "switch_mlp.*: lora(r=2)\n", {"switch-lora"}),
         ("mixtral", True, "switch_mlp.*: lora(r=2)\n", {"switch-lora"}),
+        ("qwen2_moe", False, "switch_mlp.*: dora(r=2)\n", {"switch-dora"}),
+        ("mixtral", True, "switch_mlp.*: dora(r=2)\n", {"switch-dora"}),
         ("llama", False, "embed_tokens: lora(r=5)\n", {"embedding-lora"}),
         ("llama", True, "embed_tokens: lora(r=5)\n", {"embedding-lora"}),
         ("qwen2_moe", False, "layers[0]@linear: dora(r=4)\n", {"dora"}),
@@ -310,18 +313,18 @@ def test_as302_full_on_modules_without_parameters(index):
     assert "RoPE" in d.message
 
 
-def test_as303_dora_on_experts_points_at_the_transform(index):
-    text = "layers[-1].mlp: dora(r=4)\n"
-    p = plan(text, index("qwen2_moe"))
-    d = only(p, "AS303")
-    assert d.severity is Severity.ERROR
-    assert (d.span.line, d.span.column) == (1, column_of(text, 1, "dora"))
-    assert p.entries == []
-
-
-def test_as303_is_avoided_by_a_linear_filter(index):
-    p = plan("layers[-1].mlp@linear: dora(r=4)\n", index("qwen2_moe"))
-    assert "AS303" not in codes(p) and p.ok
+def test_dora_on_experts_plans_switch_dora_with_a_magnitude_per_expert_and_row(index):
+    idx = index("qwen2_moe")
+    p = plan("layers[-1].mlp: dora(r=4)\n", idx)
+    assert p.ok, [d.message for d in p.diagnostics]
+    kinds = {e.path: e.adapter for e in p.entries}
+    experts = [path for path in kinds if idx[path].family == "switch"]
+    assert experts and all(kinds[path] == "switch-dora" for path in experts)
+    assert {kinds[path] for path in kinds if idx[path].family == "linear"} == {"dora"}
+    info = idx[experts[0]]
+    e, i, o = info.num_experts, info.input_dims, info.output_dims
+    assert KINDS["switch-dora"].shapes(i, o, 4, e) == {"lora_a": (e, 4, i), "lora_b": (e, o, 4), "m": (e, o)}
+    assert next(x for x in p.entries if x.path == experts[0]).trainable == e * (4 * i + o * 4 + o)
 
 
 def test_as304_type_filter_excludes_everything(index):

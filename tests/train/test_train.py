@@ -202,3 +202,29 @@ def test_a_diverged_run_is_refused_and_publishes_nothing(tmp_path):
     with pytest.raises(UserError, match="diverged by step 3") as error:
         refuse_diverged(model, 3, tmp_path)
     assert error.value.exit_code == 1 and "q_proj.lora_b" in error.value.message
+
+
+def test_training_switch_dora_on_experts_moves_a_b_and_m_and_reloads(tmp_path):
+    moe = str(tiny.example_model_dir("tiny-moe"))
+    spec = "adapterspec 1\nlayers[*].mlp.switch_mlp.*: dora(r=4, scale=2.0)\n"
+    result = train(tmp_path, "moe", spec=spec, model=moe, iters=6, steps_per_eval=6, save_every=6, learning_rate=1e-2)
+    (_, first), (_, last) = result.val_losses[0], result.val_losses[-1]
+    assert last < first, result.val_losses
+    saved = weights(result.out)
+    fresh = load_model(moe)[0]
+    plan = load_adapters(fresh, result.out)
+    assert {e.adapter for e in plan.entries} == {"switch-dora"}
+    initial = dict(tree_flatten(fresh.trainable_parameters()))
+    for suffix in ("lora_a", "lora_b", "m"):
+        names = [k for k in saved if k.endswith("." + suffix)]
+        assert names and all(saved[k].ndim == (2 if suffix == "m" else 3) for k in names), suffix
+    base_norms = {
+        k: v for k, v in tree_flatten(load_model(moe)[0].parameters()) if k.endswith("switch_mlp.up_proj.weight")
+    }
+    for name, weight in base_norms.items():
+        m = saved[name.replace(".weight", ".m")]
+        assert not mx.allclose(m, mx.linalg.norm(weight.astype(mx.float32), axis=-1)).item(), "m did not train"
+    assert all(mx.any(saved[k] != 0).item() for k in saved if k.endswith("lora_b"))
+    assert initial.keys() == saved.keys()
+    result.model.eval()
+    assert mx.array_equal(fresh(a_batch()), result.model(a_batch())).item()
