@@ -246,7 +246,7 @@ def spec_from_mlx_lm(
     lines = [f"# translated from an mlx-lm adapter config (fine_tune_type={fine_tune_type}, num_layers={num_layers})"]
     keys = lora_parameters.get("keys")
     if kind == "dora":
-        notes += _dora_on_experts_note(index, blocks, range(length - count, length), keys)
+        notes += _dora_on_experts_note(index, chosen, keys)
     if keys is None:
         lines += [f"{selector}: {kind}({args})" for selector in block_selectors]
         return "\n".join(lines) + "\n", notes
@@ -271,11 +271,10 @@ def spec_from_mlx_lm(
     return "\n".join(lines) + "\n", notes
 
 
-def _dora_on_experts_note(index: ModuleIndex, blocks: Optional[str], chosen: range, keys) -> list[str]:
+def _dora_on_experts_note(index: ModuleIndex, chosen: tuple[str, ...], keys) -> list[str]:
     """mlx-lm refuses DoRA on a SwitchLinear; the translated spec gives those experts switch-DoRA."""
     paths = list(keys or ())
-    for n in chosen if blocks else ():
-        block = f"{blocks}.{n}"
+    for block in chosen:
         paths += [m.path for m in index.descendants(block)] if keys is None else [f"{block}.{k}" for k in keys]
     expert = next((index[p] for p in paths if p in index and index[p].family == "switch"), None)
     if expert is None:
