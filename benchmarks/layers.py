@@ -252,7 +252,8 @@ def measure_all(variants: dict[str, object], warmup: int, iters: int) -> dict[st
         mx.eval(fn())
         peaks[name] = mx.get_peak_memory() / 1e9
     return {
-        name: Timing(1000 * statistics.median(times[name]), peaks[name], 1000 * first.get(name, 0.0)) for name in variants
+        name: Timing(1000 * statistics.median(times[name]), peaks[name], 1000 * first.get(name, 0.0))
+        for name in variants
     }
 
 
@@ -412,7 +413,7 @@ def sweep_row(result: ConfigResult) -> str:
 
 
 def parse_tokens(text: str) -> list[tuple[int, int]]:
-    """"1x1024,2x4096" -> [(1, 1024), (2, 4096)] (batch x sequence length)."""
+    """ "1x1024,2x4096" -> [(1, 1024), (2, 4096)] (batch x sequence length)."""
     points = []
     for item in text.split(","):
         batch, _, seq = item.strip().partition("x")
@@ -437,7 +438,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--deep-configs", default=None, help="configurations run at depths beyond the first (default: all)"
     )
-    parser.add_argument("--deep-tokens", default=None, help="token counts run at depths beyond the first (default: all)")
+    parser.add_argument(
+        "--deep-tokens", default=None, help="token counts run at depths beyond the first (default: all)"
+    )
     parser.add_argument("--max-seconds", type=float, default=None, help="stop the sweep after this long")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--rank", type=int, default=8)

@@ -46,9 +46,13 @@ class LoRAEmbedding(AdapterModule):
     def as_linear(self, x: mx.array) -> mx.array:
         num_embeddings, dims = self.lora_a.shape[0], self.lora_b.shape[1]
         plain = (self.training and self.dropout_p > 0) or not lowrank.frozen(self.embedding)
-        if not plain and lowrank.use_merged(
-            x.size // dims, dims, num_embeddings, training=self.training, candidates=lambda: self._paths(x)
-        ):
+        if plain:
+            merged = False
+        elif lowrank.measuring():
+            merged = pathchoice.choose(self._paths(x)) == "merged"
+        else:
+            merged = lowrank.use_merged(x.size // dims, dims, num_embeddings, training=self.training)
+        if merged:
             return self._merged_as_linear(x)
         return self._separate_as_linear(x)
 
@@ -60,7 +64,14 @@ class LoRAEmbedding(AdapterModule):
 
     def _paths(self, x: mx.array) -> pathchoice.Candidates:
         """Both ways of the tied head on random arrays of this call's shapes, for `pathchoice` to time."""
-        key = ("embedding-lora", pathchoice.signature(self.embedding), tuple(x.shape), str(x.dtype), self.lora_a.shape[1], self.training)
+        key = (
+            "embedding-lora",
+            pathchoice.signature(self.embedding),
+            tuple(x.shape),
+            str(x.dtype),
+            self.lora_a.shape[1],
+            self.training,
+        )
 
         def build():
             twin = pathchoice.random_twin(self)

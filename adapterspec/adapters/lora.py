@@ -33,8 +33,11 @@ class LoRALinear(AdapterModule):
         input_dims, output_dims = self.lora_a.shape[0], self.lora_b.shape[1]
         if (self.training and self.dropout_p > 0) or not lowrank.frozen(self.linear):
             return self._autodiff(x)
-        rows = x.size // input_dims
-        if lowrank.use_merged(rows, input_dims, output_dims, training=self.training, candidates=lambda: self._paths(x)):
+        if lowrank.measuring():
+            merged = pathchoice.choose(self._paths(x)) == "merged"
+        else:
+            merged = lowrank.use_merged(x.size // input_dims, input_dims, output_dims, training=self.training)
+        if merged:
             return self._merged(x)
         return self._separate(x) if lowrank.separate_by_hand else self._autodiff(x)
 
@@ -66,7 +69,14 @@ class LoRALinear(AdapterModule):
 
     def _paths(self, x: mx.array) -> pathchoice.Candidates:
         """Both paths on random arrays of this call's shapes, for `pathchoice` to time."""
-        key = ("lora", pathchoice.signature(self.linear), tuple(x.shape), str(x.dtype), self.lora_a.shape[1], self.training)
+        key = (
+            "lora",
+            pathchoice.signature(self.linear),
+            tuple(x.shape),
+            str(x.dtype),
+            self.lora_a.shape[1],
+            self.training,
+        )
 
         def build():
             twin = pathchoice.random_twin(self)

@@ -21,11 +21,9 @@ low-rank input only) and a base left trainable always take the plain separate pa
 """
 
 import os
-from typing import Callable, Optional
+from typing import Callable
 
 import mlx.core as mx
-
-from . import pathchoice
 
 MERGE_MODES = ("auto", "always", "never", "measure", "model")
 merge_mode = os.environ.get("ADAPTERSPEC_LORA_PATH", "auto")
@@ -43,16 +41,9 @@ def measuring() -> bool:
     return merge_mode == "measure" or (merge_mode == "auto" and mx.default_device().type == mx.DeviceType.gpu)
 
 
-def use_merged(
-    rows: int,
-    input_dims: int,
-    output_dims: int,
-    matrices: int = 1,
-    training: bool = True,
-    candidates: Optional[Callable[[], pathchoice.Candidates]] = None,
-) -> bool:
-    """Whether to take the merged path: forced, measured (`candidates()` names "separate" and "merged"),
-    or where the merged path moves fewer bytes than the separate one for `rows` input rows.
+def use_merged(rows: int, input_dims: int, output_dims: int, matrices: int = 1, training: bool = True) -> bool:
+    """Whether to take the merged path when it is not measured: forced, or where the merged path moves fewer
+    bytes than the separate one for `rows` input rows (the layers ask `pathchoice` while `measuring()`).
 
     Forward only, separate reads x and rereads + rewrites the output: rows·(in + 2·out); merged
     reads + writes the weights: 2·matrices·in·out. A training step adds, beyond the base's own
@@ -61,8 +52,6 @@ def use_merged(
     """
     if merge_mode in ("always", "never"):
         return merge_mode == "always"
-    if candidates is not None and measuring():
-        return pathchoice.choose(candidates()) == "merged"
     weights = matrices * input_dims * output_dims
     if training:
         return rows * (output_dims + 2 * input_dims) > weights

@@ -39,7 +39,9 @@ def wall_timer(name: str, run: Callable[[], object]) -> float:
 
 
 timer: Timer = wall_timer
-cache_file: Optional[Path] = Path(os.environ["ADAPTERSPEC_PATH_CACHE"]) if os.environ.get("ADAPTERSPEC_PATH_CACHE") else None
+cache_file: Optional[Path] = (
+    Path(os.environ["ADAPTERSPEC_PATH_CACHE"]) if os.environ.get("ADAPTERSPEC_PATH_CACHE") else None
+)
 choices: dict[str, str] = {}
 timings: dict[str, dict[str, float]] = {}
 _loaded_from: Optional[Path] = None

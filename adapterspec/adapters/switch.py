@@ -57,14 +57,13 @@ class LoRASwitchLinear(AdapterModule):
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         num_experts, input_dims, output_dims = self.lora_a.shape[0], self.lora_a.shape[2], self.lora_b.shape[1]
         plain = (self.training and self.dropout_p > 0) or not lowrank.frozen(self.linear)
-        if not plain and lowrank.use_merged(
-            indices.size,
-            input_dims,
-            output_dims,
-            num_experts,
-            self.training,
-            candidates=lambda: self._paths(x, indices, sorted_indices),
-        ):
+        if plain:
+            merged = False
+        elif lowrank.measuring():
+            merged = pathchoice.choose(self._paths(x, indices, sorted_indices)) == "merged"
+        else:
+            merged = lowrank.use_merged(indices.size, input_dims, output_dims, num_experts, self.training)
+        if merged:
             return self._merged(x, indices, sorted_indices)
         return self._separate(x, indices, sorted_indices)
 
