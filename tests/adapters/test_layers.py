@@ -483,3 +483,21 @@ def test_measured_choice_inside_a_compiled_training_step_matches_mlxlm(measured)
     assert seen, "nothing was measured"
     assert results[0] == pytest.approx(results[1], rel=1e-4)
     assert rel_err(ours.lora_b, theirs.lora_b) <= 1e-4
+
+
+@pytest.mark.parametrize("mode", ["always", "never", "measure"])
+def test_a_trainable_base_gets_its_gradient_on_every_path(mode, measured, monkeypatch):
+    """The custom paths treat the base as a constant, so a base left trainable takes the autodiff path."""
+    monkeypatch.setattr(lowrank, "merge_mode", mode)
+    base, _ = make_base("linear", "float32")
+    ours = adapter_from_base("lora", base, r=R, scale=SCALE, freeze_base=False)
+    ours.lora_b = 0.01 * mx.random.normal(ours.lora_b.shape)
+    theirs = MLXLM_CLASSES["lora"].from_base(base, r=R, dropout=0.0, scale=SCALE)
+    theirs.update({k: ours[k] for k in ("lora_a", "lora_b")})
+    theirs.linear.unfreeze()
+    name, call, args = calls("linear", mx.float32)[0]
+    ours_params, _ = grads(ours, call, args, mx.float32, wrt_input=False)
+    theirs_params, _ = grads(theirs, call, args, mx.float32, wrt_input=False)
+    assert "linear.weight" in ours_params and ours_params.keys() == theirs_params.keys()
+    for k in theirs_params:
+        assert rel_err(ours_params[k], theirs_params[k]) <= TOLERANCE["float32"], k
