@@ -6,9 +6,16 @@ layers and adapterspec's a forward (eval mode) and a training step (value_and_gr
 adapter parameters trainable), with the peak memory of each. Each round runs every variant once,
 so a drifting machine load spreads over all of them; the median of the rounds is reported.
 
+With --compiled, the step is the one mlx-lm's trainer runs: `mx.compile` over the model's and an
+Adam optimizer's state (and the random state), loss, gradients and update in one compiled call;
+the forward is compiled too. With --sweep, every configuration runs at every token count of
+--tokens and every depth of --depths, one table row per point, and --json is rewritten after each
+point (a run cut short keeps what it measured).
+
     python benchmarks/layers.py                      # small CPU preset, all configurations
     python benchmarks/layers.py --preset gpu         # the issue's 8-block 4096-wide llama
     python benchmarks/layers.py --configs dense,qlora --hidden 512 --iters 5
+    python benchmarks/layers.py --preset gpu --compiled --sweep --json sweep.json
 """
 
 import argparse
@@ -18,6 +25,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -26,7 +34,7 @@ from mlx.utils import tree_unflatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adapterspec.adapters import lowrank  # noqa: E402
+from adapterspec.adapters import lowrank, pathchoice  # noqa: E402
 from adapterspec.adapters.install import from_base  # noqa: E402
 
 CONFIGS = ("dense", "moe", "qlora", "embedding")
@@ -66,16 +74,32 @@ ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 
 
+# adapterspec variants: (merge_mode, separate path by hand); "before" is the code before measured choices
+VARIANT_MODES = {
+    "auto": ("auto", True),
+    "model": ("model", True),
+    "measure": ("measure", True),
+    "never": ("never", True),
+    "always": ("always", True),
+    "before": ("model", False),
+}
+SWEEP_TOKENS = "1x1024,2x1024,4x1024,8x1024,2x4096"
+
+
 @dataclass
 class Timing:
     ms: float
     peak_gb: float
+    first_ms: float = 0.0
 
 
 @dataclass
 class ConfigResult:
     config: str
     description: str
+    layers: int
+    tokens: str
+    compiled: bool
     adapted_modules: int
     base_forward: Timing
     floor_step: Timing
@@ -83,7 +107,7 @@ class ConfigResult:
     step: dict[str, Timing] = field(default_factory=dict)
 
 
-def build_model(config: str, args: argparse.Namespace, dtype: mx.Dtype) -> nn.Module:
+def build_model(config: str, args: argparse.Namespace, dtype: mx.Dtype, layers: int) -> nn.Module:
     from mlx_lm.models import llama, mixtral
 
     if config == "moe":
@@ -92,7 +116,7 @@ def build_model(config: str, args: argparse.Namespace, dtype: mx.Dtype) -> nn.Mo
             vocab_size=args.vocab,
             hidden_size=args.hidden,
             intermediate_size=args.moe_intermediate,
-            num_hidden_layers=args.layers,
+            num_hidden_layers=layers,
             num_attention_heads=args.heads,
             num_key_value_heads=args.kv_heads,
             num_local_experts=args.experts,
@@ -103,7 +127,7 @@ def build_model(config: str, args: argparse.Namespace, dtype: mx.Dtype) -> nn.Mo
         model_args = llama.ModelArgs(
             model_type="llama",
             hidden_size=args.hidden,
-            num_hidden_layers=args.layers,
+            num_hidden_layers=layers,
             intermediate_size=args.intermediate,
             num_attention_heads=args.heads,
             num_key_value_heads=args.kv_heads,
@@ -166,14 +190,37 @@ def loss_fn(model: nn.Module, inputs: mx.array, targets: mx.array) -> mx.array:
     return nn.losses.cross_entropy(logits, targets).astype(mx.float32).mean()
 
 
-def training_step(model: nn.Module, inputs: mx.array, targets: mx.array):
+def training_step(model: nn.Module, inputs: mx.array, targets: mx.array, compiled: bool):
+    """One training step: value_and_grad, or with `compiled` mlx-lm trainer's compiled step (Adam update included)."""
     value_and_grad = nn.value_and_grad(model, loss_fn)
-    return lambda: value_and_grad(model, inputs, targets)
+    if not compiled:
+        return lambda: value_and_grad(model, inputs, targets)
+    import mlx.optimizers as optim
+
+    optimizer = optim.Adam(learning_rate=1e-5)
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(inputs, targets):
+        loss, grad = value_and_grad(model, inputs, targets)
+        optimizer.update(model, grad)
+        return loss
+
+    return lambda: (step(inputs, targets), state)
 
 
-def in_mode(mode: str, fn):
+def forward(model: nn.Module, inputs: mx.array, compiled: bool):
+    if not compiled:
+        return lambda: model(inputs)
+    call = mx.compile(lambda x: model(x), inputs=model.state)
+    return lambda: call(inputs)
+
+
+def in_mode(variant: str, fn):
+    merge_mode, by_hand = VARIANT_MODES[variant]
+
     def run():
-        lowrank.merge_mode = mode
+        lowrank.merge_mode, lowrank.separate_by_hand = merge_mode, by_hand
         return fn()
 
     return run
@@ -182,9 +229,14 @@ def in_mode(mode: str, fn):
 def measure_all(variants: dict[str, object], warmup: int, iters: int) -> dict[str, Timing]:
     """Median time of each variant over `iters` rounds that run every variant once (so drifting load
     spreads over all of them), then each variant's peak memory in a run of its own."""
-    for fn in variants.values():
-        for _ in range(warmup):
+    first = {}
+    for name, fn in variants.items():
+        for i in range(warmup):
+            mx.synchronize()
+            start = time.perf_counter()
             mx.eval(fn())
+            if i == 0:
+                first[name] = time.perf_counter() - start
     times = {name: [] for name in variants}
     for _ in range(iters):
         for name, fn in variants.items():
@@ -199,7 +251,10 @@ def measure_all(variants: dict[str, object], warmup: int, iters: int) -> dict[st
         mx.reset_peak_memory()
         mx.eval(fn())
         peaks[name] = mx.get_peak_memory() / 1e9
-    return {name: Timing(1000 * statistics.median(times[name]), peaks[name]) for name in variants}
+    return {
+        name: Timing(1000 * statistics.median(times[name]), peaks[name], 1000 * first.get(name, 0.0))
+        for name in variants
+    }
 
 
 def config_dtype(config: str, args: argparse.Namespace) -> tuple[mx.Dtype, str]:
@@ -213,15 +268,9 @@ def config_dtype(config: str, args: argparse.Namespace) -> tuple[mx.Dtype, str]:
     return dtype, ""
 
 
-def run_config(config: str, args: argparse.Namespace) -> ConfigResult:
-    dtype, dtype_note = config_dtype(config, args)
-    model = build_model(config, args, dtype)
-    mx.random.seed(0)
-    inputs = mx.random.randint(0, args.vocab, (args.batch, args.seq))
-    targets = mx.random.randint(0, args.vocab, (args.batch, args.seq))
-    paths = adapted_paths(model, config)
-    description = (
-        f"{'mixtral' if config == 'moe' else 'llama'} {args.layers}x{args.hidden}"
+def describe(config: str, args: argparse.Namespace, dtype: mx.Dtype, dtype_note: str, layers: int, tokens) -> str:
+    return (
+        f"{'mixtral' if config == 'moe' else 'llama'} {layers}x{args.hidden}"
         + (
             f" experts {args.experts} top-{args.top_k} ffn {args.moe_intermediate}"
             if config == "moe"
@@ -230,12 +279,33 @@ def run_config(config: str, args: argparse.Namespace) -> ConfigResult:
         + f" vocab {args.vocab} {str(dtype).split('.')[-1]}{dtype_note}"
         + (f" 4-bit g{args.group_size}" if config == "qlora" else "")
         + (" tied embeddings" if config == "embedding" else "")
-        + f", tokens {args.batch}x{args.seq}, r={args.rank}"
+        + f", tokens {tokens[0]}x{tokens[1]}, r={args.rank}"
     )
+
+
+def run_config(config: str, args: argparse.Namespace) -> ConfigResult:
+    dtype, _ = config_dtype(config, args)
+    model = build_model(config, args, dtype, args.layers)
+    result = run_point(config, model, args, (args.batch, args.seq))
+    del model
+    mx.clear_cache()
+    return result
+
+
+def run_point(config: str, model: nn.Module, args: argparse.Namespace, tokens: tuple[int, int]) -> ConfigResult:
+    """Every variant of one configuration at one token count, on views of `model`."""
+    dtype, dtype_note = config_dtype(config, args)
+    layers = len(model.model.layers)
+    batch, seq = tokens
+    mx.random.seed(0)
+    inputs = mx.random.randint(0, args.vocab, (batch, seq))
+    targets = mx.random.randint(0, args.vocab, (batch, seq))
+    paths = adapted_paths(model, config)
+    description = describe(config, args, dtype, dtype_note, layers, tokens)
 
     def view(adapt, training: bool) -> nn.Module:
         """A model sharing the base weights, with its own adapters, in training or eval mode."""
-        twin = clone(model)  # noqa: F821 (deleted at the end of the function, after its last use)
+        twin = clone(model)
         adapt(twin)
         twin.train(training)
         return twin
@@ -249,29 +319,31 @@ def run_config(config: str, args: argparse.Namespace) -> ConfigResult:
     def ours_view(twin):
         apply_adapterspec(twin, paths, args.rank, args.scale)
 
-    base_model = view(lambda twin: None, training=False)
-    forward = {"base": in_mode("auto", lambda: base_model(inputs))}  # noqa: F821 (deleted at the end, after its last use)
-    step = {"floor": in_mode("auto", training_step(view(floor_view, True), inputs, targets))}
+    compiled = args.compiled
+    forwards = {"base": in_mode("auto", forward(view(lambda twin: None, training=False), inputs, compiled))}
+    steps = {"floor": in_mode("auto", training_step(view(floor_view, True), inputs, targets, compiled))}
     variants = [("mlx-lm", "auto", mlxlm_view)]
     variants += [("adapterspec" if m == "auto" else f"adapterspec[{m}]", m, ours_view) for m in args.modes]
     for name, mode, adapt in variants:
-        forward_model = view(adapt, training=False)
-        forward[name] = in_mode(mode, lambda forward_model=forward_model: forward_model(inputs))
-        step[name] = in_mode(mode, training_step(view(adapt, True), inputs, targets))
+        forwards[name] = in_mode(mode, forward(view(adapt, training=False), inputs, compiled))
+        steps[name] = in_mode(mode, training_step(view(adapt, True), inputs, targets, compiled))
 
-    forward_timings = measure_all(forward, args.warmup, args.iters)
-    step_timings = measure_all(step, args.warmup, args.iters)
-    lowrank.merge_mode = "auto"
+    forward_timings = measure_all(forwards, args.warmup, args.iters)
+    step_timings = measure_all(steps, args.warmup, args.iters)
+    lowrank.merge_mode, lowrank.separate_by_hand = "auto", True
     result = ConfigResult(
         config,
         description,
+        layers,
+        f"{batch}x{seq}",
+        compiled,
         len(paths),
         forward_timings.pop("base"),
         step_timings.pop("floor"),
         forward_timings,
         step_timings,
     )
-    del model, base_model, forward, step
+    del forwards, steps
     mx.clear_cache()
     return result
 
@@ -295,13 +367,81 @@ def report(result: ConfigResult) -> str:
     return "\n".join(lines)
 
 
+def sweep_header(modes: list[str]) -> str:
+    extra = [f"adapterspec[{m}]" for m in modes if m != "auto"]
+    columns = [
+        "config",
+        "blocks",
+        "tokens",
+        "floor ms",
+        "mlx-lm × floor",
+        "adapterspec × floor",
+        *[f"{name} × floor" for name in extra],
+        "step: mlx-lm / adapterspec",
+        "base fwd ms",
+        "mlx-lm × base",
+        "adapterspec × base",
+        *[f"{name} × base" for name in extra],
+        "step peak GB: floor / mlx-lm / adapterspec",
+        "first step s: mlx-lm / adapterspec",
+    ]
+    return "| " + " | ".join(columns) + " |\n|" + " --- |" * len(columns)
+
+
+def sweep_row(result: ConfigResult) -> str:
+    ours = [name for name in result.step if name != "mlx-lm"]
+    main = "adapterspec" if "adapterspec" in result.step else ours[0]
+    floor, base = result.floor_step, result.base_forward
+    theirs_s, theirs_f = result.step["mlx-lm"], result.forward["mlx-lm"]
+    cells = [
+        result.config,
+        str(result.layers),
+        result.tokens,
+        f"{floor.ms:.1f}",
+        f"{theirs_s.ms / floor.ms:.2f}",
+        f"**{result.step[main].ms / floor.ms:.2f}**",
+        *[f"{result.step[n].ms / floor.ms:.2f}" for n in ours if n != main],
+        f"{theirs_s.ms / result.step[main].ms:.2f}",
+        f"{base.ms:.1f}",
+        f"{theirs_f.ms / base.ms:.2f}",
+        f"**{result.forward[main].ms / base.ms:.2f}**",
+        *[f"{result.forward[n].ms / base.ms:.2f}" for n in ours if n != main],
+        f"{floor.peak_gb:.1f} / {theirs_s.peak_gb:.1f} / {result.step[main].peak_gb:.1f}",
+        f"{theirs_s.first_ms / 1000:.1f} / {result.step[main].first_ms / 1000:.1f}",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def parse_tokens(text: str) -> list[tuple[int, int]]:
+    """ "1x1024,2x4096" -> [(1, 1024), (2, 4096)] (batch x sequence length)."""
+    points = []
+    for item in text.split(","):
+        batch, _, seq = item.strip().partition("x")
+        points.append((int(batch), int(seq)))
+    return points
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {CONFIGS}")
     parser.add_argument(
-        "--modes", default="auto", help=f"comma-separated adapterspec merge modes to time, of {lowrank.MERGE_MODES}"
+        "--modes",
+        default="auto",
+        help=f"comma-separated adapterspec variants to time, of {tuple(VARIANT_MODES)} "
+        "(merge modes; 'before' = bytes-modelled choice and the separate path left to autodiff)",
     )
+    parser.add_argument("--compiled", action="store_true", help="time mlx-lm trainer's compiled step (Adam)")
+    parser.add_argument("--sweep", action="store_true", help="every configuration at every --tokens and --depths")
+    parser.add_argument("--tokens", default=SWEEP_TOKENS, help="sweep token counts, BATCHxSEQ,...")
+    parser.add_argument("--depths", default="8,32", help="sweep depths (blocks), comma-separated")
+    parser.add_argument(
+        "--deep-configs", default=None, help="configurations run at depths beyond the first (default: all)"
+    )
+    parser.add_argument(
+        "--deep-tokens", default=None, help="token counts run at depths beyond the first (default: all)"
+    )
+    parser.add_argument("--max-seconds", type=float, default=None, help="stop the sweep after this long")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--scale", type=float, default=20.0)
@@ -315,24 +455,73 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, name, value)
     args.configs = [c for c in args.configs.split(",") if c]
     args.modes = [m for m in args.modes.split(",") if m]
-    unknown = [c for c in args.configs if c not in CONFIGS] + [m for m in args.modes if m not in lowrank.MERGE_MODES]
+    args.tokens = parse_tokens(args.tokens)
+    args.depths = [int(d) for d in args.depths.split(",") if d]
+    args.deep_configs = args.configs if args.deep_configs is None else [c for c in args.deep_configs.split(",") if c]
+    args.deep_tokens = args.tokens if args.deep_tokens is None else parse_tokens(args.deep_tokens)
+    unknown = [c for c in args.configs + args.deep_configs if c not in CONFIGS]
+    unknown += [m for m in args.modes if m not in VARIANT_MODES]
     if unknown:
         parser.error(f"unknown configs or modes: {unknown}")
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def versions() -> dict:
     import mlx_lm
 
-    print(f"mlx {mx.__version__}, mlx-lm {mlx_lm.__version__}, device {mx.default_device()}", flush=True)
+    info = {"mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "device": str(mx.default_device())}
+    try:
+        info["device_name"] = mx.device_info().get("device_name", "")
+    except Exception:
+        pass
+    return info
+
+
+def write_json(path, header: dict, results: list[ConfigResult]) -> None:
+    if path:
+        Path(path).write_text(json.dumps({**header, "results": [asdict(r) for r in results]}, indent=1))
+
+
+def sweep(args: argparse.Namespace, header: dict) -> list[ConfigResult]:
+    started = time.perf_counter()
     results = []
-    for config in args.configs:
-        result = run_config(config, args)
-        print(report(result), flush=True)
-        results.append(result)
-    if args.json:
-        Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=1))
+    print(sweep_header(args.modes), flush=True)
+    for depth_index, depth in enumerate(args.depths):
+        configs = args.configs if depth_index == 0 else [c for c in args.configs if c in args.deep_configs]
+        tokens = args.tokens if depth_index == 0 else args.deep_tokens
+        for config in configs:
+            dtype, _ = config_dtype(config, args)
+            model = build_model(config, args, dtype, depth)
+            for point in tokens:
+                if args.max_seconds and time.perf_counter() - started > args.max_seconds:
+                    print(f"(stopped after {args.max_seconds:.0f} s)", flush=True)
+                    return results
+                results.append(run_point(config, model, args, point))
+                print(sweep_row(results[-1]), flush=True)
+                write_json(args.json, header, results)
+            del model
+            mx.clear_cache()
+    return results
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    header = {**versions(), "compiled": args.compiled, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    print(", ".join(f"{k} {v}" for k, v in header.items()), flush=True)
+    if args.sweep:
+        results = sweep(args, header)
+    else:
+        results = []
+        for config in args.configs:
+            result = run_config(config, args)
+            print(report(result), flush=True)
+            results.append(result)
+    write_json(args.json, header, results)
+    if pathchoice.timings:
+        print("measured path choices (median ms per candidate):")
+        for key, medians in pathchoice.timings.items():
+            shown = ", ".join(f"{name} {1000 * t:.3f}" for name, t in medians.items())
+            print(f"  {key}: {shown} -> {pathchoice.choices.get(key)}")
     return 0
 
 

@@ -1,15 +1,20 @@
 """Benchmark `adapterspec train` against mlx_lm.lora's training on the same model, data and LoRA placement.
 
-Both sides train LoRA (r=8, scale=20) on q_proj and v_proj of every block; mlx-lm through its
+Both sides train LoRA (r=8, scale=20) on q_proj and v_proj of every block (with --all-linears on
+all seven linears); mlx-lm through its
 `train_model` (what `mlx_lm.lora --train` runs: `linear_to_lora_layers` + `train()`), adapterspec
 through `adapterspec.train.run.run` (what `adapterspec train` runs) with the equivalent spec. Every run
 is a fresh process; runs alternate in the order A B B A … so that drifting machine load hits both.
 Throughput is trained tokens / training-step time (evaluation and saving excluded) after the
 first report window (which holds compilation); the best run of each side is the one least
-disturbed by other load, and the median is shown beside it.
+disturbed by other load, and the median is shown beside it. Time to the first step: from the start
+of the side's run (model loading included) to the end of its first training step (the first report's
+arrival, less the later steps of its window at the steady step time).
 
     python benchmarks/train.py                                 # tiny-llama, examples/data
     python benchmarks/train.py --hidden 256 --layers 4 --iters 100 --rounds 3 --json train.json
+    python benchmarks/train.py --preset gpu --rounds 1         # 8 x 4096 bf16 llama, all seven linears,
+                                                               # batch 4 of 1024-token sequences
 """
 
 import argparse
@@ -29,17 +34,43 @@ sys.path.insert(0, str(ROOT))
 
 SPEC = "adapterspec 1\nself_attn.<q_proj,v_proj>: lora(r=8, scale=20, dropout=0)\n"
 KEYS = ["self_attn.q_proj", "self_attn.v_proj"]
+ALL_SPEC = (
+    "adapterspec 1\nself_attn.<q_proj,k_proj,v_proj,o_proj>: lora(r=8, scale=20, dropout=0)\n"
+    "mlp.<gate_proj,up_proj,down_proj>: lora(r=8, scale=20, dropout=0)\n"
+)
+ALL_KEYS = [f"self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + [
+    f"mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj")
+]
 SIDES = ("mlx_lm.lora", "adapterspec train")
+PRESETS = {
+    "gpu": dict(
+        hidden=4096,
+        layers=8,
+        intermediate=11008,
+        heads=32,
+        kv_heads=8,
+        vocab=32000,
+        dtype="bfloat16",
+        seq_len=1024,
+        batch_size=4,
+        iters=40,
+        steps_per_report=10,
+        all_linears=True,
+    )
+}
+WORDS = "the quick brown fox jumps over a lazy dog plan spec adapter model layer rank scale count from to".split()
 
 
 class Collect:
-    """An mlx-lm TrainingCallback keeping the train reports."""
+    """An mlx-lm TrainingCallback keeping the train reports and when each arrived."""
 
     def __init__(self):
         self.reports = []
+        self.arrivals = []
 
     def on_train_loss_report(self, info):
         self.reports.append(info)
+        self.arrivals.append(time.perf_counter())
 
     def on_val_loss_report(self, info):
         pass
@@ -55,6 +86,26 @@ def throughput(reports: list[dict]) -> tuple[float, float]:
     every = sum(t for t, _ in windows) / sum(s for _, s in windows)
     steady = windows[1:] or windows
     return every, sum(t for t, _ in steady) / sum(s for _, s in steady)
+
+
+def first_step_seconds(collect: Collect, tic: float) -> float:
+    """Start of the run to the end of its first step: the first report's arrival less the later steps of its
+    window, each at the steady step time (the windows after the first)."""
+    reports = collect.reports
+    steps = [info["iteration"] - (reports[i - 1]["iteration"] if i else 0) for i, info in enumerate(reports)]
+    seconds, before = [], 0
+    for info in reports:
+        tokens = info["trained_tokens"] - before
+        before = info["trained_tokens"]
+        seconds.append(tokens / info["tokens_per_second"])
+    steady = sum(seconds[1:]) / sum(steps[1:]) if len(reports) > 1 else seconds[0] / steps[0]
+    return collect.arrivals[0] - tic - (steps[0] - 1) * steady
+
+
+def peak_gb() -> float:
+    import mlx.core as mx
+
+    return mx.get_peak_memory() / 1e9
 
 
 def run_mlx_lm(model_dir: Path, args, out: Path) -> dict:
@@ -73,7 +124,12 @@ def run_mlx_lm(model_dir: Path, args, out: Path) -> dict:
             "train": True,
             "fine_tune_type": "lora",
             "num_layers": args.num_layers,
-            "lora_parameters": {"rank": 8, "scale": 20.0, "dropout": 0.0, "keys": KEYS},
+            "lora_parameters": {
+                "rank": 8,
+                "scale": 20.0,
+                "dropout": 0.0,
+                "keys": ALL_KEYS if args.all_linears else KEYS,
+            },
             "adapter_path": str(out),
         }
     )
@@ -90,6 +146,8 @@ def run_mlx_lm(model_dir: Path, args, out: Path) -> dict:
         "tokens_per_second": every,
         "steady_tokens_per_second": steady,
         "wall_seconds": wall,
+        "first_step_seconds": first_step_seconds(collect, tic),
+        "peak_gb": peak_gb(),
         "final_train_loss": collect.reports[-1]["train_loss"],
     }
 
@@ -110,14 +168,17 @@ def run_adapterspec(model_dir: Path, args, out: Path, spec_path: Path) -> dict:
         adapter_path=str(out),
         force=True,
     )
+    collect = Collect()
     tic = time.perf_counter()
-    result = run(options, stream=io.StringIO())
+    result = run(options, stream=io.StringIO(), training_callback=collect)
     wall = time.perf_counter() - tic
     every, steady = throughput(result.reports)
     return {
         "tokens_per_second": every,
         "steady_tokens_per_second": steady,
         "wall_seconds": wall,
+        "first_step_seconds": first_step_seconds(collect, tic),
+        "peak_gb": peak_gb(),
         "final_train_loss": result.train_losses[-1][1],
     }
 
@@ -131,21 +192,49 @@ def common_options(args) -> dict:
         "steps_per_eval": 10**9,
         "val_batches": 1,
         "save_every": 10**9,
-        "max_seq_length": 2048,
+        "max_seq_length": args.seq_len or 2048,
         "seed": args.seed,
     }
 
 
 def model_directory(args, tmp: Path) -> Path:
-    """The committed tiny-llama, or a llama of the asked size written into tmp."""
+    """The committed tiny-llama, or a llama of the asked size (random weights) written into tmp."""
     if args.hidden is None and args.layers is None:
         return ROOT / "examples" / "models" / "tiny-llama"
     sys.path.insert(0, str(ROOT / "tests"))
-    from models import write
+    from models import builder
 
     hidden = args.hidden or 64
-    overrides = {"hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": args.layers or 4}
-    return write(tmp / "model", "llama", **overrides)
+    overrides = {
+        "hidden_size": hidden,
+        "intermediate_size": args.intermediate or 2 * hidden,
+        "num_hidden_layers": args.layers or 4,
+    }
+    if args.heads:
+        overrides.update(num_attention_heads=args.heads, num_key_value_heads=args.kv_heads or args.heads)
+    if args.vocab:
+        overrides["vocab_size"] = args.vocab
+    model, config = builder.build_model(builder.tiny_config("llama", **overrides), dtype=args.dtype)
+    path = builder.save_model_dir(model, config, tmp / "model", with_tokenizer=False)
+    builder.write_tokenizer(path)  # the example tokenizer: its ids are all below any vocab_size here
+    return path
+
+
+def data_directory(args, tmp: Path) -> Path:
+    """--data, or (with --seq-len) plain-text examples of random words, each longer than seq_len tokens."""
+    if not args.seq_len:
+        return args.data
+    import random
+
+    rng = random.Random(args.seed)
+    path = tmp / "data"
+    path.mkdir(exist_ok=True)
+    for name, count in (("train", 4 * args.batch_size * args.iters), ("valid", 2 * args.batch_size), ("test", 4)):
+        lines = [
+            json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(2 * args.seq_len))}) for _ in range(count)
+        ]
+        (path / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    return path
 
 
 def worker(args) -> int:
@@ -159,8 +248,8 @@ def worker(args) -> int:
         if args.worker == "mlx_lm.lora":
             figures = run_mlx_lm(model_dir, args, tmp / "out")
         else:
-            spec_path = tmp / "attention.aspec"
-            spec_path.write_text(SPEC)
+            spec_path = tmp / "lora.aspec"
+            spec_path.write_text(ALL_SPEC if args.all_linears else SPEC)
             figures = run_adapterspec(model_dir, args, tmp / "out", spec_path)
     print(json.dumps(figures))
     return 0
@@ -187,7 +276,9 @@ def spawn(side: str, model_dir: Path, args, tmp: Path) -> dict:
         str(args.steps_per_report),
         "--seed",
         str(args.seed),
-    ]
+        "--seq-len",
+        str(args.seq_len or 0),
+    ] + (["--all-linears"] if args.all_linears else [])
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{side} run failed:\n{result.stderr}")
@@ -196,9 +287,17 @@ def spawn(side: str, model_dir: Path, args, tmp: Path) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="the issue's GPU configuration")
     parser.add_argument("--data", type=Path, default=ROOT / "examples" / "data")
     parser.add_argument("--hidden", type=int, help="build a llama of this width instead of tiny-llama (64)")
     parser.add_argument("--layers", type=int, help="its number of blocks (default 4)")
+    parser.add_argument("--intermediate", type=int, help="its MLP width (default 2 x hidden)")
+    parser.add_argument("--heads", type=int, help="its attention heads (default the tiny llama's)")
+    parser.add_argument("--kv-heads", type=int, help="its key/value heads")
+    parser.add_argument("--vocab", type=int, help="its vocabulary size")
+    parser.add_argument("--dtype", default="float32", help="its weights' dtype")
+    parser.add_argument("--seq-len", type=int, default=0, help="train on generated texts cut to this many tokens")
+    parser.add_argument("--all-linears", action="store_true", help="LoRA on all seven linears, not q/v only")
     parser.add_argument("--iters", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps-per-report", type=int, default=10)
@@ -209,6 +308,11 @@ def main(argv=None) -> int:
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.preset:
+        explicit = {a.lstrip("-").split("=")[0].replace("-", "_") for a in (argv or sys.argv[1:]) if a.startswith("--")}
+        for name, value in PRESETS[args.preset].items():
+            if name not in explicit:
+                setattr(args, name, value)
     if args.worker:
         return worker(args)
     import mlx.core as mx
@@ -216,6 +320,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="adapterspec-bench-") as tmp:
         tmp = Path(tmp)
         model_dir = model_directory(args, tmp)
+        args.data = data_directory(args, tmp)
         args.num_layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
         runs = {side: [] for side in SIDES}
         for round_ in range(args.rounds):
@@ -235,15 +340,20 @@ def main(argv=None) -> int:
     }
     ratio = summary["adapterspec train"]["best_tokens_per_second"] / summary["mlx_lm.lora"]["best_tokens_per_second"]
     median_ratio = summary["adapterspec train"][key] / summary["mlx_lm.lora"][key]
+    model_name = model_dir.name if args.hidden is None and args.layers is None else f"llama hidden {args.hidden or 64}"
+    linears = "all seven linears" if args.all_linears else "q_proj, v_proj"
+    tokens = f", sequences cut to {args.seq_len} tokens" if args.seq_len else ""
     print(
-        f"model {model_dir.name if args.hidden is None and args.layers is None else f'llama hidden {args.hidden or 64}'} "
-        f"({args.num_layers} blocks), {args.iters} iterations of batch {args.batch_size}, LoRA r=8 on q_proj, v_proj; "
-        f"{mx.default_device()}; {args.rounds} runs each"
+        f"model {model_name} ({args.num_layers} blocks, {args.dtype}), {args.iters} iterations of batch {args.batch_size}"
+        f"{tokens}, LoRA r=8 on {linears}; {mx.default_device()}; {args.rounds} runs each"
     )
-    print(f"{'':<18} {'best tok/s':>10} {'median':>8} {'wall s':>7} {'last loss':>10}")
+    print(
+        f"{'':<18} {'best tok/s':>10} {'median':>8} {'first step s':>13} {'peak GB':>8} {'wall s':>7} {'last loss':>10}"
+    )
     for side, values in summary.items():
         print(
             f"{side:<18} {values['best_tokens_per_second']:10,.0f} {values[key]:8,.0f} "
+            f"{values['first_step_seconds']:13.2f} {values['peak_gb']:8.2f} "
             f"{values['wall_seconds']:7.1f} {values['final_train_loss']:10.3f}"
         )
     print(f"adapterspec / mlx-lm: best {ratio:.3f}, median {median_ratio:.3f}")

@@ -3,7 +3,7 @@
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import fusemath, lowrank
+from . import fusemath, lowrank, pathchoice
 from .basemodules import (
     AdapterModule,
     dense_weight,
@@ -45,13 +45,48 @@ class LoRAEmbedding(AdapterModule):
 
     def as_linear(self, x: mx.array) -> mx.array:
         num_embeddings, dims = self.lora_a.shape[0], self.lora_b.shape[1]
-        dropout_on = self.training and self.dropout_p > 0
-        if not dropout_on and lowrank.use_merged(x.size // dims, dims, num_embeddings, training=self.training):
+        plain = (self.training and self.dropout_p > 0) or not lowrank.frozen(self.embedding)
+        if plain:
+            merged = False
+        elif lowrank.measuring():
+            merged = pathchoice.choose(self._paths(x)) == "merged"
+        else:
+            merged = lowrank.use_merged(x.size // dims, dims, num_embeddings, training=self.training)
+        if merged:
             return self._merged_as_linear(x)
+        return self._separate_as_linear(x)
+
+    def _separate_as_linear(self, x: mx.array) -> mx.array:
         y = self.embedding.as_linear(x)
         dtype = y.dtype
         z = lowrank.cast(self.dropout(x), dtype) @ (self.scale * self.lora_b).T.astype(dtype)
         return mx.addmm(y, z, self.lora_a.T.astype(dtype))
+
+    def _paths(self, x: mx.array) -> pathchoice.Candidates:
+        """Both ways of the tied head on random arrays of this call's shapes, for `pathchoice` to time."""
+        key = (
+            "embedding-lora",
+            pathchoice.signature(self.embedding),
+            tuple(x.shape),
+            str(x.dtype),
+            self.lora_a.shape[1],
+            self.training,
+        )
+
+        def build():
+            twin = pathchoice.random_twin(self)
+            primals = [pathchoice.random_like(x), twin.lora_a, twin.lora_b]
+
+            def on(path):
+                def fn(x, a, b):
+                    twin.lora_a, twin.lora_b = a, b
+                    return path(x)
+
+                return pathchoice.step(fn, primals, self.training)
+
+            return {"separate": on(twin._separate_as_linear), "merged": on(twin._merged_as_linear)}
+
+        return pathchoice.Candidates(key, build)
 
     def _merged_as_linear(self, x: mx.array) -> mx.array:
         weight = dense_weight(self.embedding)

@@ -3,7 +3,7 @@
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import fusemath, lowrank
+from . import fusemath, lowrank, pathchoice
 from .basemodules import (
     AdapterModule,
     dense_weight,
@@ -31,13 +31,67 @@ class LoRALinear(AdapterModule):
 
     def __call__(self, x: mx.array) -> mx.array:
         input_dims, output_dims = self.lora_a.shape[0], self.lora_b.shape[1]
-        dropout_on = self.training and self.dropout_p > 0
-        if not dropout_on and lowrank.use_merged(x.size // input_dims, input_dims, output_dims, training=self.training):
+        if (self.training and self.dropout_p > 0) or not lowrank.frozen(self.linear):
+            return self._autodiff(x)
+        if lowrank.measuring():
+            merged = pathchoice.choose(self._paths(x)) == "merged"
+        else:
+            merged = lowrank.use_merged(x.size // input_dims, input_dims, output_dims, training=self.training)
+        if merged:
             return self._merged(x)
+        return self._separate(x) if lowrank.separate_by_hand else self._autodiff(x)
+
+    def _autodiff(self, x: mx.array) -> mx.array:
+        """The separate path left to autodiff: with dropout, or a base that trains too."""
         y = self.linear(x)
         dtype = y.dtype
         z = lowrank.cast(self.dropout(x), dtype) @ self.lora_a.astype(dtype)
         return mx.addmm(y, z, (self.scale * self.lora_b).astype(dtype))
+
+    def _separate(self, x: mx.array) -> mx.array:
+        base = self.linear
+        q = quantization(base)
+        if q is None:
+            weight = base.weight
+
+            def base_dx(dy):
+                return dy @ weight
+        elif getattr(base, "global_scale", None) is None:
+
+            def base_dx(dy):
+                return mx.quantized_matmul(dy, base.weight, base.scales, base.get("biases"), transpose=False, **q)
+        else:
+            return self._autodiff(x)
+        dtype = lowrank.output_dtype(base, x)
+        a = self.lora_a.astype(dtype)
+        b = (self.scale * self.lora_b).astype(dtype)
+        return lowrank.separate_matmul(lowrank.cast(x, dtype), a, b, base, base_dx)
+
+    def _paths(self, x: mx.array) -> pathchoice.Candidates:
+        """Both paths on random arrays of this call's shapes, for `pathchoice` to time."""
+        key = (
+            "lora",
+            pathchoice.signature(self.linear),
+            tuple(x.shape),
+            str(x.dtype),
+            self.lora_a.shape[1],
+            self.training,
+        )
+
+        def build():
+            twin = pathchoice.random_twin(self)
+            primals = [pathchoice.random_like(x), twin.lora_a, twin.lora_b]
+
+            def on(path):
+                def fn(x, a, b):
+                    twin.lora_a, twin.lora_b = a, b
+                    return path(x)
+
+                return pathchoice.step(fn, primals, self.training)
+
+            return {"separate": on(twin._separate), "merged": on(twin._merged)}
+
+        return pathchoice.Candidates(key, build)
 
     def _merged(self, x: mx.array) -> mx.array:
         weight = dense_weight(self.linear)

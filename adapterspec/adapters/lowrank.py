@@ -10,31 +10,47 @@ Two ways to compute base(x) + x·A·B (scale folded into B, all in the activatio
   alone, so no full-size weight gradient is ever formed. The forward output is that of the base
   with the adapter fused in the base dtype.
 
-`use_merged` picks the one that moves fewer bytes; dropout (which acts on the low-rank input only)
-always takes the separate path.
+Both are custom functions with hand-written backward passes: a compiled step then holds a few
+kernels per adapted layer, not the dozens of reshapes, copies and sums autodiff leaves.
+
+`use_merged` picks one per `merge_mode`: "auto" measures the candidates on a GPU (`pathchoice`, once
+per shape) and models bytes moved on the CPU, so tests and CI take a deterministic path; "measure"
+and "model" force either way of choosing, "always" and "never" force a path. The environment
+variable ADAPTERSPEC_LORA_PATH sets the mode a process starts with. Dropout (which acts on the
+low-rank input only) and a base left trainable always take the plain separate path.
 """
 
+import os
 from typing import Callable
 
 import mlx.core as mx
 
-MERGE_MODES = ("auto", "always", "never")
-merge_mode = "auto"
+MERGE_MODES = ("auto", "always", "never", "measure", "model")
+merge_mode = os.environ.get("ADAPTERSPEC_LORA_PATH", "auto")
+separate_by_hand = True  # False leaves the separate path to autodiff (benchmarks compare the two)
+if merge_mode not in MERGE_MODES:
+    raise ValueError(f"ADAPTERSPEC_LORA_PATH={merge_mode!r}: expected one of {MERGE_MODES}")
 
 
 def cast(x: mx.array, dtype: mx.Dtype) -> mx.array:
     return x if x.dtype == dtype else x.astype(dtype)
 
 
+def measuring() -> bool:
+    """Whether path choices are measured now (mode "measure", or "auto" on a GPU)."""
+    return merge_mode == "measure" or (merge_mode == "auto" and mx.default_device().type == mx.DeviceType.gpu)
+
+
 def use_merged(rows: int, input_dims: int, output_dims: int, matrices: int = 1, training: bool = True) -> bool:
-    """Whether the merged path moves fewer bytes than the separate one for `rows` input rows.
+    """Whether to take the merged path when it is not measured: forced, or where the merged path moves fewer
+    bytes than the separate one for `rows` input rows (the layers ask `pathchoice` while `measuring()`).
 
     Forward only, separate reads x and rereads + rewrites the output: rows·(in + 2·out); merged
     reads + writes the weights: 2·matrices·in·out. A training step adds, beyond the base's own
     backward, rows·(2·out + 5·in) for separate (dy read twice; x read, a second dx written and
     summed) and rows·(2·out + 2·in) for merged (x and dy read twice each).
     """
-    if merge_mode != "auto":
+    if merge_mode in ("always", "never"):
         return merge_mode == "always"
     weights = matrices * input_dims * output_dims
     if training:
@@ -74,6 +90,44 @@ def merged_matmul(
         return backward(x, a, b, cotangents[0], outputs[1])
 
     return forward(x, a, b)[0]
+
+
+def separate_matmul(
+    x: mx.array,
+    a: mx.array,
+    b: mx.array,
+    base: Callable[[mx.array], mx.array],
+    base_dx: Callable[[mx.array], mx.array],
+) -> mx.array:
+    """base(x) + (x·a)·b with its backward written out: dz = dy·bᵀ, dx = base_dx(dy) + dz·aᵀ in one addmm,
+    da = xᵀ·dz, db = zᵀ·dy on rows, z kept from the forward pass. The base's arrays are constants."""
+
+    @mx.custom_function
+    def forward(x, a, b):
+        z = x @ a
+        return mx.addmm(base(x), z, b), z
+
+    @forward.vjp
+    def forward_vjp(primals, cotangents, outputs):
+        x, a, b = primals
+        dy, z = cotangents[0], outputs[1]
+        dz = dy @ b.T
+        dx = mx.addmm(base_dx(dy), dz, a.T)
+        dy_rows, dz_rows = rows(dy), rows(dz)
+        return dx, rows(x).T @ dz_rows, rows(z).T @ dy_rows
+
+    return forward(x, a, b)[0]
+
+
+def frozen(module) -> bool:
+    """Whether every array the module holds itself is frozen (a custom path's backward gives the base no gradient)."""
+    return all(key in module._no_grad for key, value in module.items() if isinstance(value, mx.array))
+
+
+def output_dtype(module, x: mx.array) -> mx.Dtype:
+    """The dtype a (quantized) linear base returns for x: x's promoted with its floating arrays'."""
+    dtypes = [v.dtype for v in module.values() if isinstance(v, mx.array) and mx.issubdtype(v.dtype, mx.floating)]
+    return mx.result_type(x.dtype, *dtypes) if dtypes else x.dtype
 
 
 def rows(x: mx.array) -> mx.array:

@@ -3,7 +3,7 @@
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import fusemath, lowrank
+from . import fusemath, lowrank, pathchoice
 from .basemodules import AdapterModule, dense_weight, low_rank_init, quantization
 
 
@@ -56,9 +56,18 @@ class LoRASwitchLinear(AdapterModule):
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         num_experts, input_dims, output_dims = self.lora_a.shape[0], self.lora_a.shape[2], self.lora_b.shape[1]
-        dropout_on = self.training and self.dropout_p > 0
-        if not dropout_on and lowrank.use_merged(indices.size, input_dims, output_dims, num_experts, self.training):
+        plain = (self.training and self.dropout_p > 0) or not lowrank.frozen(self.linear)
+        if plain:
+            merged = False
+        elif lowrank.measuring():
+            merged = pathchoice.choose(self._paths(x, indices, sorted_indices)) == "merged"
+        else:
+            merged = lowrank.use_merged(indices.size, input_dims, output_dims, num_experts, self.training)
+        if merged:
             return self._merged(x, indices, sorted_indices)
+        return self._separate(x, indices, sorted_indices)
+
+    def _separate(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
         y = self.linear(x, indices, sorted_indices=sorted_indices)
         dtype = gather_mm_dtype(y.dtype)
         a_t = self.lora_a.astype(dtype).swapaxes(-1, -2)
@@ -66,6 +75,37 @@ class LoRASwitchLinear(AdapterModule):
         z = mx.gather_mm(lowrank.cast(self.dropout(x), dtype), a_t, rhs_indices=indices, sorted_indices=sorted_indices)
         delta = mx.gather_mm(z, b_t, rhs_indices=indices, sorted_indices=sorted_indices)
         return y + lowrank.cast(delta, y.dtype)
+
+    def _paths(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> pathchoice.Candidates:
+        """Both paths on random arrays and random routing of this call's shapes, for `pathchoice` to time."""
+        key = (
+            "switch-lora",
+            pathchoice.signature(self.linear),
+            tuple(x.shape),
+            str(x.dtype),
+            tuple(indices.shape),
+            sorted_indices,
+            self.lora_a.shape[1],
+            self.training,
+        )
+
+        def build():
+            twin = pathchoice.random_twin(self)
+            routing = pathchoice.random_like(indices, high=self.num_experts)
+            if sorted_indices:
+                routing = mx.sort(routing.flatten()).reshape(indices.shape)
+            primals = [pathchoice.random_like(x), twin.lora_a, twin.lora_b]
+
+            def on(path):
+                def fn(x, a, b):
+                    twin.lora_a, twin.lora_b = a, b
+                    return path(x, routing, sorted_indices)
+
+                return pathchoice.step(fn, primals, self.training)
+
+            return {"separate": on(twin._separate), "merged": on(twin._merged)}
+
+        return pathchoice.Candidates(key, build)
 
     def _merged(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
         weight = dense_weight(self.linear)

@@ -1,7 +1,9 @@
 """Adapter layers against mlx-lm's own classes and a float32 reference: outputs, fuses, gradients."""
 
+import json
 import subprocess
 import sys
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -439,3 +441,130 @@ def test_merged_path_is_chosen_by_bytes_moved(monkeypatch):
     assert not lowrank.use_merged(1, 4096, 4096, training=False)
     assert lowrank.use_merged(16384, 4096, 4096, matrices=8)
     assert not lowrank.use_merged(16384, 4096, 4096, matrices=8, training=False)
+
+
+@pytest.fixture
+def measured(monkeypatch, tmp_path):
+    """Path choice by measurement, with a timer that runs each candidate but reports the seconds the test
+    sets in `costs` (no clock), a fresh in-process cache and a cache file in tmp_path."""
+    from adapterspec.adapters import pathchoice
+
+    costs, seen = {"separate": 2.0, "merged": 1.0}, []
+
+    def fake_timer(name, run):
+        mx.eval(run())
+        seen.append(name)
+        return costs[name]
+
+    monkeypatch.setattr(lowrank, "merge_mode", "measure")
+    monkeypatch.setattr(pathchoice, "timer", fake_timer)
+    monkeypatch.setattr(pathchoice, "cache_file", tmp_path / "paths.json")
+    monkeypatch.setattr(pathchoice, "choices", {})
+    monkeypatch.setattr(pathchoice, "timings", {})
+    monkeypatch.setattr(pathchoice, "_loaded_from", None)
+    return pathchoice, costs, seen
+
+
+@pytest.mark.parametrize("kind", ["lora", "switch-lora", "embedding-lora"])
+@pytest.mark.parametrize("faster", ["separate", "merged"])
+def test_measured_choice_keeps_the_faster_path_and_matches_mlxlm(kind, faster, measured):
+    pathchoice, costs, seen = measured
+    costs[faster] = 0.5
+    family = FAMILY[kind]
+    base, _ = make_base(family, "float32")
+    layer = adapted(kind, base)
+    theirs = mlxlm_twin(kind, layer, base)
+    name, call, args = calls(family, mx.float32)[-1]  # the linear call; the tied head for embeddings
+    state = mx.array(mx.random.state[0])
+    got = call(layer, *args)
+    assert rel_err(got, call(theirs, *args)) <= TOLERANCE["float32"]
+    assert mx.array_equal(mx.random.state[0], state), "measuring drew from the global random state"
+    assert sorted(set(seen)) == ["merged", "separate"]
+    assert list(pathchoice.choices.values()) == [faster]
+    ours_params, _ = grads(layer, call, args, mx.float32, wrt_input=True)
+    theirs_params, _ = grads(theirs, call, args, mx.float32, wrt_input=True)
+    for k in theirs_params:
+        assert rel_err(ours_params[k], theirs_params[k]) <= TOLERANCE["float32"], k
+
+
+def test_measured_choice_is_cached_per_key_in_process_and_on_disk(measured):
+    pathchoice, costs, seen = measured
+    base, _ = make_base("linear", "float32")
+    layer = adapted("lora", base)
+    x = inputs("linear", mx.float32)[0]
+    mx.eval(layer(x))
+    first = len(seen)
+    assert first > 0
+    mx.eval(layer(x))
+    assert len(seen) == first, "a second call at the same key measured again"
+    layer.eval()
+    mx.eval(layer(x))
+    assert len(seen) > first, "eval mode is a key of its own"
+    stored = json.loads(pathchoice.cache_file.read_text())
+    assert sorted(stored.values()) == ["merged", "merged"]
+    pathchoice.forget()
+    costs["separate"] = 0.1  # a fresh process reads the file and measures nothing
+    seen.clear()
+    mx.eval(layer(x))
+    assert seen == [] and set(pathchoice.choices.values()) == {"merged"}
+
+
+@pytest.mark.parametrize("mode", ["always", "never", "auto", "model"])
+def test_forced_paths_and_the_cpu_default_measure_nothing(mode, measured, monkeypatch):
+    pathchoice, _, seen = measured
+    monkeypatch.setattr(lowrank, "merge_mode", mode)
+    base, _ = make_base("linear", "float32")
+    layer = adapted("lora", base)
+    mx.eval(layer(inputs("linear", mx.float32)[0]))
+    if mode == "auto" and mx.default_device().type == mx.DeviceType.gpu:
+        pytest.skip("auto measures on a GPU")
+    assert seen == [] and pathchoice.choices == {}
+
+
+def test_measured_choice_inside_a_compiled_training_step_matches_mlxlm(measured):
+    """The first trace of a compiled step (arrays are tracers there) measures on arrays of its own."""
+    import mlx.optimizers as optim
+
+    pathchoice, _, seen = measured
+    base, _ = make_base("linear", "float32")
+    ours, theirs = adapted("lora", base), None
+    theirs = mlxlm_twin("lora", ours, base)
+    x = inputs("linear", mx.float32)[0]
+    results = []
+    for model in (ours, theirs):
+        optimizer = optim.Adam(learning_rate=1e-2)
+        state = [model.state, optimizer.state]
+
+        def loss(m, x):
+            return (m(x) ** 2).mean()
+
+        value_and_grad = nn.value_and_grad(model, loss)
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def step(x, model=model, optimizer=optimizer, value_and_grad=value_and_grad):
+            value, grad = value_and_grad(model, x)
+            optimizer.update(model, grad)
+            return value
+
+        results.append([step(x).item() for _ in range(3)])
+    assert seen, "nothing was measured"
+    assert results[0] == pytest.approx(results[1], rel=1e-4)
+    assert rel_err(ours.lora_b, theirs.lora_b) <= 1e-4
+
+
+@pytest.mark.parametrize("mode", ["always", "never", "measure"])
+def test_a_trainable_base_gets_its_gradient_on_every_path(mode, measured, monkeypatch):
+    """The custom paths treat the base as a constant, so a base left trainable takes the autodiff path."""
+    monkeypatch.setattr(lowrank, "merge_mode", mode)
+    base, _ = make_base("linear", "float32")
+    ours = adapter_from_base("lora", base, r=R, scale=SCALE, freeze_base=False)
+    ours.lora_b = 0.01 * mx.random.normal(ours.lora_b.shape)
+    theirs = MLXLM_CLASSES["lora"].from_base(base, r=R, dropout=0.0, scale=SCALE)
+    theirs.update({k: ours[k] for k in ("lora_a", "lora_b")})
+    theirs.linear.unfreeze()
+    name, call, args = calls("linear", mx.float32)[0]
+    ours_params, _ = grads(ours, call, args, mx.float32, wrt_input=False)
+    theirs_params, _ = grads(theirs, call, args, mx.float32, wrt_input=False)
+    assert "linear.weight" in ours_params and ours_params.keys() == theirs_params.keys()
+    for k in theirs_params:
+        assert rel_err(ours_params[k], theirs_params[k]) <= TOLERANCE["float32"], k
