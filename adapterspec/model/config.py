@@ -106,6 +106,10 @@ def _check_model_type(config: dict, path: Path) -> None:
         raise config_error(path, f"model_type '{model_type}': {problem}", help="check 'model_type', or upgrade mlx-lm")
 
 
+# a module of mlx-lm that is an architecture: defines `Model`, or takes another's (solar_open's glm4_moe Model)
+MODEL_DEFINITION = re.compile(r"^class Model\b|^from \.[\w.]+ import [^\n]*\bModel\b", re.MULTILINE)
+
+
 def mlx_lm_model_problem(model_type: str) -> str | None:
     """Why the installed mlx-lm cannot build `model_type` (read from its files, nothing imported); None if it can,
     or when mlx-lm is not installed (the light install cannot tell)."""
@@ -116,7 +120,7 @@ def mlx_lm_model_problem(model_type: str) -> str | None:
     source = mlx_lm_model_source(model_type)
     if source is None:
         return "mlx-lm has no such architecture"
-    if not re.search(r"^class Model\b", source, re.MULTILINE):
+    if not MODEL_DEFINITION.search(source):
         return f"mlx-lm's module '{name}' defines no Model: it is not an architecture"
     return None
 

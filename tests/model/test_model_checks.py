@@ -116,6 +116,7 @@ def test_config_must_be_an_object(tmp_path, config):
 def test_model_type_is_one_mlx_lm_can_build(tmp_path):
     assert mlx_lm_model_problem("llama") is None
     assert mlx_lm_model_problem("mistral") is None  # built by llama's module (mlx-lm's remapping)
+    assert mlx_lm_model_problem("solar_open") is None  # its module takes glm4_moe's Model
     assert "no such architecture" in mlx_lm_model_problem("no-such-arch")
     assert "defines no Model" in mlx_lm_model_problem("cache")
     with pytest.raises(UserError, match="model_type 'base'"):
