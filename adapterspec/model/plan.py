@@ -17,7 +17,7 @@ from .families import unadaptable_reason
 from .hf_moe import W123, expert_renames
 from .index import ModuleIndex, ModuleInfo
 from .kinds import kind_for
-from .roles import ROLE_FILTERS, roles, routed_experts, routers
+from .roles import ROLE_FILTERS, ROUTER_NAMES, roles, routed_experts, routers
 from .selectors import SelectorMatcher, literal_names
 
 # a Hugging Face per-expert module name in a selector: `.experts.3.up_proj`, `.experts.*.w1`, `.experts[0].w2`
@@ -249,15 +249,34 @@ class _Planner:
             f"write '{written}' (a rule adapts every expert of a switch layer), or '**@experts'",
         )
 
+    def unadaptable_router(self) -> Optional[ModuleInfo]:
+        """A mixture's router that is no Linear (deepseek's MoEGate): named like a router, beside routed experts."""
+        holders = {e.rsplit(".", 2)[0] for e in routed_experts(self.index)}
+        return next(
+            (
+                info
+                for info in self.index
+                if not info.adaptable and info.name in ROUTER_NAMES and info.parent in holders and info.has_params
+            ),
+            None,
+        )
+
     def cannot_adapt(self, rule: Rule, matched: list[str], filtered: list[ModuleInfo]) -> None:
         kind = rule.transform.kind
         if filtered:
             example = filtered[0]
+            help_text = f"it matches e.g. '{example.path}' ({example.cls}); change or drop the type filter"
+            gate = self.unadaptable_router() if rule.type_filter == "router" else None
+            if gate is not None:
+                help_text = (
+                    f"this model's router '{gate.path}' holds its weight itself (no Linear) and takes no adapter; "
+                    "leave the routers out"
+                )
             self.report(
                 "AS304",
                 f"no module matched by '{rule.selector.text}' is of type @{rule.type_filter}",
                 rule.type_filter_span or rule.selector.span,
-                f"it matches e.g. '{example.path}' ({example.cls}); change or drop the type filter",
+                help_text,
             )
             return
         example = self.index[matched[0]]

@@ -113,3 +113,14 @@ def test_hugging_face_expert_names_get_the_stacked_module(tmp_path):
     # a dense model has no stacked experts: the usual did-you-mean
     dense = ModuleIndex.from_model_dir(tiny.example_model_dir("tiny-llama"))
     assert "SwitchLinear" not in help_of("layers[*].mlp.experts.0.w1: lora\n", dense)[0]
+
+
+def test_a_router_that_is_no_linear_is_named_when_at_router_finds_nothing(tmp_path):
+    """deepseek's routers keep their weight themselves (MoEGate): '@router' matches nothing, and says why."""
+    infos = [ModuleInfo("layers", "list", "list"), ModuleInfo("layers.0", "Block", "container"),
+             ModuleInfo("layers.0.mlp", "MoE", "container"),
+             ModuleInfo("layers.0.mlp.gate", "MoEGate", "leaf", has_params=True),
+             ModuleInfo("layers.0.mlp.switch_mlp", "SwitchGLU", "container"),
+             ModuleInfo("layers.0.mlp.switch_mlp.up_proj", "SwitchLinear", "switch", 8, 16, 4, has_params=True)]  # fmt: skip
+    (diagnostic,) = make_plan(parse_spec("layers[*].**@router: lora(r=2)\n"), ModuleIndex(infos)).diagnostics
+    assert diagnostic.code == "AS304" and "router 'layers.0.mlp.gate' holds its weight itself" in diagnostic.help
