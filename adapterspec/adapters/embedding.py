@@ -64,29 +64,8 @@ class LoRAEmbedding(AdapterModule):
 
     def _paths(self, x: mx.array) -> pathchoice.Candidates:
         """Both ways of the tied head on random arrays of this call's shapes, for `pathchoice` to time."""
-        key = (
-            "embedding-lora",
-            pathchoice.signature(self.embedding),
-            tuple(x.shape),
-            str(x.dtype),
-            self.lora_a.shape[1],
-            self.training,
-        )
-
-        def build():
-            twin = pathchoice.random_twin(self)
-            primals = [pathchoice.random_like(x), twin.lora_a, twin.lora_b]
-
-            def on(path):
-                def fn(x, a, b):
-                    twin.lora_a, twin.lora_b = a, b
-                    return path(x)
-
-                return pathchoice.step(fn, primals, self.training)
-
-            return {"separate": on(twin._separate_as_linear), "merged": on(twin._merged_as_linear)}
-
-        return pathchoice.Candidates(key, build)
+        paths = ("_separate_as_linear", "_merged_as_linear")
+        return pathchoice.low_rank_candidates(self, "embedding-lora", self.embedding, x, paths)
 
     def _merged_as_linear(self, x: mx.array) -> mx.array:
         weight = dense_weight(self.embedding)

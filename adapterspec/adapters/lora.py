@@ -69,29 +69,7 @@ class LoRALinear(AdapterModule):
 
     def _paths(self, x: mx.array) -> pathchoice.Candidates:
         """Both paths on random arrays of this call's shapes, for `pathchoice` to time."""
-        key = (
-            "lora",
-            pathchoice.signature(self.linear),
-            tuple(x.shape),
-            str(x.dtype),
-            self.lora_a.shape[1],
-            self.training,
-        )
-
-        def build():
-            twin = pathchoice.random_twin(self)
-            primals = [pathchoice.random_like(x), twin.lora_a, twin.lora_b]
-
-            def on(path):
-                def fn(x, a, b):
-                    twin.lora_a, twin.lora_b = a, b
-                    return path(x)
-
-                return pathchoice.step(fn, primals, self.training)
-
-            return {"separate": on(twin._separate), "merged": on(twin._merged)}
-
-        return pathchoice.Candidates(key, build)
+        return pathchoice.low_rank_candidates(self, "lora", self.linear, x, ("_separate", "_merged"))
 
     def _merged(self, x: mx.array) -> mx.array:
         weight = dense_weight(self.linear)

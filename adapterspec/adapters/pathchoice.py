@@ -95,6 +95,32 @@ def step(fn: Callable, primals: list, training: bool) -> Callable[[], object]:
     return lambda: mx.vjp(fn, primals, [cotangent])
 
 
+def low_rank_candidates(
+    layer, kind: str, base, x: mx.array, paths: tuple[str, str], extra_key: tuple = (), extra_args=tuple
+) -> Candidates:
+    """A low-rank layer's two paths (`paths`: the names of its separate and merged methods), timed on a random
+    twin of the layer with this call's shapes; `extra_args()` gives the methods' arguments after x."""
+    key = (kind, signature(base), tuple(x.shape), str(x.dtype), *extra_key, layer.lora_a.shape[1], layer.training)
+
+    def build():
+        twin = random_twin(layer)
+        args = extra_args()
+        primals = [random_like(x), twin.lora_a, twin.lora_b]
+
+        def on(name: str):
+            method = getattr(twin, name)
+
+            def fn(x, a, b):
+                twin.lora_a, twin.lora_b = a, b
+                return method(x, *args)
+
+            return step(fn, primals, layer.training)
+
+        return {"separate": on(paths[0]), "merged": on(paths[1])}
+
+    return Candidates(key, build)
+
+
 def device_key() -> str:
     """The default device with its model name, so that one cache file can serve several machines."""
     device = mx.default_device()

@@ -40,6 +40,22 @@ def switch_backward(x, a, b, dy, merged, indices, sorted_indices):
     return dx, da, db
 
 
+def switch_linear(base: nn.Module, weight: mx.array, dequantize: bool) -> nn.Module:
+    """A SwitchLinear holding `weight` and the base's bias, quantized as the base was unless `dequantize`."""
+    from mlx_lm.models.switch_layers import SwitchLinear
+
+    num_experts, output_dims, input_dims = weight.shape
+    has_bias = "bias" in base
+    fused = SwitchLinear(input_dims, output_dims, num_experts, bias=has_bias)
+    fused.weight = weight
+    if has_bias:
+        fused.bias = base.bias
+    q = quantization(base)
+    if q is not None and not dequantize:
+        fused = fused.to_quantized(**q)
+    return fused
+
+
 class LoRASwitchLinear(AdapterModule):
     """A frozen switch base at `.linear` plus float32 `lora_a` (E, r, in) and `lora_b` (E, out, r)."""
 
@@ -78,34 +94,14 @@ class LoRASwitchLinear(AdapterModule):
 
     def _paths(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> pathchoice.Candidates:
         """Both paths on random arrays and random routing of this call's shapes, for `pathchoice` to time."""
-        key = (
-            "switch-lora",
-            pathchoice.signature(self.linear),
-            tuple(x.shape),
-            str(x.dtype),
-            tuple(indices.shape),
-            sorted_indices,
-            self.lora_a.shape[1],
-            self.training,
-        )
 
-        def build():
-            twin = pathchoice.random_twin(self)
-            routing = pathchoice.random_like(indices, high=self.num_experts)
-            if sorted_indices:
-                routing = mx.sort(routing.flatten()).reshape(indices.shape)
-            primals = [pathchoice.random_like(x), twin.lora_a, twin.lora_b]
+        def routing():
+            chosen = pathchoice.random_like(indices, high=self.num_experts)
+            return (mx.sort(chosen.flatten()).reshape(indices.shape) if sorted_indices else chosen, sorted_indices)
 
-            def on(path):
-                def fn(x, a, b):
-                    twin.lora_a, twin.lora_b = a, b
-                    return path(x, routing, sorted_indices)
-
-                return pathchoice.step(fn, primals, self.training)
-
-            return {"separate": on(twin._separate), "merged": on(twin._merged)}
-
-        return pathchoice.Candidates(key, build)
+        extra = (tuple(indices.shape), sorted_indices)
+        paths = ("_separate", "_merged")
+        return pathchoice.low_rank_candidates(self, "switch-lora", self.linear, x, paths, extra, routing)
 
     def _merged(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
         weight = dense_weight(self.linear)
@@ -130,17 +126,6 @@ class LoRASwitchLinear(AdapterModule):
         return lowrank.cast(out, out_dtype)
 
     def fuse(self, dequantize: bool = False) -> nn.Module:
-        from mlx_lm.models.switch_layers import SwitchLinear
-
         base = self.linear
         weight = fusemath.fused_weight(self.kind, dense_weight(base), self.lora_a, self.lora_b, self.scale)
-        num_experts, output_dims, input_dims = weight.shape
-        has_bias = "bias" in base
-        fused = SwitchLinear(input_dims, output_dims, num_experts, bias=has_bias)
-        fused.weight = weight
-        if has_bias:
-            fused.bias = base.bias
-        q = quantization(base)
-        if q is not None and not dequantize:
-            fused = fused.to_quantized(**q)
-        return fused
+        return switch_linear(base, weight, dequantize)

@@ -9,7 +9,7 @@ import mlx.nn as nn
 
 from . import fusemath
 from .basemodules import dense_weight, quantization
-from .switch import LoRASwitchLinear, gather_mm_dtype
+from .switch import LoRASwitchLinear, gather_mm_dtype, switch_linear
 
 
 def switch_matmul_without_bias(base: nn.Module, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
@@ -42,22 +42,6 @@ def adapted_row_norms(weight: mx.array, lora_a: mx.array, lora_b: mx.array, scal
     gram = a @ a.swapaxes(-1, -2)  # (E, r, r)
     squared = mx.sum(w * w, axis=-1) + 2 * mx.sum(b * wa, axis=-1) + mx.sum(b * (b @ gram), axis=-1)
     return mx.sqrt(mx.maximum(squared, 0.0))
-
-
-def switch_linear(base: nn.Module, weight: mx.array, dequantize: bool) -> nn.Module:
-    """A SwitchLinear holding `weight` and the base's bias, quantized as the base was unless `dequantize`."""
-    from mlx_lm.models.switch_layers import SwitchLinear
-
-    num_experts, output_dims, input_dims = weight.shape
-    has_bias = "bias" in base
-    fused = SwitchLinear(input_dims, output_dims, num_experts, bias=has_bias)
-    fused.weight = weight
-    if has_bias:
-        fused.bias = base.bias
-    q = quantization(base)
-    if q is not None and not dequantize:
-        fused = fused.to_quantized(**q)
-    return fused
 
 
 class DoRASwitchLinear(LoRASwitchLinear):

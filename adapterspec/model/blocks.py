@@ -71,15 +71,18 @@ def block_lists(index) -> frozenset[str]:
     return found
 
 
-def live_block_list(model, paths_by_id: dict[int, str], list_paths: set[str]) -> str | None:
-    """The path of the list `model.layers` returns on a live mlx-lm model (None when it has none)."""
+def _live_layers(model) -> list | None:
+    """What `model.layers` returns on a live mlx-lm model, when it is a non-empty list of blocks."""
     try:
         layers = getattr(model, "layers", None)
     except Exception:  # noqa: BLE001 — a property that fails means no block list to report
         return None
-    if not isinstance(layers, (list, tuple)) or not layers:
-        return None
-    for block in layers:
+    return list(layers) if isinstance(layers, (list, tuple)) and layers else None
+
+
+def live_block_list(model, paths_by_id: dict[int, str], list_paths: set[str]) -> str | None:
+    """The path of the list `model.layers` returns on a live mlx-lm model (None when it has none)."""
+    for block in _live_layers(model) or ():
         path = paths_by_id.get(id(block))
         if path and "." in path:
             parent = path.rsplit(".", 1)[0]
@@ -90,11 +93,6 @@ def live_block_list(model, paths_by_id: dict[int, str], list_paths: set[str]) ->
 
 def live_blocks(model, paths_by_id: dict[int, str]) -> tuple[str, ...] | None:
     """The paths of the blocks `model.layers` returns on a live mlx-lm model, in its order (None when unknown)."""
-    try:
-        layers = getattr(model, "layers", None)
-    except Exception:  # noqa: BLE001 — a property that fails means no block list to report
-        return None
-    if not isinstance(layers, (list, tuple)) or not layers:
-        return None
-    paths = tuple(paths_by_id.get(id(block)) for block in layers)
-    return None if None in paths else paths
+    layers = _live_layers(model)
+    paths = tuple(paths_by_id.get(id(block)) for block in layers or ())
+    return None if not paths or None in paths else paths
