@@ -196,8 +196,12 @@ FIT_GROUP_SIZES = (128, 64, 32)
 
 
 def fit_candidates(unit: Unit) -> list[Quantization]:
+    """Affine only, and only for an affine base: a module whose tensors differ from its neighbours' in other blocks
+    (biases where they have none) would make the model's blocks unlike each other, which loaders refuse."""
     q, cols = unit.quantization, unit.logical_shape[-1]
-    own = q.bits + (32 if q.mode == "affine" else 8) / q.group_size
+    if q.mode != "affine" or "biases" not in unit.base:
+        return []
+    own = q.bits + 32 / q.group_size
 
     def cost(bits: int, group_size: int) -> float:
         return bits + 32 / group_size

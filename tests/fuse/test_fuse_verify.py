@@ -9,7 +9,7 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 
 import models as tiny  # noqa: E402
-from fuse_support import MLX_LM_SPEC, write_adapters  # noqa: E402
+from fuse_support import MLX_LM_SPEC, fuse_in_memory, read_weights, write_adapters  # noqa: E402
 
 from adapterspec.cli import main  # noqa: E402
 
@@ -109,6 +109,8 @@ def test_the_erasure_report_judges_by_the_error_too(quantized, tmp_path):
     assert run("fuse", model, tiny_adapters, "-o", tmp_path / "auto", "--quiet", "--keep-precision", "auto") == 0
     config = json.loads((tmp_path / "auto" / "config.json").read_text())
     assert sum(1 for v in config["quantization"].values() if v is False) == len(modules)
+    # Block 0 is not adapted and keeps its scales; the others do not: the model still loads (mixed precision).
+    assert run("verify", model, tiny_adapters, tmp_path / "auto", "--verify-sequences", 2, "--verify-length", 8) == 0
 
 
 def test_verify_reads_mlx_lm_jsonl(dense, tmp_path, capsys):
@@ -124,3 +126,42 @@ def test_verify_reads_mlx_lm_jsonl(dense, tmp_path, capsys):
     (data / "valid.jsonl").write_text('{"other": 1}\n')
     assert run("verify", model, adapters, tmp_path / "out", "--data", data) == 2
     assert "valid.jsonl:1: none of mlx-lm's layouts" in capsys.readouterr().err
+
+
+def test_keep_precision_fit_stays_quantized_and_keeps_what_plain_requantization_loses(quantized, tmp_path, capsys):
+    """A change of a fraction of a 4-bit step (as after a short training): plain requantization loses it, the grid
+    keeps the base, and fit stores each module in the cheapest finer quantization that keeps it, which mlx-lm loads."""
+    from mlx_lm.utils import load_model
+
+    from adapterspec.fuse.plan import Quantization
+
+    model, _ = quantized
+    adapters = write_adapters(model, tmp_path / "short", MLX_LM_SPEC, b_scale=3e-3)
+    verify = ("--verify", "--verify-sequences", 3, "--verify-length", 16)
+    statuses = {}
+    for mode in (("--requantize", "plain"), ("--requantize", "grid"), ("--keep-precision", "fit")):
+        out = tmp_path / mode[1]
+        assert run("fuse", model, adapters, "-o", out, *mode, *verify, "--quiet", "--report-json", out.with_suffix(".json")) == 0  # fmt: skip
+        statuses[mode[1]] = json.loads(out.with_suffix(".json").read_text())["verify"]
+    assert statuses["plain"]["status"] == "lost" and statuses["grid"]["status"] == "lost"
+    assert statuses["grid"]["effect_kept"] == 0.0  # the grid keeps the base exactly, never adds noise
+    assert statuses["fit"]["status"] == "ok" and statuses["fit"]["effect_kept"] > 0.9
+    capsys.readouterr()
+
+    config = json.loads((tmp_path / "fit" / "config.json").read_text())
+    finer = {path: entry for path, entry in config["quantization"].items() if isinstance(entry, dict)}
+    assert len(finer) == 15 and all(4 < entry["bits"] <= 8 and entry["mode"] == "affine" for entry in finer.values())
+    assert config["quantization_config"] == config["quantization"]
+    # Each such module is mx.quantize of the adapter layer's own dense fuse, in its new quantization.
+    ours = read_weights(tmp_path / "fit")
+    path, entry = next(iter(finer.items()))
+    dense = fuse_in_memory(model, adapters, dense_paths={path})[f"{path}.weight"]
+    q = Quantization(entry["group_size"], entry["bits"], "affine")
+    expected = mx.quantize(dense, group_size=q.group_size, bits=q.bits)
+    for got, want in zip((ours[f"{path}.{p}"] for p in ("weight", "scales", "biases")), expected):
+        assert mx.array_equal(got, want).item()
+    fused, _ = load_model(tmp_path / "fit")
+    layer = dict(fused.named_modules())[path]
+    assert (layer.bits, layer.group_size) == (q.bits, q.group_size)
+    sizes = {name: sum(f.stat().st_size for f in (tmp_path / name).glob("*.safetensors")) for name in statuses}
+    assert sizes["grid"] == sizes["plain"] < sizes["fit"]
