@@ -28,6 +28,7 @@ from .report import Survival, status_of
 
 DEFAULT_SEQUENCES = 8
 DEFAULT_LENGTH = 64
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
 @dataclass(frozen=True)
@@ -117,10 +118,12 @@ def sample_sequences(model_dir, sequences: int = DEFAULT_SEQUENCES, length: int 
 
     model_dir = resolve_model_path(model_dir)
     vocab = _embedding_rows(read_model_config(model_dir))
-    try:
-        vocab = min(vocab, len(load_tokenizer(model_dir).vocab)) if vocab else len(load_tokenizer(model_dir).vocab)
-    except (UserError, AttributeError, TypeError):
-        pass
+    if any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        try:
+            words = len(load_tokenizer(model_dir).vocab)
+            vocab = min(vocab, words) if vocab else words
+        except (UserError, AttributeError, TypeError):
+            pass
     if not vocab:
         raise UserError(f"{model_dir}: cannot tell the vocabulary size", help="give token sequences with --data")
     rng = np.random.default_rng(seed)
