@@ -175,8 +175,9 @@ int merge_affine(const uint32_t *packed, const void *scales, const void *biases,
     const float n_bins = (float)((1 << bits) - 1), eps = 1e-7f;
     if (bits != 2 && bits != 4 && bits != 8) return 3;
     float *acc = malloc(sizeof(float) * (size_t)cols), *w = malloc(sizeof(float) * (size_t)cols);
+    float *codes = malloc(sizeof(float) * (size_t)group_size);
     int status = 0;
-    if (!acc || !w) {
+    if (!acc || !w || !codes) {
         status = 2;
         goto done;
     }
@@ -221,11 +222,11 @@ int merge_affine(const uint32_t *packed, const void *scales, const void *biases,
                 const float s = load(scales, at, dtype), b = load(biases, at, dtype);
                 int fits = 1;
                 for (int j = 0; j < group_size && fits; j++) {
-                    const float q = rintf((v[j] - b) / s);
-                    fits = q >= 0.0f && q <= n_bins;
+                    codes[j] = rintf((v[j] - b) / s);
+                    fits = codes[j] >= 0.0f && codes[j] <= n_bins;
                 }
                 if (fits) {
-                    for (int j = 0; j < group_size; j++) v[j] = rintf((v[j] - b) / s);
+                    memcpy(v, codes, sizeof(float) * (size_t)group_size);
                     store(out_scales, at, s, dtype);
                     store(out_biases, at, b, dtype);
                     continue;
@@ -259,5 +260,6 @@ int merge_affine(const uint32_t *packed, const void *scales, const void *biases,
 done:
     free(acc);
     free(w);
+    free(codes);
     return status;
 }
