@@ -189,8 +189,8 @@ class _RowSample:
         return _dequantize(requantize(values.reshape(len(self.rows), -1), q, grid), q)
 
 
-# --keep-precision fit: the affine quantizations tried, cheapest first (bits per weight, a float16 scale and bias
-# per group included), among those that cost more than the base's own.
+# --keep-precision fit: the affine quantizations tried, cheapest first (bits per weight, each group's scale and bias
+# in the base's scale dtype included), among those that cost more than the base's own.
 FIT_BITS = (2, 3, 4, 5, 6, 8)
 FIT_GROUP_SIZES = (128, 64, 32)
 
@@ -201,10 +201,12 @@ def fit_candidates(unit: Unit) -> list[Quantization]:
     q, cols = unit.quantization, unit.logical_shape[-1]
     if q.mode != "affine" or "biases" not in unit.base:
         return []
-    own = q.bits + 32 / q.group_size
+    per_group = 2 * 8 * (4 if unit.dense_dtype == "float32" else 2)
 
     def cost(bits: int, group_size: int) -> float:
-        return bits + 32 / group_size
+        return bits + per_group / group_size
+
+    own = cost(q.bits, q.group_size)
 
     found = [(cost(b, g), b, g) for b in FIT_BITS for g in FIT_GROUP_SIZES if cols % g == 0 and cost(b, g) > own]
     return [Quantization(g, b, "affine") for _, b, g in sorted(found)]
