@@ -2,9 +2,9 @@
 on the same token sequences, and their next-token distributions compared.
 
 Memory: one model at a time (the base is loaded, run, given its adapters and run again, then dropped before the
-fused model is loaded), plus float32 logits of the sampled tokens: the adapted model's and its difference from the
-base (2 × tokens × vocabulary × 4 bytes; 512 tokens of a 32,000-token vocabulary: 131 MB), and one sequence's at a
-time of the model being run.
+fused model is loaded), plus float32 logits of the sampled tokens: the base's, replaced sequence by sequence by the
+adapted model's and its difference from the base (at most 2 × tokens × vocabulary × 4 bytes, plus one sequence's;
+the default 512 tokens of a 32,000-token vocabulary: 131 MB).
 
 The adapter's effect is measured on log-probabilities, where a constant shift of the logits means nothing: with
 E = log p_adapted − log p_base and F = log p_fused − log p_base over every sampled position,
@@ -149,12 +149,13 @@ def verify_fused(model_dir, adapter_dir, fused_dir, sequences: Sequence[Sequence
     load_adapters(model, adapter_dir)
     adapted, effect = [], []
     base_stats = _Stats()
-    for tokens, base_logits in zip(sequences, base):
+    for i, tokens in enumerate(sequences):
         logits = _forward(model, tokens)
-        base_stats.add(logits, base_logits)
+        base_stats.add(logits, base[i])
         adapted.append(logits)
-        effect.append(_log_probs(logits) - _log_probs(base_logits))
+        effect.append(_log_probs(logits) - _log_probs(base[i]))
         mx.eval(effect[-1])
+        base[i] = None  # the base's logits give way to the effect, sequence by sequence
     del model, base
     _release()
     fused_model, _ = load_model(fused_dir)
