@@ -111,6 +111,17 @@ def print_outcome(result, output: str) -> None:
                 "  help: their change is below the precision of the weights' dtype; check the adapter's scale",
                 file=sys.stderr,
             )
+    verified = getattr(result, "verified", None)
+    if verified is not None and not verified.keeps_adapter:
+        print(f"warning: verify: {verified.summary()}", file=sys.stderr)
+        print("  help: --keep-precision fit or auto keeps it; --strict makes this an error", file=sys.stderr)
+    finer = [unit for unit in result.plan.units if getattr(unit, "stored_quantization", None) and unit.requantize]
+    if finer:
+        print(
+            f"stored {len(finer)} module(s) in a finer quantization so that their adapter survives, e.g. "
+            f"'{finer[0].path}' as {finer[0].output_description}",
+            file=sys.stderr,
+        )
     if result.kept_dense:
         print(f"kept {len(result.kept_dense)} module(s) unquantized so that their adapter survives", file=sys.stderr)
     shards = len(result.shards)

@@ -146,7 +146,8 @@ def test_keep_precision_fit_stays_quantized_and_keeps_what_plain_requantization_
     assert statuses["plain"]["status"] == "lost" and statuses["grid"]["status"] == "lost"
     assert statuses["grid"]["effect_kept"] == 0.0  # the grid keeps the base exactly, never adds noise
     assert statuses["fit"]["status"] == "ok" and statuses["fit"]["effect_kept"] > 0.9
-    capsys.readouterr()
+    err = capsys.readouterr().err
+    assert "warning: verify: the fused model keeps" in err and "stored 15 module(s) in a finer quantization" in err
 
     config = json.loads((tmp_path / "fit" / "config.json").read_text())
     finer = {path: entry for path, entry in config["quantization"].items() if isinstance(entry, dict)}
