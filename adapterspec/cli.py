@@ -20,6 +20,7 @@ COMMANDS = {
     "plan": "show which modules a spec adapts, with what, and the trainable parameters",
     "apply": "apply a spec to a model and write a fresh adapter directory (or --fuse a model)",
     "fuse": "merge trained adapters into a model's weights and write a model directory",
+    "verify": "check that a fused model keeps the adapters' effect on the outputs",
     "import": "translate a PEFT or mlx-lm adapter config into a spec (and PEFT weights into adapters)",
     "export": "write adapters trained with adapterspec as a PEFT adapter directory",
     "explain": "for each module, the rule that decides it and why other rules do not",

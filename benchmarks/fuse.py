@@ -197,7 +197,7 @@ def write_adapters(model_dir: Path, path: Path, seed: int = 1) -> None:
 # ── measuring ───────────────────────────────────────────────────────────────
 
 
-def measure(command: list[str], tool: str, variant: str) -> Run:
+def measure(command: list[str], tool: str, variant: str, env: dict | None = None) -> Run:
     """Wall time, CPU time and peak memory of a command run in a fresh process.
 
     The peak is that of the whole process tree (the fuse's worker processes included), summed over
@@ -206,7 +206,9 @@ def measure(command: list[str], tool: str, variant: str) -> Run:
     """
     errors = tempfile.TemporaryFile()
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors, cwd=ROOT)
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=errors, cwd=ROOT, env={**os.environ, **(env or {})}
+    )
     tree_peak, tree_pss_peak = 0, 0
     while True:
         pid, status, usage = os.wait4(process.pid, os.WNOHANG)
@@ -272,7 +274,19 @@ def best(runs: list[Run]) -> Run:
     return min(runs, key=lambda r: r.wall_s)
 
 
-def bench_variant(work: Path, variant: str, layers: int, shards: int, runs: int) -> VariantResult:
+def parse_other(text: str) -> tuple[str, list[str], dict]:
+    """--also LABEL=ARGS: a variant of our fuse (ARGS: extra options, NAME=VALUE words are environment)."""
+    import shlex
+
+    label, _, rest = text.partition("=")
+    words = shlex.split(rest)
+    env = dict(w.split("=", 1) for w in words if "=" in w and w.split("=", 1)[0].isupper())
+    return label, [w for w in words if not ("=" in w and w.split("=", 1)[0].isupper())], env
+
+
+def bench_variant(
+    work: Path, variant: str, layers: int, shards: int, runs: int, others=(), skip_mlx_lm: bool = False
+) -> VariantResult:
     model_dir, adapter_dir = work / f"model-{variant}", work / f"adapters-{variant}"
     print(f"[{variant}] writing the model ({layers} blocks, {shards} shards) and adapters …", file=sys.stderr)
     # In a child process: a parent that held the model would pass its memory on to every forked child's peak RSS.
@@ -300,6 +314,16 @@ def bench_variant(work: Path, variant: str, layers: int, shards: int, runs: int)
         floors.append(floor_seconds(model_dir, scratch))
         ours.append(measure(ours_command, "adapterspec fuse", variant))
         shutil.rmtree(work / f"out-adapterspec-{variant}")
+        for label, extra, env in others:
+            other = measure(ours_command + extra, f"adapterspec fuse {label}", variant, env)
+            shutil.rmtree(work / f"out-adapterspec-{variant}")
+            print(f"[{variant}] run {i + 1}: adapterspec {label}: {other.wall_s:.2f} s ({other.cpu_s:.1f} s CPU, "
+                  f"{other.peak_pss_mb:.0f} MB PSS), floor {floors[-1]:.2f} s", file=sys.stderr)  # fmt: skip
+        if skip_mlx_lm:
+            theirs.append(Run("mlx_lm fuse", variant, float("nan"), float("nan"), float("nan"), float("nan")))
+            print(f"[{variant}] run {i + 1}: floor {floors[-1]:.2f} s, adapterspec {ours[-1].wall_s:.2f} s "
+                  f"({ours[-1].cpu_s:.1f} s CPU, {ours[-1].peak_pss_mb:.0f} MB PSS)", file=sys.stderr)  # fmt: skip
+            continue
         out = work / f"out-mlx-lm-{variant}"
         theirs.append(measure([sys.executable, "-m", "mlx_lm", "fuse", "--model", str(model_dir), "--adapter-path", str(adapter_dir), "--save-path", str(out)],
                               "mlx_lm fuse", variant))  # fmt: skip
@@ -339,6 +363,11 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", default="float16,4bit", help="comma-separated: float16, 4bit")
     parser.add_argument("--runs", type=int, default=1, help="runs of each tool; the fastest counts")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--also", action="append", default=[], metavar="LABEL=ARGS",
+        help="also time a variant of our fuse, e.g. 'plain=--requantize plain' or 'numpy=ADAPTERSPEC_FUSE_NATIVE=0'",
+    )  # fmt: skip
+    parser.add_argument("--skip-mlx-lm", action="store_true", help="time only adapterspec (and the floor)")
     parser.add_argument("--write-model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--layers", type=int, help=argparse.SUPPRESS)
@@ -352,13 +381,17 @@ def main(argv=None) -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="adapterspec-fuse-bench-") as work:
         for variant in args.dtypes.split(","):
-            results.append(bench_variant(Path(work), variant.strip(), layers, args.shards, args.runs))
+            others = [parse_other(text) for text in args.also]
+            results.append(
+                bench_variant(Path(work), variant.strip(), layers, args.shards, args.runs, others, args.skip_mlx_lm)
+            )
     print(render(results))
     for r in results:
         ok_speed = r.adapterspec.wall_s <= GOAL_RATIO_TO_MLX_LM * r.mlx_lm.wall_s
         ok_floor = r.adapterspec.wall_s <= GOAL_RATIO_TO_FLOOR * r.floor_s
         ok_rss = r.adapterspec.peak_pss_mb <= r.rss_bound_mb
-        print(f"{r.variant}: ≤ 1/3 of mlx_lm: {'yes' if ok_speed else 'NO'}; ≤ 2× floor: {'yes' if ok_floor else 'NO'}; "
+        speed = "not measured" if args.skip_mlx_lm else "yes" if ok_speed else "NO"
+        print(f"{r.variant}: ≤ 1/3 of mlx_lm: {speed}; ≤ 2× floor: {'yes' if ok_floor else 'NO'}; "
               f"memory (PSS) within bound: {'yes' if ok_rss else 'NO'}")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps([asdict(r) | {"rss_bound_mb": r.rss_bound_mb} for r in results], indent=2))

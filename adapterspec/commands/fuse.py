@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import EXIT_OK, UserError
 from ..inputs import open_regular
-from .reports import print_outcome
+from .reports import add_verify_arguments, print_outcome, verify_sequences
 
 SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
 UNITS = {
@@ -30,8 +30,9 @@ UNITS = {
 
 EPILOG = """\
 Every fused module is measured for how much of its adapter the stored weights keep (requantizing
-can round a small change away); modules that keep less than half are a warning, or with --strict
-an error. The output appears only when complete: an interrupted fuse leaves nothing at OUT, and a
+can round a small change away, or replace it by rounding noise); modules that keep less than half
+of it, or whose stored change is no closer to it than no change, are a warning, or with --strict an
+error. The output appears only when complete: an interrupted fuse leaves nothing at OUT, and a
 killed one leaves a hidden .OUT.tmp-* directory beside it that the next fuse to OUT removes."""
 
 
@@ -44,8 +45,15 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--dequantize", action="store_true", help="write every weight unquantized")
     parser.add_argument(
-        "--keep-precision", choices=("never", "auto"), default="never",
-        help="auto: write unquantized only the fused modules whose adapter requantization would erase",
+        "--requantize", choices=("grid", "plain"), default="grid",
+        help="grid (default): a fused quantization group stays on the base's own grid (scale and bias) where it "
+        "fits it, so every group the adapter does not move keeps its bits; plain: every group requantized afresh, "
+        "as mlx_lm fuse does",
+    )  # fmt: skip
+    parser.add_argument(
+        "--keep-precision", choices=("never", "auto", "fit"), default="never",
+        help="auto: write unquantized only the fused modules whose adapter requantization would erase; fit: store "
+        "each of them in the cheapest finer quantization (bits, group size) that keeps it, unquantized where none does",
     )  # fmt: skip
     parser.add_argument(
         "--strict", action="store_true", help="fail (exit 1, nothing written) when a module loses most of its adapter"
@@ -61,12 +69,18 @@ def add_arguments(parser) -> None:
         metavar="SIZE",
         help="largest weight file to write (default 5GiB, as mlx-lm)",
     )
+    parser.add_argument(
+        "--verify", action="store_true",
+        help="before publishing, run the adapted and the fused model on the same tokens and compare them "
+        "(with --strict: exit 1, nothing written, when the fused model does not keep the adapters' effect)",
+    )  # fmt: skip
+    add_verify_arguments(parser, "--verify-data")
     parser.add_argument("--quiet", action="store_true", help="print no report and no progress")
 
 
 def run(args) -> int:
     from ..fuse.progress import Progress, progress_for
-    from ..fuse.run import ErasureError, fuse_model_dir
+    from ..fuse.run import ErasureError, VerifyError, fuse_model_dir
     from ..outputs import check_output_file
 
     max_shard_bytes = parse_size(args.max_shard_size)
@@ -78,17 +92,22 @@ def run(args) -> int:
                 help="name a new file for --report-json",
             )
     progress = Progress() if args.quiet else progress_for(sys.stderr)
+    verify = verify_sequences(args, args.model) if args.verify else None
     try:
         with _sigterm_interrupts():
             result = fuse_model_dir(
                 args.model, args.adapters, args.output,
-                dequantize=args.dequantize, keep_precision=args.keep_precision, strict=args.strict,
-                force=args.force, max_shard_bytes=max_shard_bytes, progress=progress,
+                dequantize=args.dequantize, requantization=args.requantize, keep_precision=args.keep_precision,
+                strict=args.strict,
+                force=args.force, max_shard_bytes=max_shard_bytes, progress=progress, verify=verify,
             )  # fmt: skip
     except ErasureError as error:
         _show_report(error.report, args)
         raise
-    _show_report(result.report, args)
+    except VerifyError as error:
+        _show_report(error.erasure, args, error.report)
+        raise
+    _show_report(result.report, args, result.verified)
     print_outcome(result, args.output)
     return EXIT_OK
 
@@ -103,13 +122,18 @@ def is_erasure_report(path: Path) -> bool:
     return isinstance(data, dict) and {"thresholds", "counts", "modules"} <= data.keys()
 
 
-def _show_report(report, args) -> None:
+def _show_report(report, args, verified=None) -> None:
     if args.report_json:
         from ..outputs import write_json_atomic
 
-        write_json_atomic(args.report_json, report.to_json(), indent=2)
+        data = report.to_json()
+        if verified is not None:
+            data["verify"] = verified.to_json()
+        write_json_atomic(args.report_json, data, indent=2)
     if not args.quiet:
         print(report.render(full=args.full_report))
+        if verified is not None:
+            print(verified.render())
 
 
 def parse_size(text: str) -> int:

@@ -1,9 +1,14 @@
-"""What several subcommands print alike: a plan as tables (`plan`, `apply`) and what a finished fuse did (`fuse`, `apply --fuse`)."""
+"""What several subcommands print alike: a plan as tables (`plan`, `apply`), what a finished fuse did (`fuse`,
+`apply --fuse`), and the tokens a fused model is verified on (`fuse --verify`, `verify`)."""
 
 from __future__ import annotations
 
+import argparse
 import sys
+from pathlib import Path
 
+from ..errors import UserError
+from ..inputs import open_regular
 from ..tables import format_table
 
 
@@ -107,8 +112,10 @@ def print_outcome(result, output: str) -> None:
         print(f"removed {path}, left by an interrupted fuse", file=sys.stderr)
     lost = result.report.lost
     if lost:
+        from ..fuse.report import describe_lost
+
         print(
-            f"warning: {len(lost)} module(s) keep less than half of their adapter, e.g. '{lost[0].path}' as {lost[0].stored}",
+            f"warning: {len(lost)} module(s) {describe_lost()}, e.g. '{lost[0].path}' as {lost[0].stored}",
             file=sys.stderr,
         )
         if any(m.requantized for m in lost):
@@ -120,6 +127,17 @@ def print_outcome(result, output: str) -> None:
                 "  help: their change is below the precision of the weights' dtype; check the adapter's scale",
                 file=sys.stderr,
             )
+    verified = getattr(result, "verified", None)
+    if verified is not None and not verified.keeps_adapter:
+        print(f"warning: verify: {verified.summary()}", file=sys.stderr)
+        print("  help: --keep-precision fit or auto keeps it; --strict makes this an error", file=sys.stderr)
+    finer = [unit for unit in result.plan.units if getattr(unit, "stored_quantization", None) and unit.requantize]
+    if finer:
+        print(
+            f"stored {len(finer)} module(s) in a finer quantization so that their adapter survives, e.g. "
+            f"'{finer[0].path}' as {finer[0].output_description}",
+            file=sys.stderr,
+        )
     if result.kept_dense:
         print(f"kept {len(result.kept_dense)} module(s) unquantized so that their adapter survives", file=sys.stderr)
     shards = len(result.shards)
@@ -132,3 +150,87 @@ def print_outcome(result, output: str) -> None:
         f"{result.bytes_written / 1e9:.2f} GB in {result.seconds:.1f} s",
         file=sys.stderr,
     )
+
+
+def add_verify_arguments(parser, data_flag: str) -> None:
+    """The options that choose the token sequences a fused model is verified on (`fuse --verify`, `verify`)."""
+    from ..fuse.verify import DEFAULT_LENGTH, DEFAULT_SEQUENCES
+
+    parser.add_argument(
+        data_flag, dest="verify_data", metavar="PATH",
+        help="verify on text from a jsonl file or a data directory in mlx-lm's layouts (valid.jsonl, else test, "
+        "else train) instead of tokens sampled from the vocabulary",
+    )  # fmt: skip
+    parser.add_argument(
+        "--verify-sequences", type=_positive, default=DEFAULT_SEQUENCES, metavar="N",
+        help=f"how many token sequences (default {DEFAULT_SEQUENCES})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--verify-length", type=_positive, default=DEFAULT_LENGTH, metavar="N",
+        help=f"tokens per sequence, at most (default {DEFAULT_LENGTH})",
+    )  # fmt: skip
+    parser.add_argument("--verify-seed", type=_seed, default=0, metavar="N", help="seed of the sampled tokens")
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"not a whole number of at least 1: {text!r}")
+    return int(text)
+
+
+def verify_sequences(args, model: str) -> tuple[list, str]:
+    """(token sequences, where they come from) for verifying a fuse of `model`."""
+    from ..fuse.verify import sample_sequences
+
+    if args.verify_data:
+        return data_sequences(Path(args.verify_data), model, args.verify_sequences, args.verify_length)
+    sequences = sample_sequences(model, args.verify_sequences, args.verify_length, args.verify_seed)
+    return sequences, "sampled from the vocabulary"
+
+
+def data_sequences(path: Path, model: str, count: int, length: int) -> tuple[list, str]:
+    """The first `count` records of a jsonl file in one of mlx-lm's layouts, tokenized and cut to `length`."""
+    import json
+
+    from ..adapters.loading import load_tokenizer
+    from ..train.data import FORMATS_HELP, LAYOUTS, MAX_LINE_BYTES
+
+    if path.is_dir():
+        found = [path / f"{split}.jsonl" for split in ("valid", "test", "train") if (path / f"{split}.jsonl").is_file()]
+        if not found:
+            raise UserError(f"{path}: no valid.jsonl, test.jsonl or train.jsonl there", help=FORMATS_HELP)
+        path = found[0]
+    tokenizer = load_tokenizer(model)
+    sequences = []
+    with open_regular(path) as file:
+        for number, raw in enumerate(file, start=1):
+            if len(sequences) == count:
+                break
+            if len(raw) > MAX_LINE_BYTES or not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError, RecursionError) as error:
+                raise UserError(f"{path}:{number}: not a line of JSON ({error})", help=FORMATS_HELP) from None
+            if not isinstance(record, dict) or not any(layout <= record.keys() for layout in LAYOUTS):
+                raise UserError(f"{path}:{number}: none of mlx-lm's layouts", help=FORMATS_HELP)
+            tokens = _record_tokens(record, tokenizer)
+            if tokens:
+                sequences.append(list(tokens)[:length])
+    if not sequences:
+        raise UserError(f"{path}: no examples to verify with", help=FORMATS_HELP)
+    return sequences, str(path)
+
+
+def _record_tokens(record: dict, tokenizer) -> list:
+    if "messages" in record:
+        return tokenizer.apply_chat_template(record["messages"], tools=record.get("tools"), tokenize=True)
+    if "text" in record:
+        return tokenizer.encode(str(record["text"]))
+    return tokenizer.encode(str(record["prompt"]) + str(record["completion"]))
+
+
+def _seed(text: str) -> int:
+    from .common import seed  # the spec reading there loads the parser: only when a seed is given
+
+    return seed(text)

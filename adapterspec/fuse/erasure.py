@@ -16,6 +16,8 @@ units of one shape together).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import mlx.core as mx
 import numpy as np
 
@@ -23,8 +25,8 @@ from ..adapters import fusemath
 from ..model.kinds import DORA_KINDS, SWITCH_KINDS, TOKEN_KINDS
 from . import merge_numpy
 from .merge_mlx import adapter_rows, merge, requantize, token_slots
-from .plan import FusePlan, Unit
-from .report import Measurement, Survival
+from .plan import FusePlan, Quantization, Unit
+from .report import Measurement, Survival, status_of
 from .shards import SourceFiles, SourceTensor
 
 MAX_SAMPLED_ROWS = 32
@@ -83,21 +85,26 @@ def _measure_lora_in_numpy(
     """
     samples = [_lora_sample(unit, adapters, files, limit) for unit in units]
     q, dtype = units[0].quantization, units[0].dense_dtype
-    weight = np.concatenate([w for w, _ in samples])
-    merged = weight + np.concatenate([d for _, d in samples])
+    weight = np.concatenate([w for w, _, _ in samples])
+    merged = weight + np.concatenate([d for _, d, _ in samples])
     intended = merged - weight
     with np.errstate(over="ignore"):  # an overflow is stored as ±inf, as in the fused weight
         stored = merged.astype(dtype).astype(np.float32)
     if q is not None:
-        # Requantizing is not exact even without an adapter; measure against the requantized base.
+        grid = None
+        if units[0].requantization == "grid":
+            grid = tuple(np.concatenate([g[i] for _, _, g in samples]) for i in range(2))
+
+        # Plain requantizing is not exact even without an adapter; measure against the requantized base (on its
+        # own grid, the base itself).
         def requantized(values: np.ndarray) -> np.ndarray:
             return merge_numpy.dequantize(
-                *merge_numpy.quantize(values, q.bits, q.group_size, dtype), q.bits, q.group_size
+                *merge_numpy.quantize(values, q.bits, q.group_size, dtype, grid), q.bits, q.group_size
             )
 
         requantized_stored, requantized_base = requantized(stored), requantized(weight)
     measurements, start = {}, 0
-    for unit, (w, _) in zip(units, samples):
+    for unit, (w, _, _) in zip(units, samples):
         rows = slice(start, start + w.shape[0])
         start = rows.stop
         quantized = (
@@ -110,8 +117,9 @@ def _measure_lora_in_numpy(
 
 def _lora_sample(
     unit: Unit, adapters: dict[str, mx.array], files: SourceFiles, limit: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The sampled rows and column groups of a unit's weight (float32, of its dtype's values) and of its ΔW."""
+) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """The sampled rows and column groups of a unit's weight (float32, of its dtype's values), of its ΔW, and the
+    float32 scales and biases of those groups (empty for a dense weight)."""
     rows = sampled_rows(unit.base["weight"].rows, limit)
     base = {
         param: np.frombuffer(files.read_rows(source, rows), source.dtype).reshape(len(rows), -1)
@@ -122,14 +130,16 @@ def _lora_sample(
     groups = cols // group_size
     chosen = sampled_rows(groups, MAX_SAMPLED_GROUPS)
     columns = (np.asarray(chosen)[:, None] * group_size + np.arange(group_size)).ravel()
+    grid: tuple = ()
     if q is None:
         weight = base["weight"][:, columns].astype(np.float32)
     else:
         packed = base["weight"].reshape(len(rows), groups, -1)[:, chosen].reshape(len(rows), -1)
         scales, biases = (base[p].reshape(len(rows), groups)[:, chosen] for p in ("scales", "biases"))
         weight = merge_numpy.dequantize(packed, scales, biases, q.bits, q.group_size)
+        grid = (scales.astype(np.float32), biases.astype(np.float32))
     a, b = (np.asarray(adapters[unit.adapter_tensors[p].name].astype(mx.float32)) for p in ("lora_a", "lora_b"))
-    return weight, np.einsum("cr,rn->nc", a[columns], b[:, rows]) * np.float32(unit.adapter.scale)
+    return weight, np.einsum("cr,rn->nc", a[columns], b[:, rows]) * np.float32(unit.adapter.scale), grid
 
 
 def _numpy_survival(stored: np.ndarray, reference: np.ndarray, intended: np.ndarray) -> Survival:
@@ -149,23 +159,84 @@ def _dot(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def _measure_unit(unit: Unit, adapters: dict[str, mx.array], files: SourceFiles, limit: int) -> Measurement:
-    weight_source = unit.base["weight"]
-    rows = sampled_rows(weight_source.rows, limit)
-    base = {param: _rows_array(files, source, rows) for param, source in unit.base.items()}
-    q = unit.quantization
-    weight = _dequantize(base, q) if q else base["weight"]
-    kind, scale = unit.adapter.kind, unit.adapter.scale
-    weight, adapter = _row_problem(kind, unit, weight, adapters, rows)
-    w32 = weight.astype(mx.float32)
-    intended = _merge(kind, w32, adapter, scale) - w32
-    stored = _merge(kind, weight, adapter, scale)
-    dense = _survival(stored, w32, intended)
-    quantized = None
+    sample = _RowSample(unit, adapters, files, limit)
+    dense = _survival(sample.stored, sample.w32, sample.intended)
+    quantized, q = None, unit.quantization
     if q is not None:
-        # Requantizing is not exact even without an adapter; measure against the requantized base.
-        requantized_base = _dequantize(requantize(weight, q), q).astype(mx.float32).reshape(w32.shape)
-        quantized = _survival(_dequantize(requantize(stored, q), q), requantized_base, intended)
-    return Measurement(unit.path, len(rows), weight_source.rows, dense, quantized)
+        # Plain requantizing is not exact even without an adapter; measure against the requantized base (on its own
+        # grid, the base itself).
+        grid = sample.base if unit.requantization == "grid" else None
+        requantized_base = sample.requantized(sample.weight, q, grid).astype(mx.float32).reshape(sample.w32.shape)
+        quantized = _survival(sample.requantized(sample.stored, q, grid), requantized_base, sample.intended)
+    return Measurement(unit.path, len(sample.rows), unit.base["weight"].rows, dense, quantized)
+
+
+class _RowSample:
+    """The sampled rows of a unit: base tensors, weight (its dtype and float32), intended change and merged weight."""
+
+    def __init__(self, unit: Unit, adapters: dict[str, mx.array], files: SourceFiles, limit: int):
+        self.rows = sampled_rows(unit.base["weight"].rows, limit)
+        self.base = {param: _rows_array(files, source, self.rows) for param, source in unit.base.items()}
+        q = unit.quantization
+        weight = _dequantize(self.base, q) if q else self.base["weight"]
+        kind, scale = unit.adapter.kind, unit.adapter.scale
+        self.weight, adapter = _row_problem(kind, unit, weight, adapters, self.rows)
+        self.w32 = self.weight.astype(mx.float32)
+        self.intended = _merge(kind, self.w32, adapter, scale) - self.w32
+        self.stored = _merge(kind, self.weight, adapter, scale)
+
+    def requantized(self, values: mx.array, q: Quantization, grid=None) -> mx.array:
+        return _dequantize(requantize(values.reshape(len(self.rows), -1), q, grid), q)
+
+
+# --keep-precision fit: the affine quantizations tried, cheapest first (bits per weight, each group's scale and bias
+# in the base's scale dtype included), among those that cost more than the base's own.
+FIT_BITS = (2, 3, 4, 5, 6, 8)
+FIT_GROUP_SIZES = (128, 64, 32)
+
+
+def fit_candidates(unit: Unit) -> list[Quantization]:
+    """Affine only, and only for an affine base: a module whose tensors differ from its neighbours' in other blocks
+    (biases where they have none) would make the model's blocks unlike each other, which loaders refuse."""
+    q, cols = unit.quantization, unit.logical_shape[-1]
+    if q.mode != "affine" or "biases" not in unit.base:
+        return []
+    per_group = 2 * 8 * (4 if unit.dense_dtype == "float32" else 2)
+
+    def cost(bits: int, group_size: int) -> float:
+        return bits + per_group / group_size
+
+    own = cost(q.bits, q.group_size)
+
+    found = [(cost(b, g), b, g) for b in FIT_BITS for g in FIT_GROUP_SIZES if cols % g == 0 and cost(b, g) > own]
+    return [Quantization(g, b, "affine") for _, b, g in sorted(found)]
+
+
+def fit(
+    plan: FusePlan, adapters: dict[str, mx.array], files: SourceFiles, measurements: list[Measurement],
+    limit: int = MAX_SAMPLED_ROWS,
+) -> tuple[dict[str, Quantization], list[str], list[Measurement]]:  # fmt: skip
+    """--keep-precision fit: for each requantized module whose adapter its base's quantization does not keep ("ok"),
+    the cheapest finer affine quantization that keeps it, measured on the same rows against the base weight
+    (what the fused model changes), else dense. Returns (finer quantizations, dense paths, updated measurements)."""
+    units = {u.path: u for u in plan.fused_units}
+    finer, dense, updated = {}, [], []
+    for m in measurements:
+        unit = units[m.path]
+        if m.quantized is None or not unit.requantize or status_of(m.quantized) in ("ok", "zero"):
+            updated.append(m)
+            continue
+        sample = _RowSample(unit, adapters, files, limit)
+        for q in fit_candidates(unit):
+            survival = _survival(sample.requantized(sample.stored, q), sample.w32, sample.intended)
+            if status_of(survival) == "ok":
+                finer[unit.path] = q
+                updated.append(replace(m, quantized=survival))
+                break
+        else:
+            dense.append(unit.path)
+            updated.append(m)
+    return finer, dense, updated
 
 
 def _dequantize(parts: dict[str, mx.array], q) -> mx.array:

@@ -142,10 +142,59 @@ def merge(
     return _merge(kind, float(scale), dtype or weight.dtype)(*args)
 
 
-def requantize(weight: mx.array, q: Quantization) -> dict[str, mx.array]:
-    """weight, scales (and biases for affine) of `weight` quantized like the base, as mlx's layers quantize."""
-    parts = mx.quantize(weight, group_size=q.group_size, bits=q.bits, mode=q.mode)
-    return dict(zip(("weight", "scales", "biases"), parts))
+def requantize(weight: mx.array, q: Quantization, base: Optional[dict[str, mx.array]] = None) -> dict[str, mx.array]:
+    """weight, scales (and biases for affine) of `weight` quantized like the base, as mlx's layers quantize.
+
+    With `base` (the input's quantized tensors of the same rows), groups stay on the base's own grid where they
+    can (`on_base_grid`).
+    """
+    parts = dict(
+        zip(("weight", "scales", "biases"), mx.quantize(weight, group_size=q.group_size, bits=q.bits, mode=q.mode))
+    )
+    return parts if base is None else on_base_grid(weight, parts, base, q)
+
+
+def on_base_grid(weight: mx.array, fresh: dict[str, mx.array], base: dict[str, mx.array], q: Quantization) -> dict:
+    """Requantization that changes only what the merge changed, group by group (a group is whole packed words).
+
+    Affine: a group whose every merged value rounds to a code of the base's grid (its scale and bias) is stored on
+    it, with the base's scale and bias: the nearest representable group, and the base's own bits wherever no code
+    moved; the rest keep `fresh` (mx.quantize's). Other modes, whose scale follows the group's largest magnitude:
+    a group whose values dequantize as the base's keeps the base's bits.
+    """
+    lead, groups = weight.shape[:-1], base["scales"].shape[-1]
+    words = base["weight"].shape[-1] // groups
+
+    def by_group(x: mx.array, width: int) -> mx.array:
+        return x.reshape(*lead, groups, width)
+
+    if q.mode == "affine" and "biases" in base:
+        scales, biases = (base[p].astype(mx.float32)[..., None] for p in ("scales", "biases"))
+        codes = mx.round((by_group(weight.astype(mx.float32), q.group_size) - biases) / scales)
+        top = (1 << q.bits) - 1
+        fits = mx.all((codes >= 0) & (codes <= top), axis=-1)
+        packed = pack_codes(mx.clip(codes, 0, top).astype(mx.uint32).reshape(*lead, -1), q.bits)
+    else:
+
+        def values(parts):
+            return by_group(dequantize(parts["weight"], parts["scales"], parts.get("biases"), q), q.group_size)
+
+        fits = mx.all(values(fresh) == values(base), axis=-1)
+        packed = base["weight"]
+    out = {"weight": mx.where(fits[..., None], by_group(packed, words), by_group(fresh["weight"], words))}
+    out["weight"] = out["weight"].reshape(fresh["weight"].shape)
+    for param in ("scales", "biases"):
+        if param in fresh:
+            out[param] = mx.where(fits, base[param], fresh[param])
+    return out
+
+
+def pack_codes(codes: mx.array, bits: int) -> mx.array:
+    """uint32 codes (..., n) packed as mlx packs them: a little-endian stream of `bits`-bit fields in uint32 words."""
+    lead, n = codes.shape[:-1], codes.shape[-1]
+    stream = (codes[..., None] >> mx.arange(bits, dtype=mx.uint32)) & 1
+    stream = stream.reshape(*lead, n * bits // 32, 32)
+    return mx.sum(stream << mx.arange(32, dtype=mx.uint32), axis=-1).astype(mx.uint32)
 
 
 def adapter_rows(kind: str, adapter: dict[str, mx.array], index) -> dict[str, mx.array]:
@@ -164,11 +213,13 @@ def adapter_rows(kind: str, adapter: dict[str, mx.array], index) -> dict[str, mx
     return rows
 
 
-def outputs(unit: Unit, weight: mx.array) -> dict[str, mx.array]:
-    """The output tensors of a unit from its merged dense weight (requantized when the unit is)."""
-    q = unit.quantization
-    if q is not None and unit.requantize:
-        return {f"{unit.path}.{param}": value for param, value in requantize(weight, q).items()}
+def outputs(unit: Unit, weight: mx.array, base: Optional[dict[str, mx.array]] = None) -> dict[str, mx.array]:
+    """The output tensors of a unit from its merged dense weight (requantized when the unit is: on the grid of
+    `base`, the unit's input tensors of the same rows, when the unit asks for it)."""
+    q = unit.output_quantization
+    if q is not None:
+        grid = base if unit.requantization == "grid" and unit.stored_quantization is None else None
+        return {f"{unit.path}.{param}": value for param, value in requantize(weight, q, grid).items()}
     return {f"{unit.path}.weight": weight}
 
 
@@ -188,4 +239,4 @@ def compute_chunk(
         if rows is not None:
             adapter = adapter_rows(unit.adapter.kind, adapter, slice(*rows))
         weight = merge(unit.adapter.kind, weight, adapter, unit.adapter.scale, getattr(mx, unit.dense_dtype))
-    return outputs(unit, weight)
+    return outputs(unit, weight, base)

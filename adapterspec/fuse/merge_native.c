@@ -163,19 +163,21 @@ PACK(8)
 
 /* Q(deq(W) + scale·(A·B)ᵀ) for W stored as mlx's affine quantization with `bits` (2, 4 or 8) and
  * `group_size`; scales and biases (rows, cols/group_size) of `dtype` (FLOAT32, FLOAT16, BFLOAT16). With
- * `requantize` the outputs are out_packed, out_scales, out_biases like the inputs; without it,
+ * `requantize` the outputs are out_packed, out_scales, out_biases like the inputs (with `grid`, each group
+ * that fits the input's grid is rounded on it, the others requantized as mx.quantize does); without it,
  * out_dense (rows, cols) in the scales' dtype. Returns 1 for a merged value that is not finite
  * (requantize only: merge_numpy leaves those to mlx), 2 when out of memory, 3 for unsupported bits,
  * 0 otherwise. */
 int merge_affine(const uint32_t *packed, const void *scales, const void *biases, int dtype, const float *a_t,
                  const float *b_t, int rows, int cols, int rank, float scale, int bits, int group_size, int requantize,
-                 uint32_t *out_packed, void *out_scales, void *out_biases, void *out_dense) {
+                 int grid, uint32_t *out_packed, void *out_scales, void *out_biases, void *out_dense) {
     const int groups = cols / group_size, words = cols / (32 / bits);
     const float n_bins = (float)((1 << bits) - 1), eps = 1e-7f;
     if (bits != 2 && bits != 4 && bits != 8) return 3;
     float *acc = malloc(sizeof(float) * (size_t)cols), *w = malloc(sizeof(float) * (size_t)cols);
+    float *codes = malloc(sizeof(float) * (size_t)group_size);
     int status = 0;
-    if (!acc || !w) {
+    if (!acc || !w || !codes) {
         status = 2;
         goto done;
     }
@@ -213,6 +215,23 @@ int merge_affine(const uint32_t *packed, const void *scales, const void *biases,
                 status = 1;
                 goto done;
             }
+            if (grid) {
+                /* On the base's own grid where every element fits it: the nearest code under the input's scale and
+                 * bias, which are kept bit for bit (a group the adapter does not move keeps its codes too). */
+                const size_t at = (size_t)r * groups + g;
+                const float s = load(scales, at, dtype), b = load(biases, at, dtype);
+                int fits = 1;
+                for (int j = 0; j < group_size && fits; j++) {
+                    codes[j] = rintf((v[j] - b) / s);
+                    fits = codes[j] >= 0.0f && codes[j] <= n_bins;
+                }
+                if (fits) {
+                    memcpy(v, codes, sizeof(float) * (size_t)group_size);
+                    store(out_scales, at, s, dtype);
+                    store(out_biases, at, b, dtype);
+                    continue;
+                }
+            }
             /* mx.quantize's parameters, in its float arithmetic. */
             const int edge_is_min = fabsf(w_min) > fabsf(w_max);
             float step = (w_max - w_min) / n_bins;
@@ -241,5 +260,6 @@ int merge_affine(const uint32_t *packed, const void *scales, const void *biases,
 done:
     free(acc);
     free(w);
+    free(codes);
     return status;
 }

@@ -57,7 +57,7 @@ def _load() -> Optional[ctypes.CDLL]:
     pointer, i32, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     library.merge_dense.argtypes = (pointer, pointer, i32, pointer, pointer, i32, i32, i32, f32)
     library.merge_affine.argtypes = (pointer, pointer, pointer, i32, pointer, pointer, i32, i32, i32, f32, i32, i32, i32,
-                                     pointer, pointer, pointer, pointer)  # fmt: skip
+                                     i32, pointer, pointer, pointer, pointer)  # fmt: skip
     for function in (library.merge_dense, library.merge_affine):
         function.restype = i32
     return library
@@ -127,6 +127,7 @@ def merge_affine(
     bits: int,
     group_size: int,
     requantize: bool,
+    grid: bool = False,
 ) -> Optional[tuple[np.ndarray, ...]]:
     """`merge_numpy.QuantizedMerge.rows` in C, scales of `dtype`, a_t in the weight's own column order; None where a
     merged value is not finite (the caller leaves those to mlx)."""
@@ -141,7 +142,7 @@ def merge_affine(
         pointers = (None, None, None, _ptr(outputs[0]))
     status = library.merge_affine(
         _ptr(packed), _ptr(scales), _ptr(biases), DTYPES[dtype], _ptr(a_t), _ptr(b_t),
-        rows, cols, a_t.shape[0], scale, bits, group_size, int(requantize), *pointers,
+        rows, cols, a_t.shape[0], scale, bits, group_size, int(requantize), int(grid), *pointers,
     )  # fmt: skip
     if status == 1:
         return None

@@ -86,17 +86,19 @@ class QuantizedMerge:
         self.factor = np.float32(scale)
 
     def rows(
-        self, packed, scales, biases, lora_b, requantize: bool = True, dtype: Optional[str] = None
+        self, packed, scales, biases, lora_b, requantize: bool = True, dtype: Optional[str] = None, grid: bool = False
     ) -> tuple[np.ndarray, ...]:
         """The outputs of `merge_quantized` for these rows; lora_b holds their columns of B (r, rows).
 
         `dtype` names the scales' dtype where their array cannot: bfloat16, as uint16 bit patterns (compiled kernels only).
+        `grid`: requantize on the input's grid where a group fits it (`quantize`).
         """
         layout, name = self.layout, dtype or scales.dtype.name
         b_t = np.ascontiguousarray(np.asarray(lora_b, dtype=np.float32).T)
         if self.native is not None:
             merged = merge_native.merge_affine(
-                self.native, packed, scales, biases, name, self.a_t, b_t, float(self.factor), layout.bits, layout.group_size, requantize
+                self.native, packed, scales, biases, name, self.a_t, b_t, float(self.factor), layout.bits, layout.group_size, requantize,
+                grid,
             )  # fmt: skip
             if merged is None:
                 raise Unrepresentable("a merged value is not finite")
@@ -126,7 +128,7 @@ class QuantizedMerge:
                 _round_to(acc, dtype, term)
                 if requantize:
                     out_scales[start:stop], out_biases[start:stop] = _quantize_tile(
-                        acc, layout, dtype, codes_out[start:stop]
+                        acc, layout, dtype, codes_out[start:stop], (s32[start:stop], b32[start:stop]) if grid else None
                     )
                 else:
                     _check_finite(acc, dtype)
@@ -190,14 +192,22 @@ def dequantize(packed: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits:
     return layout.from_code_order(w)
 
 
-def quantize(values: np.ndarray, bits: int, group_size: int, dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`mx.quantize(values.astype(dtype), ...)` (affine) as numpy arrays, for float32 values already of `dtype`'s precision."""
+def quantize(
+    values: np.ndarray, bits: int, group_size: int, dtype: str, grid: Optional[tuple[np.ndarray, np.ndarray]] = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`mx.quantize(values.astype(dtype), ...)` (affine) as numpy arrays, for float32 values already of `dtype`'s precision.
+
+    `grid`: the float32 scales and biases (rows, groups) of the weight the values came from. A group whose every
+    value rounds to a code of that grid (0 … 2^bits − 1) is stored on it, with those scales and biases: the
+    nearest representable group, and the input's own bits where the values did not move far enough to change a
+    code. Other groups are quantized afresh, as mx.quantize does.
+    """
     rows, cols = values.shape
     layout = _Layout(bits, group_size, cols // group_size)
     work = layout.to_code_order(values).astype(np.float32, copy=True)
     out = np.empty((rows, cols * bits // 8), np.uint8)
     with np.errstate(all="ignore"):
-        scales, biases = _quantize_tile(work, layout, np.dtype(dtype), out)
+        scales, biases = _quantize_tile(work, layout, np.dtype(dtype), out, grid)
     return out.view(np.uint32), scales.astype(dtype), biases.astype(dtype)
 
 
@@ -334,14 +344,20 @@ def _check_finite(x: np.ndarray, dtype) -> None:
         raise Unrepresentable("a merged value overflows float16 or is not a number")
 
 
-def _quantize_tile(x: np.ndarray, layout: _Layout, dtype, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _quantize_tile(x: np.ndarray, layout: _Layout, dtype, out: np.ndarray, grid=None) -> tuple[np.ndarray, np.ndarray]:
     """Quantize x (n, cols, code order) as mx.quantize does into `out` (n, cols·bits/8 bytes); x is consumed.
 
-    Returns the float32 scales and biases (n, groups) that mx.quantize stores in `dtype`.
+    Returns the float32 scales and biases (n, groups) that mx.quantize stores in `dtype`. `grid`: as in `quantize`.
     """
     grouped = layout.grouped(x)
     w_max, w_min = _group_extremes(grouped)
     _check_finite(np.maximum(np.abs(w_max), np.abs(w_min)), dtype)
+    on_grid = None
+    if grid is not None:
+        grid_scales, grid_biases = (g[:, None, :, None] for g in grid)
+        grid_codes = np.rint((grouped - grid_biases) / grid_scales)
+        fits = ((grid_codes >= 0) & (grid_codes <= layout.n_bins)).all(axis=(1, 3))
+        on_grid = fits[:, None, :, None]
     mask = np.abs(w_min) > np.abs(w_max)
     scales = np.maximum((w_max - w_min) / layout.n_bins, EPSILON)
     scales = np.where(mask, scales, -scales)
@@ -354,6 +370,9 @@ def _quantize_tile(x: np.ndarray, layout: _Layout, dtype, out: np.ndarray) -> tu
     grouped /= scales[:, None, :, None]
     # Clamping before rounding gives rint-then-clamp's codes: the bounds are integers.
     np.clip(x, 0, layout.n_bins, out=x)
+    if on_grid is not None:
+        np.copyto(grouped, grid_codes, where=on_grid)
+        scales, biases = np.where(fits, grid[0], scales), np.where(fits, grid[1], biases)
     x += ROUND_TO_INTEGER
     codes = x.view(np.uint8)[:, ::4].reshape(x.shape[0], layout.per_byte, -1)
     np.copyto(out, codes[:, -1])

@@ -102,9 +102,28 @@ class Unit:
     dense_dtype: str
     logical_shape: tuple[int, ...]
     requantize: bool
+    # How a quantized unit is requantized: "grid" (on the input's own grid where a group fits it; the input's bits
+    # where no code moves) or "plain" (every group afresh, as mlx-lm's fuse does).
+    requantization: str = "grid"
+    # --keep-precision fit: the finer affine quantization this unit is stored in instead of the base's.
+    stored_quantization: Optional[Quantization] = None
+
+    @property
+    def output_quantization(self) -> Optional[Quantization]:
+        """How the unit's weight is stored: None when dense."""
+        if self.quantization is None or not self.requantize:
+            return None
+        return self.stored_quantization or self.quantization
 
     def outputs(self) -> list[tuple[str, str, tuple[int, ...]]]:
         """(name, dtype, shape) of every tensor this unit writes."""
+        if self.stored_quantization is not None and self.requantize:
+            q, lead, cols = self.stored_quantization, self.logical_shape[:-1], self.logical_shape[-1]
+            return [
+                (f"{self.path}.weight", "uint32", (*lead, cols * q.bits // 32)),
+                (f"{self.path}.scales", self.dense_dtype, (*lead, cols // q.group_size)),
+                (f"{self.path}.biases", self.dense_dtype, (*lead, cols // q.group_size)),
+            ]
         if self.quantization is not None and self.requantize:
             return [(s.name, s.dtype, s.shape) for s in self.base.values()]
         return [(f"{self.path}.weight", self.dense_dtype, self.logical_shape)]
@@ -126,7 +145,8 @@ class Unit:
 
     @property
     def output_description(self) -> str:
-        return self.quantization.describe() if self.quantization and self.requantize else self.dense_dtype
+        q = self.output_quantization
+        return q.describe() if q else self.dense_dtype
 
 
 @dataclass(frozen=True)
@@ -179,6 +199,13 @@ class FusePlan:
             if unit.path in wanted:
                 unit.requantize = False
 
+    def store_as(self, quantizations: dict[str, Quantization]) -> None:
+        """Store these adapted modules in another (finer) quantization, recorded per module in the config."""
+        for unit in self.units:
+            if unit.path in quantizations:
+                unit.stored_quantization = quantizations[unit.path]
+                self.quantized_bits[unit.path] = quantizations[unit.path].bits
+
     def outputs(self) -> list[OutputTensor]:
         """Every output tensor, in the order of the input files and of the tensors inside them."""
         owner = {s.name: unit for unit in self.units for s in unit.base.values()}
@@ -192,6 +219,13 @@ class FusePlan:
             for name, dtype, shape in unit.outputs():
                 if name == source.name:
                     out.append(OutputTensor(name, dtype, shape, unit=unit))
+            if (
+                unit.stored_quantization is not None
+                and source.name == f"{unit.path}.weight"
+                and "biases" not in unit.base
+            ):
+                # A base without biases (mxfp4, ...) stored affine: its biases follow its weight.
+                out += [OutputTensor(n, d, s, unit=unit) for n, d, s in unit.outputs() if n.endswith(".biases")]
         return out
 
     def shards(self, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[Shard]:
@@ -220,10 +254,13 @@ class FusePlan:
             config.pop("quantization_config", None)
             return config
         kept = [u.path for u in self.units if u.quantization is not None and not u.requantize]
-        if kept and isinstance(config.get("quantization"), dict):
+        finer = {u.path: u.stored_quantization for u in self.units if u.requantize and u.stored_quantization}
+        if (kept or finer) and isinstance(config.get("quantization"), dict):
             mirrored = config.get("quantization_config") == config["quantization"]
             for path in kept:
                 config["quantization"][path] = False
+            for path, q in finer.items():
+                config["quantization"][path] = {"group_size": q.group_size, "bits": q.bits, "mode": q.mode}
             if mirrored:
                 config["quantization_config"] = copy.deepcopy(config["quantization"])
         return config
@@ -272,7 +309,10 @@ def total_parameters(shards: list[Shard], quantized_bits: dict[str, int]) -> int
 # ── building the plan ───────────────────────────────────────────────────────
 
 
-def plan_fuse(model, adapters, *, dequantize: bool = False) -> FusePlan:
+REQUANTIZATION = ("grid", "plain")
+
+
+def plan_fuse(model, adapters, *, dequantize: bool = False, requantization: str = "grid") -> FusePlan:
     """Read a model directory and the adapters (an adapter directory, or an AdapterSource from a plan in memory)
     and decide what fusing them writes; nothing is loaded."""
     model_dir = resolve_model_path(model)
@@ -291,6 +331,10 @@ def plan_fuse(model, adapters, *, dequantize: bool = False) -> FusePlan:
         units += [
             _unit(info, None, by_name, {}, False) for info in index if info.quantized and info.path not in adapted
         ]
+    if requantization not in REQUANTIZATION:
+        raise UserError(f"requantization must be one of {', '.join(REQUANTIZATION)}, not {requantization!r}")
+    for unit in units:
+        unit.requantization = requantization
     units.sort(key=lambda u: natural_key(u.path))
     bits = {info.path: info.bits for info in index if info.quantized}
     return FusePlan(model_dir, adapters, config, units, sources, replaced, dequantize, bits, list(adapters.notes))

@@ -12,6 +12,10 @@ from .plan import FusePlan
 
 LOST_BELOW = 0.5
 PARTIAL_BELOW = 0.9
+# error = ‖stored change − ΔW‖ / ‖ΔW‖. At 1 the stored change is no closer to the adapter than no change at all
+# (tiny adapters under requantization noise: kept in the thousands, error too); above 0.5 it is a partial copy.
+LOST_ERROR_FROM = 1.0
+PARTIAL_ERROR_ABOVE = 0.5
 STATUS_ORDER = ("lost", "partial", "ok", "zero")
 LISTED_MODULES = 12
 
@@ -36,11 +40,17 @@ class Measurement:
 
 
 def status_of(survival: Survival) -> str:
+    """zero, lost, partial or ok, from both measures: a kept share near 1 with a large error is noise, not the adapter."""
     if survival.kept is None:
         return "zero"
-    if survival.kept < LOST_BELOW:
+    if survival.kept < LOST_BELOW or survival.error >= LOST_ERROR_FROM:
         return "lost"
-    return "partial" if survival.kept < PARTIAL_BELOW else "ok"
+    return "partial" if survival.kept < PARTIAL_BELOW or survival.error > PARTIAL_ERROR_ABOVE else "ok"
+
+
+def describe_lost() -> str:
+    """What "lost" means, for messages."""
+    return f"keep less than {LOST_BELOW:.0%} of their adapter or store a change no closer to it than none"
 
 
 @dataclass(frozen=True)
@@ -90,7 +100,12 @@ class ErasureReport:
     def to_json(self) -> dict:
         counts = {status: len(self.with_status(status)) for status in STATUS_ORDER}
         return {
-            "thresholds": {"lost_below": LOST_BELOW, "partial_below": PARTIAL_BELOW},
+            "thresholds": {
+                "lost_below": LOST_BELOW,
+                "partial_below": PARTIAL_BELOW,
+                "lost_error_from": LOST_ERROR_FROM,
+                "partial_error_above": PARTIAL_ERROR_ABOVE,
+            },
             "counts": counts,
             "modules": [m.to_json() for m in self.modules],
         }

@@ -26,10 +26,10 @@ from ..model.files import CONFIG_FILE, WEIGHT_INDEX_FILE, copy_model_side_files,
 from ..outputs import atomic_output_dir, check_output_dir, remove_stale_temporaries
 from .plan import MAX_SHARD_BYTES, FusePlan, Shard, plan_fuse
 from .progress import Progress
-from .report import LOST_BELOW, ErasureReport, build_report, modules_to_keep_dense
+from .report import ErasureReport, build_report, describe_lost, modules_to_keep_dense
 from .workers import worker_count
 
-KEEP_PRECISION = ("never", "auto")
+KEEP_PRECISION = ("never", "auto", "fit")
 
 
 class ErasureError(UserError):
@@ -44,12 +44,25 @@ class ErasureError(UserError):
         else:
             help_text = "their change is below the precision of the weights' dtype; check the adapter's scale"
         super().__init__(
-            f"{len(lost)} module(s) would keep less than {LOST_BELOW:.0%} of their adapter, e.g. "
-            f"'{lost[0].path}' keeps {_percent(lost[0].kept)} as {lost[0].stored}; nothing was written",
+            f"{len(lost)} module(s) would {describe_lost()}, e.g. '{lost[0].path}' keeps "
+            f"{_percent(lost[0].kept)} with error {_error(lost[0].error)} as {lost[0].stored}; nothing was written",
             help=help_text,
             exit_code=EXIT_ERRORS,
         )
         self.report = report
+
+
+class VerifyError(UserError):
+    """--verify --strict: the fused model does not keep the adapters' effect; nothing was written."""
+
+    def __init__(self, report, erasure: ErasureReport):
+        super().__init__(
+            f"{report.summary()}; nothing was written",
+            help="fuse with --keep-precision auto or fit, or --dequantize, and verify again",
+            exit_code=EXIT_ERRORS,
+        )
+        self.report = report
+        self.erasure = erasure
 
 
 @dataclass
@@ -65,6 +78,8 @@ class FuseResult:
     seconds: float = 0.0
     # Peak resident memory of each worker process that merged modules in numpy (none: no workers ran).
     worker_peak_rss: list[int] = field(default_factory=list)
+    # --verify: the fused model against the adapted one (a fuse.verify.VerifyReport), None when not asked.
+    verified: Optional[object] = None
 
     @property
     def bytes_written(self) -> int:
@@ -77,33 +92,40 @@ def fuse_model_dir(
     out_dir,
     *,
     dequantize: bool = False,
+    requantization: str = "grid",
     keep_precision: str = "never",
     strict: bool = False,
     force: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     progress: Optional[Progress] = None,
     protect: Iterable = (),
+    verify: Optional[tuple[list, str]] = None,
 ) -> FuseResult:
     """Merge `adapters` (an adapter directory, or a plan.AdapterSource) into the model at `model_dir` and write
     the model to `out_dir`.
 
-    `dequantize` writes every weight unquantized; `keep_precision="auto"` writes unquantized only the
+    `dequantize` writes every weight unquantized; `requantization` is "grid" (each quantization group stays on the
+    input's own grid where it fits it, so a group the adapter does not move keeps its bits) or "plain" (every group
+    requantized afresh, as mlx-lm's fuse does); `keep_precision="auto"` writes unquantized only the
     fused modules that requantization would strip of most of their adapter (per-module entries in
-    the config's `quantization`); `strict` raises ErasureError instead of writing when a module
+    the config's `quantization`), `keep_precision="fit"` stores each of them in the cheapest finer affine
+    quantization that keeps its adapter instead (dense where none does); `strict` raises ErasureError instead of writing when a module
     would still lose most of its adapter. Refuses to write into the inputs (and into `protect`) or
-    over a non-empty `out_dir` unless `force`.
+    over a non-empty `out_dir` unless `force`. `verify` (token sequences, where they come from) runs the
+    adapted and the fused model on them before the output is published (`fuse.verify`); with `strict`, a
+    fused model that does not keep the adapters' effect raises VerifyError and nothing is written.
     """
     started = time.monotonic()
     if keep_precision not in KEEP_PRECISION:
         raise UserError(f"keep_precision must be one of {', '.join(KEEP_PRECISION)}, not {keep_precision!r}")
     worker_count()  # a bad ADAPTERSPEC_FUSE_WORKERS is refused before any work
-    plan = plan_fuse(model_dir, adapters, dequantize=dequantize)
+    plan = plan_fuse(model_dir, adapters, dequantize=dequantize, requantization=requantization)
     out = Path(out_dir).expanduser()
     inputs = [plan.model_dir, plan.adapters.origin, *protect]
     produces = fused_model_files(plan.model_dir)
     check_output_dir(out, force=force, protect=inputs, produces=produces)
     removed = remove_stale_temporaries(out)
-    from .erasure import measure
+    from .erasure import fit, measure
     from .shards import SourceFiles
     from .stream import merge_workers_for, write_shards
 
@@ -113,6 +135,9 @@ def fuse_model_dir(
             adapters = _load_adapter_arrays(plan)
             measurements = measure(plan, adapters, files)
             kept_dense = modules_to_keep_dense(plan, measurements) if keep_precision == "auto" else []
+            if keep_precision == "fit":
+                finer, kept_dense, measurements = fit(plan, adapters, files, measurements)
+                plan.store_as(finer)
             plan.keep_dense(kept_dense)
             report = build_report(plan, measurements)
             if strict and report.lost:
@@ -122,8 +147,16 @@ def fuse_model_dir(
         _write_json(tmp / WEIGHT_INDEX_FILE, plan.index_json(shards))
         _write_json(tmp / CONFIG_FILE, plan.output_config())
         copy_model_side_files(plan.model_dir, tmp)
+        verified = None
+        if verify is not None:
+            from .verify import adapter_directory, verify_fused
+
+            sequences, source = verify
+            verified = verify_fused(plan.model_dir, adapter_directory(plan.adapters.origin), tmp, sequences, source)
+            if strict and not verified.keeps_adapter:
+                raise VerifyError(verified, report)
     peaks = workers.peak_rss if workers is not None else []
-    return FuseResult(out, plan, report, shards, kept_dense, removed, time.monotonic() - started, peaks)
+    return FuseResult(out, plan, report, shards, kept_dense, removed, time.monotonic() - started, peaks, verified)
 
 
 @contextmanager
@@ -166,6 +199,10 @@ def _write_json(path: Path, data: dict) -> None:
 
 def _percent(value: Optional[float]) -> str:
     return "nothing" if value is None else f"{100 * value:.0f}%"
+
+
+def _error(value: Optional[float]) -> str:
+    return "—" if value is None else f"{value:.3g}"
 
 
 def fused_model_files(model_dir: Path) -> list[str]:

@@ -60,6 +60,7 @@ class MergeTask:
     requantize: bool
     names: tuple[str, ...]
     targets: tuple[tuple[str, int], ...] = ()
+    grid: bool = False
 
 
 def task_for(unit, rows: Optional[tuple[int, int]], targets: tuple[tuple[str, int], ...] = ()) -> MergeTask:
@@ -68,7 +69,7 @@ def task_for(unit, rows: Optional[tuple[int, int]], targets: tuple[tuple[str, in
     return MergeTask(
         tuple(unit.base.items()), unit.adapter_tensors["lora_a"], unit.adapter_tensors["lora_b"],
         rows or (0, unit.logical_shape[0]), float(unit.adapter.scale), None if q is None else (q.bits, q.group_size),
-        unit.requantize, output_names(unit), targets,
+        unit.requantize, output_names(unit), targets, unit.requantization == "grid",
     )  # fmt: skip
 
 
@@ -257,7 +258,7 @@ def merge_task(task: MergeTask) -> dict:
     else:
         merge = _quantized(task.lora_a, task.scale, *task.quantization)
         parts = merge.rows(
-            base["weight"], base["scales"], base["biases"], lora_b, task.requantize, sources["scales"].dtype
+            base["weight"], base["scales"], base["biases"], lora_b, task.requantize, sources["scales"].dtype, task.grid
         )
     if not task.targets:
         return dict(zip(task.names, parts))

@@ -339,8 +339,14 @@ def _check_experts(config: dict, infos: dict, path: Path, routed: Callable[[Any]
             )
 
 
+# A module's quantization tensors: a mixed-precision model (per-module entries in the config's quantization, as
+# mlx-lm's mixed recipes and `fuse --keep-precision` write) has them in some blocks only.
+QUANTIZATION_PARAMS = (".scales", ".biases", ".global_scale")
+
+
 def _check_uniform_blocks(per_block: dict[int, set[str]], weights: dict) -> None:
-    """Every block holds the same tensors (architectures whose blocks are alike)."""
+    """Every block holds the same tensors (architectures whose blocks are alike), quantization tensors aside."""
+    per_block = {b: {n for n in names if not n.endswith(QUANTIZATION_PARAMS)} for b, names in per_block.items()}
     common = set.union(*per_block.values()) if per_block else set()
     for block, names in sorted(per_block.items()):
         missing = sorted(common - names)

@@ -91,7 +91,7 @@ def test_dense_fuse_equals_in_memory_fuse_bit_for_bit(model_dirs, tmp_path, dtyp
 @pytest.mark.parametrize("name", [*QUANTIZATIONS, "4bit-bfloat16"])
 def test_quantized_fuse_equals_in_memory_fuse(model_dirs, tmp_path, name):
     adapters = write_adapters(model_dirs[name], tmp_path / "adapters", MIXED_SPEC.replace("**.*norm: full\n", ""))
-    fuse_model_dir(model_dirs[name], adapters, tmp_path / "out")
+    fuse_model_dir(model_dirs[name], adapters, tmp_path / "out", requantization="plain")
     ours, reference = read_weights(tmp_path / "out"), fuse_in_memory(model_dirs[name], adapters)
     assert_close_quantized(ours, reference, QUANTIZATIONS[name.split("-")[0]])
     # In fact the streaming arithmetic is the same as the layers' own, so the files are identical.
@@ -110,7 +110,7 @@ def test_quantized_fuse_with_dequantize_equals_in_memory_fuse(model_dirs, tmp_pa
 def test_switch_experts_fuse_equals_in_memory_fuse(tmp_path, quantization):
     model_dir = tiny.write(tmp_path / "moe", "mixtral", quantization=quantization)
     adapters = write_adapters(model_dir, tmp_path / "adapters", MOE_SPEC)
-    fuse_model_dir(model_dir, adapters, tmp_path / "out")
+    fuse_model_dir(model_dir, adapters, tmp_path / "out", requantization="plain")
     assert_equal(read_weights(tmp_path / "out"), fuse_in_memory(model_dir, adapters))
 
 
@@ -125,7 +125,7 @@ def test_chunked_merge_equals_whole_merge(model_dirs, tmp_path, monkeypatch):
     monkeypatch.setattr(
         stream, "chunks_of", lambda unit, size: chunk_counts.append(len(chunks_of(unit, size))) or chunks_of(unit, size)
     )
-    fuse_model_dir(model_dirs["4bit"], adapters, tmp_path / "out")
+    fuse_model_dir(model_dirs["4bit"], adapters, tmp_path / "out", requantization="plain")
     assert max(chunk_counts) > 4
     assert_equal(read_weights(tmp_path / "out"), fuse_in_memory(model_dirs["4bit"], adapters))
 
@@ -136,7 +136,7 @@ def test_chunked_merge_equals_whole_merge(model_dirs, tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", ["float16", "4bit"])
 def test_fuse_matches_mlx_lm_fuse(model_dirs, tmp_path, name):
     adapters = write_adapters(model_dirs[name], tmp_path / "adapters", MLX_LM_SPEC)
-    fuse_model_dir(model_dirs[name], adapters, tmp_path / "out")
+    fuse_model_dir(model_dirs[name], adapters, tmp_path / "out", requantization="plain")
     ours, theirs = read_weights(tmp_path / "out"), fuse_with_mlx_lm(model_dirs[name], adapters)
     if name == "float16":
         assert set(ours) == set(theirs)
@@ -196,7 +196,7 @@ def test_output_is_sharded_like_mlx_lm(model_dirs, tmp_path):
 
 def test_quantized_total_parameters_count_unpacked_weights(model_dirs, tmp_path):
     adapters = write_adapters(model_dirs["4bit"], tmp_path / "adapters", MLX_LM_SPEC)
-    fuse_model_dir(model_dirs["4bit"], adapters, tmp_path / "out")
+    fuse_model_dir(model_dirs["4bit"], adapters, tmp_path / "out", requantization="plain")
     ours = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["metadata"]
     original = json.loads((model_dirs["4bit"] / "model.safetensors.index.json").read_text())["metadata"]
     assert ours == original

@@ -232,18 +232,23 @@ def test_without_the_numpy_merge_the_fuse_is_the_same(tmp_path, monkeypatch):
     quantization = {"group_size": 32, "bits": 4, "mode": "affine"}
     model = tiny.write(tmp_path / "model", "llama", dtype="float16", quantization=quantization)
     adapters = write_adapters(model, tmp_path / "adapters", MIXED_SPEC.replace("**.*norm: full\n", ""))
-    with_workers = fuse_model_dir(model, adapters, tmp_path / "with")
-    assert len(with_workers.worker_peak_rss) >= 2
+    for requantization in ("plain", "grid"):
+        with_workers = fuse_model_dir(
+            model, adapters, tmp_path / f"with-{requantization}", requantization=requantization
+        )
+        assert len(with_workers.worker_peak_rss) >= 2
     monkeypatch.setattr(merge_paths, "merge_works", lambda: False)
     assert not any(numpy_merges(unit) for unit in plan_fuse(model, adapters).units)
-    assert fuse_model_dir(model, adapters, tmp_path / "without").worker_peak_rss == []
-    ours, theirs, reference = (
-        read_weights(tmp_path / "with"),
-        read_weights(tmp_path / "without"),
-        fuse_in_memory(model, adapters),
-    )
+    for requantization in ("plain", "grid"):
+        without = fuse_model_dir(model, adapters, tmp_path / f"without-{requantization}", requantization=requantization)
+        assert without.worker_peak_rss == []
+    reference = fuse_in_memory(model, adapters)
+    ours, theirs = read_weights(tmp_path / "with-plain"), read_weights(tmp_path / "without-plain")
     for name, value in reference.items():
         assert mx.array_equal(ours[name], value).item() and mx.array_equal(theirs[name], value).item(), name
+    # On the base's grid, the workers and mlx give the same bits too.
+    ours, theirs = read_weights(tmp_path / "with-grid"), read_weights(tmp_path / "without-grid")
+    assert set(ours) == set(theirs) and all(mx.array_equal(ours[n], theirs[n]).item() for n in ours)
 
 
 def test_a_module_numpy_cannot_round_falls_back_to_mlx_and_a_non_finite_result_is_refused(tmp_path):

@@ -121,7 +121,7 @@ def test_a_script_without_a_main_guard_can_fuse(quantized, tmp_path):
     script = tmp_path / "fuse_it.py"
     script.write_text(
         "from adapterspec.fuse.run import fuse_model_dir\n"
-        f"result = fuse_model_dir({str(model)!r}, {str(adapters)!r}, {str(tmp_path / 'out')!r})\n"
+        f"result = fuse_model_dir({str(model)!r}, {str(adapters)!r}, {str(tmp_path / 'out')!r}, requantization='plain')\n"
         "print('workers', len(result.worker_peak_rss))\n"
     )
     run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
