@@ -92,6 +92,8 @@ def linear_subclass(path: str, quantized: bool, hints: ConfigHints) -> str | Non
 # path words of a mixture's shared experts, and of attention (whose SwitchLinears group heads, routing nothing)
 SHARED_WORD = re.compile(r"shared", re.IGNORECASE)
 ATTENTION_WORD = re.compile(r"attn|attention|mixer|temporal_block|linear_attn", re.IGNORECASE)
+# attention proper (a `mixer` may hold a mixture of experts: nemotron_h)
+SELF_ATTENTION_WORD = re.compile(r"attn|attention", re.IGNORECASE)
 
 
 def is_routed_expert(info) -> bool:
@@ -99,7 +101,7 @@ def is_routed_expert(info) -> bool:
     if not info.adaptable or SHARED_WORD.search(info.path):
         return False
     if info.family == "switch":  # a SwitchLinear in the attention groups heads, it routes nothing
-        return not any(ATTENTION_WORD.search(s) for s in info.path.split(".")[:-1])
+        return not any(SELF_ATTENTION_WORD.search(s) for s in info.path.split(".")[:-1])
     parts = info.path.split(".")
     # per-expert linears: ...experts.3.w1 (a list of experts, each a module of linears)
     return info.family == "linear" and any(p == "experts" and q.isdigit() for p, q in zip(parts, parts[1:]))

@@ -64,6 +64,7 @@ def roles(index) -> dict[str, frozenset[str]]:
     routing = set(routers(index, experts))
     routed = set(experts)
     blocks = getattr(index, "block_list", None)
+    mixtures = tuple(holder + "." for holder in _moe_parents(index, experts))
     out: dict[str, set[str]] = {name: set() for name in ROLE_FILTERS}
     out["experts"], out["router"] = routed, routing
     for info in index:
@@ -80,9 +81,10 @@ def roles(index) -> dict[str, frozenset[str]]:
         segments = info.path.split(".")[:-1]
         if routed and SHARED_WORD.search(info.path):
             out["shared_expert"].add(info.path)
-        if any(ATTENTION_WORD.search(s) for s in segments):
+        in_mixture = info.path.startswith(mixtures)  # nemotron_h's MoE is its block's `mixer`
+        if not in_mixture and any(ATTENTION_WORD.search(s) for s in segments):
             out["attention"].add(info.path)
-        elif any(MLP_WORD.search(s) for s in segments):
+        elif in_mixture or any(MLP_WORD.search(s) for s in segments):
             out["mlp"].add(info.path)
     found = {name: frozenset(paths) for name, paths in out.items()}
     _ROLES[index] = found
