@@ -428,12 +428,12 @@ def mlx_lm_trained(subject: Subject, name: str, fine_tune_type: str = "lora"):
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     model = subject.load()
-    model.freeze()
     parameters = {"rank": 4, "scale": 10.0, "dropout": 0.0}
     try:
+        model.freeze()  # as mlx_lm.lora does; recurrent_gemma's Model fails here (it skips nn.Module's state)
         linear_to_lora_layers(model, 2, parameters, use_dora=fine_tune_type == "dora")
-    except ValueError as e:  # mlx-lm's own refusal (DoRA on SwitchLinear): nothing of adapterspec's to check
-        return None, f"mlx-lm refuses it: {e}"
+    except (ValueError, AttributeError) as e:  # mlx-lm's own refusal or failure: nothing of adapterspec's to check
+        return None, f"mlx-lm refuses it: {type(e).__name__}: {e}"
     if not randomize_lora_b(model):
         return None, "mlx-lm adapts no module of this model"
     try:
