@@ -330,13 +330,19 @@ def adapted(subject: Subject, spec: str, name: str):
 def check_round_trip(subject: Subject) -> Result:
     """(c) apply → save → load into a fresh model gives the same logits; mlx-lm's loader too when compatible.
     A documented refusal (an architecture's limit) is noted, and the spec without the refused modules must pass."""
+    return _each_spec(subject, lambda spec, i: _round_trip_one(subject, spec, f"adapters-{i}"))
+
+
+def _each_spec(subject: Subject, check_one) -> Result:
+    """`check_one(spec, i)` → (ok, note) on every round-trip spec; where adapterspec refuses a spec for a
+    documented reason, that is noted and the spec without the refused modules must pass."""
     notes, failed = [], False
     for i, spec in enumerate(round_trip_specs(subject)):
-        ok, note = _round_trip_one(subject, spec, f"adapters-{i}")
+        ok, note = check_one(spec, i)
         exclusion = None if ok else _refused_by_design(note)
         if exclusion:
             notes.append(f"refused as documented ({exclusion})")
-            ok, note = _round_trip_one(subject, f"{spec.rstrip()}\n{exclusion}\n", f"adapters-{i}")
+            ok, note = check_one(f"{spec.rstrip()}\n{exclusion}\n", i)
         failed |= not ok
         notes.append(note)
     return Result(not failed, "; ".join(notes))
@@ -383,16 +389,7 @@ def _round_trip_one(subject: Subject, spec: str, name: str) -> tuple[bool, str]:
 def check_fuse(subject: Subject) -> Result:
     """(d) `adapterspec fuse` output, loaded with mlx-lm, gives the adapted model's logits (a documented
     refusal is noted, and the spec without the refused modules must fuse)."""
-    notes, failed = [], False
-    for i, spec in enumerate(round_trip_specs(subject)):
-        ok, note = _fuse_one(subject, spec, i)
-        exclusion = None if ok else _refused_by_design(note)
-        if exclusion:
-            notes.append(f"refused as documented ({exclusion})")
-            ok, note = _fuse_one(subject, f"{spec.rstrip()}\n{exclusion}\n", i)
-        failed |= not ok
-        notes.append(note)
-    return Result(not failed, "; ".join(notes))
+    return _each_spec(subject, lambda spec, i: _fuse_one(subject, spec, i))
 
 
 def _fuse_one(subject: Subject, spec: str, i: int) -> tuple[bool, str]:
@@ -420,9 +417,10 @@ def _fuse_one(subject: Subject, spec: str, i: int) -> tuple[bool, str]:
 
 
 def mlx_lm_trained(subject: Subject, name: str, fine_tune_type: str = "lora"):
-    """(model, adapter directory) as `mlx_lm.lora` leaves them (None and the reason where mlx-lm refuses): its own linear_to_lora_layers on the last two
-    blocks with no `keys` (mlx-lm picks them per architecture), random lora_b, the trainable parameters
-    saved to adapters.safetensors and the run's arguments to adapter_config.json."""
+    """(model, adapter directory) as `mlx_lm.lora` leaves them (None and the reason where mlx-lm refuses or
+    fails): its own linear_to_lora_layers on the last two blocks with no `keys` (mlx-lm picks them per
+    architecture), random lora_b, the trainable parameters saved to adapters.safetensors and the run's
+    arguments to adapter_config.json."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.tuner.utils import linear_to_lora_layers
