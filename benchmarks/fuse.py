@@ -10,6 +10,11 @@ The floor is the time to read the model's weight files and write as many bytes.
     python benchmarks/fuse.py                     # ≈1 GB float16 model in 4 shards, float16 and 4-bit
     python benchmarks/fuse.py --size-gb 2.4 --shards 1 --runs 2
     python benchmarks/fuse.py --dtypes float16 --json results.json
+    python benchmarks/fuse.py --size-gb 2.4 --skip-mlx-lm --also "cpu=--device cpu" --compare   # on a GPU
+
+With --compare, the first run's files of each `--also` variant are compared with the default's, tensor
+by tensor: how many values differ, by how many units in the last place (float tensors), and for
+quantized weights by how many quantization steps of the group (dequantized as mlx does).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +43,8 @@ layers[*].mlp.<gate,up,down>_proj: lora(r=8, scale=20.0)
 """
 GOAL_RATIO_TO_MLX_LM = 1 / 3
 GOAL_RATIO_TO_FLOOR = 2.0
+# The accelerator's goals (on a GPU host): the fuse within these multiples of the read + write floor.
+GPU_GOAL_RATIO_TO_FLOOR = {"float16": 1.2, "4bit": 1.5}
 RSS_ALLOWANCE = 300 << 20
 SAMPLE_SECONDS = 0.05
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
@@ -63,6 +70,8 @@ class VariantResult:
     floor_s: float
     adapterspec: Run
     mlx_lm: Run
+    others: dict = field(default_factory=dict)
+    comparisons: dict = field(default_factory=dict)
 
     @property
     def rss_bound_mb(self) -> float:
@@ -285,7 +294,14 @@ def parse_other(text: str) -> tuple[str, list[str], dict]:
 
 
 def bench_variant(
-    work: Path, variant: str, layers: int, shards: int, runs: int, others=(), skip_mlx_lm: bool = False
+    work: Path,
+    variant: str,
+    layers: int,
+    shards: int,
+    runs: int,
+    others=(),
+    skip_mlx_lm: bool = False,
+    compare: bool = False,
 ) -> VariantResult:
     model_dir, adapter_dir = work / f"model-{variant}", work / f"adapters-{variant}"
     print(f"[{variant}] writing the model ({layers} blocks, {shards} shards) and adapters …", file=sys.stderr)
@@ -310,12 +326,21 @@ def bench_variant(
     ]
     measure(ours_command, "warm-up", variant)  # MLX builds its CPU kernels once per machine; not timed
     shutil.rmtree(work / f"out-adapterspec-{variant}")
+    comparisons, other_runs = {}, {}
     for i in range(runs):
         floors.append(floor_seconds(model_dir, scratch))
         ours.append(measure(ours_command, "adapterspec fuse", variant))
-        shutil.rmtree(work / f"out-adapterspec-{variant}")
+        kept = work / f"kept-{variant}"
+        if compare and i == 0:
+            os.replace(work / f"out-adapterspec-{variant}", kept)
+        else:
+            shutil.rmtree(work / f"out-adapterspec-{variant}")
         for label, extra, env in others:
             other = measure(ours_command + extra, f"adapterspec fuse {label}", variant, env)
+            other_runs.setdefault(label, []).append(other)
+            if compare and i == 0:
+                comparisons[label] = compare_outputs(kept, work / f"out-adapterspec-{variant}")
+                print(f"[{variant}] files of '{label}' against the default's: {comparisons[label]}", file=sys.stderr)
             shutil.rmtree(work / f"out-adapterspec-{variant}")
             print(f"[{variant}] run {i + 1}: adapterspec {label}: {other.wall_s:.2f} s ({other.cpu_s:.1f} s CPU, "
                   f"{other.peak_pss_mb:.0f} MB PSS), floor {floors[-1]:.2f} s", file=sys.stderr)  # fmt: skip
@@ -335,9 +360,82 @@ def bench_variant(
         max(f.stat().st_size for f in weight_files) / 2**20, (adapter_dir / "adapters.safetensors").stat().st_size / 2**20,
         min(floors), best(ours), best(theirs),
     )  # fmt: skip
+    result.others = {label: best(runs) for label, runs in other_runs.items()}
+    result.comparisons = comparisons
     shutil.rmtree(model_dir)
     shutil.rmtree(adapter_dir)
+    if compare:
+        shutil.rmtree(work / f"kept-{variant}", ignore_errors=True)
     return result
+
+
+def compare_outputs(expected_dir: Path, got_dir: Path) -> dict:
+    """How the tensors of two fused model directories differ: counts, ulps (floats), quantization steps."""
+    import numpy as np
+
+    from adapterspec.fuse.shards import read_sources
+
+    def tensors(directory: Path) -> dict:
+        found = {}
+        for path in sorted(directory.glob("*.safetensors")):
+            for name, source in read_sources(path).items():
+                found[name] = np.memmap(path, dtype=np.uint8, mode="r", offset=source.offset, shape=(source.nbytes,))
+        return found, {
+            name: s for path in sorted(directory.glob("*.safetensors")) for name, s in read_sources(path).items()
+        }
+
+    (ours, meta), (theirs, _) = tensors(expected_dir), tensors(got_dir)
+    summary = {"tensors": len(ours), "identical": 0, "float_values_differing": 0, "float_values": 0, "max_ulps": 0,
+               "quantized_values_differing": 0, "quantized_values": 0, "max_steps": 0.0}  # fmt: skip
+    if set(ours) != set(theirs):
+        return {"error": "different tensor names"}
+    float_views = {"float16": np.int16, "bfloat16": np.int16, "float32": np.int32}
+    for name, raw in ours.items():
+        other = theirs[name]
+        if raw.shape == other.shape and np.array_equal(raw, other):
+            summary["identical"] += 1
+            continue
+        dtype = meta[name].dtype
+        owner, _, param = name.rpartition(".")
+        if dtype in float_views and param not in ("scales", "biases"):
+            a, b = raw.view(float_views[dtype]).astype(np.int64), other.view(float_views[dtype]).astype(np.int64)
+            # Bit patterns of same-signed floats are ordered: their difference counts the representable values between.
+            a = np.where(a < 0, -(a & (2 ** (8 * np.dtype(float_views[dtype]).itemsize - 1) - 1)), a)
+            b = np.where(b < 0, -(b & (2 ** (8 * np.dtype(float_views[dtype]).itemsize - 1) - 1)), b)
+            summary["float_values"] += a.size
+            summary["float_values_differing"] += int(np.count_nonzero(a != b))
+            summary["max_ulps"] = max(summary["max_ulps"], int(np.abs(a - b).max()))
+        elif param == "weight" and f"{owner}.scales" in ours:
+            ours_values = _dequantized(ours, owner, meta)
+            theirs_values = _dequantized(theirs, owner, meta)
+            step = np.repeat(
+                _float(ours[f"{owner}.scales"], meta[f"{owner}.scales"].dtype),
+                ours_values.size // meta[f"{owner}.scales"].shape[0] // meta[f"{owner}.scales"].shape[1],
+            )
+            summary["quantized_values"] += ours_values.size
+            summary["quantized_values_differing"] += int(np.count_nonzero(ours_values != theirs_values))
+            steps = np.abs(ours_values - theirs_values).reshape(-1) / np.maximum(np.abs(step), 1e-30)
+            summary["max_steps"] = max(summary["max_steps"], float(steps.max()))
+    return summary
+
+
+def _float(raw, dtype: str):
+    import numpy as np
+
+    if dtype == "bfloat16":
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return raw.view({"float16": np.float16, "float32": np.float32}[dtype]).astype(np.float32)
+
+
+def _dequantized(tensors: dict, owner: str, meta: dict):
+    """An affine 4-bit (group 64) weight's values, as the benchmark's models are quantized."""
+    import numpy as np
+
+    words = tensors[f"{owner}.weight"].view(np.uint32)
+    codes = ((words[:, None] >> (np.arange(8, dtype=np.uint32) * 4)) & 15).reshape(-1).astype(np.float32)
+    scales = _float(tensors[f"{owner}.scales"], meta[f"{owner}.scales"].dtype)
+    biases = _float(tensors[f"{owner}.biases"], meta[f"{owner}.biases"].dtype)
+    return codes * np.repeat(scales, 64) + np.repeat(biases, 64)
 
 
 def render(results: list[VariantResult]) -> str:
@@ -347,12 +445,13 @@ def render(results: list[VariantResult]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
-        ours, theirs = r.adapterspec, r.mlx_lm
-        lines.append(
-            f"| {r.variant} | {r.model_gb:.2f} GB, {r.shards} | {r.floor_s:.2f} s | {ours.wall_s:.2f} s ({ours.cpu_s:.1f} s) | "
-            f"{theirs.wall_s:.2f} s ({theirs.cpu_s:.1f} s) | {ours.wall_s / theirs.wall_s:.2f} | {ours.wall_s / r.floor_s:.2f} | "
-            f"{ours.peak_rss_mb:.0f} ({ours.peak_pss_mb:.0f}) MB | {theirs.peak_rss_mb:.0f} ({theirs.peak_pss_mb:.0f}) MB | {r.rss_bound_mb:.0f} MB |"
-        )
+        theirs = r.mlx_lm
+        for label, ours in [("", r.adapterspec), *((f" ({label})", run) for label, run in r.others.items())]:
+            lines.append(
+                f"| {r.variant}{label} | {r.model_gb:.2f} GB, {r.shards} | {r.floor_s:.2f} s | {ours.wall_s:.2f} s ({ours.cpu_s:.1f} s) | "
+                f"{theirs.wall_s:.2f} s ({theirs.cpu_s:.1f} s) | {ours.wall_s / theirs.wall_s:.2f} | {ours.wall_s / r.floor_s:.2f} | "
+                f"{ours.peak_rss_mb:.0f} ({ours.peak_pss_mb:.0f}) MB | {theirs.peak_rss_mb:.0f} ({theirs.peak_pss_mb:.0f}) MB | {r.rss_bound_mb:.0f} MB |"
+            )  # fmt: skip
     return "\n".join(lines)
 
 
@@ -368,6 +467,7 @@ def main(argv=None) -> int:
         help="also time a variant of our fuse, e.g. 'plain=--requantize plain' or 'numpy=ADAPTERSPEC_FUSE_NATIVE=0'",
     )  # fmt: skip
     parser.add_argument("--skip-mlx-lm", action="store_true", help="time only adapterspec (and the floor)")
+    parser.add_argument("--compare", action="store_true", help="compare each --also variant's files with the default's")
     parser.add_argument("--write-model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--layers", type=int, help=argparse.SUPPRESS)
@@ -378,12 +478,19 @@ def main(argv=None) -> int:
         write_adapters(model_dir, args.write_model / f"adapters-{args.variant}")
         return 0
     layers = layers_for(args.size_gb)
+    device = subprocess.run([sys.executable, "-c", "import mlx.core as mx; print(mx.__version__, mx.default_device())"],
+                            capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    print(
+        f"mlx {device}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", file=sys.stderr
+    )
     results = []
     with tempfile.TemporaryDirectory(prefix="adapterspec-fuse-bench-") as work:
         for variant in args.dtypes.split(","):
             others = [parse_other(text) for text in args.also]
             results.append(
-                bench_variant(Path(work), variant.strip(), layers, args.shards, args.runs, others, args.skip_mlx_lm)
+                bench_variant(
+                    Path(work), variant.strip(), layers, args.shards, args.runs, others, args.skip_mlx_lm, args.compare
+                )  # fmt: skip
             )
     print(render(results))
     for r in results:
@@ -391,10 +498,16 @@ def main(argv=None) -> int:
         ok_floor = r.adapterspec.wall_s <= GOAL_RATIO_TO_FLOOR * r.floor_s
         ok_rss = r.adapterspec.peak_pss_mb <= r.rss_bound_mb
         speed = "not measured" if args.skip_mlx_lm else "yes" if ok_speed else "NO"
+        gpu_goal = GPU_GOAL_RATIO_TO_FLOOR.get(r.variant, GOAL_RATIO_TO_FLOOR)
+        ok_gpu = r.adapterspec.wall_s <= gpu_goal * r.floor_s
         print(f"{r.variant}: ≤ 1/3 of mlx_lm: {speed}; ≤ 2× floor: {'yes' if ok_floor else 'NO'}; "
+              f"≤ {gpu_goal}× floor (the GPU goal): {'yes' if ok_gpu else 'no'}; "
               f"memory (PSS) within bound: {'yes' if ok_rss else 'NO'}")  # fmt: skip
+        for label, comparison in r.comparisons.items():
+            print(f"{r.variant}: files of '{label}' against the default's: {json.dumps(comparison)}")
     if args.json:
-        args.json.write_text(json.dumps([asdict(r) | {"rss_bound_mb": r.rss_bound_mb} for r in results], indent=2))
+        args.json.write_text(json.dumps([asdict(r) | {"rss_bound_mb": r.rss_bound_mb, "mlx": device} for r in results],
+                                        indent=2))  # fmt: skip
     return 0
 
 

@@ -75,6 +75,11 @@ def add_arguments(parser) -> None:
         "(with --strict: exit 1, nothing written, when the fused model does not keep the adapters' effect)",
     )  # fmt: skip
     add_verify_arguments(parser, "--verify-data")
+    parser.add_argument(
+        "--device", choices=("auto", "gpu", "cpu"), default="auto",
+        help="where the merges run: auto (default) takes mlx's GPU where it has one; the files are the same "
+        "within a unit in the last place of each weight",
+    )  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="print no report and no progress")
 
 
@@ -100,6 +105,7 @@ def run(args) -> int:
                 dequantize=args.dequantize, requantization=args.requantize, keep_precision=args.keep_precision,
                 strict=args.strict,
                 force=args.force, max_shard_bytes=max_shard_bytes, progress=progress, verify=verify,
+                device=args.device,
             )  # fmt: skip
     except ErasureError as error:
         _show_report(error.report, args)

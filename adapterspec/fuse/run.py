@@ -1,8 +1,8 @@
 """Fuse trained adapters into a model directory, streaming tensor by tensor with bounded memory, written atomically.
 
-No model class is built: each adapted module's weight is read, dequantized, merged (plain LoRA in
-numpy on worker processes, the rest with `fusemath` in mlx; the same bits), requantized and written,
-while untouched tensors are copied byte for byte. Before anything is
+No model class is built: each adapted module's weight is read, dequantized, merged (with `fusemath` in
+mlx on the GPU where there is one; on the CPU plain LoRA on worker processes and the rest in mlx, the
+same bits), requantized and written, while untouched tensors are copied byte for byte. Before anything is
 written, every fused module is measured for how much of its adapter survives being stored
 (`erasure`); `strict` refuses a fuse that loses most of an adapter, `keep_precision="auto"`
 stores such modules unquantized instead.
@@ -100,6 +100,7 @@ def fuse_model_dir(
     progress: Optional[Progress] = None,
     protect: Iterable = (),
     verify: Optional[tuple[list, str]] = None,
+    device: str = "auto",
 ) -> FuseResult:
     """Merge `adapters` (an adapter directory, or a plan.AdapterSource) into the model at `model_dir` and write
     the model to `out_dir`.
@@ -113,12 +114,17 @@ def fuse_model_dir(
     would still lose most of its adapter. Refuses to write into the inputs (and into `protect`) or
     over a non-empty `out_dir` unless `force`. `verify` (token sequences, where they come from) runs the
     adapted and the fused model on them before the output is published (`fuse.verify`); with `strict`, a
-    fused model that does not keep the adapters' effect raises VerifyError and nothing is written.
+    fused model that does not keep the adapters' effect raises VerifyError and nothing is written. `device`
+    ("auto", "gpu", "cpu") says where the merges run (`merge.resolve_device`); the files are the same within the
+    tolerance `docs/benchmarks.md` states.
     """
     started = time.monotonic()
     if keep_precision not in KEEP_PRECISION:
         raise UserError(f"keep_precision must be one of {', '.join(KEEP_PRECISION)}, not {keep_precision!r}")
     worker_count()  # a bad ADAPTERSPEC_FUSE_WORKERS is refused before any work
+    from .merge import resolve_device
+
+    device = resolve_device(device)
     plan = plan_fuse(model_dir, adapters, dequantize=dequantize, requantization=requantization)
     out = Path(out_dir).expanduser()
     inputs = [plan.model_dir, plan.adapters.origin, *protect]
@@ -131,7 +137,8 @@ def fuse_model_dir(
 
     with atomic_output_dir(out, force=force, protect=inputs, produces=produces) as tmp:
         # Started first, the worker processes (for the numpy merges) get ready while the adapters are measured.
-        with SourceFiles() as files, merge_workers_for(plan.units) or nullcontext() as workers, _device_for(plan):
+        with SourceFiles() as files, merge_workers_for(plan.units, device) or nullcontext() as workers, \
+                _mlx_device(device):  # fmt: skip
             adapters = _load_adapter_arrays(plan)
             measurements = measure(plan, adapters, files)
             kept_dense = modules_to_keep_dense(plan, measurements) if keep_precision == "auto" else []
@@ -143,7 +150,7 @@ def fuse_model_dir(
             if strict and report.lost:
                 raise ErasureError(report)
             shards = plan.shards(max_shard_bytes)
-            write_shards(shards, adapters, files, tmp, progress, workers=workers)
+            write_shards(shards, adapters, files, tmp, progress, workers=workers, device=device)
         _write_json(tmp / WEIGHT_INDEX_FILE, plan.index_json(shards))
         _write_json(tmp / CONFIG_FILE, plan.output_config())
         copy_model_side_files(plan.model_dir, tmp)
@@ -160,14 +167,12 @@ def fuse_model_dir(
 
 
 @contextmanager
-def _device_for(plan: FusePlan) -> Iterator[None]:
-    """The CPU as mlx's default device while numpy merges every unit: the little mlx work left (loading the
-    adapters) then never starts a GPU, which would cost its start-up time and its runtime's memory (600 MB on CUDA)."""
+def _mlx_device(device: str) -> Iterator[None]:
+    """mlx's default device during the fuse: the GPU for "gpu", else the CPU (where the worker processes merge
+    every unit, the little mlx work left then never starts a GPU, which costs start-up time and 600 MB on CUDA)."""
     import mlx.core as mx
 
-    from .merge import numpy_merges
-
-    if not plan.units or not all(numpy_merges(unit) for unit in plan.units):
+    if device == "gpu":
         yield
         return
     previous = mx.default_device()

@@ -1,30 +1,28 @@
 """Write the shards of a fuse plan: laid out at once, then filled by worker processes, by mlx, and by byte-range copies.
 
 Every output file gets its header and full size first, so each tensor's rows have a known place:
-worker processes (`workers`) write the numpy merges there themselves, while the main thread
-copies untouched tensors and writes what mlx merges, a few chunks ahead on parallel streams.
+worker processes (`workers`) write the numpy merges there themselves, a thread copies untouched
+tensors, and the rest is merged by mlx (on the GPU where there is one) through `pipeline`.
 """
 
 from __future__ import annotations
 
 import queue
-from concurrent.futures import Future
-from dataclasses import dataclass
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import mlx.core as mx
 
-from ..errors import UserError
-from .merge import numpy_merges
-from .merge_mlx import compute_chunk
+from .merge import merges_on_workers
 from .merge_numpy import Unrepresentable
+from .pipeline import Chunk, Pipeline
 from .plan import SHARD_METADATA, OutputTensor, Shard, Unit
 from .progress import Progress
-from .shards import ShardFile, SourceFiles, SourceTensor
+from .shards import ShardFile, SourceFiles
 from .workers import MergeWorkers, output_names, task_for
 
-STREAMS = 2
 CHUNK_BYTES = 12 << 20
 IN_FLIGHT_BYTES = 8 * CHUNK_BYTES
 # On a GPU every chunk is a round trip between host and device: at 12 MB a 4-bit 2.4 GB-class model took
@@ -35,19 +33,9 @@ GPU_IN_FLIGHT_BYTES = 4 * GPU_CHUNK_BYTES
 CACHE_BYTES = 32 << 20
 
 
-@dataclass(eq=False)
-class Chunk:
-    """Rows start:stop along the first axis of a unit's weight; `rows` is None when the chunk is the whole unit."""
-
-    unit: Unit
-    rows: Optional[tuple[int, int]]
-    working_bytes: int
-    results: Optional[dict[str, mx.array]] = None
-
-
-def merge_workers_for(units: list[Unit]) -> Optional[MergeWorkers]:
+def merge_workers_for(units: list[Unit], device: str) -> Optional[MergeWorkers]:
     """Worker processes for the units that merge in numpy (None when there are none), started now."""
-    return MergeWorkers() if any(numpy_merges(unit) for unit in units) else None
+    return MergeWorkers() if any(merges_on_workers(unit, device) for unit in units) else None
 
 
 def chunks_of(unit: Unit, chunk_bytes: int) -> list[Chunk]:
@@ -55,13 +43,6 @@ def chunks_of(unit: Unit, chunk_bytes: int) -> list[Chunk]:
     if len(ranges) == 1:
         return [Chunk(unit, None, unit.row_bytes * unit.logical_shape[0])]
     return [Chunk(unit, r, unit.row_bytes * (r[1] - r[0])) for r in ranges]
-
-
-def read_array(files: SourceFiles, source: SourceTensor, rows: Optional[tuple[int, int]]) -> mx.array:
-    """A source tensor, or its rows start:stop along the first axis, read by byte offset into an mx.array."""
-    start, stop = rows or (0, source.shape[0])
-    raw = mx.array(memoryview(files.read_slab(source, start, stop)))
-    return raw.view(getattr(mx, source.dtype)).reshape((stop - start,) + tuple(source.shape[1:]))
 
 
 class Outputs:
@@ -114,56 +95,6 @@ class Outputs:
             shard_file.abort()
 
 
-class MlxChunks:
-    """Chunks merged by mlx, submitted in order on alternating streams while their working memory fits."""
-
-    def __init__(self, chunks: list[Chunk], adapters: dict[str, mx.array], files: SourceFiles, in_flight_bytes: int):
-        self._chunks = chunks
-        self._adapters = adapters
-        self._files = files
-        self._in_flight_bytes = in_flight_bytes
-        self._streams = [mx.new_stream(mx.default_device()) for _ in range(STREAMS)]
-        self._next = 0
-        self._in_flight: list[Chunk] = []
-
-    def compute(self, chunk: Chunk, stream: Optional[mx.Stream] = None) -> None:
-        """Start computing a chunk (lazy until evaluated)."""
-        base = {param: read_array(self._files, source, chunk.rows) for param, source in chunk.unit.base.items()}
-        with mx.stream(stream or self._streams[0]):
-            chunk.results = compute_chunk(chunk.unit, base, self._adapters, chunk.rows)
-            mx.async_eval(*chunk.results.values())
-
-    def _fill(self) -> None:
-        while self._next < len(self._chunks):
-            busy = sum(c.working_bytes for c in self._in_flight)
-            if self._in_flight and busy + self._chunks[self._next].working_bytes > self._in_flight_bytes:
-                break
-            chunk = self._chunks[self._next]
-            self.compute(chunk, self._streams[self._next % len(self._streams)])
-            self._in_flight.append(chunk)
-            self._next += 1
-
-    def __iter__(self) -> Iterator[tuple[Chunk, dict]]:
-        """(chunk, its evaluated, contiguous output arrays by name), chunk after chunk."""
-        while self._next < len(self._chunks) or self._in_flight:
-            self._fill()
-            chunk = self._in_flight.pop(0)
-            yield chunk, evaluated(chunk)
-            chunk.results = None
-
-
-def evaluated(chunk: Chunk) -> dict:
-    """A computed chunk's output arrays, evaluated, contiguous and checked against the plan."""
-    results = {}
-    for name, array in chunk.results.items():
-        mx.eval(array)
-        if not memoryview(array).c_contiguous:
-            array = mx.contiguous(array)
-            mx.eval(array)
-        results[name] = array
-    return results
-
-
 def _check(tensor: OutputTensor, array, chunk: Chunk) -> None:
     expected = tuple(tensor.shape)
     if chunk.rows is not None:
@@ -173,24 +104,23 @@ def _check(tensor: OutputTensor, array, chunk: Chunk) -> None:
         raise RuntimeError(f"{tensor.name}: computed {got}, planned {(tensor.dtype, expected)}")
 
 
-def _check_finite(name: str, array) -> None:
-    """A fused tensor holding NaN or Inf (the merge overflowed the weight's dtype) is an error, never a written file."""
-    if mx.issubdtype(array.dtype, mx.floating) and not mx.all(mx.isfinite(array)).item():
-        raise UserError(
-            f"fusing gives NaN or infinite values in '{name}' (the merged weights do not fit {array.dtype})",
-            help="check the adapters' scale and weights, or fuse into a float32 copy of the model",
-        )
-
-
 class _Writing:
-    """The state of one write_shards call: where outputs go, the worker merges not yet counted, the progress shown."""
+    """The state of one write_shards call: where outputs go, the worker merges not yet counted, the progress shown.
 
-    def __init__(self, outputs: Outputs, mlx_chunks: MlxChunks, progress: Progress):
+    Results are written from the pipeline's writing thread and from this one, so progress is advanced under a lock.
+    """
+
+    def __init__(self, outputs: Outputs, progress: Progress):
         self.outputs = outputs
-        self.mlx_chunks = mlx_chunks
         self.progress = progress
+        self.pipeline: Optional[Pipeline] = None
         self.pending = 0
         self._finished: queue.SimpleQueue = queue.SimpleQueue()
+        self._progress_lock = threading.Lock()
+
+    def advance(self, nbytes: int) -> None:
+        with self._progress_lock:
+            self.progress.advance(nbytes)
 
     def submitted(self, future: Future, chunk: Chunk) -> None:
         self.pending += 1
@@ -199,9 +129,8 @@ class _Writing:
     def write_results(self, chunk: Chunk, results: dict) -> None:
         for name, array in results.items():
             _check(self.outputs.tensors[name], array, chunk)
-            _check_finite(name, array)
             self.outputs.write(name, chunk.rows, array)
-            self.progress.advance(array.nbytes)
+            self.advance(array.nbytes)
 
     def collect(self, block: bool) -> None:
         """Count the worker merges that finished (`block`: wait for all); mlx computes those numpy cannot round."""
@@ -214,13 +143,11 @@ class _Writing:
             try:
                 written = future.result()
             except Unrepresentable:
-                self.mlx_chunks.compute(chunk)
-                self.write_results(chunk, evaluated(chunk))
-                chunk.results = None
+                self.write_results(chunk, self.pipeline.compute_now(chunk))
                 continue
             for name, nbytes in written.items():
                 self.outputs.written(name, nbytes)
-                self.progress.advance(nbytes)
+                self.advance(nbytes)
 
     def step(self) -> None:
         """Between two pieces of main-thread work: take in finished merges."""
@@ -235,16 +162,18 @@ def write_shards(
     progress: Optional[Progress] = None,
     chunk_bytes: Optional[int] = None,
     workers: Optional[MergeWorkers] = None,
+    device: str = "cpu",
 ) -> None:
     """Write every shard into `out_dir`: copied tensors by byte range, computed ones chunk by chunk.
 
-    The units that merge in numpy run on `workers` (`merge_workers_for`); without workers, mlx merges every unit.
+    On the CPU the units that merge in numpy run on `workers` (`merge_workers_for`); mlx merges the rest, and
+    every unit when there are no workers or the device is the GPU (`merge.resolve_device`).
     """
     progress = progress or Progress()
-    on_cpu = mx.default_device() == mx.cpu
-    chunk_bytes = chunk_bytes or (CHUNK_BYTES if on_cpu else GPU_CHUNK_BYTES)
+    on_gpu = device == "gpu"
+    chunk_bytes = chunk_bytes or (GPU_CHUNK_BYTES if on_gpu else CHUNK_BYTES)
     units = list({id(t.unit): t.unit for shard in shards for t in shard.tensors if t.unit is not None}.values())
-    in_numpy = [unit for unit in units if numpy_merges(unit)] if workers is not None else []
+    in_numpy = [unit for unit in units if merges_on_workers(unit, device)] if workers is not None else []
     numpy_ids = {id(unit) for unit in in_numpy}
     by_mlx = [chunk for unit in units if id(unit) not in numpy_ids for chunk in chunks_of(unit, chunk_bytes)]
     previous_cache_limit = mx.set_cache_limit(CACHE_BYTES)
@@ -252,23 +181,26 @@ def write_shards(
     failed, outputs = True, None
     try:
         outputs = Outputs(shards, out_dir)
-        writing = _Writing(
-            outputs, MlxChunks(by_mlx, adapters, files, IN_FLIGHT_BYTES if on_cpu else GPU_IN_FLIGHT_BYTES), progress
+        writing = _Writing(outputs, progress)
+        writing.pipeline = Pipeline(
+            by_mlx, adapters, files, GPU_IN_FLIGHT_BYTES if on_gpu else IN_FLIGHT_BYTES, writing.write_results
         )
         for unit in in_numpy:
             for chunk in chunks_of(unit, chunk_bytes):
                 targets = outputs.targets(output_names(unit), chunk.rows)
                 writing.submitted(workers.submit(task_for(unit, chunk.rows, targets)), chunk)
-        for number, shard in enumerate(shards, 1):
-            progress.shard(number)
-            for tensor in shard.tensors:
-                if tensor.unit is None:
-                    outputs.copy(tensor, files)
-                    progress.advance(tensor.nbytes)
-                    writing.step()
-        for chunk, results in writing.mlx_chunks:
-            writing.write_results(chunk, results)
-            writing.step()
+        with ThreadPoolExecutor(1, thread_name_prefix="fuse-copy") as copier:
+            # Untouched tensors are copied by the kernel while the merges run.
+            copies = [copier.submit(_copy, outputs, tensor, files, writing) for s in shards for tensor in s.tensors
+                      if tensor.unit is None]  # fmt: skip
+            try:
+                writing.pipeline.run(between=writing.step)
+                for future in copies:
+                    future.result()
+            except BaseException:
+                for future in copies:
+                    future.cancel()
+                raise
         writing.collect(block=True)
         outputs.close()
         failed = False
@@ -277,3 +209,8 @@ def write_shards(
             outputs.abort()
         progress.close()
         mx.set_cache_limit(previous_cache_limit)
+
+
+def _copy(outputs: Outputs, tensor: OutputTensor, files: SourceFiles, writing: _Writing) -> None:
+    outputs.copy(tensor, files)
+    writing.advance(tensor.nbytes)

@@ -1,0 +1,151 @@
+"""Where the merges run: the GPU path (every unit merged by mlx through the pipeline, nothing compiled, products
+summed term by term) gives the CPU path's bits, `--device gpu` without a GPU is refused, and the pipeline stops
+cleanly on any failure. Without a GPU here, the GPU path runs on the CPU: mlx is told it has a GPU, and the
+merge arithmetic is the GPU's."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+mx = pytest.importorskip("mlx.core")
+
+import models as tiny  # noqa: E402
+from fuse_support import MIXED_SPEC, MLX_LM_SPEC, MOE_SPEC, read_weights, write_adapters  # noqa: E402
+
+from adapterspec.cli import main  # noqa: E402
+from adapterspec.errors import UserError  # noqa: E402
+from adapterspec.fuse.run import fuse_model_dir  # noqa: E402
+
+QUANTIZATIONS = {
+    "4bit": {"group_size": 32, "bits": 4, "mode": "affine"},
+    "8bit-g64": {"group_size": 64, "bits": 8, "mode": "affine"},
+    "mxfp4": {"group_size": 32, "bits": 4, "mode": "mxfp4"},
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    dirs = {dtype: tiny.write(root / dtype, "llama", dtype=dtype) for dtype in ("float16", "bfloat16")}
+    for name, quantization in QUANTIZATIONS.items():
+        dirs[name] = tiny.write(root / name, "llama", dtype="float16", quantization=quantization)
+    return dirs
+
+
+@pytest.fixture
+def gpu_path(monkeypatch):
+    """mlx reports a GPU: the fuse takes its GPU path (no worker processes, the GPU's arithmetic), run here on
+    mlx's default device."""
+    take_gpu_path(monkeypatch)
+
+
+def take_gpu_path(monkeypatch) -> list:
+    """What the fuse takes for a GPU, on this device; returns the list of functions compiled meanwhile."""
+    import adapterspec.fuse.merge_mlx as merge_mlx
+
+    available = mx.is_available
+    monkeypatch.setattr(mx, "is_available", lambda device: True if device == mx.gpu else available(device))
+    monkeypatch.setattr(merge_mlx, "on_gpu", lambda: True)
+    compiled = []
+    compile_ = mx.compile
+    monkeypatch.setattr(
+        mx, "compile", lambda function, *a, **k: compiled.append(function) or compile_(function, *a, **k)
+    )
+    return compiled
+
+
+def fuse_files(model, adapters, out, **options) -> tuple[dict, list]:
+    result = fuse_model_dir(model, adapters, out, **options)
+    return read_weights(out), result.worker_peak_rss
+
+
+@pytest.mark.parametrize("name", ["float16", "bfloat16", "4bit", "8bit-g64", "mxfp4"])
+@pytest.mark.parametrize("requantization", ["grid", "plain"])
+def test_gpu_path_gives_the_worker_paths_bits(models, tmp_path, monkeypatch, name, requantization):
+    if requantization == "plain" and name in ("float16", "bfloat16"):
+        pytest.skip("nothing is requantized in a dense model")
+    adapters = write_adapters(models[name], tmp_path / "adapters", MLX_LM_SPEC)
+    on_cpu, cpu_workers = fuse_files(
+        models[name], adapters, tmp_path / "cpu", device="cpu", requantization=requantization
+    )
+    available = mx.is_available
+    monkeypatch.setattr(mx, "is_available", lambda device: True if device == mx.gpu else available(device))
+    on_gpu, gpu_workers = fuse_files(
+        models[name], adapters, tmp_path / "gpu", device="auto", requantization=requantization
+    )
+    assert gpu_workers == [], "the GPU path merges in mlx, without worker processes"
+    if name != "mxfp4":  # the workers take plain LoRA on float and affine weights only
+        assert cpu_workers, "the CPU path merges plain LoRA on worker processes"
+    assert set(on_gpu) == set(on_cpu)
+    for key, value in on_cpu.items():
+        assert on_gpu[key].dtype == value.dtype and mx.array_equal(on_gpu[key], value).item(), key
+
+
+@pytest.mark.parametrize("case", ["dora-embedding-4bit", "switch-float16", "switch-4bit"])
+def test_gpu_path_fuses_every_adapter_kind_like_the_cpu_path(models, tmp_path, monkeypatch, case):
+    if case.startswith("switch"):
+        quantization = QUANTIZATIONS["4bit"] if case.endswith("4bit") else None
+        model = tiny.write(tmp_path / "moe", "mixtral", dtype="float16", quantization=quantization)
+        adapters = write_adapters(model, tmp_path / "adapters", MOE_SPEC)
+    else:
+        model = models["4bit"]
+        adapters = write_adapters(model, tmp_path / "adapters", MIXED_SPEC.replace("**.*norm: full\n", ""))
+    on_cpu, _ = fuse_files(model, adapters, tmp_path / "cpu", device="cpu")
+    take_gpu_path(monkeypatch)
+    on_gpu, _ = fuse_files(model, adapters, tmp_path / "gpu", device="gpu")
+    assert set(on_gpu) == set(on_cpu)
+    assert all(mx.array_equal(on_gpu[key], value).item() for key, value in on_cpu.items())
+
+
+def test_device_gpu_without_a_gpu_is_refused(models, tmp_path, capsys):
+    if mx.is_available(mx.gpu):
+        pytest.skip("this mlx has a GPU")
+    adapters = write_adapters(models["float16"], tmp_path / "adapters", MLX_LM_SPEC)
+    code = main(["fuse", str(models["float16"]), str(adapters), "-o", str(tmp_path / "out"), "--device", "gpu"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "no GPU" in err and "--device cpu" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unknown_device_is_refused(models, tmp_path):
+    adapters = write_adapters(models["float16"], tmp_path / "adapters", MLX_LM_SPEC)
+    with pytest.raises(UserError, match="must be one of auto, gpu, cpu"):
+        fuse_model_dir(models["float16"], adapters, tmp_path / "out", device="tpu")
+
+
+@pytest.mark.parametrize("failure", [OSError("disk full"), KeyboardInterrupt()], ids=["error", "interrupt"])
+def test_a_failing_write_stops_the_pipeline_and_leaves_nothing(models, tmp_path, monkeypatch, gpu_path, failure):
+    import adapterspec.fuse.stream as stream
+
+    adapters = write_adapters(models["4bit"], tmp_path / "adapters", MLX_LM_SPEC)
+    monkeypatch.setattr(stream, "GPU_CHUNK_BYTES", 40_000)  # many chunks, few in flight: reads wait for writes
+    monkeypatch.setattr(stream, "GPU_IN_FLIGHT_BYTES", 100_000)
+    written = []
+    write = stream.Outputs.write
+
+    def failing_write(self, name, rows, data):
+        if len(written) == 5:
+            raise failure
+        written.append(name)
+        write(self, name, rows, data)
+
+    monkeypatch.setattr(stream.Outputs, "write", failing_write)
+    with pytest.raises(type(failure)):
+        fuse_model_dir(models["4bit"], adapters, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+    assert not [t for t in threading.enumerate() if t.name.startswith("fuse-")], "a pipeline thread is left running"
+
+
+def test_many_small_chunks_in_a_tight_bound_give_the_same_files(models, tmp_path, monkeypatch, gpu_path):
+    import adapterspec.fuse.stream as stream
+
+    adapters = write_adapters(models["4bit"], tmp_path / "adapters", MLX_LM_SPEC)
+    whole, _ = fuse_files(models["4bit"], adapters, tmp_path / "whole")
+    monkeypatch.setattr(stream, "GPU_CHUNK_BYTES", 20_000)
+    monkeypatch.setattr(stream, "GPU_IN_FLIGHT_BYTES", 20_000)  # one chunk in flight at a time
+    chunked, _ = fuse_files(models["4bit"], adapters, tmp_path / "chunked")
+    assert all(mx.array_equal(chunked[key], value).item() for key, value in whole.items())
