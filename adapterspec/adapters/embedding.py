@@ -68,19 +68,27 @@ class LoRAEmbedding(AdapterModule):
         return pathchoice.low_rank_candidates(self, "embedding-lora", self.embedding, x, paths)
 
     def _merged_as_linear(self, x: mx.array) -> mx.array:
-        weight = dense_weight(self.embedding)
-        dtype = mx.result_type(x.dtype, weight.dtype)
-        weight = lowrank.cast(weight, dtype)
+        base = self.embedding
+        dtype = mx.result_type(x.dtype, dense_weight(base).dtype)
+        quantized = quantization(base) is not None
+
+        def weight():
+            return lowrank.cast(dense_weight(base), dtype)
 
         def merge(a, b):
-            return mx.addmm(weight, a, b)
+            return mx.addmm(weight(), a, b)
 
         def apply(x, w):
             return x @ w.T
 
+        def backward(x, a, b, dy):
+            if quantized:
+                return as_linear_backward(x, a, b, dy, merge(lowrank.after(a, dy), b), low_rank_dx=False)
+            return as_linear_backward(x, a, b, dy, weight(), low_rank_dx=True)
+
         a = self.lora_a.astype(dtype)
         b = (self.scale * self.lora_b).astype(dtype)
-        return lowrank.merged_matmul(lowrank.cast(x, dtype), a, b, merge, apply, as_linear_backward)
+        return lowrank.merged_matmul(lowrank.cast(x, dtype), a, b, merge, apply, backward)
 
     def fuse(self, dequantize: bool = False) -> nn.Module:
         base = self.embedding
@@ -88,12 +96,16 @@ class LoRAEmbedding(AdapterModule):
         return dense_or_requantized_embedding(base, weight, dequantize)
 
 
-def as_linear_backward(x, a, b, dy, merged):
-    """Gradients of x·(W + a·b)ᵀ: x through the merged weight, a and b through the low-rank path."""
+def as_linear_backward(x, a, b, dy, weight, low_rank_dx: bool):
+    """Gradients of x·(W + a·b)ᵀ, a and b through the low-rank path; x through `weight`: the merged weight, or with
+    `low_rank_dx` the base weight W, the low-rank term (dy·a)·b added in one addmm."""
     x_rows, dy_rows = lowrank.rows(x), lowrank.rows(dy)
-    dx = dy @ merged
+    u = dy_rows @ a
+    dx = dy @ weight
+    if low_rank_dx:
+        dx = mx.addmm(lowrank.rows(dx), u, b).reshape(dx.shape)
     da = dy_rows.T @ (x_rows @ b.T)
-    db = (dy_rows @ a).T @ x_rows
+    db = u.T @ x_rows
     return dx, da, db
 
 

@@ -72,20 +72,28 @@ class LoRALinear(AdapterModule):
         return pathchoice.low_rank_candidates(self, "lora", self.linear, x, ("_separate", "_merged"))
 
     def _merged(self, x: mx.array) -> mx.array:
-        weight = dense_weight(self.linear)
-        bias = self.linear.get("bias")
-        dtype = mx.result_type(x.dtype, weight.dtype)
-        weight = lowrank.cast(weight, dtype)
+        base = self.linear
+        bias = base.get("bias")
+        dtype = mx.result_type(x.dtype, dense_weight(base).dtype)
+        quantized = quantization(base) is not None
+
+        def weight():
+            return lowrank.cast(dense_weight(base), dtype)
 
         def merge(a, b):
-            return mx.addmm(weight, b.T, a.T)
+            return mx.addmm(weight(), b.T, a.T)
 
         def apply(x, w):
             return x @ w.T if bias is None else mx.addmm(bias, x, w.T)
 
+        def backward(x, a, b, dy):
+            if quantized:  # dequantizing again costs as much as merging: dy goes through the merged weight
+                return linear_backward(x, a, b, dy, merge(lowrank.after(a, dy), b), low_rank_dx=False)
+            return linear_backward(x, a, b, dy, weight(), low_rank_dx=True)
+
         a = self.lora_a.astype(dtype)
         b = (self.scale * self.lora_b).astype(dtype)
-        return lowrank.merged_matmul(lowrank.cast(x, dtype), a, b, merge, apply, linear_backward)
+        return lowrank.merged_matmul(lowrank.cast(x, dtype), a, b, merge, apply, backward)
 
     def fuse(self, dequantize: bool = False) -> nn.Module:
         base = self.linear
@@ -93,11 +101,15 @@ class LoRALinear(AdapterModule):
         return dense_or_requantized_linear(base, weight, dequantize)
 
 
-def linear_backward(x, a, b, dy, merged):
-    """Gradients of x·(W + (a·b)ᵀ)ᵀ: x through the merged weight, a and b through the low-rank path."""
+def linear_backward(x, a, b, dy, weight, low_rank_dx: bool):
+    """Gradients of x·(W + (a·b)ᵀ)ᵀ, a and b through the low-rank path; x through `weight`: the merged weight, or
+    with `low_rank_dx` the base weight W, the low-rank term (dy·bᵀ)·aᵀ added in one addmm."""
     x_rows, dy_rows = lowrank.rows(x), lowrank.rows(dy)
-    dx = dy @ merged
-    da = x_rows.T @ (dy_rows @ b.T)
+    dz = dy_rows @ b.T
+    dx = dy @ weight
+    if low_rank_dx:
+        dx = mx.addmm(lowrank.rows(dx), dz, a.T).reshape(dx.shape)
+    da = x_rows.T @ dz
     db = (x_rows @ a).T @ dy_rows
     return dx, da, db
 

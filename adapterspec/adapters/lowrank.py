@@ -5,10 +5,12 @@ Two ways to compute base(x) + x·A·B (scale folded into B, all in the activatio
 * separate: the base output plus the low-rank product, accumulated with one `addmm`. Its extra
   memory traffic grows with the number of tokens (it reads x and rewrites the output).
 * merged: one matmul with W + (A·B)ᵀ, merged in a single `addmm` over the weight. Its extra
-  traffic grows with the weight's size, not with the tokens. Its backward pass sends the input's
-  gradient through the merged weight and gets A's and B's gradients from the low-rank path
-  alone, so no full-size weight gradient is ever formed. The forward output is that of the base
-  with the adapter fused in the base dtype.
+  traffic grows with the weight's size, not with the tokens. No full-size weight gradient is ever
+  formed, and no merged or dequantized weight is kept for the backward pass (keeping them cost a
+  full copy of every adapted weight, 9 GB at 32 blocks of 4096, above mlx-lm's peak): the input's
+  gradient goes through the base weight plus the low-rank path (dense base: dy·W + (dy·Bᵀ)·Aᵀ), or
+  through the merged weight built again (quantized base), and A's and B's gradients come from the
+  low-rank path alone. The forward output is that of the base with the adapter fused in the base dtype.
 
 Both are custom functions with hand-written backward passes: a compiled step then holds a few
 kernels per adapted layer, not the dozens of reshapes, copies and sums autodiff leaves.
@@ -72,22 +74,22 @@ def merged_matmul(
     apply: Callable[[mx.array, mx.array], mx.array],
     backward: Callable[..., tuple[mx.array, mx.array, mx.array]],
 ) -> mx.array:
-    """apply(x, merge(a, b)), differentiated by `backward(x, a, b, cotangent, merged) -> (dx, da, db)`.
+    """apply(x, merge(a, b)), differentiated by `backward(x, a, b, cotangent) -> (dx, da, db)`.
 
-    The merged weight is kept from the forward pass for the backward one. `backward` is written
-    out by hand: nested `mx.vjp` calls would walk the whole graph upstream of x for every layer.
-    Arrays the callables close over (base weight, bias, indices) are constants.
+    The merged weight lives only while the forward pass uses it; a backward that needs it builds it
+    again. `backward` is written out by hand: nested `mx.vjp` calls would walk the whole graph upstream
+    of x for every layer. Arrays the callables close over (bias, indices) are constants; they reach a
+    base weight through its module, so that a dequantized copy is made where it is used, never kept.
     """
 
     @mx.custom_function
     def forward(x, a, b):
-        merged = merge(after(a, x), b)
-        return apply(x, merged), merged
+        return (apply(x, merge(after(a, x), b)),)
 
     @forward.vjp
     def forward_vjp(primals, cotangents, outputs):
         x, a, b = primals
-        return backward(x, a, b, cotangents[0], outputs[1])
+        return backward(x, a, b, cotangents[0])
 
     return forward(x, a, b)[0]
 

@@ -14,8 +14,9 @@ def gather_mm_dtype(dtype: mx.Dtype) -> mx.Dtype:
     return dtype
 
 
-def switch_backward(x, a, b, dy, merged, indices, sorted_indices):
-    """Gradients of gather_mm(x, (W + b·a)ᵀ): x through the merged experts, a and b per expert.
+def switch_backward(x, a, b, dy, weight, indices, sorted_indices, low_rank_dx: bool):
+    """Gradients of gather_mm(x, (W + b·a)ᵀ), a and b per expert; x through `weight`: the merged experts, or with
+    `low_rank_dx` the base experts W, the low-rank term gather_mm(dy·b, a) added.
 
     Rows of x (..., M, in) are broadcast against `indices`; dy is (..., M, out) over the broadcast
     batch. Each expert's a and b gradients sum outer products over the rows routed to it; placing
@@ -24,9 +25,12 @@ def switch_backward(x, a, b, dy, merged, indices, sorted_indices):
     """
     num_experts, r, _ = a.shape
     gather = dict(rhs_indices=indices, sorted_indices=sorted_indices)
-    dx = lowrank.sum_to_shape(mx.gather_mm(dy, merged, **gather), x.shape)
     z = mx.gather_mm(x, a.swapaxes(-1, -2), **gather)
     g = mx.gather_mm(dy, b, **gather)
+    dx = mx.gather_mm(dy, weight, **gather)
+    if low_rank_dx:
+        dx = dx + mx.gather_mm(g, a, **gather)
+    dx = lowrank.sum_to_shape(dx, x.shape)
     one_hot = (indices[..., None] == mx.arange(num_experts)).astype(dy.dtype)[..., None, None]
 
     def by_expert(v, batch_shape):
@@ -104,21 +108,26 @@ class LoRASwitchLinear(AdapterModule):
         return pathchoice.low_rank_candidates(self, "switch-lora", self.linear, x, paths, extra, routing)
 
     def _merged(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
-        weight = dense_weight(self.linear)
-        bias = self.linear.get("bias")
-        out_dtype = mx.result_type(x.dtype, weight.dtype)
+        base = self.linear
+        bias = base.get("bias")
+        out_dtype = mx.result_type(x.dtype, dense_weight(base).dtype)
         dtype = gather_mm_dtype(out_dtype)
-        weight = lowrank.cast(weight, dtype)
+        quantized = quantization(base) is not None
+
+        def weight():
+            return lowrank.cast(dense_weight(base), dtype)
 
         def merge(a, b):
-            return mx.addmm(weight, b, a)
+            return mx.addmm(weight(), b, a)
 
         def apply(x, w):
             y = mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
             return y if bias is None else y + mx.expand_dims(bias[indices], -2).astype(y.dtype)
 
-        def backward(x, a, b, dy, merged):
-            return switch_backward(x, a, b, dy, merged, indices, sorted_indices)
+        def backward(x, a, b, dy):
+            if quantized:
+                return switch_backward(x, a, b, dy, merge(lowrank.after(a, dy), b), indices, sorted_indices, False)
+            return switch_backward(x, a, b, dy, weight(), indices, sorted_indices, True)
 
         a = self.lora_a.astype(dtype)
         b = (self.scale * self.lora_b).astype(dtype)

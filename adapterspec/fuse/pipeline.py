@@ -3,7 +3,9 @@ outputs written on another thread, all within one bound on the bytes in flight.
 
 On a GPU each chunk goes to the device and back; reading the next chunk and writing the previous one
 while the device merges this one keeps the fuse near the time of reading and writing its files.
-On the CPU the same pipeline runs the merges that the worker processes do not take.
+On the CPU the same pipeline runs the merges that the worker processes do not take. Only the calling
+thread touches mlx (its streams belong to the thread that made them): the reading thread hands over
+bytes, the writing thread receives buffers.
 """
 
 from __future__ import annotations
@@ -26,6 +28,16 @@ STREAMS = 2
 DEPTH = 3
 
 
+@dataclass(frozen=True)
+class Output:
+    """One evaluated output tensor of a chunk: its bytes (a buffer of the mlx array, which it keeps alive), dtype
+    name and shape."""
+
+    data: memoryview
+    dtype: str
+    shape: tuple[int, ...]
+
+
 @dataclass(eq=False)
 class Chunk:
     """Rows start:stop along the first axis of a unit's weight; `rows` is None when the chunk is the whole unit."""
@@ -37,44 +49,40 @@ class Chunk:
     finite: Optional[mx.array] = field(default=None, repr=False)
 
 
-def read_bytes(files: SourceFiles, chunk: Chunk) -> dict[str, mx.array]:
-    """The bytes of a chunk's input tensors (its rows of each), as flat uint8 arrays.
-
-    Safe on any thread: making an array from a buffer copies it at once and records no operation (mlx's streams
-    belong to the thread that made them; the views that give the bytes their shape are made on the merging one).
-    """
-    start_stop = {param: chunk.rows or (0, source.shape[0]) for param, source in chunk.unit.base.items()}
-    return {param: mx.array(memoryview(files.read_slab(source, *start_stop[param])))
+def read_bytes(files: SourceFiles, chunk: Chunk) -> dict[str, bytes]:
+    """The bytes of a chunk's input tensors (its rows of each)."""
+    return {param: files.read_slab(source, *(chunk.rows or (0, source.shape[0])))
             for param, source in chunk.unit.base.items()}  # fmt: skip
 
 
-def shaped(chunk: Chunk, raw: dict[str, mx.array]) -> dict[str, mx.array]:
+def as_arrays(chunk: Chunk, raw: dict[str, bytes]) -> dict[str, mx.array]:
     """A chunk's input tensors from their bytes: each source's dtype and shape, its rows of the first axis."""
     tensors = {}
     for param, source in chunk.unit.base.items():
         start, stop = chunk.rows or (0, source.shape[0])
-        tensors[param] = raw[param].view(getattr(mx, source.dtype)).reshape((stop - start,) + tuple(source.shape[1:]))
+        array = mx.array(memoryview(raw[param])).view(getattr(mx, source.dtype))
+        tensors[param] = array.reshape((stop - start,) + tuple(source.shape[1:]))
     return tensors
 
 
-def submit(chunk: Chunk, raw: dict[str, mx.array], adapters: dict[str, mx.array], stream: mx.Stream) -> None:
+def submit(chunk: Chunk, raw: dict[str, bytes], adapters: dict[str, mx.array], stream: mx.Stream) -> None:
     """Start merging a chunk on `stream`: its outputs and whether they are all finite, evaluated asynchronously."""
     with mx.stream(stream):
-        chunk.results = compute_chunk(chunk.unit, shaped(chunk, raw), adapters, chunk.rows)
+        chunk.results = compute_chunk(chunk.unit, as_arrays(chunk, raw), adapters, chunk.rows)
         floating = [a for a in chunk.results.values() if mx.issubdtype(a.dtype, mx.floating)]
         chunk.finite = mx.all(mx.stack([mx.all(mx.isfinite(a)) for a in floating])) if floating else mx.array(True)
         mx.async_eval(chunk.finite, *chunk.results.values())
 
 
-def evaluated(chunk: Chunk) -> dict[str, mx.array]:
-    """A submitted chunk's output arrays, evaluated and C-contiguous."""
+def evaluated(chunk: Chunk) -> dict[str, Output]:
+    """A submitted chunk's outputs, evaluated and C-contiguous."""
     results = {}
     for name, array in chunk.results.items():
         mx.eval(array)
         if not memoryview(array).c_contiguous:
             array = mx.contiguous(array)
             mx.eval(array)
-        results[name] = array
+        results[name] = Output(memoryview(array), str(array.dtype).rsplit(".", 1)[-1], tuple(array.shape))
     return results
 
 
@@ -122,7 +130,7 @@ class Pipeline:
         adapters: dict[str, mx.array],
         files: SourceFiles,
         in_flight_bytes: int,
-        write: Callable[[Chunk, dict[str, mx.array]], None],
+        write: Callable[[Chunk, dict[str, Output]], None],
     ):
         self._chunks = chunks
         self._adapters = adapters
@@ -132,17 +140,18 @@ class Pipeline:
         self._stop = threading.Event()
         self._streams = [mx.new_stream(mx.default_device()) for _ in range(STREAMS)]
 
-    def compute_now(self, chunk: Chunk) -> dict[str, mx.array]:
+    def compute_now(self, chunk: Chunk) -> dict[str, Output]:
         """One chunk merged at once, outside the pipeline (a row the worker processes could not round)."""
         submit(chunk, read_bytes(self._files, chunk), self._adapters, self._streams[0])
         return self._finish(chunk)
 
-    def _finish(self, chunk: Chunk) -> dict[str, mx.array]:
+    def _finish(self, chunk: Chunk) -> dict[str, Output]:
         results = evaluated(chunk)
         finite = bool(chunk.finite.item())
+        floating = [name for name, array in chunk.results.items() if mx.issubdtype(array.dtype, mx.floating)]
         chunk.results = chunk.finite = None
         if not finite:
-            raise non_finite_error(next(name for name, a in results.items() if mx.issubdtype(a.dtype, mx.floating)))
+            raise non_finite_error(floating[0])
         return results
 
     def run(self, between: Callable[[], None] = lambda: None) -> None:
@@ -180,12 +189,12 @@ class Pipeline:
             reader.shutdown(wait=True)
             writer.shutdown(wait=True, cancel_futures=True)
 
-    def _read(self, chunk: Chunk) -> dict[str, mx.array]:
+    def _read(self, chunk: Chunk) -> dict[str, bytes]:
         if not self._budget.take(chunk.working_bytes, self._stop):
             raise Stopped()
         return read_bytes(self._files, chunk)
 
-    def _write_and_release(self, chunk: Chunk, results: dict[str, mx.array]) -> None:
+    def _write_and_release(self, chunk: Chunk, results: dict[str, Output]) -> None:
         try:
             self._write(chunk, results)
         finally:

@@ -17,7 +17,7 @@ import mlx.core as mx
 
 from .merge import merges_on_workers
 from .merge_numpy import Unrepresentable
-from .pipeline import Chunk, Pipeline
+from .pipeline import Chunk, Output, Pipeline
 from .plan import SHARD_METADATA, OutputTensor, Shard, Unit
 from .progress import Progress
 from .shards import ShardFile, SourceFiles
@@ -95,11 +95,11 @@ class Outputs:
             shard_file.abort()
 
 
-def _check(tensor: OutputTensor, array, chunk: Chunk) -> None:
+def _check(tensor: OutputTensor, output: Output, chunk: Chunk) -> None:
     expected = tuple(tensor.shape)
     if chunk.rows is not None:
         expected = (chunk.rows[1] - chunk.rows[0],) + expected[1:]
-    got = (str(array.dtype).rsplit(".", 1)[-1], tuple(array.shape))
+    got = (output.dtype, output.shape)
     if got != (tensor.dtype, expected):
         raise RuntimeError(f"{tensor.name}: computed {got}, planned {(tensor.dtype, expected)}")
 
@@ -126,11 +126,11 @@ class _Writing:
         self.pending += 1
         future.add_done_callback(lambda done: self._finished.put((done, chunk)))
 
-    def write_results(self, chunk: Chunk, results: dict) -> None:
-        for name, array in results.items():
-            _check(self.outputs.tensors[name], array, chunk)
-            self.outputs.write(name, chunk.rows, array)
-            self.advance(array.nbytes)
+    def write_results(self, chunk: Chunk, results: dict[str, Output]) -> None:
+        for name, output in results.items():
+            _check(self.outputs.tensors[name], output, chunk)
+            self.outputs.write(name, chunk.rows, output.data)
+            self.advance(output.data.nbytes)
 
     def collect(self, block: bool) -> None:
         """Count the worker merges that finished (`block`: wait for all); mlx computes those numpy cannot round."""
