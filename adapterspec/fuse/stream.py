@@ -31,6 +31,8 @@ IN_FLIGHT_BYTES = 8 * CHUNK_BYTES
 GPU_CHUNK_BYTES = 96 << 20
 GPU_IN_FLIGHT_BYTES = 4 * GPU_CHUNK_BYTES
 CACHE_BYTES = 32 << 20
+# A GPU keeps a chunk's worth of freed buffers for the next chunks instead of returning them to the driver.
+GPU_CACHE_BYTES = 2 * GPU_CHUNK_BYTES
 
 
 def merge_workers_for(units: list[Unit], device: str) -> Optional[MergeWorkers]:
@@ -176,7 +178,7 @@ def write_shards(
     in_numpy = [unit for unit in units if merges_on_workers(unit, device)] if workers is not None else []
     numpy_ids = {id(unit) for unit in in_numpy}
     by_mlx = [chunk for unit in units if id(unit) not in numpy_ids for chunk in chunks_of(unit, chunk_bytes)]
-    previous_cache_limit = mx.set_cache_limit(CACHE_BYTES)
+    previous_cache_limit = mx.set_cache_limit(GPU_CACHE_BYTES if on_gpu else CACHE_BYTES)
     progress.start(sum(s.nbytes for s in shards), len(shards))
     failed, outputs = True, None
     try:
