@@ -16,7 +16,9 @@ units of one shape together).
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import replace
+from typing import Callable, Optional
 
 import mlx.core as mx
 import numpy as np
@@ -48,6 +50,32 @@ def measure(
     plan: FusePlan, adapters: dict[str, mx.array], files: SourceFiles, limit: int = MAX_SAMPLED_ROWS
 ) -> list[Measurement]:
     """A Measurement of every unit that merges an adapter, in the plan's order."""
+    return measure_meanwhile(plan, adapters, files, limit).result()
+
+
+class PendingMeasurements:
+    """Measurements begun by `measure_meanwhile`."""
+
+    def __init__(self, units: list[Unit], numpy_part: Optional[Future], finish: Callable[[Unit], Measurement]):
+        self._units, self._numpy_part, self._finish = units, numpy_part, finish
+
+    def wait(self) -> None:
+        """Wait for the thread (before the files it reads are closed), whatever became of it."""
+        if self._numpy_part is not None:
+            wait([self._numpy_part])
+
+    def result(self) -> list[Measurement]:
+        """Every Measurement in the plan's order: the thread's, and the rest measured now with mlx."""
+        measured = self._numpy_part.result() if self._numpy_part is not None else {}
+        return [measured.get(unit.path) or self._finish(unit) for unit in self._units]
+
+
+def measure_meanwhile(
+    plan: FusePlan, adapters: dict[str, mx.array], files: SourceFiles, limit: int = MAX_SAMPLED_ROWS
+) -> PendingMeasurements:
+    """`measure`, begun now: the units numpy measures (plain LoRA, most of a fuse) on a thread of their own while the
+    caller goes on; the rest are measured with mlx when the result is asked for, on the calling thread (whose
+    streams mlx's arrays belong to)."""
     units = plan.fused_units
     batches: dict[tuple, list[list[Unit]]] = {}
     for unit in units:
@@ -56,13 +84,28 @@ def measure(
             if len(batch[-1]) * limit * MAX_SAMPLED_GROUPS * DENSE_GROUP >= BATCH_ELEMENTS:
                 batch.append([])
             batch[-1].append(unit)
-    measured = {}
-    for batch in (b for same in batches.values() for b in same):
-        try:
-            measured.update(_measure_lora_in_numpy(batch, adapters, files, limit))
-        except merge_numpy.Unrepresentable:  # an overflow to ±inf: mlx measures these units
-            pass
-    return [measured.get(unit.path) or _measure_unit(unit, adapters, files, limit) for unit in units]
+    # Read here: mlx stays on this thread.
+    names = {
+        u.adapter_tensors[p].name for same in batches.values() for b in same for u in b for p in ("lora_a", "lora_b")
+    }
+    lora = {name: np.asarray(adapters[name].astype(mx.float32)) for name in names}
+
+    def in_numpy() -> dict[str, Measurement]:
+        measured = {}
+        for batch in (b for same in batches.values() for b in same):
+            try:
+                measured.update(_measure_lora_in_numpy(batch, lora, files, limit))
+            except merge_numpy.Unrepresentable:  # an overflow to ±inf: mlx measures these units
+                pass
+        return measured
+
+    numpy_part = None
+    if batches:
+        thread = ThreadPoolExecutor(1, thread_name_prefix="fuse-measure")
+        numpy_part = thread.submit(in_numpy)
+        thread.shutdown(wait=False)
+
+    return PendingMeasurements(units, numpy_part, lambda unit: _measure_unit(unit, adapters, files, limit))
 
 
 def _numpy_measures(unit: Unit) -> bool:
@@ -76,14 +119,14 @@ def _numpy_measures(unit: Unit) -> bool:
 
 
 def _measure_lora_in_numpy(
-    units: list[Unit], adapters: dict[str, mx.array], files: SourceFiles, limit: int
+    units: list[Unit], lora: dict[str, np.ndarray], files: SourceFiles, limit: int
 ) -> dict[str, Measurement]:
     """`_measure_unit` for units `_numpy_measures` of one shape and storage, all at once, on evenly spaced column groups
     of their sampled rows (quantization groups run along a row, so whole groups keep their exact values).
 
     For a few sampled rows, a dozen small mlx operations per unit cost more in dispatch than in work.
     """
-    samples = [_lora_sample(unit, adapters, files, limit) for unit in units]
+    samples = [_lora_sample(unit, lora, files, limit) for unit in units]
     q, dtype = units[0].quantization, units[0].dense_dtype
     weight = np.concatenate([w for w, _, _ in samples])
     merged = weight + np.concatenate([d for _, d, _ in samples])
@@ -116,7 +159,7 @@ def _measure_lora_in_numpy(
 
 
 def _lora_sample(
-    unit: Unit, adapters: dict[str, mx.array], files: SourceFiles, limit: int
+    unit: Unit, lora: dict[str, np.ndarray], files: SourceFiles, limit: int
 ) -> tuple[np.ndarray, np.ndarray, tuple]:
     """The sampled rows and column groups of a unit's weight (float32, of its dtype's values), of its ΔW, and the
     float32 scales and biases of those groups (empty for a dense weight)."""
@@ -138,7 +181,7 @@ def _lora_sample(
         scales, biases = (base[p].reshape(len(rows), groups)[:, chosen] for p in ("scales", "biases"))
         weight = merge_numpy.dequantize(packed, scales, biases, q.bits, q.group_size)
         grid = (scales.astype(np.float32), biases.astype(np.float32))
-    a, b = (np.asarray(adapters[unit.adapter_tensors[p].name].astype(mx.float32)) for p in ("lora_a", "lora_b"))
+    a, b = (lora[unit.adapter_tensors[p].name] for p in ("lora_a", "lora_b"))
     return weight, np.einsum("cr,rn->nc", a[columns], b[:, rows]) * np.float32(unit.adapter.scale), grid
 
 

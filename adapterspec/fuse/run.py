@@ -131,26 +131,28 @@ def fuse_model_dir(
     produces = fused_model_files(plan.model_dir)
     check_output_dir(out, force=force, protect=inputs, produces=produces)
     removed = remove_stale_temporaries(out)
-    from .erasure import fit, measure
+    from .erasure import measure_meanwhile
     from .shards import SourceFiles
     from .stream import merge_workers_for, write_shards
 
     with atomic_output_dir(out, force=force, protect=inputs, produces=produces) as tmp:
-        # Started first, the worker processes (for the numpy merges) get ready while the adapters are measured.
+        # Started first, the worker processes (for the numpy merges) get ready while the adapters load. How much of
+        # each adapter survives is measured on a thread while the shards are written, unless it decides what is.
         with SourceFiles() as files, merge_workers_for(plan.units, device) or nullcontext() as workers, \
                 _mlx_device(device):  # fmt: skip
             adapters = _load_adapter_arrays(plan)
-            measurements = measure(plan, adapters, files)
-            kept_dense = modules_to_keep_dense(plan, measurements) if keep_precision == "auto" else []
-            if keep_precision == "fit":
-                finer, kept_dense, measurements = fit(plan, adapters, files, measurements)
-                plan.store_as(finer)
-            plan.keep_dense(kept_dense)
-            report = build_report(plan, measurements)
-            if strict and report.lost:
-                raise ErasureError(report)
-            shards = plan.shards(max_shard_bytes)
-            write_shards(shards, adapters, files, tmp, progress, workers=workers, device=device)
+            measuring = measure_meanwhile(plan, adapters, files)
+            try:
+                if strict or keep_precision != "never":  # the measurements decide what is written
+                    report, kept_dense, shards = _decide(plan, measuring.result(), adapters, files, keep_precision,
+                                                         strict, max_shard_bytes)  # fmt: skip
+                    write_shards(shards, adapters, files, tmp, progress, workers=workers, device=device)
+                else:  # measured while the shards are written
+                    shards, kept_dense = plan.shards(max_shard_bytes), []
+                    write_shards(shards, adapters, files, tmp, progress, workers=workers, device=device)
+                    report = build_report(plan, measuring.result())
+            finally:
+                measuring.wait()
         _write_json(tmp / WEIGHT_INDEX_FILE, plan.index_json(shards))
         _write_json(tmp / CONFIG_FILE, plan.output_config())
         copy_model_side_files(plan.model_dir, tmp)
@@ -164,6 +166,21 @@ def fuse_model_dir(
                 raise VerifyError(verified, report)
     peaks = workers.peak_rss if workers is not None else []
     return FuseResult(out, plan, report, shards, kept_dense, removed, time.monotonic() - started, peaks, verified)
+
+
+def _decide(plan: FusePlan, measurements, adapters, files, keep_precision: str, strict: bool, max_shard_bytes: int):
+    """The report, the modules kept dense and the shards, where the measurements decide what is written."""
+    from .erasure import fit
+
+    kept_dense = modules_to_keep_dense(plan, measurements) if keep_precision == "auto" else []
+    if keep_precision == "fit":
+        finer, kept_dense, measurements = fit(plan, adapters, files, measurements)
+        plan.store_as(finer)
+    plan.keep_dense(kept_dense)
+    report = build_report(plan, measurements)
+    if strict and report.lost:
+        raise ErasureError(report)
+    return report, kept_dense, plan.shards(max_shard_bytes)
 
 
 @contextmanager

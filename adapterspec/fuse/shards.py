@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -64,15 +65,17 @@ def read_sources(path: str | os.PathLike) -> dict[str, SourceTensor]:
 
 
 class SourceFiles:
-    """Read-only file descriptors of the input files, opened once each."""
+    """Read-only file descriptors of the input files, opened once each (from any thread)."""
 
     def __init__(self):
         self._fds: dict[Path, int] = {}
+        self._opening = threading.Lock()  # reading threads of the fuse ask for descriptors too
 
     def fd(self, path: Path) -> int:
-        if path not in self._fds:
-            self._fds[path] = os.open(path, os.O_RDONLY)
-        return self._fds[path]
+        with self._opening:
+            if path not in self._fds:
+                self._fds[path] = os.open(path, os.O_RDONLY)
+            return self._fds[path]
 
     def close(self) -> None:
         for fd in self._fds.values():
