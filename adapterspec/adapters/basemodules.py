@@ -11,15 +11,20 @@ def quantization(module: nn.Module) -> dict | None:
     return {"group_size": module.group_size, "bits": module.bits, "mode": getattr(module, "mode", "affine")}
 
 
-def dense_weight(module: nn.Module) -> mx.array:
-    """The base weight, dequantized when the base is quantized."""
+def dense_weight(module: nn.Module, after: mx.array | None = None) -> mx.array:
+    """The base weight, dequantized when the base is quantized; with `after`, dequantized once `after` is computed,
+    by an operation of its own (a compiled function would otherwise share one dequantized copy among all the
+    places that dequantize the same weight, and keep it alive from the first to the last)."""
     q = quantization(module)
     if q is None:
         return module.weight
     extra = {}
     if getattr(module, "global_scale", None) is not None:
         extra["global_scale"] = module.global_scale
-    return mx.dequantize(module.weight, module.scales, module.get("biases"), **q, **extra)
+    weight, scales = module.weight, module.scales
+    if after is not None:
+        weight, scales = mx.depends([weight, scales], [after])
+    return mx.dequantize(weight, scales, module.get("biases"), **q, **extra)
 
 
 def last_dim(module: nn.Module) -> int:

@@ -72,18 +72,18 @@ class LoRAEmbedding(AdapterModule):
         dtype = mx.result_type(x.dtype, dense_weight(base).dtype)
         quantized = quantization(base) is not None
 
-        def weight():
-            return lowrank.cast(dense_weight(base), dtype)
+        def weight(after=None):
+            return lowrank.cast(dense_weight(base, after), dtype)
 
-        def merge(a, b):
-            return mx.addmm(weight(), a, b)
+        def merge(a, b, trigger):
+            return mx.addmm(weight(trigger), lowrank.after(a, trigger), b)
 
         def apply(x, w):
             return x @ w.T
 
         def backward(x, a, b, dy):
             if quantized:
-                return as_linear_backward(x, a, b, dy, merge(lowrank.after(a, dy), b), low_rank_dx=False)
+                return as_linear_backward(x, a, b, dy, merge(a, b, dy), low_rank_dx=False)
             return as_linear_backward(x, a, b, dy, weight(), low_rank_dx=True)
 
         a = self.lora_a.astype(dtype)

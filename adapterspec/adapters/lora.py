@@ -77,18 +77,18 @@ class LoRALinear(AdapterModule):
         dtype = mx.result_type(x.dtype, dense_weight(base).dtype)
         quantized = quantization(base) is not None
 
-        def weight():
-            return lowrank.cast(dense_weight(base), dtype)
+        def weight(after=None):
+            return lowrank.cast(dense_weight(base, after), dtype)
 
-        def merge(a, b):
-            return mx.addmm(weight(), b.T, a.T)
+        def merge(a, b, trigger):
+            return mx.addmm(weight(trigger), b.T, lowrank.after(a, trigger).T)
 
         def apply(x, w):
             return x @ w.T if bias is None else mx.addmm(bias, x, w.T)
 
         def backward(x, a, b, dy):
             if quantized:  # dequantizing again costs as much as merging: dy goes through the merged weight
-                return linear_backward(x, a, b, dy, merge(lowrank.after(a, dy), b), low_rank_dx=False)
+                return linear_backward(x, a, b, dy, merge(a, b, dy), low_rank_dx=False)
             return linear_backward(x, a, b, dy, weight(), low_rank_dx=True)
 
         a = self.lora_a.astype(dtype)

@@ -70,21 +70,22 @@ def merged_matmul(
     x: mx.array,
     a: mx.array,
     b: mx.array,
-    merge: Callable[[mx.array, mx.array], mx.array],
+    merge: Callable[[mx.array, mx.array, mx.array], mx.array],
     apply: Callable[[mx.array, mx.array], mx.array],
     backward: Callable[..., tuple[mx.array, mx.array, mx.array]],
 ) -> mx.array:
-    """apply(x, merge(a, b)), differentiated by `backward(x, a, b, cotangent) -> (dx, da, db)`.
+    """apply(x, merge(a, b, x)), differentiated by `backward(x, a, b, cotangent) -> (dx, da, db)`.
 
-    The merged weight lives only while the forward pass uses it; a backward that needs it builds it
-    again. `backward` is written out by hand: nested `mx.vjp` calls would walk the whole graph upstream
-    of x for every layer. Arrays the callables close over (bias, indices) are constants; they reach a
-    base weight through its module, so that a dequantized copy is made where it is used, never kept.
+    `merge(a, b, trigger)` builds the merged weight once `trigger` is computed. It lives only while the
+    forward pass uses it; a backward that needs it builds it again, after its cotangent. `backward` is
+    written out by hand: nested `mx.vjp` calls would walk the whole graph upstream of x for every layer.
+    Arrays the callables close over (bias, indices) are constants; they reach a base weight through its
+    module, so that a dequantized copy is made where it is used, never kept.
     """
 
     @mx.custom_function
     def forward(x, a, b):
-        return (apply(x, merge(after(a, x), b)),)
+        return (apply(x, merge(a, b, x)),)
 
     @forward.vjp
     def forward_vjp(primals, cotangents, outputs):

@@ -114,11 +114,11 @@ class LoRASwitchLinear(AdapterModule):
         dtype = gather_mm_dtype(out_dtype)
         quantized = quantization(base) is not None
 
-        def weight():
-            return lowrank.cast(dense_weight(base), dtype)
+        def weight(after=None):
+            return lowrank.cast(dense_weight(base, after), dtype)
 
-        def merge(a, b):
-            return mx.addmm(weight(), b, a)
+        def merge(a, b, trigger):
+            return mx.addmm(weight(trigger), b, lowrank.after(a, trigger))
 
         def apply(x, w):
             y = mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
@@ -126,7 +126,7 @@ class LoRASwitchLinear(AdapterModule):
 
         def backward(x, a, b, dy):
             if quantized:
-                return switch_backward(x, a, b, dy, merge(lowrank.after(a, dy), b), indices, sorted_indices, False)
+                return switch_backward(x, a, b, dy, merge(a, b, dy), indices, sorted_indices, False)
             return switch_backward(x, a, b, dy, weight(), indices, sorted_indices, True)
 
         a = self.lora_a.astype(dtype)
