@@ -77,8 +77,9 @@ def add_arguments(parser) -> None:
     add_verify_arguments(parser, "--verify-data")
     parser.add_argument(
         "--device", choices=("auto", "gpu", "cpu"), default="auto",
-        help="where the merges run: auto (default) takes mlx's GPU where it has one; the files are the same "
-        "within a unit in the last place of each weight",
+        help="where the merges run: auto (default) takes mlx's GPU where it has one. Dense weights and quantized "
+        "groups left on the base's grid come out bit for bit as on the CPU; a freshly quantized group may differ "
+        "by one quantization step",
     )  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="print no report and no progress")
 

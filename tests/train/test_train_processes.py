@@ -20,6 +20,10 @@ from adapterspec.train.checkpoint import list_checkpoints
 from adapterspec.train.options import TrainOptions
 from adapterspec.train.run import run
 
+# mlx's launcher: on PATH, or beside this interpreter (a virtual environment run without activating it).
+MLX_LAUNCH = shutil.which("mlx.launch") or shutil.which("mlx.launch", path=str(Path(sys.executable).parent))
+needs_mlx_launch = pytest.mark.skipif(MLX_LAUNCH is None, reason="mlx.launch is not installed")
+
 ROOT = Path(__file__).resolve().parents[2]
 LLAMA = str(tiny.example_model_dir("tiny-llama"))
 DATA = str(ROOT / "examples" / "data")
@@ -113,7 +117,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_runs_weights(tmp_path, spec):
     assert all(mx.array_equal(expected[k], actual[k]).item() for k in expected)
 
 
-@pytest.mark.skipif(shutil.which("mlx.launch") is None, reason="mlx.launch is not installed")
+@needs_mlx_launch
 def test_two_processes_train_and_resume_to_the_adapters_of_one_with_the_same_global_batch(tmp_path, spec):
     two_processes_equal_one(tmp_path, spec)
 
@@ -127,6 +131,7 @@ layers[0].input_layernorm: full(lr_scale=0.1)
 """
 
 
+@needs_mlx_launch
 def test_per_rule_groups_inits_and_token_rows_train_alike_over_two_processes(tmp_path):
     path = tmp_path / "grouped.aspec"
     path.write_text(GROUPED)
@@ -135,7 +140,7 @@ def test_per_rule_groups_inits_and_token_rows_train_alike_over_two_processes(tmp
 
 def two_processes_equal_one(tmp_path, spec):
     out = tmp_path / "two"
-    launch = [shutil.which("mlx.launch"), "--backend", "ring", "-n", "2", "--"]
+    launch = [MLX_LAUNCH, "--backend", "ring", "-n", "2", "--"]
     for extra in (["--iters", "6"], ["--iters", "12", "--resume"]):
         result = subprocess.run(
             launch + command(spec, out, "--save-every", "6", "--batch-size", "4", *extra),
