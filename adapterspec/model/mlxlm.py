@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
 from ..errors import UserError
+from .config_fit import ConfigFit, one_setting_reasons
 from .families import weight_read_by_model
 from .index import ModuleIndex
 from .kinds import DORA_KINDS, KINDS
@@ -55,23 +55,11 @@ def _enclosing_block(path: str, position: dict[str, int]) -> Optional[str]:
     return None
 
 
-@dataclass
-class MlxLmFit:
-    """Whether a plan is expressible as an mlx-lm adapter config, and the config or the reasons why not."""
-
-    config: Optional[dict] = None
-    reasons: list[str] = field(default_factory=list)
-
-    @property
-    def compatible(self) -> bool:
-        return self.config is not None
-
-
-def mlx_lm_config(plan: Plan, index: ModuleIndex) -> MlxLmFit:
+def mlx_lm_config(plan: Plan, index: ModuleIndex) -> ConfigFit:
     """The mlx-lm `adapter_config.json` keys that make mlx-lm build exactly this plan's adapters."""
     entries = plan.entries
     if is_vlm_index(index):
-        return MlxLmFit(None, ["it is a vision-language model, which mlx-vlm loads (not mlx-lm)"])
+        return ConfigFit(None, ["it is a vision-language model, which mlx-vlm loads (not mlx-lm)"])
     reasons = []
     if not entries:
         reasons.append("the plan adapts no module")
@@ -85,16 +73,7 @@ def mlx_lm_config(plan: Plan, index: ModuleIndex) -> MlxLmFit:
     switch_dora = next((e.path for e in entries if e.adapter == "switch-dora"), None)
     if switch_dora is not None:
         reasons.append(f"it puts DoRA on the experts of '{switch_dora}' (switch-dora), which mlx-lm does not have")
-    for name, values in (
-        ("rank", {e.r for e in entries}),
-        ("scale", {e.scale for e in entries}),
-        ("dropout", {e.dropout for e in entries}),
-    ):
-        values.discard(None)
-        if len(values) > 1:
-            reasons.append(
-                f"it uses {len(values)} different {name} values ({', '.join(f'{v:g}' for v in sorted(values))}); mlx-lm has one"
-            )
+    reasons += one_setting_reasons(entries, "mlx-lm")
     types = {index.model_type} if index.model_type else set()
     reader = next((e for e in entries if weight_read_by_model(types, e.path)), None)
     if reader is not None:
@@ -103,7 +82,7 @@ def mlx_lm_config(plan: Plan, index: ModuleIndex) -> MlxLmFit:
             f"(adapterspec's do): mlx-lm's load_adapters would fail on '{reader.path}'"
         )
     if reasons:
-        return MlxLmFit(None, reasons)
+        return ConfigFit(None, reasons)
     blocks = mlx_lm_blocks(index)
     position = {path: i for i, path in enumerate(blocks)}
     relative_keys: set[str] = set()
@@ -134,14 +113,14 @@ def mlx_lm_config(plan: Plan, index: ModuleIndex) -> MlxLmFit:
             if missing
             else "the adapted blocks are not the same in each block"
         )
-        return MlxLmFit(None, reasons)
+        return ConfigFit(None, reasons)
     first = entries[0]
     config = {
         "fine_tune_type": "dora" if kinds & set(DORA_KINDS) else "lora",
         "num_layers": num_layers,
         "lora_parameters": {"rank": first.r, "scale": first.scale, "dropout": first.dropout, "keys": sorted(keys)},
     }
-    return MlxLmFit(config, [])
+    return ConfigFit(config, [])
 
 
 def mlx_lm_settings(config: dict, where: str, *, defaults: bool) -> tuple[str, int, dict]:

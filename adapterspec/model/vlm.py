@@ -4,10 +4,8 @@ is `config.mlx_vlm_model_problem`). Pure Python, no mlx."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional
-
 from .config import is_vlm_config
+from .config_fit import ConfigFit, one_setting_reasons
 from .kinds import KINDS
 
 # the root of the language model in every mlx-vlm architecture
@@ -35,19 +33,7 @@ def is_vlm_dir(config: dict, index) -> bool:
 # ── mlx-vlm's adapter_config.json ───────────────────────────────────────────
 
 
-@dataclass
-class MlxVlmFit:
-    """Whether a plan is expressible as an mlx-vlm adapter config, and the config or the reasons why not."""
-
-    config: Optional[dict] = None
-    reasons: list[str] = field(default_factory=list)
-
-    @property
-    def compatible(self) -> bool:
-        return self.config is not None
-
-
-def mlx_vlm_config(plan) -> MlxVlmFit:
+def mlx_vlm_config(plan) -> ConfigFit:
     """The keys of `adapter_config.json` that make mlx-vlm's loader (`apply_lora_layers`, behind
     `mlx_vlm.load(..., adapter_path=...)` and `mlx_vlm.generate --adapter-path`) build exactly this plan's
     adapters: one rank, scale and dropout, lora or dora, on linear layers named by their full paths."""
@@ -64,17 +50,9 @@ def mlx_vlm_config(plan) -> MlxVlmFit:
     other = next((e for e in entries if e.adapter != "full" and KINDS[e.adapter].family not in MLX_VLM_FAMILIES), None)
     if other is not None:
         reasons.append(f"it puts {other.adapter} on '{other.path}'; mlx-vlm's adapters wrap linear layers only")
-    for name, values in (
-        ("rank", {e.r for e in entries}),
-        ("scale", {e.scale for e in entries}),
-        ("dropout", {e.dropout for e in entries}),
-    ):
-        values.discard(None)
-        if len(values) > 1:
-            shown = ", ".join(f"{v:g}" for v in sorted(values))
-            reasons.append(f"it uses {len(values)} different {name} values ({shown}); mlx-vlm has one")
+    reasons += one_setting_reasons(entries, "mlx-vlm")
     if reasons:
-        return MlxVlmFit(None, reasons)
+        return ConfigFit(None, reasons)
     first = entries[0]
     config = {
         "fine_tune_type": "dora" if transforms == {"dora"} else "lora",
@@ -86,4 +64,4 @@ def mlx_vlm_config(plan) -> MlxVlmFit:
             "keys": [e.path for e in entries],
         },
     }
-    return MlxVlmFit(config, [])
+    return ConfigFit(config, [])

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,14 +14,11 @@ from pathlib import Path
 import mlx.core as mx
 import models as tiny
 import pytest
+from launch import MLX_LAUNCH, needs_mlx_launch
 
 from adapterspec.train.checkpoint import list_checkpoints
 from adapterspec.train.options import TrainOptions
 from adapterspec.train.run import run
-
-# mlx's launcher: on PATH, or beside this interpreter (a virtual environment run without activating it).
-MLX_LAUNCH = shutil.which("mlx.launch") or shutil.which("mlx.launch", path=str(Path(sys.executable).parent))
-needs_mlx_launch = pytest.mark.skipif(MLX_LAUNCH is None, reason="mlx.launch is not installed")
 
 ROOT = Path(__file__).resolve().parents[2]
 LLAMA = str(tiny.example_model_dir("tiny-llama"))

@@ -14,6 +14,7 @@ import pytest
 
 pytest.importorskip("mlx_vlm")
 import mlx.core as mx
+from launch import MLX_LAUNCH, needs_mlx_launch
 from mlx.utils import tree_flatten
 
 from adapterspec.train.options import TrainOptions
@@ -98,7 +99,7 @@ def test_vlm_data_that_mlx_vlm_cannot_read_is_a_diagnostic(tmp_path):
     assert "missing.png" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.skipif(shutil.which("mlx.launch") is None, reason="mlx.launch is not installed")
+@needs_mlx_launch
 def test_two_processes_train_a_vlm_to_the_adapters_of_one(tmp_path):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
@@ -115,7 +116,7 @@ def test_two_processes_train_a_vlm_to_the_adapters_of_one(tmp_path):
         "--steps-per-eval",
         "1000",
     ]
-    launch = [shutil.which("mlx.launch"), "--backend", "ring", "-n", "2", "--"]
+    launch = [MLX_LAUNCH, "--backend", "ring", "-n", "2", "--"]
     result = subprocess.run(
         launch + command + ["-o", str(tmp_path / "two")],
         env=env,
