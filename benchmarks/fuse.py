@@ -11,6 +11,7 @@ The floor is the time to read the model's weight files and write as many bytes.
     python benchmarks/fuse.py --size-gb 2.4 --shards 1 --runs 2
     python benchmarks/fuse.py --dtypes float16 --json results.json
     python benchmarks/fuse.py --size-gb 2.4 --skip-mlx-lm --also "cpu=--device cpu" --compare   # on a GPU
+    python benchmarks/fuse.py --size-gb 0.3 --runs 1 --skip-mlx-lm --trace     # and where one fuse's time goes
 
 With --compare, the first run's files of each `--also` variant are compared with the default's, tensor
 by tensor: how many values differ, by how many units in the last place (float tensors), and for
@@ -302,6 +303,7 @@ def bench_variant(
     others=(),
     skip_mlx_lm: bool = False,
     compare: bool = False,
+    trace: bool = False,
 ) -> VariantResult:
     model_dir, adapter_dir = work / f"model-{variant}", work / f"adapters-{variant}"
     print(f"[{variant}] writing the model ({layers} blocks, {shards} shards) and adapters …", file=sys.stderr)
@@ -355,6 +357,12 @@ def bench_variant(
         shutil.rmtree(out)
         print(f"[{variant}] run {i + 1}: floor {floors[-1]:.2f} s, adapterspec {ours[-1].wall_s:.2f} s "
               f"({ours[-1].cpu_s:.1f} s CPU), mlx_lm {theirs[-1].wall_s:.2f} s ({theirs[-1].cpu_s:.1f} s CPU)", file=sys.stderr)  # fmt: skip
+    if trace:  # after the timed runs: the trace's own process measures where one more fuse spends its time
+        traced = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fuse_trace.py"), str(model_dir), str(adapter_dir),
+                                 "-o", str(work / f"out-adapterspec-{variant}")], capture_output=True, text=True)  # fmt: skip
+        print(f"[{variant}] where one fuse spends its time (benchmarks/fuse_trace.py):\n{traced.stdout}{traced.stderr[-2000:] if traced.returncode else ''}",
+              file=sys.stderr)  # fmt: skip
+        shutil.rmtree(work / f"out-adapterspec-{variant}", ignore_errors=True)
     result = VariantResult(
         variant, sum(f.stat().st_size for f in weight_files) / 1e9, len(weight_files),
         max(f.stat().st_size for f in weight_files) / 2**20, (adapter_dir / "adapters.safetensors").stat().st_size / 2**20,
@@ -468,6 +476,7 @@ def main(argv=None) -> int:
     )  # fmt: skip
     parser.add_argument("--skip-mlx-lm", action="store_true", help="time only adapterspec (and the floor)")
     parser.add_argument("--compare", action="store_true", help="compare each --also variant's files with the default's")
+    parser.add_argument("--trace", action="store_true", help="after the runs, time one fuse's stages (fuse_trace.py)")
     parser.add_argument("--write-model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--layers", type=int, help=argparse.SUPPRESS)
@@ -489,7 +498,15 @@ def main(argv=None) -> int:
             others = [parse_other(text) for text in args.also]
             results.append(
                 bench_variant(
-                    Path(work), variant.strip(), layers, args.shards, args.runs, others, args.skip_mlx_lm, args.compare
+                    Path(work),
+                    variant.strip(),
+                    layers,
+                    args.shards,
+                    args.runs,
+                    others,
+                    args.skip_mlx_lm,
+                    args.compare,
+                    args.trace,
                 )  # fmt: skip
             )
     print(render(results))
