@@ -212,7 +212,8 @@ def measure(command: list[str], tool: str, variant: str, env: dict | None = None
 
     The peak is that of the whole process tree (the fuse's worker processes included), summed over
     the processes alive at each moment; /proc is sampled every SAMPLE_SECONDS where there is one,
-    and wait4's peak (the largest single process) is the floor of it.
+    and wait4's peak (the largest single process) is the floor of it. With SAMPLE_SECONDS 0 (--sample-seconds 0)
+    nothing is sampled: reading a process's smaps takes its memory map's lock, which its own page faults wait for.
     """
     errors = tempfile.TemporaryFile()
     started = time.perf_counter()
@@ -220,13 +221,15 @@ def measure(command: list[str], tool: str, variant: str, env: dict | None = None
         command, stdout=subprocess.DEVNULL, stderr=errors, cwd=ROOT, env={**os.environ, **(env or {})}
     )
     tree_peak, tree_pss_peak = 0, 0
-    while True:
+    while SAMPLE_SECONDS:
         pid, status, usage = os.wait4(process.pid, os.WNOHANG)
         if pid:
             break
         rss, pss = tree_memory(process.pid)
         tree_peak, tree_pss_peak = max(tree_peak, rss), max(tree_pss_peak, pss)
         time.sleep(SAMPLE_SECONDS)
+    else:
+        _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - started
     process.returncode = os.waitstatus_to_exitcode(status)
     errors.seek(0)
@@ -464,6 +467,7 @@ def render(results: list[VariantResult]) -> str:
 
 
 def main(argv=None) -> int:
+    global SAMPLE_SECONDS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-gb", type=float, default=1.0, help="float16 model size (default 1.0)")
     parser.add_argument("--shards", type=int, default=4)
@@ -476,6 +480,8 @@ def main(argv=None) -> int:
     )  # fmt: skip
     parser.add_argument("--skip-mlx-lm", action="store_true", help="time only adapterspec (and the floor)")
     parser.add_argument("--compare", action="store_true", help="compare each --also variant's files with the default's")
+    parser.add_argument("--sample-seconds", type=float, default=SAMPLE_SECONDS,
+                        help="how often the process tree's memory is read from /proc (0: never, wait4's peak only)")  # fmt: skip
     parser.add_argument("--trace", action="store_true", help="after the runs, time one fuse's stages (fuse_trace.py)")
     parser.add_argument("--write-model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
@@ -487,6 +493,7 @@ def main(argv=None) -> int:
         write_adapters(model_dir, args.write_model / f"adapters-{args.variant}")
         return 0
     layers = layers_for(args.size_gb)
+    SAMPLE_SECONDS = args.sample_seconds
     device = subprocess.run([sys.executable, "-c", "import mlx.core as mx; print(mx.__version__, mx.default_device())"],
                             capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
     print(

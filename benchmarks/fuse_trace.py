@@ -75,7 +75,7 @@ def main(argv: list[str]) -> int:
     timed(run, "_load_adapter_arrays", "load adapters")
     timed(stream, "write_shards", "write_shards (whole)")
     timed(stream, "_copy", "copy untouched tensor")
-    timed(pipeline, "read_bytes", "read chunk")
+    timed(pipeline, "read_raw", "read chunk (into mlx arrays)")
     timed(pipeline, "submit", "submit chunk (build graph)")
     timed(pipeline, "evaluated", "wait for chunk (device)")
     timed(pipeline.Pipeline, "_write_and_release", "write chunk")

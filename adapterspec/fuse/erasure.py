@@ -16,9 +16,10 @@ units of one shape together).
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import replace
-from typing import Callable, Optional
+from typing import Callable
 
 import mlx.core as mx
 import numpy as np
@@ -37,6 +38,7 @@ MAX_SAMPLED_GROUPS = 16
 DENSE_GROUP = 64
 # numpy measures units of one shape together, about this many sampled elements at a time.
 BATCH_ELEMENTS = 1 << 20
+MAX_MEASURING_THREADS = 4
 
 
 def sampled_rows(total: int, limit: int = MAX_SAMPLED_ROWS) -> list[int]:
@@ -56,24 +58,25 @@ def measure(
 class PendingMeasurements:
     """Measurements begun by `measure_meanwhile`."""
 
-    def __init__(self, units: list[Unit], numpy_part: Optional[Future], finish: Callable[[Unit], Measurement]):
-        self._units, self._numpy_part, self._finish = units, numpy_part, finish
+    def __init__(self, units: list[Unit], numpy_parts: list[Future], finish: Callable[[Unit], Measurement]):
+        self._units, self._numpy_parts, self._finish = units, numpy_parts, finish
 
     def wait(self) -> None:
-        """Wait for the thread (before the files it reads are closed), whatever became of it."""
-        if self._numpy_part is not None:
-            wait([self._numpy_part])
+        """Wait for the threads (before the files they read are closed), whatever became of them."""
+        wait(self._numpy_parts)
 
     def result(self) -> list[Measurement]:
-        """Every Measurement in the plan's order: the thread's, and the rest measured now with mlx."""
-        measured = self._numpy_part.result() if self._numpy_part is not None else {}
+        """Every Measurement in the plan's order: the threads', and the rest measured now with mlx."""
+        measured = {}
+        for part in self._numpy_parts:
+            measured.update(part.result())
         return [measured.get(unit.path) or self._finish(unit) for unit in self._units]
 
 
 def measure_meanwhile(
     plan: FusePlan, adapters: dict[str, mx.array], files: SourceFiles, limit: int = MAX_SAMPLED_ROWS
 ) -> PendingMeasurements:
-    """`measure`, begun now: the units numpy measures (plain LoRA, most of a fuse) on a thread of their own while the
+    """`measure`, begun now: the units numpy measures (plain LoRA, most of a fuse) on threads of their own while the
     caller goes on; the rest are measured with mlx when the result is asked for, on the calling thread (whose
     streams mlx's arrays belong to)."""
     units = plan.fused_units
@@ -90,22 +93,26 @@ def measure_meanwhile(
     }
     lora = {name: np.asarray(adapters[name].astype(mx.float32)) for name in names}
 
-    def in_numpy() -> dict[str, Measurement]:
-        measured = {}
-        for batch in (b for same in batches.values() for b in same):
-            try:
-                measured.update(_measure_lora_in_numpy(batch, lora, files, limit))
-            except merge_numpy.Unrepresentable:  # an overflow to ±inf: mlx measures these units
-                pass
-        return measured
+    def in_numpy(batch: list[Unit]) -> dict[str, Measurement]:
+        try:
+            return _measure_lora_in_numpy(batch, lora, files, limit)
+        except merge_numpy.Unrepresentable:  # an overflow to ±inf: mlx measures these units
+            return {}
 
-    numpy_part = None
-    if batches:
-        thread = ThreadPoolExecutor(1, thread_name_prefix="fuse-measure")
-        numpy_part = thread.submit(in_numpy)
-        thread.shutdown(wait=False)
+    every_batch = [b for same in batches.values() for b in same]
+    numpy_parts = []
+    if every_batch:
+        threads = ThreadPoolExecutor(min(len(every_batch), measuring_threads()), thread_name_prefix="fuse-measure")
+        numpy_parts = [threads.submit(in_numpy, batch) for batch in every_batch]
+        threads.shutdown(wait=False)
 
-    return PendingMeasurements(units, numpy_part, lambda unit: _measure_unit(unit, adapters, files, limit))
+    return PendingMeasurements(units, numpy_parts, lambda unit: _measure_unit(unit, adapters, files, limit))
+
+
+def measuring_threads() -> int:
+    """Threads for the numpy measure: a quarter of the cores, at most four (numpy's elementwise work releases the
+    GIL); one on a small machine, where the merges need the cores."""
+    return max(1, min(MAX_MEASURING_THREADS, (os.cpu_count() or 1) // 4))
 
 
 def _numpy_measures(unit: Unit) -> bool:

@@ -1,11 +1,12 @@
 """The chunks mlx merges, as a pipeline: inputs read ahead on a thread, merged on the device a few chunks deep,
-outputs written on another thread, all within one bound on the bytes in flight.
+outputs written by two threads, all within one bound on the bytes in flight.
 
-On a GPU each chunk goes to the device and back; reading the next chunk and writing the previous one
+On a GPU each chunk goes to the device and back; reading the next chunk and writing the previous ones
 while the device merges this one keeps the fuse near the time of reading and writing its files.
 On the CPU the same pipeline runs the merges that the worker processes do not take. Only the calling
-thread touches mlx (its streams belong to the thread that made them): the reading thread hands over
-bytes, the writing thread receives buffers.
+thread runs mlx operations (its streams belong to the thread that made them): the reading thread hands
+over arrays of the bytes it read (a copy into mlx's memory, no operation), the writing threads receive
+buffers of evaluated arrays.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from .plan import Unit
 from .shards import SourceFiles
 
 STREAMS = 2
+# Writing threads: copying a chunk's bytes into the page cache, from the device's memory on a GPU, runs at a few
+# GB/s per thread; one thread made the writes the longest stage of a float16 fuse on an H100 host.
+WRITERS = 2
 # Chunks submitted to the device before the oldest is waited for.
 DEPTH = 3
 
@@ -55,17 +59,24 @@ def read_bytes(files: SourceFiles, chunk: Chunk) -> dict[str, bytes]:
             for param, source in chunk.unit.base.items()}  # fmt: skip
 
 
-def as_arrays(chunk: Chunk, raw: dict[str, bytes]) -> dict[str, mx.array]:
-    """A chunk's input tensors from their bytes: each source's dtype and shape, its rows of the first axis."""
+def as_arrays(chunk: Chunk, raw: dict[str, mx.array]) -> dict[str, mx.array]:
+    """A chunk's input tensors from their bytes (`read_raw`): each source's dtype and shape, its rows of the first
+    axis."""
     tensors = {}
     for param, source in chunk.unit.base.items():
         start, stop = chunk.rows or (0, source.shape[0])
-        array = mx.array(memoryview(raw[param])).view(getattr(mx, source.dtype))
+        array = raw[param].view(getattr(mx, source.dtype))
         tensors[param] = array.reshape((stop - start,) + tuple(source.shape[1:]))
     return tensors
 
 
-def submit(chunk: Chunk, raw: dict[str, bytes], adapters: dict[str, mx.array], stream: mx.Stream) -> None:
+def read_raw(files: SourceFiles, chunk: Chunk) -> dict[str, mx.array]:
+    """A chunk's input bytes copied into mlx arrays of bytes: an allocation and a copy, no operation, so any thread may
+    make them (the operations that view them as tensors run on the thread that evaluates them)."""
+    return {param: mx.array(memoryview(data)) for param, data in read_bytes(files, chunk).items()}
+
+
+def submit(chunk: Chunk, raw: dict[str, mx.array], adapters: dict[str, mx.array], stream: mx.Stream) -> None:
     """Start merging a chunk on `stream`: its outputs and whether they are all finite, evaluated asynchronously."""
     with mx.stream(stream):
         chunk.results = compute_chunk(chunk.unit, as_arrays(chunk, raw), adapters, chunk.rows)
@@ -142,7 +153,7 @@ class Pipeline:
 
     def compute_now(self, chunk: Chunk) -> dict[str, Output]:
         """One chunk merged at once, outside the pipeline (a row the worker processes could not round)."""
-        submit(chunk, read_bytes(self._files, chunk), self._adapters, self._streams[0])
+        submit(chunk, read_raw(self._files, chunk), self._adapters, self._streams[0])
         return self._finish(chunk)
 
     def _finish(self, chunk: Chunk) -> dict[str, Output]:
@@ -158,7 +169,7 @@ class Pipeline:
         if not self._chunks:
             return
         reader = ThreadPoolExecutor(1, thread_name_prefix="fuse-read")
-        writer = ThreadPoolExecutor(1, thread_name_prefix="fuse-write")
+        writer = ThreadPoolExecutor(WRITERS, thread_name_prefix="fuse-write")
         reads: collections.deque[Future] = collections.deque(reader.submit(self._read, chunk) for chunk in self._chunks)
         on_device: collections.deque[Chunk] = collections.deque()
         writes: collections.deque[Future] = collections.deque()
@@ -189,10 +200,10 @@ class Pipeline:
             reader.shutdown(wait=True)
             writer.shutdown(wait=True, cancel_futures=True)
 
-    def _read(self, chunk: Chunk) -> dict[str, bytes]:
+    def _read(self, chunk: Chunk) -> dict[str, mx.array]:
         if not self._budget.take(chunk.working_bytes, self._stop):
             raise Stopped()
-        return read_bytes(self._files, chunk)
+        return read_raw(self._files, chunk)
 
     def _write_and_release(self, chunk: Chunk, results: dict[str, Output]) -> None:
         try:

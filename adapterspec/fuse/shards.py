@@ -131,6 +131,7 @@ class ShardFile:
             self._spans[name] = (offset, size)
             offset += size
         self._missing = {name: size for name, (_, size) in self._spans.items()}
+        self._counting = threading.Lock()  # several threads may write rows of one tensor
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         pwrite_all(self._fd, header, 0)
         os.ftruncate(self._fd, offset)
@@ -152,7 +153,8 @@ class ShardFile:
 
     def written(self, name: str, nbytes: int) -> None:
         """Count bytes of a tensor written (here or by another process through `target`)."""
-        self._missing[name] -= nbytes
+        with self._counting:
+            self._missing[name] -= nbytes
 
     def copy(self, name: str, source: SourceTensor, files: SourceFiles) -> None:
         """Fill a tensor by copying its bytes from an input file, without reading them into this process."""

@@ -303,3 +303,27 @@ def test_a_fused_weight_that_overflows_is_an_error(model_dirs, tmp_path):
     with pytest.raises(UserError, match="NaN or infinite values"):
         fuse_model_dir(model_dirs["float16"], adapters, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_erasure_measure_on_several_threads_equals_one(model_dirs, tmp_path, monkeypatch):
+    """The numpy measure splits its batches over threads on a large machine; every figure stays the same."""
+    from adapterspec.fuse import erasure
+
+    adapter_dir = write_adapters(model_dirs["4bit"], tmp_path / "ad", MIXED_SPEC)
+    reports = {}
+    for threads in (1, 4):
+        monkeypatch.setattr(erasure, "measuring_threads", lambda threads=threads: threads)
+        monkeypatch.setattr(erasure, "BATCH_ELEMENTS", 1)  # one unit a batch: as many batches as units
+        result = fuse_model_dir(model_dirs["4bit"], adapter_dir, tmp_path / f"out{threads}")
+        reports[threads] = [(m.path, m.kept, m.error, m.status) for m in result.report.modules]
+    assert len(reports[1]) > 4
+    assert reports[4] == reports[1]
+
+
+def test_measuring_threads_leave_a_small_machine_one(monkeypatch):
+    from adapterspec.fuse import erasure
+
+    monkeypatch.setattr(erasure.os, "cpu_count", lambda: 2)
+    assert erasure.measuring_threads() == 1
+    monkeypatch.setattr(erasure.os, "cpu_count", lambda: 64)
+    assert erasure.measuring_threads() == erasure.MAX_MEASURING_THREADS
