@@ -50,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--clear-cache-threshold", type=_size, help="clear the allocator cache when it grows past this (e.g. 2GB)"
     )
     group.add_argument(
+        "--memory-limit",
+        type=_size,
+        help="MLX's memory limit (e.g. 20GB): past it, each step waits for the device instead of queueing more work"
+        " ahead, which bounds the peak (docs/training.md)",
+    )
+    group.add_argument(
         "--seed", type=seed, help="seed of the adapters' initialisation, dropout and the data order (default 0)"
     )
     group = parser.add_argument_group("reports and evaluation")
@@ -82,9 +88,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _size(text: str) -> int:
+    """A size in bytes, as mlx_lm.lora reads one (`2GB`, `512MB`, `1000`)."""
     from mlx_lm.utils import _parse_size
 
-    return _parse_size(text)
+    try:
+        size = _parse_size(text)
+    except (ArithmeticError, LookupError, ValueError):  # mlx-lm's parse raises decimal's errors and KeyError
+        size = None
+    if not isinstance(size, int) or size < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 2GB, 512MB)")
+    return size
 
 
 def run(args) -> int:

@@ -42,6 +42,7 @@ class TrainOptions:
     grad_checkpoint: bool = False
     grad_accumulation_steps: int = 1
     clear_cache_threshold: int = 0
+    memory_limit: int = 0
     mask_prompt: bool = False
     seed: int = 0
     resume: bool = False
@@ -142,6 +143,7 @@ NUMBERS: dict[str, tuple[type, Optional[float], Optional[float]]] = {
     "max_seq_length": (int, 1, None),
     "grad_accumulation_steps": (int, 1, None),
     "clear_cache_threshold": (int, 0, None),
+    "memory_limit": (int, 0, None),
     "seed": (int, 0, SEED_MAX),
 }
 

@@ -3,8 +3,9 @@ started from scratch or from the newest checkpoint, checkpoints written and the 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from ..errors import EXIT_ERRORS, UserError
 from .groups import group_table
@@ -215,19 +216,20 @@ def run(options: TrainOptions, *, stream=None, training_callback=None) -> TrainR
         prune(out, options.keep_checkpoints)
         report.on_save(step, path)
 
-    result = fit(
-        model,
-        optimizer,
-        train_set,
-        valid_set,
-        training_args(options),
-        seed=options.seed,
-        report=report,
-        start=start,
-        save=save,
-        compiled=not vlm,
-        **pieces,
-    )
+    with memory_limit(options.memory_limit):
+        result = fit(
+            model,
+            optimizer,
+            train_set,
+            valid_set,
+            training_args(options),
+            seed=options.seed,
+            report=report,
+            start=start,
+            save=save,
+            compiled=not vlm,
+            **pieces,
+        )
     if result.step == start.step:
         save(start.step, start.grad_accum, start.accum_tokens, start.trained_tokens)
     result.out, result.model, result.plan = out, model, plan
@@ -254,3 +256,23 @@ def refuse_diverged(model, step: int, out: Path) -> None:
 
 def result_losses(history: list, key: str) -> Optional[float]:
     return history[-1][key] if history else None
+
+
+@contextmanager
+def memory_limit(limit: int) -> Iterator[None]:
+    """MLX's memory limit set to `limit` bytes (0: left as it is) while training, restored after.
+
+    MLX's evaluation waits for the device once more than the limit is in use. A GPU runs behind the host, and every
+    buffer that a queued kernel reads stays allocated until the kernel ran, so without a limit a compiled step can
+    hold the transient arrays of many layers at once (docs/benchmarks.md measures it).
+    """
+    import mlx.core as mx
+
+    if not limit:
+        yield
+        return
+    previous = mx.set_memory_limit(limit)
+    try:
+        yield
+    finally:
+        mx.set_memory_limit(previous)

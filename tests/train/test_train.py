@@ -228,3 +228,31 @@ def test_training_switch_dora_on_experts_moves_a_b_and_m_and_reloads(tmp_path):
     assert initial.keys() == saved.keys()
     result.model.eval()
     assert mx.array_equal(fresh(a_batch()), result.model(a_batch())).item()
+
+
+def test_memory_limit_holds_while_training_and_is_restored(tmp_path, capsys, monkeypatch):
+    """--memory-limit 1GB: MLX's limit is 10⁹ bytes during every step, and what it was before once training ends."""
+    from adapterspec.cli import main
+    from adapterspec.train import loop
+
+    seen = []
+    original_fit = loop.fit
+
+    def fit_noting_the_limit(*args, **kwargs):
+        limit = mx.set_memory_limit(1 << 40)  # set_memory_limit answers the limit it replaces
+        mx.set_memory_limit(limit)
+        seen.append(limit)
+        return original_fit(*args, **kwargs)
+
+    monkeypatch.setattr("adapterspec.train.run.fit", fit_noting_the_limit)
+    before = mx.set_memory_limit(1 << 40)
+    mx.set_memory_limit(before)
+    spec = tmp_path / "a.aspec"
+    spec.write_text(ATTENTION)
+    argv = ["train", LLAMA, str(spec), "--data", DATA, "--iters", "2", "--val-batches", "1", "--memory-limit", "1GB"]
+    assert main([*argv, "-o", str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    after = mx.set_memory_limit(1 << 40)
+    mx.set_memory_limit(after)
+    assert seen == [10**9]
+    assert after == before != 10**9
+    assert main(["train", LLAMA, str(spec), "--data", DATA, "--memory-limit", "lots", "-o", str(tmp_path / "b")]) == 2
