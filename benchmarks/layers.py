@@ -442,6 +442,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--deep-tokens", default=None, help="token counts run at depths beyond the first (default: all)"
     )
     parser.add_argument("--max-seconds", type=float, default=None, help="stop the sweep after this long")
+    parser.add_argument(
+        "--memory-limit-gb", type=float, default=None,
+        help="mx.set_memory_limit: evaluation waits for the device when more is in use (bounds work queued ahead)",
+    )  # fmt: skip
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--scale", type=float, default=20.0)
@@ -506,6 +510,8 @@ def sweep(args: argparse.Namespace, header: dict) -> list[ConfigResult]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.memory_limit_gb:
+        mx.set_memory_limit(int(args.memory_limit_gb * 1e9))
     header = {**versions(), "compiled": args.compiled, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     print(", ".join(f"{k} {v}" for k, v in header.items()), flush=True)
     if args.sweep:

@@ -244,6 +244,10 @@ def worker(args) -> int:
     import mlx_lm.tokenizer_utils  # noqa: F401  (transformers is imported before either side's clock starts)
 
     args.num_layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+    if args.memory_limit_gb:  # the same limit for both sides (adapterspec train's --memory-limit sets this too)
+        import mlx.core as mx
+
+        mx.set_memory_limit(int(args.memory_limit_gb * 1e9))
     with contextlib.redirect_stdout(io.StringIO()):
         if args.worker == "mlx_lm.lora":
             figures = run_mlx_lm(model_dir, args, tmp / "out")
@@ -279,6 +283,8 @@ def spawn(side: str, model_dir: Path, args, tmp: Path) -> dict:
         "--seq-len",
         str(args.seq_len or 0),
     ] + (["--all-linears"] if args.all_linears else [])
+    if args.memory_limit_gb:
+        command += ["--memory-limit-gb", str(args.memory_limit_gb)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{side} run failed:\n{result.stderr}")
@@ -303,6 +309,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps-per-report", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=4, help="runs of each side")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--memory-limit-gb", type=float, help="MLX's memory limit in both sides' processes")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
