@@ -231,7 +231,8 @@ def test_training_switch_dora_on_experts_moves_a_b_and_m_and_reloads(tmp_path):
 
 
 def test_memory_limit_holds_while_training_and_is_restored(tmp_path, capsys, monkeypatch):
-    """--memory-limit 1GB: MLX's limit is 10⁹ bytes during every step, and what it was before once training ends."""
+    """--memory-limit 1GB: MLX's limit is 10⁹ bytes when the training loop starts, and what it was before once it
+    ends; a size that is not one is a usage error."""
     from adapterspec.cli import main
     from adapterspec.train import loop
 
