@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adapterspec.adapters import lowrank, pathchoice  # noqa: E402
 from adapterspec.adapters.install import from_base  # noqa: E402
+from adapterspec.adapters.siblings import link as link_siblings  # noqa: E402
 
 CONFIGS = ("dense", "moe", "qlora", "embedding")
 PRESETS = {
@@ -74,14 +75,16 @@ ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 
 
-# adapterspec variants: (merge_mode, separate path by hand); "before" is the code before measured choices
+# adapterspec variants: (merge_mode, separate path by hand, siblings share their product); "before" is the
+# code before measured choices, "unshared" the code before siblings shared their low-rank product
 VARIANT_MODES = {
-    "auto": ("auto", True),
-    "model": ("model", True),
-    "measure": ("measure", True),
-    "never": ("never", True),
-    "always": ("always", True),
-    "before": ("model", False),
+    "auto": ("auto", True, True),
+    "model": ("model", True, True),
+    "measure": ("measure", True, True),
+    "never": ("never", True, True),
+    "always": ("always", True, True),
+    "unshared": ("auto", True, False),
+    "before": ("model", False, False),
 }
 SWEEP_TOKENS = "1x1024,2x1024,4x1024,8x1024,2x4096"
 
@@ -164,6 +167,7 @@ def apply_adapterspec(model: nn.Module, paths: list[str], rank: int, scale: floa
     modules = dict(model.named_modules())
     adapters = [(p, from_base(kind_of(modules[p]), modules[p], r=rank, scale=scale, dropout=0.0)) for p in paths]
     model.update_modules(tree_unflatten(adapters))
+    link_siblings(adapters)
 
 
 def apply_mlxlm(model: nn.Module, paths: list[str], rank: int, scale: float) -> None:
@@ -216,11 +220,13 @@ def forward(model: nn.Module, inputs: mx.array, compiled: bool):
     return lambda: call(inputs)
 
 
-def in_mode(variant: str, fn):
-    merge_mode, by_hand = VARIANT_MODES[variant]
+def set_mode(variant: str) -> None:
+    lowrank.merge_mode, lowrank.separate_by_hand, lowrank.share_siblings = VARIANT_MODES[variant]
 
+
+def in_mode(variant: str, fn):
     def run():
-        lowrank.merge_mode, lowrank.separate_by_hand = merge_mode, by_hand
+        set_mode(variant)
         return fn()
 
     return run
@@ -330,7 +336,7 @@ def run_point(config: str, model: nn.Module, args: argparse.Namespace, tokens: t
 
     forward_timings = measure_all(forwards, args.warmup, args.iters)
     step_timings = measure_all(steps, args.warmup, args.iters)
-    lowrank.merge_mode, lowrank.separate_by_hand = "auto", True
+    set_mode("auto")
     result = ConfigResult(
         config,
         description,

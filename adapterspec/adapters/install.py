@@ -113,7 +113,10 @@ def install(model, plan: Plan, adapters: list[tuple[str, object]]) -> None:
         if entry.adapter == "full":
             module_at(model, entry.path).unfreeze(recurse=False)
     if adapters:
+        from .siblings import link
+
         model.update_modules(tree_unflatten(adapters))
+        link(adapters)
 
 
 def _ensure_module_state(model) -> None:

@@ -20,6 +20,7 @@ class LoRALinear(AdapterModule):
     """
 
     kind = "lora"
+    sibling_group = None  # the `siblings.Siblings` it may share its low-rank product with, set by `siblings.link`
 
     def __init__(
         self, base: nn.Module, r: int = 8, scale: float = 20.0, dropout: float = 0.0, freeze_base: bool = True
@@ -30,16 +31,44 @@ class LoRALinear(AdapterModule):
         self.lora_b = mx.zeros((r, output_dims))
 
     def __call__(self, x: mx.array) -> mx.array:
+        if self.sibling_group is not None and lowrank.share_siblings:
+            self.sibling_group.arrive(self, x)
+        path = self._path(x)
+        if path == "merged":
+            return self._merged(x)
+        if path == "separate":
+            return self._separate(x, shared=True)
+        return self._autodiff(x)
+
+    def _path(self, x: mx.array) -> str:
+        """The path for x: "autodiff" (dropout, a base that trains, a base `_separate` cannot differentiate, or
+        the benchmarks' old path), "merged" or "separate". Forced, or in training on a dense base with siblings
+        the separate path (its product shared, it runs fewer GEMMs than the merged one), or measured on a GPU,
+        or modelled."""
         input_dims, output_dims = self.lora_a.shape[0], self.lora_b.shape[1]
         if (self.training and self.dropout_p > 0) or not lowrank.frozen(self.linear):
-            return self._autodiff(x)
-        if lowrank.measuring():
+            return "autodiff"
+        if lowrank.merge_mode in ("always", "never"):
+            merged = lowrank.merge_mode == "always"
+        elif self.training and quantization(self.linear) is None and self._shares():
+            merged = False
+        elif lowrank.measuring():
             merged = pathchoice.choose(self._paths(x)) == "merged"
         else:
             merged = lowrank.use_merged(x.size // input_dims, input_dims, output_dims, training=self.training)
         if merged:
-            return self._merged(x)
-        return self._separate(x) if lowrank.separate_by_hand else self._autodiff(x)
+            return "merged"
+        if not lowrank.separate_by_hand or getattr(self.linear, "global_scale", None) is not None:
+            return "autodiff"
+        return "separate"
+
+    def _shares(self) -> bool:
+        """Whether this layer, called now, may share its low-rank product with a sibling."""
+        return self.sibling_group is not None and lowrank.share_siblings and self.sibling_group.may_share(self)
+
+    def shares_product(self, x: mx.array, dtype: mx.Dtype) -> bool:
+        """Whether this layer takes the separate path for x with its low-rank product in `dtype`."""
+        return self._path(x) == "separate" and lowrank.output_dtype(self.linear, x) == dtype
 
     def _autodiff(self, x: mx.array) -> mx.array:
         """The separate path left to autodiff: with dropout, or a base that trains too."""
@@ -48,7 +77,8 @@ class LoRALinear(AdapterModule):
         z = lowrank.cast(self.dropout(x), dtype) @ self.lora_a.astype(dtype)
         return mx.addmm(y, z, (self.scale * self.lora_b).astype(dtype))
 
-    def _separate(self, x: mx.array) -> mx.array:
+    def _separate(self, x: mx.array, shared: bool = False) -> mx.array:
+        """The separate path; with `shared`, on the product its siblings computed for the same x where they did."""
         base = self.linear
         q = quantization(base)
         if q is None:
@@ -63,8 +93,15 @@ class LoRALinear(AdapterModule):
         else:
             return self._autodiff(x)
         dtype = lowrank.output_dtype(base, x)
-        a = self.lora_a.astype(dtype)
         b = (self.scale * self.lora_b).astype(dtype)
+        z = (
+            self.sibling_group.product(self, x, dtype)
+            if shared and self.sibling_group is not None and lowrank.share_siblings
+            else None
+        )
+        if z is not None:
+            return lowrank.separate_with_product(lowrank.cast(x, dtype), z, b, base, base_dx)
+        a = self.lora_a.astype(dtype)
         return lowrank.separate_matmul(lowrank.cast(x, dtype), a, b, base, base_dx)
 
     def _paths(self, x: mx.array) -> pathchoice.Candidates:

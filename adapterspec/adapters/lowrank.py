@@ -30,6 +30,7 @@ import mlx.core as mx
 MERGE_MODES = ("auto", "always", "never", "measure", "model")
 merge_mode = os.environ.get("ADAPTERSPEC_LORA_PATH", "auto")
 separate_by_hand = True  # False leaves the separate path to autodiff (benchmarks compare the two)
+share_siblings = True  # False gives every layer its own low-rank product (`siblings`; benchmarks and tests compare)
 if merge_mode not in MERGE_MODES:
     raise ValueError(f"ADAPTERSPEC_LORA_PATH={merge_mode!r}: expected one of {MERGE_MODES}")
 
@@ -120,6 +121,31 @@ def separate_matmul(
         return dx, rows(x).T @ dz_rows, rows(z).T @ dy_rows
 
     return forward(x, a, b)[0]
+
+
+def separate_with_product(
+    x: mx.array,
+    z: mx.array,
+    b: mx.array,
+    base: Callable[[mx.array], mx.array],
+    base_dx: Callable[[mx.array], mx.array],
+) -> mx.array:
+    """base(x) + z·b for a low-rank product z = rows(x)·a computed elsewhere (`siblings`), which carries a's
+    part of x's gradient: here dx = base_dx(dy), dz = dy·bᵀ, db = zᵀ·dy. The base's arrays are constants."""
+
+    @mx.custom_function
+    def forward(x, z, b):
+        y = base(x)
+        return (mx.addmm(rows(y), z, b).reshape(y.shape),)
+
+    @forward.vjp
+    def forward_vjp(primals, cotangents, outputs):
+        x, z, b = primals
+        dy = cotangents[0]
+        dy_rows = rows(dy)
+        return base_dx(dy), dy_rows @ b.T, z.T @ dy_rows
+
+    return forward(x, z, b)[0]
 
 
 def frozen(module) -> bool:
