@@ -70,13 +70,13 @@ def main(argv: list[str]) -> int:
     t = time.perf_counter()
     from adapterspec import cli
     from adapterspec.commands import fuse as fuse_command  # noqa: F401  (what `adapterspec fuse` imports)
-    from adapterspec.fuse import adapter_source, erasure, pipeline, run, spec_check, stream
+    from adapterspec.fuse import adapter_source, erasure, pipeline, run, stream
 
     record("import adapterspec (fuse command)", t, time.perf_counter())
     timed(run, "plan_fuse", "plan")
     timed(adapter_source, "plan_of", "spec planned here (plan_of)")
-    timed(spec_check.SpecCheck, "__init__", "spec check: process started")
-    timed(spec_check.SpecCheck, "entries", "spec check: waited for")
+    timed(adapter_source.SpecCheck, "__init__", "spec check: process started")
+    timed(adapter_source.SpecCheck, "entries", "spec check: waited for")
     timed(run, "_load_adapter_arrays", "load adapters")
     timed(stream, "write_shards", "write_shards (whole)")
     timed(stream, "_copy", "copy untouched tensor")
