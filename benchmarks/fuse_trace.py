@@ -1,7 +1,9 @@
 """Where one `adapterspec fuse` spends its time: the fuse run in this process, its stages timed on a timeline.
 
 Stages: the process start (interpreter up to this script's first line), importing mlx and the command, starting
-the device (the first evaluation), and within the fuse the plan, the adapters' loading, every chunk read, merged
+the device (the first evaluation), and within the fuse the plan, the spec planned again to check the saved plan
+(in a process of its own where the adapter directory saved one: its start and the wait for its answer), the
+adapters' loading, every chunk read, merged
 on the device, evaluated and written, every untouched tensor copied, the erasure measure, and the rest
 (publishing the directory). For each stage: how many times it ran, its busy seconds summed over its calls,
 and when its first call began and its last ended, from the process start.
@@ -68,10 +70,13 @@ def main(argv: list[str]) -> int:
     t = time.perf_counter()
     from adapterspec import cli
     from adapterspec.commands import fuse as fuse_command  # noqa: F401  (what `adapterspec fuse` imports)
-    from adapterspec.fuse import erasure, pipeline, run, stream
+    from adapterspec.fuse import adapter_source, erasure, pipeline, run, stream
 
     record("import adapterspec (fuse command)", t, time.perf_counter())
     timed(run, "plan_fuse", "plan")
+    timed(adapter_source, "plan_of", "spec planned here (plan_of)")
+    timed(adapter_source.SpecCheck, "__init__", "spec check: process started")
+    timed(adapter_source.SpecCheck, "entries", "spec check: waited for")
     timed(run, "_load_adapter_arrays", "load adapters")
     timed(stream, "write_shards", "write_shards (whole)")
     timed(stream, "_copy", "copy untouched tensor")

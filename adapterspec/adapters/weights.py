@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from ..errors import UserError
 from ..model.adapter_format import (
@@ -17,7 +17,9 @@ from ..model.adapter_format import (
     read_adapter_config,
 )
 from ..model.index import ModuleIndex
-from ..model.plan import Plan
+
+if TYPE_CHECKING:
+    from ..model.plan import Plan  # the spec language: a fuse loads these weights while a thread imports it
 
 UNREADABLE_HELP = "the file is damaged or incomplete: copy or write it again"
 

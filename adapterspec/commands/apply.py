@@ -92,7 +92,7 @@ def run(args) -> int:
     weights = adapter_weights_file(args.adapters)
     plan = saved_plan(plan)  # given weights are saved adapters: PiSSA / OLoRA ones as their plain rank-2r delta
     if args.fuse:
-        from ..fuse.plan import AdapterSource
+        from ..fuse.adapter_source import AdapterSource
         from ..fuse.progress import progress_for
         from ..fuse.run import fuse_model_dir
         from .reports import print_outcome

@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import UserError
-from ..model.adapter_format import ADAPTER_WEIGHTS, check_weights_file, plan_of, read_adapter_config
 from ..model.families import ConfigHints, unfusable_reason
 from ..model.files import read_model_config, read_model_tensors, resolve_model_path, weight_files
 from ..model.hf_moe import Part, StackedTensor, sanitized_tensors
 from ..model.index import ModuleIndex, ModuleInfo, natural_key
 from ..model.kinds import KINDS
+from .adapter_source import AdaptedModule, AdapterSource
 from .shards import SourceTensor, nbytes_of, read_sources, stacked_source
 
 MODULE_TENSORS = ("weight", "scales", "biases")
@@ -24,59 +24,6 @@ MAX_SHARD_BYTES = 5 << 30
 WORKING_BYTES_PER_ELEMENT = 16
 SHARD_METADATA = {"format": "mlx"}
 ADAPTER_DTYPES = ("float16", "bfloat16", "float32")
-
-
-@dataclass(frozen=True)
-class AdaptedModule:
-    """One module of the adapter plan: its path, adapter kind (or 'full'), rank and scale."""
-
-    path: str
-    kind: str
-    r: Optional[int] = None
-    scale: Optional[float] = None
-    rows: Optional[tuple[int, ...]] = None  # the rows a tokens adapter writes
-
-    def describe(self) -> str:
-        if self.rows is not None:
-            return f"{self.kind} ({len(self.rows)} rows)"
-        return self.kind if self.r is None else f"{self.kind} r={self.r}"
-
-
-@dataclass(frozen=True)
-class AdapterSource:
-    """What a fuse merges: the adapted modules (from a plan) and the safetensors file holding their weights.
-
-    `origin` is what the user named (an adapter directory, or the weights file): messages name it, and the
-    output may not overlap it."""
-
-    modules: tuple[AdaptedModule, ...]
-    weights: Path
-    origin: Path
-    notes: tuple[str, ...] = ()
-
-    @classmethod
-    def from_plan(cls, plan, weights) -> "AdapterSource":
-        """A plan in memory (`model.plan.Plan`, or its entries' JSON) with the weights file it goes with."""
-        entries = plan.to_json()["modules"] if hasattr(plan, "to_json") else plan
-        try:
-            modules = tuple(
-                AdaptedModule(
-                    m["path"], m["adapter"], m.get("r"), m.get("scale"), tuple(m["rows"]) if m.get("rows") else None
-                )
-                for m in entries
-            )
-        except (KeyError, TypeError) as error:
-            raise UserError(f"the adapter config's plan is damaged ({error})") from error
-        return cls(modules, Path(weights), Path(weights))
-
-    @classmethod
-    def from_dir(cls, adapter_dir, index: ModuleIndex) -> "AdapterSource":
-        """An adapter directory: our saved plan, or mlx-lm's keys translated on this model."""
-        adapter_dir = Path(adapter_dir)
-        plan, notes = plan_of(read_adapter_config(adapter_dir), index, adapter_dir)
-        source = cls.from_plan(plan, adapter_dir / ADAPTER_WEIGHTS)
-        check_weights_file(source.weights)
-        return cls(source.modules, source.weights, adapter_dir, tuple(notes))
 
 
 @dataclass(frozen=True)
@@ -312,14 +259,23 @@ def total_parameters(shards: list[Shard], quantized_bits: dict[str, int]) -> int
 REQUANTIZATION = ("grid", "plain")
 
 
-def plan_fuse(model, adapters, *, dequantize: bool = False, requantization: str = "grid") -> FusePlan:
+def plan_fuse(
+    model, adapters, *, dequantize: bool = False, requantization: str = "grid", check_meanwhile: bool = False
+) -> FusePlan:
     """Read a model directory and the adapters (an adapter directory, or an AdapterSource from a plan in memory)
-    and decide what fusing them writes; nothing is loaded."""
+    and decide what fusing them writes; nothing is loaded. `check_meanwhile`: an adapter directory's saved plan is
+    checked against its spec in a process beside this one (`AdapterSource.from_dir`), and the caller waits for `adapters.checked()`."""
     model_dir = resolve_model_path(model)
     config = read_model_config(model_dir)
     index = ModuleIndex.from_model_dir(model_dir)
     if not isinstance(adapters, AdapterSource):
-        adapters = AdapterSource.from_dir(adapters, index)
+        adapters = AdapterSource.from_dir(adapters, index, check_meanwhile=model_dir if check_meanwhile else None)
+    with adapters.spec_check_first():
+        return _plan(model_dir, config, index, adapters, dequantize, requantization)
+
+
+def _plan(model_dir: Path, config: dict, index: ModuleIndex, adapters: AdapterSource, dequantize: bool,
+          requantization: str) -> FusePlan:  # fmt: skip
     sources = _sources_as_sanitized(model_dir, config)
     by_name = {s.name: s for s in sources}
     adapter_sources = read_sources(adapters.weights)

@@ -24,6 +24,7 @@ from typing import Iterable, Iterator, Optional
 from ..errors import EXIT_ERRORS, UserError
 from ..model.files import CONFIG_FILE, WEIGHT_INDEX_FILE, copy_model_side_files, side_files
 from ..outputs import atomic_output_dir, check_output_dir, remove_stale_temporaries
+from .adapter_source import AdapterSource
 from .plan import MAX_SHARD_BYTES, FusePlan, Shard, plan_fuse
 from .progress import Progress
 from .report import ErasureReport, build_report, describe_lost, modules_to_keep_dense
@@ -124,48 +125,78 @@ def fuse_model_dir(
     worker_count()  # a bad ADAPTERSPEC_FUSE_WORKERS is refused before any work
     from .merge import resolve_device
 
-    device = resolve_device(device)
-    plan = plan_fuse(model_dir, adapters, dequantize=dequantize, requantization=requantization)
+    options = dict(
+        dequantize=dequantize, requantization=requantization, keep_precision=keep_precision, strict=strict, force=force,
+        max_shard_bytes=max_shard_bytes, progress=progress, protect=tuple(protect), verify=verify,
+        device=resolve_device(device),
+    )  # fmt: skip
+    try:
+        result = _fuse(model_dir, adapters, out_dir, check_meanwhile=True, **options)
+    except _SavedPlanDiffers as differs:  # an edited scale or rows in the saved plan: the spec's plan decides, as ever
+        result = _fuse(model_dir, differs.spec_source, out_dir, check_meanwhile=False, **options)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+class _SavedPlanDiffers(Exception):
+    """The adapter directory's saved plan, which the fuse ran from, is not its spec's plan in scale or rows."""
+
+    def __init__(self, spec_source: AdapterSource):
+        super().__init__("the saved plan differs from the spec's plan")
+        self.spec_source = spec_source
+
+
+def _fuse(model_dir, adapters, out_dir, *, dequantize, requantization, keep_precision, strict, force, max_shard_bytes,
+          progress, protect, verify, device, check_meanwhile) -> FuseResult:  # fmt: skip
+    """fuse_model_dir's work; with `check_meanwhile`, an adapter directory's spec is checked against its saved plan on
+    a process of its own while the fuse runs from the saved plan, and waited for before the output is published."""
+    plan = plan_fuse(
+        model_dir, adapters, dequantize=dequantize, requantization=requantization, check_meanwhile=check_meanwhile
+    )
     out = Path(out_dir).expanduser()
     inputs = [plan.model_dir, plan.adapters.origin, *protect]
     produces = fused_model_files(plan.model_dir)
-    check_output_dir(out, force=force, protect=inputs, produces=produces)
-    removed = remove_stale_temporaries(out)
-    from .erasure import measure_meanwhile
-    from .shards import SourceFiles
-    from .stream import merge_workers_for, write_shards
+    with plan.adapters.spec_check_first():  # an error here is reported after the check's, as when it came first
+        check_output_dir(out, force=force, protect=inputs, produces=produces)
+        removed = remove_stale_temporaries(out)
+        from .erasure import measure_meanwhile
+        from .shards import SourceFiles
+        from .stream import merge_workers_for, write_shards
 
-    with atomic_output_dir(out, force=force, protect=inputs, produces=produces) as tmp:
-        # Started first, the worker processes (for the numpy merges) get ready while the adapters load. How much of
-        # each adapter survives is measured on a thread while the shards are written, unless it decides what is.
-        with SourceFiles() as files, merge_workers_for(plan.units, device) or nullcontext() as workers, \
-                _mlx_device(device):  # fmt: skip
-            adapters = _load_adapter_arrays(plan)
-            measuring = measure_meanwhile(plan, adapters, files)
-            try:
-                if strict or keep_precision != "never":  # the measurements decide what is written
-                    report, kept_dense, shards = _decide(plan, measuring.result(), adapters, files, keep_precision,
-                                                         strict, max_shard_bytes)  # fmt: skip
-                    write_shards(shards, adapters, files, tmp, progress, workers=workers, device=device)
-                else:  # measured while the shards are written
-                    shards, kept_dense = plan.shards(max_shard_bytes), []
-                    write_shards(shards, adapters, files, tmp, progress, workers=workers, device=device)
-                    report = build_report(plan, measuring.result())
-            finally:
-                measuring.wait()
-        _write_json(tmp / WEIGHT_INDEX_FILE, plan.index_json(shards))
-        _write_json(tmp / CONFIG_FILE, plan.output_config())
-        copy_model_side_files(plan.model_dir, tmp)
-        verified = None
-        if verify is not None:
-            from .verify import adapter_directory, verify_fused
+        with atomic_output_dir(out, force=force, protect=inputs, produces=produces) as tmp:
+            # Started first, the worker processes (for the numpy merges) get ready while the adapters load. How much of
+            # each adapter survives is measured on a thread while the shards are written, unless it decides what is.
+            with SourceFiles() as files, merge_workers_for(plan.units, device) or nullcontext() as workers, \
+                    _mlx_device(device):  # fmt: skip
+                adapters = _load_adapter_arrays(plan)
+                measuring = measure_meanwhile(plan, adapters, files)
+                try:
+                    if strict or keep_precision != "never":  # the measurements decide what is written
+                        report, kept_dense, shards = _decide(plan, measuring.result(), adapters, files,
+                                                             keep_precision, strict, max_shard_bytes)  # fmt: skip
+                        write_shards(shards, adapters, files, tmp, progress, workers=workers, device=device)
+                    else:  # measured while the shards are written
+                        shards, kept_dense = plan.shards(max_shard_bytes), []
+                        write_shards(shards, adapters, files, tmp, progress, workers=workers, device=device)
+                        report = build_report(plan, measuring.result())
+                finally:
+                    measuring.wait()
+            spec_source = plan.adapters.checked()  # the spec check's error, if any, is raised here
+            if spec_source is not None:
+                raise _SavedPlanDiffers(spec_source)
+            _write_json(tmp / WEIGHT_INDEX_FILE, plan.index_json(shards))
+            _write_json(tmp / CONFIG_FILE, plan.output_config())
+            copy_model_side_files(plan.model_dir, tmp)
+            verified = None
+            if verify is not None:
+                from .verify import adapter_directory, verify_fused
 
-            sequences, source = verify
-            verified = verify_fused(plan.model_dir, adapter_directory(plan.adapters.origin), tmp, sequences, source)
-            if strict and not verified.keeps_adapter:
-                raise VerifyError(verified, report)
+                sequences, source = verify
+                verified = verify_fused(plan.model_dir, adapter_directory(plan.adapters.origin), tmp, sequences, source)
+                if strict and not verified.keeps_adapter:
+                    raise VerifyError(verified, report)
     peaks = workers.peak_rss if workers is not None else []
-    return FuseResult(out, plan, report, shards, kept_dense, removed, time.monotonic() - started, peaks, verified)
+    return FuseResult(out, plan, report, shards, kept_dense, removed, 0.0, peaks, verified)
 
 
 def _decide(plan: FusePlan, measurements, adapters, files, keep_precision: str, strict: bool, max_shard_bytes: int):

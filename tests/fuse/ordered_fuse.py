@@ -1,0 +1,40 @@
+"""`python ordered_fuse.py ARGS...`: `adapterspec ARGS...`, then a JSON line on stdout telling in which order the fuse
+started the spec check, wrote its shards and took the check's answer, and which spec-language modules it loaded
+(the recording lives here, not in the product)."""
+
+import json
+import sys
+
+from adapterspec import cli
+from adapterspec.fuse import adapter_source, stream
+
+SPEC_LANGUAGE = (
+    "adapterspec.model.plan",
+    "adapterspec.language.spec",
+    "adapterspec.language.parse",
+    "pydantic",
+    "lark",
+)
+EVENTS: list[str] = []
+
+
+def recorded(owner, name: str, before: str, after: str) -> None:
+    original = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        EVENTS.append(before)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            EVENTS.append(after)
+
+    setattr(owner, name, wrapper)
+
+
+if __name__ == "__main__":
+    recorded(adapter_source.SpecCheck, "__init__", "check starting", "check started")
+    recorded(adapter_source.SpecCheck, "entries", "check waited for", "check answered")
+    recorded(stream, "write_shards", "writing", "written")
+    code = cli.main(sys.argv[1:])
+    loaded = sorted(name for name in SPEC_LANGUAGE if name in sys.modules)
+    print(json.dumps({"code": code, "events": EVENTS, "spec_language_loaded": loaded}))
