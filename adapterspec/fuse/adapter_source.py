@@ -4,7 +4,6 @@ used at once while a process beside the fuse checks it against the directory's s
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from contextlib import contextmanager, nullcontext
@@ -115,9 +114,9 @@ class SpecCheck:
     turns with the fuse's threads for Python's global lock."""
 
     def __init__(self, model_dir: Path, adapter_dir: Path):
-        env = dict(os.environ)
-        package_root = str(Path(__file__).resolve().parent.parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        from .workers import child_environment
+
+        env = child_environment()
         command = [sys.executable, "-m", "adapterspec.fuse.spec_check", str(model_dir), str(adapter_dir)]
         self._process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env

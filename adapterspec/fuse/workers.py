@@ -42,6 +42,15 @@ ADAPTER_CACHE = 16
 CLOSE_TIMEOUT = 10.0
 
 
+def child_environment() -> dict[str, str]:
+    """This process's environment with the directory that holds the `adapterspec` package first on PYTHONPATH: a
+    child started with `python -m adapterspec…` imports this same package, installed or not."""
+    env = dict(os.environ)
+    package_parent = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
+    return env
+
+
 @dataclass(frozen=True)
 class MergeTask:
     """Rows start:stop of a plain LoRA unit: where its tensors are, how to merge, and where the outputs' rows go.
@@ -114,9 +123,7 @@ class MergeWorkers:
         self._tasks: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._alive = self.workers
-        env = dict(os.environ)
-        package_root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        env = child_environment()
         command = [sys.executable, "-m", "adapterspec.fuse.workers"]
         self._processes = [
             # A session of their own: an interrupt typed at the terminal reaches the fuse, which ends them.
