@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from ..errors import UserError
 from ..model.adapter_format import ADAPTER_WEIGHTS, check_weights_file, plan_of, read_adapter_config
 from ..model.index import ModuleIndex
 from ..model.kinds import TOKEN_KINDS
+from ..processes import python_module
 
 
 @dataclass(frozen=True)
@@ -114,10 +114,7 @@ class SpecCheck:
     turns with the fuse's threads for Python's global lock."""
 
     def __init__(self, model_dir: Path, adapter_dir: Path):
-        from .workers import child_environment
-
-        env = child_environment()
-        command = [sys.executable, "-m", "adapterspec.fuse.spec_check", str(model_dir), str(adapter_dir)]
+        command, env = python_module("adapterspec.fuse.spec_check", str(model_dir), str(adapter_dir))
         self._process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
         )

@@ -25,12 +25,12 @@ import sys
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from ..errors import EXIT_ERRORS, UserError
+from ..processes import python_module
 from .merge_numpy import DenseMerge, QuantizedMerge
 from .shards import SourceTensor, pread_all, pwrite_all
 
@@ -40,15 +40,6 @@ MAX_WORKERS_GIVEN = 64
 WORKERS_ENV = "ADAPTERSPEC_FUSE_WORKERS"
 ADAPTER_CACHE = 16
 CLOSE_TIMEOUT = 10.0
-
-
-def child_environment() -> dict[str, str]:
-    """This process's environment with the directory that holds the `adapterspec` package first on PYTHONPATH: a
-    child started with `python -m adapterspec…` imports this same package, installed or not."""
-    env = dict(os.environ)
-    package_parent = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
-    return env
 
 
 @dataclass(frozen=True)
@@ -123,8 +114,7 @@ class MergeWorkers:
         self._tasks: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._alive = self.workers
-        env = child_environment()
-        command = [sys.executable, "-m", "adapterspec.fuse.workers"]
+        command, env = python_module("adapterspec.fuse.workers")
         self._processes = [
             # A session of their own: an interrupt typed at the terminal reaches the fuse, which ends them.
             subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True)

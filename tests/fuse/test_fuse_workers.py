@@ -26,7 +26,8 @@ from fuse_support import (  # noqa: E402
 from adapterspec.errors import UserError  # noqa: E402
 from adapterspec.fuse.plan import plan_fuse  # noqa: E402
 from adapterspec.fuse.stream import chunks_of  # noqa: E402
-from adapterspec.fuse.workers import MergeWorkers, WorkerFailed, child_environment, merge_task, task_for  # noqa: E402
+from adapterspec.fuse.workers import MergeWorkers, WorkerFailed, merge_task, task_for  # noqa: E402
+from adapterspec.processes import python_module  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 Q4 = {"group_size": 64, "bits": 4, "mode": "affine"}
@@ -183,9 +184,8 @@ def test_an_interrupted_fuse_leaves_no_worker_running(quantized, tmp_path, how):
 def test_child_processes_import_this_package_even_where_it_is_not_installed(tmp_path):
     """The worker and spec-check processes run `python -m adapterspec…`: with site-packages left out (-S), from
     another directory, only the environment they are given can find the package, and it must be this one."""
-    probe = "import adapterspec, sys; print(adapterspec.__file__)"
-    found = subprocess.run(
-        [sys.executable, "-S", "-c", probe], env=child_environment(), cwd=tmp_path, capture_output=True, text=True
-    )
+    command, env = python_module("adapterspec.fuse.spec_check")
+    probe = [command[0], "-S", "-c", "import adapterspec; print(adapterspec.__file__)"]
+    found = subprocess.run(probe, env=env, cwd=tmp_path, capture_output=True, text=True)
     assert found.returncode == 0, found.stderr
     assert Path(found.stdout.strip()).resolve() == Path(sys.modules["adapterspec"].__file__).resolve()
