@@ -33,6 +33,7 @@ class Siblings:
         self._partners: dict[int, frozenset[int]] = {}  # id(member) -> the members given its input last round
         self._input: Optional[mx.array] = None
         self._parts: dict[int, mx.array] = {}
+        self._offering = False  # a product is being planned: the siblings asked may share it
 
     def arrive(self, member, x: mx.array) -> None:
         """Note that `member` is called with x. A member called again starts a new round (what the last one
@@ -45,9 +46,11 @@ class Siblings:
             self._input, self._parts = None, {}
 
     def may_share(self, member) -> bool:
-        """Whether `member`, having arrived, can get columns of a shared product: one is waiting for it, or a
+        """Whether `member` can get columns of a shared product: one is waiting for it or being planned, or a
         sibling not yet called this round may share its input."""
-        return id(member) in self._parts or any(self._may_share(member, m) for m in self.members if m is not member)
+        if self._offering or id(member) in self._parts:
+            return True
+        return any(self._may_share(member, m) for m in self.members if m is not member)
 
     def product(self, member, x: mx.array, dtype: mx.Dtype) -> Optional[mx.array]:
         """`member`'s columns of rows(x)·[A…] in `dtype`, computed with its siblings' in one GEMM; None where
@@ -55,7 +58,12 @@ class Siblings:
         me = id(member)
         if self._input is not x or me not in self._parts:
             self._input, self._parts = None, {}
-            sharers = [member] + [m for m in self.members if self._may_share(member, m) and m.shares_product(x, dtype)]
+            self._offering = True
+            try:
+                candidates = [m for m in self.members if self._may_share(member, m)]
+                sharers = [member] + [m for m in candidates if m.shares_product(x, dtype)]
+            finally:
+                self._offering = False
             if len(sharers) < 2:
                 return None
             parts = shared_product(x, [m.lora_a for m in sharers], dtype)

@@ -182,6 +182,19 @@ def test_a_sibling_given_another_input_takes_its_own_product(products, monkeypat
             assert rel_err(g[name], reference[1][name]) < TOLERANCE, name
 
 
+def test_siblings_share_where_each_alone_would_take_the_merged_path(products):
+    """At enough tokens the bytes-moved model picks the merged path for every linear; in training, siblings on a dense
+    base share their product instead, the last one called as well as the first."""
+    model = adapted_llama()
+    mx.random.seed(3)
+    many = mx.random.randint(0, 64, (4, 32))
+    for name in PATHS:
+        layer = model.layers[0][name.split(".")[0]][name.split(".")[1]]
+        assert lowrank.use_merged(many.size, layer.lora_a.shape[0], layer.lora_b.shape[1], training=True), name
+    loss_and_grads(model, many)
+    assert products == [4, 2] * len(model.layers)
+
+
 def test_a_forced_merged_path_is_not_overridden(products, monkeypatch):
     monkeypatch.setattr(lowrank, "merge_mode", "always")
     loss_and_grads(adapted_llama(), tokens())
