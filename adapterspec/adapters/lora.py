@@ -31,8 +31,9 @@ class LoRALinear(AdapterModule):
         self.lora_b = mx.zeros((r, output_dims))
 
     def __call__(self, x: mx.array) -> mx.array:
-        if self.sibling_group is not None and lowrank.share_siblings:
-            self.sibling_group.arrive(self, x)
+        group = self._sharing_group()
+        if group is not None:
+            group.arrive(self, x)
         path = self._path(x)
         if path == "merged":
             return self._merged(x)
@@ -62,9 +63,14 @@ class LoRALinear(AdapterModule):
             return "autodiff"
         return "separate"
 
+    def _sharing_group(self):
+        """Its siblings, where sharing is on."""
+        return self.sibling_group if lowrank.share_siblings else None
+
     def _shares(self) -> bool:
         """Whether this layer, called now, may share its low-rank product with a sibling."""
-        return self.sibling_group is not None and lowrank.share_siblings and self.sibling_group.may_share(self)
+        group = self._sharing_group()
+        return group is not None and group.may_share(self)
 
     def shares_product(self, x: mx.array, dtype: mx.Dtype) -> bool:
         """Whether this layer takes the separate path for x with its low-rank product in `dtype`."""
@@ -94,11 +100,8 @@ class LoRALinear(AdapterModule):
             return self._autodiff(x)
         dtype = lowrank.output_dtype(base, x)
         b = (self.scale * self.lora_b).astype(dtype)
-        z = (
-            self.sibling_group.product(self, x, dtype)
-            if shared and self.sibling_group is not None and lowrank.share_siblings
-            else None
-        )
+        group = self._sharing_group() if shared else None
+        z = group.product(self, x, dtype) if group is not None else None
         if z is not None:
             return lowrank.separate_with_product(lowrank.cast(x, dtype), z, b, base, base_dx)
         a = self.lora_a.astype(dtype)
