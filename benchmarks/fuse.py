@@ -361,10 +361,15 @@ def bench_variant(
         print(f"[{variant}] run {i + 1}: floor {floors[-1]:.2f} s, adapterspec {ours[-1].wall_s:.2f} s "
               f"({ours[-1].cpu_s:.1f} s CPU), mlx_lm {theirs[-1].wall_s:.2f} s ({theirs[-1].cpu_s:.1f} s CPU)", file=sys.stderr)  # fmt: skip
     if trace:  # after the timed runs: the trace's own process measures where one more fuse spends its time
-        traced = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fuse_trace.py"), str(model_dir), str(adapter_dir),
-                                 "-o", str(work / f"out-adapterspec-{variant}")], capture_output=True, text=True)  # fmt: skip
-        print(f"[{variant}] where one fuse spends its time (benchmarks/fuse_trace.py):\n{traced.stdout}{traced.stderr[-2000:] if traced.returncode else ''}",
-              file=sys.stderr)  # fmt: skip
+        for exit_note, env in (("", {}), (", leaving by os._exit", {"FUSE_TRACE_HARD_EXIT": "1"})):
+            started = time.perf_counter()
+            traced = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fuse_trace.py"), str(model_dir), str(adapter_dir),
+                                     "-o", str(work / f"out-adapterspec-{variant}")], capture_output=True, text=True,
+                                    env={**os.environ, **env})  # fmt: skip
+            waited = time.perf_counter() - started
+            print(f"[{variant}] where one fuse spends its time (benchmarks/fuse_trace.py{exit_note}):\n{traced.stdout}"
+                  f"{traced.stderr[-2000:] if traced.returncode else ''}"
+                  f"{'the process as its parent waited for it (its exit included)':<60} {waited:.3f} s", file=sys.stderr)  # fmt: skip
         shutil.rmtree(work / f"out-adapterspec-{variant}", ignore_errors=True)
     result = VariantResult(
         variant, sum(f.stat().st_size for f in weight_files) / 1e9, len(weight_files),

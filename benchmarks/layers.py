@@ -94,6 +94,7 @@ class Timing:
     ms: float
     peak_gb: float
     first_ms: float = 0.0
+    encode_ms: float = 0.0  # host time until the step's work is queued (mx.async_eval returns)
 
 
 @dataclass
@@ -244,11 +245,14 @@ def measure_all(variants: dict[str, object], warmup: int, iters: int) -> dict[st
             if i == 0:
                 first[name] = time.perf_counter() - start
     times = {name: [] for name in variants}
+    encodes = {name: [] for name in variants}
     for _ in range(iters):
         for name, fn in variants.items():
             mx.synchronize()
             start = time.perf_counter()
-            mx.eval(fn())
+            mx.async_eval(fn())
+            encodes[name].append(time.perf_counter() - start)
+            mx.synchronize()
             times[name].append(time.perf_counter() - start)
     peaks = {}
     for name, fn in variants.items():
@@ -258,7 +262,12 @@ def measure_all(variants: dict[str, object], warmup: int, iters: int) -> dict[st
         mx.eval(fn())
         peaks[name] = mx.get_peak_memory() / 1e9
     return {
-        name: Timing(1000 * statistics.median(times[name]), peaks[name], 1000 * first.get(name, 0.0))
+        name: Timing(
+            1000 * statistics.median(times[name]),
+            peaks[name],
+            1000 * first.get(name, 0.0),
+            1000 * statistics.median(encodes[name]),
+        )
         for name in variants
     }
 
@@ -390,6 +399,7 @@ def sweep_header(modes: list[str]) -> str:
         *[f"{name} × base" for name in extra],
         "step peak GB: floor / mlx-lm / adapterspec",
         "first step s: mlx-lm / adapterspec",
+        "step host ms: floor / mlx-lm / adapterspec",
     ]
     return "| " + " | ".join(columns) + " |\n|" + " --- |" * len(columns)
 
@@ -414,6 +424,7 @@ def sweep_row(result: ConfigResult) -> str:
         *[f"{result.forward[n].ms / base.ms:.2f}" for n in ours if n != main],
         f"{floor.peak_gb:.1f} / {theirs_s.peak_gb:.1f} / {result.step[main].peak_gb:.1f}",
         f"{theirs_s.first_ms / 1000:.1f} / {result.step[main].first_ms / 1000:.1f}",
+        f"{floor.encode_ms:.1f} / {theirs_s.encode_ms:.1f} / {result.step[main].encode_ms:.1f}",
     ]
     return "| " + " | ".join(cells) + " |"
 

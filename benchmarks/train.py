@@ -9,7 +9,9 @@ Throughput is trained tokens / training-step time (evaluation and saving exclude
 first report window (which holds compilation); the best run of each side is the one least
 disturbed by other load, and the median is shown beside it. Time to the first step: from the start
 of the side's run (model loading included) to the end of its first training step (the first report's
-arrival, less the later steps of its window at the steady step time).
+arrival, less the later steps of its window at the steady step time). On a CUDA GPU MLX builds the kernels a step
+needs at its first use and keeps them in a cache on disk; each run starts with an empty cache of its own (unless
+--shared-kernel-cache), so that no side's first step is shortened by kernels the other built.
 
     python benchmarks/train.py                                 # tiny-llama, examples/data
     python benchmarks/train.py --hidden 256 --layers 4 --iters 100 --rounds 3 --json train.json
@@ -21,6 +23,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -285,7 +288,10 @@ def spawn(side: str, model_dir: Path, args, tmp: Path) -> dict:
     ] + (["--all-linears"] if args.all_linears else [])
     if args.memory_limit_gb:
         command += ["--memory-limit-gb", str(args.memory_limit_gb)]
-    result = subprocess.run(command, capture_output=True, text=True)
+    env = dict(os.environ)
+    if not args.shared_kernel_cache:  # every run builds the GPU kernels it needs: its first step is a cold start
+        env["MLX_PTX_CACHE_DIR"] = tempfile.mkdtemp(dir=tmp)
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise SystemExit(f"{side} run failed:\n{result.stderr}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -310,6 +316,10 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=4, help="runs of each side")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--memory-limit-gb", type=float, help="MLX's memory limit in both sides' processes")
+    parser.add_argument(
+        "--shared-kernel-cache", action="store_true",
+        help="let the runs share MLX's cache of built GPU kernels (default: each run starts with an empty one)",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
