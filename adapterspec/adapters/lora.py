@@ -101,10 +101,9 @@ class LoRALinear(AdapterModule):
         dtype = lowrank.output_dtype(base, x)
         b = (self.scale * self.lora_b).astype(dtype)
         group = self._sharing_group() if shared else None
-        share = group.product(self, x, dtype) if group is not None else None
-        if share is not None:
-            leave = share.leave(base_dx, base.weight if q is None else None)
-            return lowrank.separate_on_product(lowrank.cast(x, dtype), share.z, b, base, leave)
+        z = group.product(self, x, dtype) if group is not None else None
+        if z is not None:
+            return lowrank.separate_with_product(lowrank.cast(x, dtype), z, b, base, base_dx)
         a = self.lora_a.astype(dtype)
         return lowrank.separate_matmul(lowrank.cast(x, dtype), a, b, base, base_dx)
 

@@ -123,31 +123,29 @@ def separate_matmul(
     return forward(x, a, b)[0]
 
 
-def separate_on_product(
+def separate_with_product(
     x: mx.array,
     z: mx.array,
     b: mx.array,
     base: Callable[[mx.array], mx.array],
-    leave: Callable[[mx.array, mx.array], None],
+    base_dx: Callable[[mx.array], mx.array],
 ) -> mx.array:
-    """base(x) + z·b for z, this layer's columns of a low-rank product its siblings share (`siblings`), whose
-    backward gives x its whole gradient: x is a constant here, and the backward leaves dy and dz = dy·bᵀ with
-    `leave(dy rows, dz)` and gives dz and db = zᵀ·dy. The base's arrays are constants."""
+    """base(x) + z·b for a low-rank product z = rows(x)·a computed elsewhere (`siblings`), which carries a's
+    part of x's gradient: here dx = base_dx(dy), dz = dy·bᵀ, db = zᵀ·dy. The base's arrays are constants."""
 
     @mx.custom_function
-    def forward(z, b):
+    def forward(x, z, b):
         y = base(x)
         return (mx.addmm(rows(y), z, b).reshape(y.shape),)
 
     @forward.vjp
     def forward_vjp(primals, cotangents, outputs):
-        z, b = primals
-        dy = rows(cotangents[0])
-        dz = dy @ b.T
-        leave(dy, dz)
-        return dz, z.T @ dy
+        x, z, b = primals
+        dy = cotangents[0]
+        dy_rows = rows(dy)
+        return base_dx(dy), dy_rows @ b.T, z.T @ dy_rows
 
-    return forward(z, b)[0]
+    return forward(x, z, b)[0]
 
 
 def frozen(module) -> bool:

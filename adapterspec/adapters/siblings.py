@@ -11,20 +11,12 @@ path; a sibling called with that same array takes its columns, one called with a
 o_proj, which reads the heads' output) drops them and takes its own path (the columns computed for it
 are wasted: a few kernels of N×r). A sibling called a second time starts a new round, and from then on a
 product covers only the siblings that shared the caller's input in the round before.
-
-Their backward passes meet at the product: each sibling's leaves its dy (and dz = dy·Bᵀ) there rather than
-giving x a gradient of its own, and the product's computes x's whole gradient in one chain of accumulating
-GEMMs, dy₁·W₁ + dy₂·W₂ + … + dZ·[A…]ᵀ, where autodiff would add up one gradient per sibling (three
-rows × in additions for q/k/v, that the base model alone also runs). The product is laid out transposed,
-[A…]ᵀ·rows(x)ᵀ, so that each sibling's columns are a contiguous block that GEMMs read in place (a column
-slice of rows(x)·[A…] is copied before every GEMM that reads it).
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import mlx.core as mx
 
@@ -40,8 +32,7 @@ class Siblings:
         self._round: dict[int, int] = {}  # id(member) -> id(its input), for the members called this round
         self._partners: dict[int, frozenset[int]] = {}  # id(member) -> the members given its input last round
         self._input: Optional[mx.array] = None
-        self._parts: dict[int, Share] = {}
-        self._last: Optional[SharedProduct] = None  # the latest product, whose backward may be left unfinished
+        self._parts: dict[int, mx.array] = {}
         self._offering = False  # a product is being planned: the siblings asked may share it
 
     def arrive(self, member, x: mx.array) -> None:
@@ -61,9 +52,9 @@ class Siblings:
             return True
         return any(self._may_share(member, m) for m in self.members if m is not member)
 
-    def product(self, member, x: mx.array, dtype: mx.Dtype) -> Optional[Share]:
-        """`member`'s columns of rows(x)·[A…] in `dtype`, computed with its siblings' in one GEMM, and where its
-        backward leaves what x's gradient needs; None where no sibling may share x with it."""
+    def product(self, member, x: mx.array, dtype: mx.Dtype) -> Optional[mx.array]:
+        """`member`'s columns of rows(x)·[A…] in `dtype`, computed with its siblings' in one GEMM; None where
+        no sibling may share x with it."""
         me = id(member)
         if self._input is not x or me not in self._parts:
             self._input, self._parts = None, {}
@@ -75,11 +66,8 @@ class Siblings:
                 self._offering = False
             if len(sharers) < 2:
                 return None
-            if self._last is not None:
-                self._last.forget()  # a backward of the product before that never reached it (a frozen A)
-            self._last, parts = shared_product(x, [m.lora_a for m in sharers], dtype)
-            self._input = x
-            self._parts = {id(m): Share(self._last, slot, part) for slot, (m, part) in enumerate(zip(sharers, parts))}
+            parts = shared_product(x, [m.lora_a for m in sharers], dtype)
+            self._input, self._parts = x, {id(m): part for m, part in zip(sharers, parts)}
         part = self._parts.pop(me)
         if not self._parts:
             self._input = None  # every sharer has its columns: hold no array past the call
@@ -120,72 +108,21 @@ def link(adapters) -> list[Siblings]:
     return groups
 
 
-class SharedProduct:
-    """rows(x)·[A₁|A₂|…] for sibling layers, and the backward they meet in: each sibling's backward leaves
-    its dy and dz there, and the product's turns them into the gradients of x and of [A…]."""
-
-    def __init__(self, widths: list[int]):
-        self.widths = widths
-        self.left: dict[int, tuple] = {}  # slot -> (dy rows, dz, base_dx, dense base weight or None)
-
-    def leave(self, slot: int, dy: mx.array, dz: mx.array, base_dx, weight: Optional[mx.array]) -> None:
-        self.left[slot] = (dy, dz, base_dx, weight)
-
-    def forget(self) -> None:
-        self.left = {}
-
-    def transposed(self, x: mx.array, a: mx.array) -> mx.array:
-        """[A…]ᵀ·rows(x)ᵀ, (Σr, rows), differentiated by `backward`."""
-
-        @mx.custom_function
-        def product(x, a):
-            return (a.T @ lowrank.rows(x).T,)
-
-        @product.vjp
-        def product_vjp(primals, cotangents, outputs):
-            return self.backward(*primals)  # what reaches the product by autodiff is left unused, never computed
-
-        return product(x, a)[0]
-
-    def backward(self, x: mx.array, a: mx.array) -> tuple[mx.array, mx.array]:
-        """dx = Σ base_dx(dyᵢ) + dZ·[A…]ᵀ, accumulated GEMM after GEMM where bases are dense, and d[A…] = rows(x)ᵀ·dZ,
-        dZ the siblings' dz side by side (zeros for a sibling whose output had no gradient)."""
-        left, self.left = self.left, {}
-        xr = lowrank.rows(x)
-        blocks = [left[slot][1] if slot in left else mx.zeros((xr.shape[0], width), a.dtype)
-                  for slot, width in enumerate(self.widths)]  # fmt: skip
-        dz = mx.concatenate(blocks, axis=1)
-        dx = None
-        for dy, _, base_dx, weight in (left[slot] for slot in sorted(left)):
-            if dx is None:
-                dx = base_dx(dy)
-            elif weight is not None:
-                dx = mx.addmm(dx, dy, weight)
-            else:
-                dx = dx + base_dx(dy)
-        dx = dz @ a.T if dx is None else mx.addmm(dx, dz, a.T)
-        return dx.reshape(x.shape), xr.T @ dz
-
-
-class Share(NamedTuple):
-    """One sibling's columns of a shared product (rows × r, read in place), and where its backward leaves dy."""
-
-    product: SharedProduct
-    slot: int
-    z: mx.array
-
-    def leave(self, base_dx, weight: Optional[mx.array] = None):
-        """The function a sibling's backward calls with (dy rows, dz): base_dx(dy) (`weight`, a dense base's,
-        lets the product accumulate dy·W in a GEMM) joins x's gradient at the product."""
-        return functools.partial(self.product.leave, self.slot, base_dx=base_dx, weight=weight)
-
-
-def shared_product(x: mx.array, matrices: list[mx.array], dtype: mx.Dtype) -> tuple[SharedProduct, list[mx.array]]:
-    """rows(x)·[A₁|A₂|…] in `dtype` in one GEMM, and each matrix's columns of it (transposed views of contiguous
-    blocks). Backward, one GEMM each for x's low-rank part and [A…]'s gradient (cast back to each A's dtype
-    by the concatenation's own gradient)."""
-    product = SharedProduct([m.shape[1] for m in matrices])
+def shared_product(x: mx.array, matrices: list[mx.array], dtype: mx.Dtype) -> list[mx.array]:
+    """rows(x)·[A₁|A₂|…] in one GEMM, split back into each matrix's columns. Backward, one GEMM each:
+    dx = dZ·[A…]ᵀ, d[A…] = rows(x)ᵀ·dZ (cast back to each A's dtype by the concatenation's own gradient)."""
     a = mx.concatenate(matrices, axis=1).astype(dtype)
-    zt = product.transposed(lowrank.cast(x, dtype), a)
-    starts = [0, *itertools.accumulate(product.widths)]
-    return product, [zt[start:end].T for start, end in zip(starts, starts[1:])]
+    z = _product(lowrank.cast(x, dtype), a)[0]
+    return mx.split(z, list(itertools.accumulate(m.shape[1] for m in matrices[:-1])), axis=-1)
+
+
+@mx.custom_function
+def _product(x, a):
+    return (lowrank.rows(x) @ a,)
+
+
+@_product.vjp
+def _product_vjp(primals, cotangents, outputs):
+    x, a = primals
+    dz = cotangents[0]
+    return (dz @ a.T).reshape(x.shape), lowrank.rows(x).T @ dz
