@@ -1,6 +1,6 @@
 """`python ordered_fuse.py ARGS...`: `adapterspec ARGS...`, then a JSON line on stdout telling in which order the fuse
-started the spec check, wrote its shards and took the check's answer, and which spec-language modules it loaded
-(the recording lives here, not in the product)."""
+started the spec check, wrote its shards and took the check's answer, and which spec-language and adapter-layer
+modules it loaded (the recording lives here, not in the product)."""
 
 import json
 import sys
@@ -14,6 +14,11 @@ SPEC_LANGUAGE = (
     "adapterspec.language.parse",
     "pydantic",
     "lark",
+)
+# the layers a model is adapted with; a fuse merges with `fusemath` alone
+ADAPTER_LAYERS = (
+    "mlx.nn",
+    *(f"adapterspec.adapters.{m}" for m in ("lora", "dora", "switch", "switch_dora", "embedding")),
 )
 EVENTS: list[str] = []
 
@@ -37,4 +42,5 @@ if __name__ == "__main__":
     recorded(stream, "write_shards", "writing", "written")
     code = cli.main(sys.argv[1:])
     loaded = sorted(name for name in SPEC_LANGUAGE if name in sys.modules)
-    print(json.dumps({"code": code, "events": EVENTS, "spec_language_loaded": loaded}))
+    layers = sorted(name for name in ADAPTER_LAYERS if name in sys.modules)
+    print(json.dumps({"code": code, "events": EVENTS, "spec_language_loaded": loaded, "adapter_layers_loaded": layers}))

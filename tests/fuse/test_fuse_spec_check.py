@@ -121,7 +121,9 @@ def test_a_saved_plan_without_a_tokens_adapters_rows_is_not_used():
     assert saved_modules({"fine_tune_type": "lora"}) is None
 
 
-def test_the_check_runs_beside_the_writing_and_the_fuse_never_loads_the_spec_language(model, adapters, tmp_path):
+def test_the_check_runs_beside_the_writing_and_the_fuse_never_loads_the_spec_language_or_the_layers(
+    model, adapters, tmp_path
+):
     environment = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [sys.executable, str(ORDERED_FUSE), "fuse", str(model), str(adapters), "-o", str(tmp_path / "out")]
     done = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, check=True)
@@ -136,4 +138,5 @@ def test_the_check_runs_beside_the_writing_and_the_fuse_never_loads_the_spec_lan
         "check answered",
     ]
     assert answer["spec_language_loaded"] == []
+    assert answer["adapter_layers_loaded"] == []  # nor mlx.nn: the merges need `fusemath` alone
     assert (tmp_path / "out" / "config.json").is_file()
