@@ -3,8 +3,10 @@
 For every configuration it times, on views of one model that share its weights: the base forward
 (eval mode), the training-step floor (base frozen, only the norms trainable), and for mlx-lm's
 layers and adapterspec's a forward (eval mode) and a training step (value_and_grad + eval,
-adapter parameters trainable), with the peak memory of each. Each round runs every variant once,
-so a drifting machine load spreads over all of them; the median of the rounds is reported.
+adapter parameters trainable), with the peak memory of each and the host's time until each call's
+work is queued (`mx.async_eval` returns; where it is close to the call's time, the host bounds it).
+Each round runs every variant once, so a drifting machine load spreads over all of them; the median
+of the rounds is reported.
 
 With --compiled, the step is the one mlx-lm's trainer runs: `mx.compile` over the model's and an
 Adam optimizer's state (and the random state), loss, gradients and update in one compiled call;
@@ -94,7 +96,7 @@ class Timing:
     ms: float
     peak_gb: float
     first_ms: float = 0.0
-    encode_ms: float = 0.0  # host time until the step's work is queued (mx.async_eval returns)
+    host_ms: float = 0.0  # the host's time until the work is queued (mx.async_eval returns)
 
 
 @dataclass
@@ -234,8 +236,8 @@ def in_mode(variant: str, fn):
 
 
 def measure_all(variants: dict[str, object], warmup: int, iters: int) -> dict[str, Timing]:
-    """Median time of each variant over `iters` rounds that run every variant once (so drifting load
-    spreads over all of them), then each variant's peak memory in a run of its own."""
+    """Median time (and host time until queued) of each variant over `iters` rounds that run every variant once
+    (so drifting load spreads over all of them), then each variant's peak memory in a run of its own."""
     first = {}
     for name, fn in variants.items():
         for i in range(warmup):
@@ -245,13 +247,13 @@ def measure_all(variants: dict[str, object], warmup: int, iters: int) -> dict[st
             if i == 0:
                 first[name] = time.perf_counter() - start
     times = {name: [] for name in variants}
-    encodes = {name: [] for name in variants}
+    queued = {name: [] for name in variants}
     for _ in range(iters):
         for name, fn in variants.items():
             mx.synchronize()
             start = time.perf_counter()
             mx.async_eval(fn())
-            encodes[name].append(time.perf_counter() - start)
+            queued[name].append(time.perf_counter() - start)
             mx.synchronize()
             times[name].append(time.perf_counter() - start)
     peaks = {}
@@ -266,7 +268,7 @@ def measure_all(variants: dict[str, object], warmup: int, iters: int) -> dict[st
             1000 * statistics.median(times[name]),
             peaks[name],
             1000 * first.get(name, 0.0),
-            1000 * statistics.median(encodes[name]),
+            1000 * statistics.median(queued[name]),
         )
         for name in variants
     }
@@ -424,7 +426,7 @@ def sweep_row(result: ConfigResult) -> str:
         *[f"{result.forward[n].ms / base.ms:.2f}" for n in ours if n != main],
         f"{floor.peak_gb:.1f} / {theirs_s.peak_gb:.1f} / {result.step[main].peak_gb:.1f}",
         f"{theirs_s.first_ms / 1000:.1f} / {result.step[main].first_ms / 1000:.1f}",
-        f"{floor.encode_ms:.1f} / {theirs_s.encode_ms:.1f} / {result.step[main].encode_ms:.1f}",
+        f"{floor.host_ms:.1f} / {theirs_s.host_ms:.1f} / {result.step[main].host_ms:.1f}",
     ]
     return "| " + " | ".join(cells) + " |"
 

@@ -153,7 +153,8 @@ class TwoInputs(nn.Module):
         return self.first(x) * self.middle(y) + self.last(x)
 
 
-def test_a_sibling_given_another_input_takes_its_own_product(products, monkeypatch):
+def adapted_two_inputs():
+    """`TwoInputs` with LoRA on its three linears (B random), linked as siblings: the parent and their group."""
     mx.random.seed(0)
     parent = TwoInputs()
     adapters = [
@@ -162,7 +163,12 @@ def test_a_sibling_given_another_input_takes_its_own_product(products, monkeypat
     for name, layer in adapters:
         layer.lora_b = 0.1 * mx.random.normal(layer.lora_b.shape)
         setattr(parent, name, layer)
-    siblings.link(adapters)
+    (group,) = siblings.link(adapters)
+    return parent, group
+
+
+def test_a_sibling_given_another_input_takes_its_own_product(products, monkeypatch):
+    parent, _ = adapted_two_inputs()
     x, y = mx.random.normal((3, 16)), mx.random.normal((3, 16))
 
     def grads():
@@ -226,15 +232,7 @@ def test_a_sibling_with_dropout_does_not_share(products):
 def test_the_input_gradient_of_sharing_siblings_equals_the_unshared_one(monkeypatch):
     """x's gradient (every sibling's base and the shared low-rank part), in the first round and once partners are
     known, equals the one of layers that share nothing."""
-    mx.random.seed(0)
-    parent = TwoInputs()
-    adapters = [
-        (name, from_base("lora", getattr(parent, name), r=2, scale=2.0)) for name in ("first", "middle", "last")
-    ]
-    for name, layer in adapters:
-        layer.lora_b = 0.1 * mx.random.normal(layer.lora_b.shape)
-        setattr(parent, name, layer)
-    (group,) = siblings.link(adapters)
+    parent, group = adapted_two_inputs()
     x, y = mx.random.normal((2, 3, 16)), mx.random.normal((2, 3, 16))
 
     def input_grads():
