@@ -229,7 +229,7 @@ def test_a_sibling_with_dropout_does_not_share(products):
     assert products == [3, 2] * len(model.layers)  # q, v and o (o not yet seen to read another input)
 
 
-def test_the_input_gradient_of_sharing_siblings_equals_the_unshared_one(monkeypatch):
+def test_the_input_gradient_of_sharing_siblings_equals_the_unshared_one(products, monkeypatch):
     """x's gradient (every sibling's base and the shared low-rank part), in the first round and once partners are
     known, equals the one of layers that share nothing."""
     parent, group = adapted_two_inputs()
@@ -241,6 +241,7 @@ def test_the_input_gradient_of_sharing_siblings_equals_the_unshared_one(monkeypa
         return grads
 
     shared = [input_grads() for _ in range(2)]  # the first round, then the second (first and last share)
+    assert products == [3, 2, 2]
     assert group._input is None and not group._parts
     monkeypatch.setattr(lowrank, "share_siblings", False)
     reference = input_grads()
