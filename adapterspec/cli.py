@@ -131,6 +131,9 @@ def entry() -> None:
     code = main()
     # The work is done (or abandoned and cleaned up): an interrupt during the shutdown has nothing left to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from .process_end import hand_over_device_files
+
+    hand_over_device_files()  # the caller gets the exit code without waiting for the GPU's teardown
     if code == EXIT_INTERRUPTED:
         # CPython ends a process whose interrupt landed inside some of its own machinery (an import, an exec) by
         # killing itself with SIGINT at exit, whatever code it was given; leave with the documented code instead.

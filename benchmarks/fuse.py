@@ -361,7 +361,9 @@ def bench_variant(
         print(f"[{variant}] run {i + 1}: floor {floors[-1]:.2f} s, adapterspec {ours[-1].wall_s:.2f} s "
               f"({ours[-1].cpu_s:.1f} s CPU), mlx_lm {theirs[-1].wall_s:.2f} s ({theirs[-1].cpu_s:.1f} s CPU)", file=sys.stderr)  # fmt: skip
     if trace:  # after the timed runs: the trace's own process measures where one more fuse spends its time
-        for exit_note, env in (("", {}), (", leaving by os._exit", {"FUSE_TRACE_HARD_EXIT": "1"})):
+        ends = (("", {}), (", device files kept to the end", {"ADAPTERSPEC_HAND_OVER": "0"}),
+                (", kept, leaving by os._exit", {"ADAPTERSPEC_HAND_OVER": "0", "FUSE_TRACE_HARD_EXIT": "1"}))  # fmt: skip
+        for exit_note, env in ends:
             started = time.perf_counter()
             traced = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fuse_trace.py"), str(model_dir), str(adapter_dir),
                                      "-o", str(work / f"out-adapterspec-{variant}")], capture_output=True, text=True,

@@ -11,8 +11,9 @@ and when its first call began and its last ended, from the process start.
     python benchmarks/fuse_trace.py MODEL ADAPTERS OUT [fuse options]    # e.g. --device gpu
     python benchmarks/fuse.py --trace ...                                 # on the model fuse.py writes
 
-With FUSE_TRACE_HARD_EXIT=1 in the environment the process leaves by os._exit, skipping the interpreter's and the
-libraries' teardown (`fuse.py --trace` times it both ways, as the parent waits for it).
+It leaves as `adapterspec` does, handing its GPU device files to a forked child (`adapterspec.process_end`);
+with ADAPTERSPEC_HAND_OVER=0 it keeps them to its end, with FUSE_TRACE_HARD_EXIT=1 as well it leaves by os._exit,
+skipping the interpreter's and the libraries' teardown (`fuse.py --trace` times all three, as the parent waits).
 """
 
 import time
@@ -109,6 +110,10 @@ def main(argv: list[str]) -> int:
     print(f"{'total (process start to exit)':<38} {'':>5} {total:>8.3f}")
     summary = {"exit_code": code, "process_start_s": offset, "total_s": total, "stages": dict(stages)}
     print(json.dumps(summary), file=sys.stderr)
+    if not os.environ.get("FUSE_TRACE_HARD_EXIT"):
+        from adapterspec.process_end import hand_over_device_files
+
+        hand_over_device_files()  # as `adapterspec` does (ADAPTERSPEC_HAND_OVER=0: not)
     if os.environ.get("FUSE_TRACE_HARD_EXIT"):  # what the interpreter's and the libraries' teardown cost
         sys.stdout.flush()
         sys.stderr.flush()

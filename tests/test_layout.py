@@ -14,7 +14,7 @@ import adapterspec
 
 PACKAGE = Path(adapterspec.__file__).parent
 # The stages from the bottom up; a module may import its own stage and those below it, never one above.
-BASE = ("errors", "cache", "outputs", "tables", "inputs", "jsonfile", "processes")
+BASE = ("errors", "cache", "outputs", "tables", "inputs", "jsonfile", "processes", "process_end")
 STAGES = {
     "base": 0,
     "language": 1,
