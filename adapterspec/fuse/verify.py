@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import mlx.core as mx
+import numpy as np
 
 from ..errors import UserError
 from .report import Survival, status_of
@@ -125,8 +126,6 @@ def sample_sequences(model_dir, sequences: int = DEFAULT_SEQUENCES, length: int 
             pass
     if not vocab:
         raise UserError(f"{model_dir}: cannot tell the vocabulary size", help="give token sequences with --data")
-    import numpy as np  # here only: a fuse on a GPU, whose parser reads this module's defaults, loads no numpy
-
     rng = np.random.default_rng(seed)
     return [rng.integers(0, vocab, size=length).tolist() for _ in range(sequences)]
 

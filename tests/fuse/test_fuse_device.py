@@ -118,11 +118,9 @@ def test_the_gpu_path_measures_on_workers_and_loads_no_numpy(models, tmp_path):
         import mlx.core as mx
         available = mx.is_available
         mx.is_available = lambda device: True if device == mx.gpu else available(device)  # the GPU path, run here
-        from adapterspec.cli import main
-        code = main(["fuse", {str(models["4bit"])!r}, {str(adapters)!r}, "-o", {str(tmp_path / "gpu")!r}, "--quiet"])
-        print("numpy loaded:", "numpy" in sys.modules, code)
         from adapterspec.fuse.run import fuse_model_dir
-        report = fuse_model_dir({str(models["4bit"])!r}, {str(adapters)!r}, {str(tmp_path / "again")!r}).report
+        report = fuse_model_dir({str(models["4bit"])!r}, {str(adapters)!r}, {str(tmp_path / "gpu")!r}).report
+        print("numpy loaded:", "numpy" in sys.modules)
         for m in report.modules:
             print(m.path, m.kept, m.error, m.status)
         """
@@ -130,7 +128,7 @@ def test_the_gpu_path_measures_on_workers_and_loads_no_numpy(models, tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[0] == "numpy loaded: False 0"
+    assert lines[0] == "numpy loaded: False"
     assert lines[1:] == [f"{m.path} {m.kept} {m.error} {m.status}" for m in on_cpu.modules]
     assert len(lines) > 4
 
