@@ -4,8 +4,7 @@ Stages: the process start (interpreter up to this script's first line), importin
 the device (the first evaluation), and within the fuse the plan, the spec planned again to check the saved plan
 (in a process of its own where the adapter directory saved one: its start and the wait for its answer), the
 adapters' loading, every chunk read, merged
-on the device, evaluated and written, every untouched tensor copied, the erasure measure (begun, on the worker
-processes; waited for; the units mlx measures), and the rest
+on the device, evaluated and written, every untouched tensor copied, the erasure measure, and the rest
 (publishing the directory). For each stage: how many times it ran, its busy seconds summed over its calls,
 and when its first call began and its last ended, from the process start.
 
@@ -63,32 +62,6 @@ def timed(owner, name: str, stage: str) -> None:
     setattr(owner, name, wrapper)
 
 
-def experiments(pipeline, erasure) -> None:
-    """Changes to the fuse that the environment asks for, to see what a stage costs the others:
-    FUSE_TRACE_WRITERS=N writing threads; FUSE_TRACE_MEASURE_AFTER=1 the erasure measure begun only once the
-    shards are written (what its threads cost the pipeline, sharing the interpreter's lock with it)."""
-    if os.environ.get("FUSE_TRACE_WRITERS"):
-        pipeline.WRITERS = int(os.environ["FUSE_TRACE_WRITERS"])
-    if os.environ.get("FUSE_TRACE_MEASURE_AFTER"):
-        begin = erasure.measure_meanwhile
-
-        class MeasuredLater:
-            def __init__(self, *args, **kwargs):
-                self._begin, self._pending = (lambda: begin(*args, **kwargs)), None
-
-            def _measuring(self):
-                self._pending = self._pending or self._begin()
-                return self._pending
-
-            def result(self):
-                return self._measuring().result()
-
-            def wait(self):
-                self._measuring().wait()
-
-        erasure.measure_meanwhile = MeasuredLater
-
-
 def main(argv: list[str]) -> int:
     before_script = process_age_s() - (time.perf_counter() - STARTED)
     t = time.perf_counter()
@@ -115,10 +88,8 @@ def main(argv: list[str]) -> int:
     timed(pipeline, "submit", "submit chunk (build graph)")
     timed(pipeline, "evaluated", "wait for chunk (device)")
     timed(pipeline.Pipeline, "_write_and_release", "write chunk")
-    timed(erasure, "measure_meanwhile", "erasure measure: begun")
-    timed(erasure.PendingMeasurements, "result", "erasure measure: waited for")
+    timed(erasure, "_measure_lora_in_numpy", "erasure measure (numpy batch)")
     timed(erasure, "_measure_unit", "erasure measure (mlx unit)")
-    experiments(pipeline, erasure)
     t = time.perf_counter()
     code = cli.main(["fuse", *argv, "--quiet", "--force"])
     record("adapterspec fuse (whole)", t, time.perf_counter())

@@ -1,13 +1,15 @@
 """The one merge interface of the fuse: on which device and by which path each unit merges (mlx on the GPU; on
 the CPU worker processes in C or numpy, or mlx), and the run-time proof that the workers give the bits of mlx's
-CPU path before they are used. numpy and its loops load only where a merge could run on the CPU's workers.
-"""
+CPU path before they are used."""
 
 from __future__ import annotations
 
 import functools
 
+import numpy as np
+
 from ..errors import UserError
+from . import merge_native, merge_numpy
 from .plan import Quantization, Unit
 
 DEVICES = ("auto", "gpu", "cpu")
@@ -43,8 +45,6 @@ def merge_works() -> bool:
     """
     import mlx.core as mx
 
-    from . import merge_native
-
     with mx.stream(mx.cpu):
         if merge_native.kernels() is not None and _same_bits_as_mlx():
             return True
@@ -54,17 +54,14 @@ def merge_works() -> bool:
 
 def _same_bits_as_mlx() -> bool:
     import mlx.core as mx
-    import numpy as np
 
-    from . import merge_numpy
     from .merge_mlx import dequantize_float32, merge, requantize
-    from .numpy_scope import BITS
 
     def bits_of(array) -> np.ndarray:  # numpy has no bfloat16: its bit patterns
         return np.asarray(array.view(mx.uint16) if array.dtype == mx.bfloat16 else array)
 
     rng = np.random.default_rng(0)
-    for bits in BITS:
+    for bits in merge_numpy.BITS:
         for dtype in merge_numpy.merge_dtypes():
             for rank, group_size in ((1, 32), (8, 64), (16, 128)):
                 q = Quantization(group_size, bits, "affine")
@@ -105,8 +102,6 @@ def numpy_merges(unit: Unit) -> bool:
     affine-quantized one with float16/float32 scales (bfloat16 too with the compiled kernels), with the bits of
     mlx's CPU path (checked first, by `merge_works`).
     """
-    from . import merge_numpy
-
     q = unit.quantization
     if unit.adapter is None or unit.adapter.kind != "lora" or unit.stored_quantization is not None or not merge_works():
         return False

@@ -21,8 +21,10 @@ from typing import Optional
 import numpy as np
 
 from . import merge_native
-from .numpy_scope import SCALE_DTYPES, Unrepresentable, packs
 
+BITS = (2, 4, 8)
+# The dtypes numpy's loops round to as mlx does: of quantization scales (the dequantized weight), of dense weights.
+SCALE_DTYPES = ("float16", "float32")
 DENSE_DTYPES = SCALE_DTYPES
 TILE_ELEMENTS = 1 << 17
 # Veltkamp's split keeps the 11 leading bits of a float32 (float16's precision), rounded to nearest even.
@@ -34,8 +36,12 @@ ROUND_TO_INTEGER = np.float32(1.5 * 2**23)
 EPSILON = np.float32(1e-7)
 
 
+class Unrepresentable(ValueError):
+    """A tile this path cannot round as mlx does (an overflow to ±inf, a NaN): the caller falls back to mlx."""
+
+
 def supports(bits: int, group_size: int, scales_dtype: str) -> bool:
-    return packs(bits, group_size) and scales_dtype in merge_dtypes()
+    return bits in BITS and scales_dtype in merge_dtypes() and group_size % (8 // bits) == 0
 
 
 def merge_dtypes() -> tuple[str, ...]:

@@ -164,12 +164,12 @@ def _fuse(model_dir, adapters, out_dir, *, dequantize, requantization, keep_prec
         from .stream import merge_workers_for, write_shards
 
         with atomic_output_dir(out, force=force, protect=inputs, produces=produces) as tmp:
-            # Started first, the worker processes (for the numpy merges and measures) get ready while the adapters load.
-            # How much of each adapter survives is measured on them while the shards are written, unless it decides what is.
+            # Started first, the worker processes (for the numpy merges) get ready while the adapters load. How much of
+            # each adapter survives is measured on a thread while the shards are written, unless it decides what is.
             with SourceFiles() as files, merge_workers_for(plan.units, device) or nullcontext() as workers, \
                     _mlx_device(device):  # fmt: skip
                 adapters = _load_adapter_arrays(plan)
-                measuring = measure_meanwhile(plan, adapters, files, workers)
+                measuring = measure_meanwhile(plan, adapters, files)
                 try:
                     if strict or keep_precision != "never":  # the measurements decide what is written
                         report, kept_dense, shards = _decide(plan, measuring.result(), adapters, files,

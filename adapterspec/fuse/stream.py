@@ -16,12 +16,12 @@ from typing import Optional
 import mlx.core as mx
 
 from .merge import merges_on_workers
-from .numpy_scope import Unrepresentable, numpy_measures
+from .merge_numpy import Unrepresentable
 from .pipeline import Chunk, Output, Pipeline
 from .plan import SHARD_METADATA, OutputTensor, Shard, Unit
 from .progress import Progress
 from .shards import ShardFile, SourceFiles
-from .workers import MergeWorkers, measuring_workers, output_names, task_for
+from .workers import MergeWorkers, output_names, task_for
 
 CHUNK_BYTES = 12 << 20
 IN_FLIGHT_BYTES = 8 * CHUNK_BYTES
@@ -36,13 +36,8 @@ GPU_CACHE_BYTES = 2 * GPU_CHUNK_BYTES
 
 
 def merge_workers_for(units: list[Unit], device: str) -> Optional[MergeWorkers]:
-    """Worker processes, started now: one per core where units merge in numpy (on the CPU), else a few for the erasure
-    measure alone (on a GPU); None when neither has work."""
-    if any(merges_on_workers(unit, device) for unit in units):
-        return MergeWorkers()
-    if any(unit.adapter is not None and numpy_measures(unit) for unit in units):
-        return MergeWorkers(measuring_workers())
-    return None
+    """Worker processes for the units that merge in numpy (None when there are none), started now."""
+    return MergeWorkers() if any(merges_on_workers(unit, device) for unit in units) else None
 
 
 def chunks_of(unit: Unit, chunk_bytes: int) -> list[Chunk]:

@@ -1,43 +1,45 @@
-"""Worker processes that merge LoRA into weights and measure its erasure in numpy (compiled kernels or numpy's loops),
-reading and writing the files themselves; this module is the fuse's side of them, `worker_process` theirs.
+"""Worker processes that merge LoRA into weights (`merge_numpy`: compiled kernels or numpy), reading and writing the files themselves.
 
 Processes, not threads: the merge is a few dozen short numpy calls per tile, and between them a
 thread needs the GIL back; two threads of it ran 1.15× one thread's speed on two cores, two
-processes 2×. Each worker is `python -m adapterspec.fuse.worker_process`, fed pickled tasks on its stdin
-and answering on its stdout, so nothing of the caller's program is imported again (multiprocessing's
-spawn would re-run an unguarded script). A merge task names byte ranges: of the input files (a chunk of
+processes 2×. Each worker is `python -m adapterspec.fuse.workers`, fed pickled tasks on its stdin and
+answering on its stdout, so nothing of the caller's program is imported again (multiprocessing's
+spawn would re-run an unguarded script). A task names byte ranges: of the input files (a chunk of
 rows, the adapter tensors) and of the output shards, laid out beforehand, where the worker writes
-the merged rows; only a count of bytes comes back. A measure task names units, whose sampled rows the worker
-reads; their Measurements come back. Workers import numpy, `merge_numpy` and `merge_native`, never mlx, and
-neither does this module: a fuse on a GPU, whose workers only measure, loads no numpy. Workers ignore SIGINT,
-and exit when their stdin closes (the parent ended, or was killed).
+the merged rows; only a count of bytes comes back. Workers import numpy, `merge_numpy` and
+`merge_native`, never mlx; they ignore SIGINT, and exit when their stdin closes (the parent ended, or
+was killed).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import pickle
 import queue
+import resource
+import signal
 import subprocess
+import sys
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
+
+import numpy as np
 
 from ..errors import EXIT_ERRORS, UserError
 from ..processes import python_module
-from .shards import SourceTensor
-
-if TYPE_CHECKING:
-    from .plan import Unit
+from .merge_numpy import DenseMerge, QuantizedMerge
+from .shards import SourceTensor, pread_all, pwrite_all
 
 MAX_WORKERS = 8
 # Each worker holds a chunk and an interpreter (~40 MB): more than this only costs memory.
 MAX_WORKERS_GIVEN = 64
 WORKERS_ENV = "ADAPTERSPEC_FUSE_WORKERS"
+ADAPTER_CACHE = 16
 CLOSE_TIMEOUT = 10.0
-MAX_MEASURING_WORKERS = 4
 
 
 @dataclass(frozen=True)
@@ -59,20 +61,6 @@ class MergeTask:
     names: tuple[str, ...]
     targets: tuple[tuple[str, int], ...] = ()
     grid: bool = False
-
-
-@dataclass(frozen=True)
-class MeasureTask:
-    """The erasure measure of a batch of plain LoRA units (`numpy_scope.numpy_batches`) on `limit` sampled rows each."""
-
-    units: tuple[Unit, ...]
-    limit: int
-
-
-def measuring_workers() -> int:
-    """Worker processes for the erasure measure alone (a fuse on a GPU): a quarter of the cores, at most four; one on
-    a small machine."""
-    return max(1, min(MAX_MEASURING_WORKERS, (os.cpu_count() or 1) // 4))
 
 
 def task_for(unit, rows: Optional[tuple[int, int]], targets: tuple[tuple[str, int], ...] = ()) -> MergeTask:
@@ -126,7 +114,7 @@ class MergeWorkers:
         self._tasks: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._alive = self.workers
-        command, env = python_module("adapterspec.fuse.worker_process")
+        command, env = python_module("adapterspec.fuse.workers")
         self._processes = [
             # A session of their own: an interrupt typed at the terminal reaches the fuse, which ends them.
             subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True)
@@ -136,7 +124,7 @@ class MergeWorkers:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, task: MergeTask | MeasureTask) -> Future:
+    def submit(self, task: MergeTask) -> Future:
         future: Future = Future()
         with self._lock:
             if self._alive == 0:
@@ -207,3 +195,115 @@ class MergeWorkers:
 
     def __exit__(self, exc_type, *exc) -> None:
         self.close(wait=exc_type is None)
+
+
+def serve() -> None:
+    """A worker's loop: a task from stdin, its result (or the exception it raised) to stdout.
+
+    None asks it to stop: it answers with its peak resident memory, in bytes. A closed stdin stops it too.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    tasks, answers = sys.stdin.buffer, sys.stdout.buffer
+    while True:
+        try:
+            task = pickle.load(tasks)
+        except (EOFError, OSError):  # the parent closed the pipe or died
+            return
+        if task is None:
+            answer = (True, peak_rss())
+        else:
+            try:
+                answer = (True, merge_task(task))
+            except Exception as error:  # handed to the parent, which decides
+                answer = (False, error)
+        try:
+            pickle.dump(answer, answers, protocol=pickle.HIGHEST_PROTOCOL)
+            answers.flush()
+        except OSError:  # the parent went away while this task ran: nobody waits for the answer
+            return
+        if task is None:
+            return
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes.
+
+    Linux's VmHWM, where there is one: ru_maxrss also counts the parent's memory the process was forked with.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def merge_task(task: MergeTask) -> dict:
+    """In a worker: read the task's inputs, merge them, and write the outputs to their targets.
+
+    Returns the output arrays by name, or with targets the bytes written by name. Raises merge_numpy.Unrepresentable.
+    """
+    start, stop = task.rows
+    sources = dict(task.base)
+    base = {param: _read_rows(source, start, stop) for param, source in sources.items()}
+    lora_b = _read_tensor(task.lora_b)[:, start:stop]
+    if task.quantization is None:
+        parts = (_dense(task.lora_a, task.scale).rows(base["weight"], lora_b, sources["weight"].dtype),)
+    else:
+        merge = _quantized(task.lora_a, task.scale, *task.quantization)
+        parts = merge.rows(
+            base["weight"], base["scales"], base["biases"], lora_b, task.requantize, sources["scales"].dtype, task.grid
+        )
+    if not task.targets:
+        return dict(zip(task.names, parts))
+    for (path, offset), part in zip(task.targets, parts):
+        pwrite_all(_output_fd(path), part, offset)
+    return {name: part.nbytes for name, part in zip(task.names, parts)}
+
+
+@functools.lru_cache(maxsize=ADAPTER_CACHE)
+def _quantized(lora_a: SourceTensor, scale: float, bits: int, group_size: int) -> QuantizedMerge:
+    return QuantizedMerge(_read_tensor(lora_a), scale, bits, group_size)
+
+
+@functools.lru_cache(maxsize=ADAPTER_CACHE)
+def _dense(lora_a: SourceTensor, scale: float) -> DenseMerge:
+    return DenseMerge(_read_tensor(lora_a), scale)
+
+
+def _read_rows(source: SourceTensor, start: int, stop: int) -> np.ndarray:
+    """Rows start:stop of a tensor as stored (bfloat16 as its uint16 bit patterns)."""
+    raw = b"".join(pread_all(_fd(str(path)), n, offset) for path, offset, n in source.slab_ranges(start, stop))
+    dtype = np.uint16 if source.dtype == "bfloat16" else source.dtype
+    return np.frombuffer(raw, dtype).reshape((stop - start,) + tuple(source.shape[1:]))
+
+
+@functools.lru_cache(maxsize=ADAPTER_CACHE)
+def _read_tensor(source: SourceTensor) -> np.ndarray:
+    """A whole (small) adapter tensor, float32 unless it is float16; cached, as every chunk of a unit needs it."""
+    raw = pread_all(_fd(str(source.path)), source.nbytes, source.offset)
+    return _as_numpy(raw, source.dtype).reshape(source.shape)
+
+
+def _as_numpy(raw: bytes, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":  # numpy has no bfloat16; its float32 value is its bits shifted up
+        return (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return np.frombuffer(raw, dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _fd(path: str) -> int:
+    return os.open(path, os.O_RDONLY)
+
+
+@functools.lru_cache(maxsize=None)
+def _output_fd(path: str) -> int:
+    return os.open(path, os.O_WRONLY)
+
+
+if __name__ == "__main__":
+    serve()
+    os._exit(0)  # nothing buffered is left to flush into a pipe whose reader may be gone

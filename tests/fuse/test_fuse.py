@@ -305,26 +305,25 @@ def test_a_fused_weight_that_overflows_is_an_error(model_dirs, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_the_erasure_measure_on_several_workers_equals_one(model_dirs, tmp_path, monkeypatch):
-    """The numpy measure splits its batches over the worker processes; every figure stays the same."""
-    from adapterspec.fuse import numpy_scope
+def test_the_erasure_measure_on_several_threads_equals_one(model_dirs, tmp_path, monkeypatch):
+    """The numpy measure splits its batches over threads on a large machine; every figure stays the same."""
+    from adapterspec.fuse import erasure
 
     adapter_dir = write_adapters(model_dirs["4bit"], tmp_path / "ad", MIXED_SPEC)
-    monkeypatch.setattr(numpy_scope, "BATCH_ELEMENTS", 1)  # one unit a batch: as many batches as units
     reports = {}
-    for workers in (1, 4):
-        monkeypatch.setenv("ADAPTERSPEC_FUSE_WORKERS", str(workers))
-        result = fuse_model_dir(model_dirs["4bit"], adapter_dir, tmp_path / f"out{workers}")
-        assert len(result.worker_peak_rss) == workers
-        reports[workers] = [(m.path, m.kept, m.error, m.status) for m in result.report.modules]
+    for threads in (1, 4):
+        monkeypatch.setattr(erasure, "measuring_threads", lambda threads=threads: threads)
+        monkeypatch.setattr(erasure, "BATCH_ELEMENTS", 1)  # one unit a batch: as many batches as units
+        result = fuse_model_dir(model_dirs["4bit"], adapter_dir, tmp_path / f"out{threads}")
+        reports[threads] = [(m.path, m.kept, m.error, m.status) for m in result.report.modules]
     assert len(reports[1]) > 4
     assert reports[4] == reports[1]
 
 
-def test_measuring_workers_leave_a_small_machine_one(monkeypatch):
-    from adapterspec.fuse import workers
+def test_measuring_threads_leave_a_small_machine_one(monkeypatch):
+    from adapterspec.fuse import erasure
 
-    monkeypatch.setattr(workers.os, "cpu_count", lambda: 2)
-    assert workers.measuring_workers() == 1
-    monkeypatch.setattr(workers.os, "cpu_count", lambda: 64)
-    assert workers.measuring_workers() == workers.MAX_MEASURING_WORKERS
+    monkeypatch.setattr(erasure.os, "cpu_count", lambda: 2)
+    assert erasure.measuring_threads() == 1
+    monkeypatch.setattr(erasure.os, "cpu_count", lambda: 64)
+    assert erasure.measuring_threads() == erasure.MAX_MEASURING_THREADS

@@ -26,8 +26,7 @@ from fuse_support import (  # noqa: E402
 from adapterspec.errors import UserError  # noqa: E402
 from adapterspec.fuse.plan import plan_fuse  # noqa: E402
 from adapterspec.fuse.stream import chunks_of  # noqa: E402
-from adapterspec.fuse.worker_process import merge_task  # noqa: E402
-from adapterspec.fuse.workers import MergeWorkers, WorkerFailed, task_for  # noqa: E402
+from adapterspec.fuse.workers import MergeWorkers, WorkerFailed, merge_task, task_for  # noqa: E402
 from adapterspec.processes import python_module  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
