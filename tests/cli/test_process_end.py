@@ -19,6 +19,14 @@ SCRIPT = textwrap.dedent(
     held = os.open({fifo!r}, os.O_WRONLY)
     print("before", process_end.device_files() == [held], flush=True)
     print("handed over", process_end.hand_over_device_files(), flush=True)
+    holders = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if any(os.readlink(f"/proc/{{pid}}/fd/{{fd}}") == {fifo!r} for fd in os.listdir(f"/proc/{{pid}}/fd")):
+                holders.add(int(pid))
+        except OSError:
+            continue
+    print("held by another of its processes", bool(holders - {{os.getpid(), os.getppid()}}), flush=True)
     os.write(held, b"written before the end")
     """
 )
@@ -47,7 +55,7 @@ def test_the_device_files_are_handed_to_a_child_that_closes_everything_else(tmp_
     done, received = run_holding_fifo(tmp_path, {})
     assert done.returncode == 0, done.stderr
     # The caller's captured output came to its end although a child lived on: the child closed its copies.
-    assert done.stdout.splitlines() == ["before True", "handed over True"]
+    assert done.stdout.splitlines() == ["before True", "handed over True", "held by another of its processes True"]
     assert done.stderr == ""
     assert received == b"written before the end"
 
@@ -55,7 +63,7 @@ def test_the_device_files_are_handed_to_a_child_that_closes_everything_else(tmp_
 def test_nothing_is_handed_over_when_turned_off(tmp_path):
     done, received = run_holding_fifo(tmp_path, {"ADAPTERSPEC_HAND_OVER": "0"})
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == ["before True", "handed over False"]
+    assert done.stdout.splitlines() == ["before True", "handed over False", "held by another of its processes False"]
     assert received == b"written before the end"
 
 
