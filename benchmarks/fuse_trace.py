@@ -110,14 +110,13 @@ def main(argv: list[str]) -> int:
     print(f"{'total (process start to exit)':<38} {'':>5} {total:>8.3f}")
     summary = {"exit_code": code, "process_start_s": offset, "total_s": total, "stages": dict(stages)}
     print(json.dumps(summary), file=sys.stderr)
-    if not os.environ.get("FUSE_TRACE_HARD_EXIT"):
-        from adapterspec.process_end import hand_over_device_files
-
-        hand_over_device_files()  # as `adapterspec` does (ADAPTERSPEC_HAND_OVER=0: not)
     if os.environ.get("FUSE_TRACE_HARD_EXIT"):  # what the interpreter's and the libraries' teardown cost
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+    from adapterspec.process_end import hand_over_device_files
+
+    hand_over_device_files()  # as `adapterspec` does (ADAPTERSPEC_HAND_OVER=0: not)
     return code
 
 
