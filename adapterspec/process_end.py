@@ -12,7 +12,6 @@ the caller has its answer. Elsewhere (no such files, another system, ADAPTERSPEC
 from __future__ import annotations
 
 import os
-import sys
 import time
 import warnings
 
@@ -42,15 +41,13 @@ def device_files(fd_dir: str = "/proc/self/fd") -> list[int]:
 def hand_over_device_files() -> bool:
     """Fork a child that holds this process's device files until this process has ended; whether one was forked.
 
-    Call it once the work is done and its output flushed: what this process writes afterwards still reaches its
-    caller, the child writes nothing."""
+    Call it once the work is done. What this process writes afterwards still reaches its caller; the child writes
+    nothing (it leaves by os._exit, its copy of any buffered output dropped)."""
     if os.environ.get(HAND_OVER_ENV) == "0" or not hasattr(os, "fork"):
         return False
     kept = device_files()
     if not kept:
         return False
-    sys.stdout.flush()
-    sys.stderr.flush()
     parent = os.getpid()
     with warnings.catch_warnings():  # the fork of a threaded process: the child runs no thread's code, only syscalls
         warnings.simplefilter("ignore", DeprecationWarning)
