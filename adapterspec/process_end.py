@@ -1,8 +1,8 @@
 """Leave without the caller waiting for the GPU's teardown: a forked child keeps the device files open past our exit.
 
 When a process that used an NVIDIA GPU ends, the driver tears its context down as the process's last
-file on the device closes, and the process's caller waits for it (0.13–0.19 s on an H100 host, more
-than a whole small fuse's merges). Where this process holds such files (Linux, `/dev/nvidia*`) and its
+file on the device closes, and the process's caller waits for it (most of the 0.13–0.19 s a fuse took
+to end on an H100 host; `benchmarks/process_end.py` times it). Where this process holds such files (Linux, `/dev/nvidia*`) and its
 work is done, `hand_over_device_files` forks a child that inherits them, closes everything else (so no
 pipe a caller reads stays open), and waits for this process to be gone before it exits: this process
 then ends at the speed of one that never opened the device, and the teardown runs in the child, after
