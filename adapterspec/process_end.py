@@ -22,20 +22,24 @@ WAIT_LIMIT_S = 60.0
 POLL_S = 0.002
 
 
-def device_files(fd_dir: str = "/proc/self/fd") -> list[int]:
-    """This process's open file descriptors on an NVIDIA device (none where /proc cannot tell)."""
-    found = []
+def open_files() -> dict[int, str]:
+    """This process's open file descriptors and what each points to (none where /proc cannot tell)."""
+    files = {}
     try:
-        names = os.listdir(fd_dir)
+        names = os.listdir("/proc/self/fd")
     except OSError:
-        return found
+        return files
     for name in names:
         try:
-            if os.readlink(f"{fd_dir}/{name}").startswith(DEVICE_FILE_PREFIX):
-                found.append(int(name))
-        except (OSError, ValueError):
+            files[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except (OSError, ValueError):  # the listing's own descriptor, closed by now
             continue
-    return found
+    return files
+
+
+def device_files() -> list[int]:
+    """This process's open file descriptors on an NVIDIA device."""
+    return [fd for fd, target in open_files().items() if target.startswith(DEVICE_FILE_PREFIX)]
 
 
 def hand_over_device_files() -> bool:
@@ -66,8 +70,7 @@ def _hold_until_gone(parent: int, kept: set[int]) -> None:
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(null, fd)
-        for name in os.listdir("/proc/self/fd"):
-            fd = int(name)
+        for fd in open_files():
             if fd > 2 and fd not in kept:
                 try:
                     os.close(fd)
