@@ -329,7 +329,8 @@ def bench_variant(
         "--quiet",
         "--force",
     ]
-    measure(ours_command, "warm-up", variant)  # MLX builds its CPU kernels once per machine; not timed
+    warm_up = measure(ours_command, "warm-up", variant)  # MLX builds its kernels once per machine; not timed
+    print(f"[{variant}] warm-up (the kernels built): {warm_up.wall_s:.2f} s", file=sys.stderr)
     shutil.rmtree(work / f"out-adapterspec-{variant}")
     comparisons, other_runs = {}, {}
     for i in range(runs):
