@@ -281,10 +281,16 @@ def compute_chunk(
         widen = dequantize_float32 if unit.adapter is not None else dequantize
         weight = widen(base["weight"], base["scales"], base.get("biases"), q)
     if unit.adapter is not None:
-        adapter = {param: adapters[source.name] for param, source in unit.adapter_tensors.items()}
-        if unit.adapter.kind in TOKEN_KINDS:
-            adapter["slots"] = token_slots(unit)
-        if rows is not None:
-            adapter = adapter_rows(unit.adapter.kind, adapter, slice(*rows))
+        adapter = unit_adapter(unit, adapters, rows)
         weight = merge(unit.adapter.kind, weight, adapter, unit.adapter.scale, getattr(mx, unit.dense_dtype))
     return outputs(unit, weight, base)
+
+
+def unit_adapter(unit: Unit, adapters: dict[str, mx.array], rows: Optional[tuple[int, int]]) -> dict[str, mx.array]:
+    """The adapter tensors of a unit that merge into `rows` (all of them when None)."""
+    adapter = {param: adapters[source.name] for param, source in unit.adapter_tensors.items()}
+    if unit.adapter.kind in TOKEN_KINDS:
+        adapter["slots"] = token_slots(unit)
+    if rows is not None:
+        adapter = adapter_rows(unit.adapter.kind, adapter, slice(*rows))
+    return adapter

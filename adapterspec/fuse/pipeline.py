@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import mlx.core as mx
 
 from ..errors import UserError
-from .merge_mlx import compute_chunk
+from .merge_cuda import compute_chunk
 from .plan import Unit
 from .shards import SourceFiles
 

@@ -152,3 +152,90 @@ def test_many_small_chunks_in_a_tight_bound_give_the_same_files(models, tmp_path
     monkeypatch.setattr(stream, "GPU_IN_FLIGHT_BYTES", 20_000)  # one chunk in flight at a time
     chunked, _ = fuse_files(models["4bit"], adapters, tmp_path / "chunked")
     assert all(mx.array_equal(chunked[key], value).item() for key, value in whole.items())
+
+
+@pytest.mark.parametrize("failing", ["merge", "grid"])
+def test_kernels_that_fail_their_check_are_not_used_and_the_files_stay_the_same(
+    models, tmp_path, monkeypatch, gpu_path, failing
+):
+    import adapterspec.fuse.merge_cuda as merge_cuda
+    import adapterspec.fuse.merge_mlx as merge_mlx
+
+    adapters = write_adapters(models["4bit"], tmp_path / "adapters", MLX_LM_SPEC)
+    expected, _ = fuse_files(models["4bit"], adapters, tmp_path / "operations")
+    tried = []
+
+    def fails(*args):
+        tried.append(args)
+        raise RuntimeError("the kernel does not build here")
+
+    def merges_as_the_operations(weight, a, b, scale, dtype, quantized=None):  # a merge kernel that works
+        if quantized is not None:
+            weight = merge_mlx.dequantize_float32(weight, *quantized)
+        return merge_mlx.merge("lora", weight, {"lora_a": a, "lora_b": b}, scale, dtype)
+
+    monkeypatch.setattr(merge_cuda, "enabled", lambda: True)
+    monkeypatch.setattr(merge_cuda, "merge", fails if failing == "merge" else merges_as_the_operations)
+    monkeypatch.setattr(merge_cuda, "requantize_on_grid", fails)
+    for check in (merge_cuda.merge_agrees, merge_cuda.grid_agrees):
+        check.cache_clear()
+    try:
+        got, _ = fuse_files(models["4bit"], adapters, tmp_path / "kernels")
+    finally:
+        for check in (merge_cuda.merge_agrees, merge_cuda.grid_agrees):
+            check.cache_clear()
+    assert len(tried) == 1, "the failing kernel was tried once, by its check, and then left alone"
+    assert set(got) == set(expected)
+    assert all(mx.array_equal(got[key], value).item() for key, value in expected.items())
+
+
+class FakeNvrtc:
+    """Stands for NVRTC where there is none: its version, and every source it is asked to build."""
+
+    def __init__(self):
+        self.built = []
+
+    def nvrtcVersion(self, major, minor):
+        major._obj.value, minor._obj.value = 13, 0
+        return 0
+
+
+def test_the_kernels_code_is_built_once_and_then_read_from_the_cache(tmp_path, monkeypatch):
+    from adapterspec.fuse import cuda_build
+
+    fake = FakeNvrtc()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(cuda_build, "_nvrtc", lambda: fake)
+    monkeypatch.setattr(cuda_build, "compute_capability", lambda: "90")
+    monkeypatch.setattr(cuda_build, "_compile", lambda nvrtc, source, options: fake.built.append(source) or b"code\0")
+    assert cuda_build.cubin("kernel one") == b"code\0"
+    assert cuda_build.cubin("kernel one") == b"code\0"
+    assert fake.built == ["kernel one"], "the second call reads the cache"
+    cuda_build.cubin("kernel two")
+    assert fake.built == ["kernel one", "kernel two"]
+    assert len(list((tmp_path / "adapterspec" / "cuda").iterdir())) == 2
+    monkeypatch.setattr(cuda_build, "compute_capability", lambda: "80")  # another GPU: built for it
+    cuda_build.cubin("kernel one")
+    assert fake.built[-1] == "kernel one" and len(fake.built) == 3
+
+
+def test_without_nvrtc_the_build_fails_with_a_build_error(monkeypatch):
+    from adapterspec.fuse import cuda_build
+
+    monkeypatch.setattr(cuda_build, "_nvrtc", lambda: None)
+    with pytest.raises(cuda_build.BuildError):
+        cuda_build.cubin("kernel")
+
+
+def test_pages_are_prefetched_only_where_mlx_computes_on_a_cuda_gpu(monkeypatch):
+    from adapterspec.fuse import host_pages
+
+    host_pages.prefetcher.cache_clear()
+    try:
+        if not mx.cuda.is_available():
+            assert host_pages.prefetcher() is None
+        monkeypatch.setenv("ADAPTERSPEC_FUSE_PREFETCH", "0")
+        host_pages.prefetcher.cache_clear()
+        assert host_pages.prefetcher() is None
+    finally:
+        host_pages.prefetcher.cache_clear()
