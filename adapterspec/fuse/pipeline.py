@@ -20,6 +20,7 @@ from typing import Callable, Optional
 import mlx.core as mx
 
 from ..errors import UserError
+from .host_pages import prefetcher
 from .merge_cuda import compute_chunk
 from .plan import Unit
 from .shards import SourceFiles
@@ -207,6 +208,10 @@ class Pipeline:
 
     def _write_and_release(self, chunk: Chunk, results: dict[str, Output]) -> None:
         try:
+            pages = prefetcher()
+            if pages is not None:
+                for output in results.values():
+                    pages.to_host(output.data)
             self._write(chunk, results)
         finally:
             self._budget.give(chunk.working_bytes)
