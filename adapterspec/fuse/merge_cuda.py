@@ -88,12 +88,14 @@ extern "C" __global__ void NAME(const W_T* w, const S_T* scales, const S_T* bias
 }
 """
 
-# One thread per group: the merged values' codes on the base's grid (its scale and bias); a group whose every code
-# is representable is stored on it, any other keeps mx.quantize's fresh words, scale and bias.
+# One thread per group: the merged values' codes on the base's grid (its scale and bias), a value equal to the base's
+# own keeping its own code; a group whose every code is representable is stored on it, any other keeps mx.quantize's
+# fresh words, scale and bias.
 GRID_SOURCE = """
 extern "C" __global__ void NAME(const D_T* merged, const D_T* base_scales, const D_T* base_biases,
-                                const unsigned* fresh_weight, const D_T* fresh_scales, const D_T* fresh_biases,
-                                unsigned* out_weight, D_T* out_scales, D_T* out_biases, int rows, int groups) {
+                                const unsigned* base_weight, const unsigned* fresh_weight, const D_T* fresh_scales,
+                                const D_T* fresh_biases, unsigned* out_weight, D_T* out_scales, D_T* out_biases,
+                                int rows, int groups) {
     const int PER_WORD = 32 / BITS;
     const int WORDS = GROUP / PER_WORD;
     const float top = (float)((1 << BITS) - 1);
@@ -103,18 +105,22 @@ extern "C" __global__ void NAME(const D_T* merged, const D_T* base_scales, const
     const float z = D_TO_FLOAT(base_biases[t]);
     const size_t row = t / groups;
     const D_T* x = merged + row * groups * GROUP + (t % groups) * GROUP;
+    const size_t first_word = row * groups * WORDS + (t % groups) * WORDS;
     unsigned words[GROUP / (32 / BITS)];
     bool fits = true;
     for (int w = 0; w < WORDS; ++w) {
+        const unsigned own_word = base_weight[first_word + w];
         unsigned word = 0;
         for (int e = 0; e < PER_WORD; ++e) {
-            const float code = rintf(__fdiv_rn(__fsub_rn(D_TO_FLOAT(x[w * PER_WORD + e]), z), s));
+            const float value = D_TO_FLOAT(x[w * PER_WORD + e]);
+            const unsigned own = (own_word >> (e * BITS)) & ((1u << BITS) - 1u);
+            const float base = D_TO_FLOAT(FLOAT_TO_D(__fadd_rn(D_TO_FLOAT(FLOAT_TO_D(__fmul_rn((float)own, s))), z)));
+            const float code = value == base ? (float)own : rintf(__fdiv_rn(__fsub_rn(value, z), s));
             fits = fits && code >= 0.f && code <= top;
             word |= (unsigned)fminf(fmaxf(code, 0.f), top) << (e * BITS);
         }
         words[w] = word;
     }
-    const size_t first_word = row * groups * WORDS + (t % groups) * WORDS;
     for (int w = 0; w < WORDS; ++w) out_weight[first_word + w] = fits ? words[w] : fresh_weight[first_word + w];
     out_scales[t] = fits ? base_scales[t] : fresh_scales[t];
     out_biases[t] = fits ? base_biases[t] : fresh_biases[t];
@@ -250,7 +256,7 @@ def requantize_on_grid(merged: mx.array, q: Quantization, base: dict[str, mx.arr
     weight, scales, biases = mx.fast.precompiled_cuda_kernel(
         name=name,
         compiled_source=code,
-        inputs=[merged, base["scales"], base["biases"], *fresh],
+        inputs=[merged, base["scales"], base["biases"], base["weight"], *fresh],
         output_shapes=[fresh[0].shape, base["scales"].shape, base["scales"].shape],
         output_dtypes=[mx.uint32, base["scales"].dtype, base["scales"].dtype],
         scalars=[rows, groups],

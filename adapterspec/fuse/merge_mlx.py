@@ -218,7 +218,14 @@ def on_base_grid(weight: mx.array, fresh: dict[str, mx.array], base: dict[str, m
 
     if q.mode == "affine" and "biases" in base:
         scales, biases = (base[p].astype(mx.float32)[..., None] for p in ("scales", "biases"))
-        codes = mx.round((by_group(weight.astype(mx.float32), q.group_size) - biases) / scales)
+        merged = by_group(weight.astype(mx.float32), q.group_size)
+        codes = mx.round((merged - biases) / scales)
+        # A value the adapter did not move keeps its own code (at 8 bits a bfloat16 value can round far enough
+        # that dividing back gives its neighbour's).
+        unmoved = merged == by_group(
+            dequantize_float32(base["weight"], base["scales"], base["biases"], q), q.group_size
+        )
+        codes = mx.where(unmoved, by_group(unpack_codes(base["weight"], q.bits), q.group_size), codes)
         top = (1 << q.bits) - 1
         fits = mx.all((codes >= 0) & (codes <= top), axis=-1)
         packed = pack_codes(mx.clip(codes, 0, top).astype(mx.uint32).reshape(*lead, -1), q.bits)
@@ -235,6 +242,14 @@ def on_base_grid(weight: mx.array, fresh: dict[str, mx.array], base: dict[str, m
         if param in fresh:
             out[param] = mx.where(fits, base[param], fresh[param])
     return out
+
+
+def unpack_codes(packed: mx.array, bits: int) -> mx.array:
+    """The float32 codes (..., words·32/bits) of mlx's packed uint32 words (`pack_codes` undone)."""
+    lead, words = packed.shape[:-1], packed.shape[-1]
+    stream = (packed[..., None] >> mx.arange(32, dtype=mx.uint32)) & 1
+    stream = stream.reshape(*lead, words * 32 // bits, bits)
+    return mx.sum(stream << mx.arange(bits, dtype=mx.uint32), axis=-1).astype(mx.float32)
 
 
 def pack_codes(codes: mx.array, bits: int) -> mx.array:

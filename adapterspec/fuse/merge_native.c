@@ -175,17 +175,18 @@ int merge_affine(const uint32_t *packed, const void *scales, const void *biases,
     const float n_bins = (float)((1 << bits) - 1), eps = 1e-7f;
     if (bits != 2 && bits != 4 && bits != 8) return 3;
     float *acc = malloc(sizeof(float) * (size_t)cols), *w = malloc(sizeof(float) * (size_t)cols);
-    float *codes = malloc(sizeof(float) * (size_t)group_size);
+    float *codes = malloc(sizeof(float) * (size_t)group_size), *base_codes = malloc(sizeof(float) * (size_t)cols);
     int status = 0;
-    if (!acc || !w || !codes) {
+    if (!acc || !w || !codes || !base_codes) {
         status = 2;
         goto done;
     }
     for (int r = 0; r < rows; r++) {
         const uint32_t *pr = packed + (size_t)r * words;
-        if (bits == 2) unpack_2(pr, w, cols);
-        else if (bits == 4) unpack_4(pr, w, cols);
-        else unpack_8(pr, w, cols);
+        if (bits == 2) unpack_2(pr, base_codes, cols);
+        else if (bits == 4) unpack_4(pr, base_codes, cols);
+        else unpack_8(pr, base_codes, cols);
+        memcpy(w, base_codes, sizeof(float) * (size_t)cols);
         for (int g = 0; g < groups; g++) {
             const float s = load(scales, (size_t)r * groups + g, dtype), b = load(biases, (size_t)r * groups + g, dtype);
             float *wg = w + (size_t)g * group_size;
@@ -217,12 +218,14 @@ int merge_affine(const uint32_t *packed, const void *scales, const void *biases,
             }
             if (grid) {
                 /* On the base's own grid where every element fits it: the nearest code under the input's scale and
-                 * bias, which are kept bit for bit (a group the adapter does not move keeps its codes too). */
+                 * bias, which are kept bit for bit; an element the adapter does not move keeps its own code (at
+                 * 8 bits a bfloat16 value can round far enough that dividing back gives its neighbour's). */
                 const size_t at = (size_t)r * groups + g;
                 const float s = load(scales, at, dtype), b = load(biases, at, dtype);
+                const float *unmoved = w + (size_t)g * group_size, *own = base_codes + (size_t)g * group_size;
                 int fits = 1;
                 for (int j = 0; j < group_size && fits; j++) {
-                    codes[j] = rintf((v[j] - b) / s);
+                    codes[j] = v[j] == unmoved[j] ? own[j] : rintf((v[j] - b) / s);
                     fits = codes[j] >= 0.0f && codes[j] <= n_bins;
                 }
                 if (fits) {
@@ -261,5 +264,6 @@ done:
     free(acc);
     free(w);
     free(codes);
+    free(base_codes);
     return status;
 }

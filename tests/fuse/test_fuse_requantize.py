@@ -174,3 +174,21 @@ def test_grid_requantization_is_recorded_nowhere_and_loads_as_the_base_does(tmp_
     fuse_model_dir(model, adapters, tmp_path / "out")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["quantization"] == json.loads((model / "config.json").read_text())["quantization"]
+
+
+@pytest.mark.parametrize("arithmetic", ["cpu", "gpu"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_zero_adapters_change_no_bit_with_bfloat16_scales(tmp_path, monkeypatch, bits, arithmetic):
+    # At 8 bits, bfloat16's 8-bit significand rounds some codes' values (code·scale + bias) so far that dividing
+    # back lands on the neighbouring code: a value the adapter does not move must keep its own code.
+    quantization = {"group_size": 64, "bits": bits, "mode": "affine"}
+    model = tiny.write(tmp_path / "model", "llama", dtype="bfloat16", quantization=quantization, **WIDE)
+    untrained = write_adapters(model, tmp_path / "untrained", MLX_LM_SPEC, b_scale=0.0)
+    if arithmetic == "gpu":  # the GPU path's arithmetic (mlx operations, no worker processes), on this device
+        import adapterspec.fuse.merge_mlx as merge_mlx
+
+        available = mx.is_available
+        monkeypatch.setattr(mx, "is_available", lambda device: True if device == mx.gpu else available(device))
+        monkeypatch.setattr(merge_mlx, "on_gpu", lambda: True)
+    fuse_model_dir(model, untrained, tmp_path / "zero", device="gpu" if arithmetic == "gpu" else "cpu")
+    assert_same(read_weights(tmp_path / "zero"), read_weights_of(model))
