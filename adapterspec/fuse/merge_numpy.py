@@ -127,8 +127,13 @@ class QuantizedMerge:
                 acc += w
                 _round_to(acc, dtype, term)
                 if requantize:
+                    base = (w, work.codes[: stop - start].reshape(w.shape))  # the unmoved values keep their codes
                     out_scales[start:stop], out_biases[start:stop] = _quantize_tile(
-                        acc, layout, dtype, codes_out[start:stop], (s32[start:stop], b32[start:stop]) if grid else None
+                        acc,
+                        layout,
+                        dtype,
+                        codes_out[start:stop],
+                        (s32[start:stop], b32[start:stop], *base) if grid else None,
                     )
                 else:
                     _check_finite(acc, dtype)
@@ -347,15 +352,19 @@ def _check_finite(x: np.ndarray, dtype) -> None:
 def _quantize_tile(x: np.ndarray, layout: _Layout, dtype, out: np.ndarray, grid=None) -> tuple[np.ndarray, np.ndarray]:
     """Quantize x (n, cols, code order) as mx.quantize does into `out` (n, cols·bits/8 bytes); x is consumed.
 
-    Returns the float32 scales and biases (n, groups) that mx.quantize stores in `dtype`. `grid`: as in `quantize`.
+    Returns the float32 scales and biases (n, groups) that mx.quantize stores in `dtype`. `grid`: as in `quantize`,
+    optionally followed by the base's values and codes (n, cols, code order), of which a value not moved keeps its
+    code.
     """
     grouped = layout.grouped(x)
     w_max, w_min = _group_extremes(grouped)
     _check_finite(np.maximum(np.abs(w_max), np.abs(w_min)), dtype)
     on_grid = None
     if grid is not None:
-        grid_scales, grid_biases = (g[:, None, :, None] for g in grid)
+        grid_scales, grid_biases = (g[:, None, :, None] for g in grid[:2])
         grid_codes = np.rint((grouped - grid_biases) / grid_scales)
+        if len(grid) == 4:  # the base's values and codes (code order): a value not moved keeps its own code
+            np.copyto(grid_codes, layout.grouped(grid[3]), where=grouped == layout.grouped(grid[2]), casting="unsafe")
         fits = ((grid_codes >= 0) & (grid_codes <= layout.n_bins)).all(axis=(1, 3))
         on_grid = fits[:, None, :, None]
     mask = np.abs(w_min) > np.abs(w_max)

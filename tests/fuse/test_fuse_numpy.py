@@ -13,7 +13,7 @@ import models as tiny  # noqa: E402
 from fuse_support import MIXED_SPEC, fuse_in_memory, read_weights, write_adapters  # noqa: E402
 
 from adapterspec.fuse import merge as merge_paths  # noqa: E402
-from adapterspec.fuse import merge_native, merge_numpy
+from adapterspec.fuse import merge_mlx, merge_native, merge_numpy
 from adapterspec.fuse.merge import numpy_merges
 from adapterspec.fuse.merge_mlx import dequantize_float32, merge, requantize  # noqa: E402
 from adapterspec.fuse.plan import Quantization, plan_fuse  # noqa: E402
@@ -291,3 +291,25 @@ def test_bfloat16_merges_have_the_bits_of_the_mlx_path(bits):
         got = prepared.rows(*(bits_of(p) for p in parts), b, True, "bfloat16")
         assert_same_bits([bits_of(p) for p in requantize(merged, q).values()], got)
         assert_same_bits([bits_of(merged)], prepared.rows(*(bits_of(p) for p in parts), b, False, "bfloat16"))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_on_the_grid_an_unmoved_value_keeps_its_code_where_dividing_back_would_not(bits, merge_path):
+    # Values near 1 with a spread far below float16's step there: many codes share a value, and dividing a value
+    # back by the scale lands on another code. A zero adapter must still leave every bit as it was.
+    rng = np.random.default_rng(7)
+    weight = (1.0 + 1e-3 * rng.standard_normal((16, 128))).astype(np.float16)
+    parts = mx.quantize(mx.array(weight), group_size=64, bits=bits)
+    q = Quantization(64, bits, "affine")
+    values = dequantize_float32(*parts, q)
+    codes = mx.round((values.reshape(16, 2, 64) - parts[2].astype(mx.float32)[..., None]) / parts[1][..., None])
+    assert not mx.array_equal(codes.reshape(16, 128), merge_mlx.unpack_codes(parts[0], bits)).item()
+    packed, scales, biases = (np.asarray(p) for p in parts)
+    a, b = (rng.standard_normal((128, 4)) * 0.02).astype(np.float32), np.zeros((4, 16), np.float32)
+    out = merge_numpy.QuantizedMerge(a, 2.0, bits, 64).rows(packed, scales, biases, b, grid=True)
+    assert all(np.array_equal(got, base) for got, base in zip(out, (packed, scales, biases)))
+    on_mlx = merge_mlx.on_base_grid(
+        values.astype(mx.float16), dict(zip(("weight", "scales", "biases"), mx.quantize(values.astype(mx.float16), 64, bits))),
+        dict(zip(("weight", "scales", "biases"), parts)), q,
+    )  # fmt: skip
+    assert all(mx.array_equal(on_mlx[p], part).item() for p, part in zip(("weight", "scales", "biases"), parts))
