@@ -160,7 +160,7 @@ def test_an_interrupted_fuse_leaves_no_worker_running(quantized, tmp_path, how):
     tag = f"ADAPTERSPEC_TEST_TAG={uuid.uuid4().hex}"
     env = {**os.environ, "PYTHONPATH": str(ROOT), tag.split("=")[0]: tag.split("=")[1]}
     slow_fuse = str(Path(__file__).with_name("slow_fuse.py"))
-    process = subprocess.Popen([sys.executable, slow_fuse, "0.2", "fuse", str(model), str(adapters), "-o", str(tmp_path / "out")],
+    process = subprocess.Popen([sys.executable, slow_fuse, "0.5", "fuse", str(model), str(adapters), "-o", str(tmp_path / "out")],
                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         deadline = time.monotonic() + 60
