@@ -10,41 +10,18 @@ it (into a preallocated bytearray, and into a file in the page cache).
 """
 
 import argparse
-import ctypes
 import os
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import mlx.core as mx
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-class MemLocation(ctypes.Structure):
-    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
-
-
-LOCATION_DEVICE, LOCATION_HOST = 1, 2
-
-
-def driver():
-    """The CUDA driver library with the calling thread bound to device 0's primary context, or None."""
-    try:
-        cuda = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return None
-    context = ctypes.c_void_p()
-    if cuda.cuDevicePrimaryCtxRetain(ctypes.byref(context), 0) or cuda.cuCtxSetCurrent(context):
-        return None
-    return cuda
-
-
-def prefetch(cuda, view: memoryview, location: int) -> int:
-    """Migrate a managed buffer's pages in one go (cuMemPrefetchAsync), then wait; the driver's status code."""
-    address = ctypes.addressof(ctypes.c_char.from_buffer(view))
-    function = cuda.cuMemPrefetchAsync_v2
-    function.argtypes = [ctypes.c_uint64, ctypes.c_size_t, MemLocation, ctypes.c_uint, ctypes.c_void_p]
-    status = function(address, view.nbytes, MemLocation(location, 0), 0, None)
-    return status or cuda.cuCtxSynchronize()
+from adapterspec.fuse.host_pages import LOCATION_DEVICE, LOCATION_HOST, driver_prefetcher  # noqa: E402
 
 
 class Stages:
@@ -60,7 +37,7 @@ class Stages:
         self._last = now
 
 
-def one_round(nbytes: int, scratch: str, cuda) -> dict[str, float]:
+def one_round(nbytes: int, scratch: str, pages) -> dict[str, float]:
     source = os.urandom(1 << 20) * (nbytes >> 20)
     landing = bytearray(nbytes)
     stages = Stages()
@@ -89,19 +66,19 @@ def one_round(nbytes: int, scratch: str, cuda) -> dict[str, float]:
     with open(os.path.join(scratch, "plain.bin"), "wb") as out:
         out.write(source)
         stages.mark("host bytes to a file (write)")
-    if cuda is not None:
+    if pages is not None:
         host_in = mx.array(memoryview(source))
         stages.mark("input array again")
-        status = prefetch(cuda, memoryview(host_in), LOCATION_DEVICE)
-        stages.mark(f"input prefetched to the device (status {status})")
+        moved = pages.to(memoryview(host_in), LOCATION_DEVICE)
+        stages.mark(f"input prefetched to the device ({'done' if moved else 'failed'})")
         mx.eval(host_in.view(mx.float16) + 1)
         stages.mark("device's first read of the prefetched input")
         v = y * 4
         mx.eval(v)
         view = memoryview(v).cast("B")
         stages.mark("a device op, its result visible to the host")
-        status = prefetch(cuda, view, LOCATION_HOST)
-        stages.mark(f"result prefetched to the host (status {status})")
+        moved = pages.to(view, LOCATION_HOST)
+        stages.mark(f"result prefetched to the host ({'done' if moved else 'failed'})")
         landing[:] = view
         stages.mark("host's first read of the prefetched result")
     for name in ("out.bin", "plain.bin"):
@@ -117,11 +94,11 @@ def main() -> int:
     nbytes = args.mb << 20
     print(f"mlx {mx.__version__}, {mx.default_device()}, {args.mb} MB per stage, median of {args.rounds} rounds")
     rounds = []
-    cuda = driver() if mx.default_device() == mx.gpu else None
+    pages = driver_prefetcher() if mx.default_device() == mx.gpu else None
     with tempfile.TemporaryDirectory() as scratch:
-        one_round(nbytes, scratch, cuda)
+        one_round(nbytes, scratch, pages)
         for _ in range(args.rounds):
-            rounds.append(one_round(nbytes, scratch, cuda))
+            rounds.append(one_round(nbytes, scratch, pages))
     for stage in rounds[0]:
         seconds = statistics.median(r[stage] for r in rounds)
         print(f"{stage:52s} {seconds * 1e3:8.1f} ms  {nbytes / seconds / 1e9:6.2f} GB/s")

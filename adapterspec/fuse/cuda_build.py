@@ -82,12 +82,22 @@ def _compile(nvrtc: ctypes.CDLL, source: str, options: list[str]) -> bytes:
 
 
 @functools.lru_cache(maxsize=1)
+def driver() -> Optional[ctypes.CDLL]:
+    """The CUDA driver's library, initialised; None where there is none."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    return None if cuda.cuInit(0) else cuda
+
+
+@functools.lru_cache(maxsize=1)
 def compute_capability() -> str:
     """The compute capability of CUDA device 0 as NVRTC spells it ("90" for 9.0), from the driver."""
-    cuda = ctypes.CDLL("libcuda.so.1")
+    cuda = driver()
     device, major, minor = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
     if (
-        cuda.cuInit(0)
+        cuda is None
         or cuda.cuDeviceGet(ctypes.byref(device), 0)
         or cuda.cuDeviceGetAttribute(ctypes.byref(major), ATTRIBUTE_MAJOR, device)
         or cuda.cuDeviceGetAttribute(ctypes.byref(minor), ATTRIBUTE_MINOR, device)

@@ -15,7 +15,9 @@ import os
 import threading
 from typing import Optional
 
-LOCATION_HOST = 2
+from .cuda_build import driver
+
+LOCATION_DEVICE, LOCATION_HOST = 1, 2
 STREAM_NON_BLOCKING = 1
 
 
@@ -34,6 +36,11 @@ class Prefetcher:
         self._prefetch.argtypes = [ctypes.c_uint64, ctypes.c_size_t, _Location, ctypes.c_uint, ctypes.c_void_p]
 
     def to_host(self, view: memoryview) -> bool:
+        return self.to(view, LOCATION_HOST)
+
+    def to(self, view: memoryview, location: int) -> bool:
+        """Move a managed buffer's pages to `location` (LOCATION_HOST, LOCATION_DEVICE: device 0) and wait; whether
+        the driver did (buffers under 1 MB are left alone)."""
         if view.nbytes < (1 << 20) or view.readonly:
             return False
         stream = getattr(self._bound, "stream", None)
@@ -46,7 +53,7 @@ class Prefetcher:
                 return False
             self._bound.stream = stream
         address = ctypes.addressof(ctypes.c_char.from_buffer(view))
-        if self._prefetch(address, view.nbytes, _Location(LOCATION_HOST, 0), 0, stream):
+        if self._prefetch(address, view.nbytes, _Location(location, 0), 0, stream):
             return False
         return self._cuda.cuStreamSynchronize(stream) == 0
 
@@ -60,11 +67,16 @@ def prefetcher() -> Optional[Prefetcher]:
         return None
     if not mx.cuda.is_available():
         return None
+    return driver_prefetcher()
+
+
+def driver_prefetcher() -> Optional[Prefetcher]:
+    """A prefetcher on CUDA device 0's primary context, wherever the driver has one (no other condition)."""
+    cuda = driver()
+    context = ctypes.c_void_p()
+    if cuda is None or cuda.cuDevicePrimaryCtxRetain(ctypes.byref(context), 0):
+        return None
     try:
-        cuda = ctypes.CDLL("libcuda.so.1")
-        context = ctypes.c_void_p()
-        if cuda.cuDevicePrimaryCtxRetain(ctypes.byref(context), 0):
-            return None
         return Prefetcher(cuda, context)
-    except (OSError, AttributeError):
+    except AttributeError:  # a driver without cuMemPrefetchAsync_v2
         return None
