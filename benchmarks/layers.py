@@ -77,16 +77,18 @@ ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 
 
-# adapterspec variants: (merge_mode, separate path by hand, siblings share their product); "before" is the
-# code before measured choices, "unshared" the code before siblings shared their low-rank product
+# adapterspec variants: (merge_mode, separate path by hand, siblings share their product, a dense base's GEMM adds
+# the low-rank term); "before" is the code before measured choices, "unshared" the code before siblings shared
+# their low-rank product, "late-sum" the code before a dense base's GEMM added the term (an addmm after it)
 VARIANT_MODES = {
-    "auto": ("auto", True, True),
-    "model": ("model", True, True),
-    "measure": ("measure", True, True),
-    "never": ("never", True, True),
-    "always": ("always", True, True),
-    "unshared": ("auto", True, False),
-    "before": ("model", False, False),
+    "auto": ("auto", True, True, True),
+    "model": ("model", True, True, True),
+    "measure": ("measure", True, True, True),
+    "never": ("never", True, True, True),
+    "always": ("always", True, True, True),
+    "unshared": ("auto", True, False, True),
+    "late-sum": ("auto", True, True, False),
+    "before": ("model", False, False, False),
 }
 SWEEP_TOKENS = "1x1024,2x1024,4x1024,8x1024,2x4096"
 
@@ -224,7 +226,7 @@ def forward(model: nn.Module, inputs: mx.array, compiled: bool):
 
 
 def set_mode(variant: str) -> None:
-    lowrank.merge_mode, lowrank.separate_by_hand, lowrank.share_siblings = VARIANT_MODES[variant]
+    lowrank.merge_mode, lowrank.separate_by_hand, lowrank.share_siblings, lowrank.sum_in_base = VARIANT_MODES[variant]
 
 
 def in_mode(variant: str, fn):

@@ -87,15 +87,17 @@ class LoRALinear(AdapterModule):
         """The separate path; with `shared`, on the product its siblings computed for the same x where they did."""
         base = self.linear
         q = quantization(base)
-        if q is None:
+        if type(base) is nn.Linear:
+            frozen_base = lowrank.DenseBase(base.weight, base.get("bias"))
+        elif q is None:
             weight = base.weight
-
-            def base_dx(dy):
-                return dy @ weight
+            frozen_base = lowrank.Base(base, lambda dy: dy @ weight)
         elif getattr(base, "global_scale", None) is None:
 
             def base_dx(dy):
                 return mx.quantized_matmul(dy, base.weight, base.scales, base.get("biases"), transpose=False, **q)
+
+            frozen_base = lowrank.Base(base, base_dx)
         else:
             return self._autodiff(x)
         dtype = lowrank.output_dtype(base, x)
@@ -103,9 +105,9 @@ class LoRALinear(AdapterModule):
         group = self._sharing_group() if shared else None
         z = group.product(self, x, dtype) if group is not None else None
         if z is not None:
-            return lowrank.separate_with_product(lowrank.cast(x, dtype), z, b, base, base_dx)
+            return lowrank.separate_with_product(lowrank.cast(x, dtype), z, b, frozen_base)
         a = self.lora_a.astype(dtype)
-        return lowrank.separate_matmul(lowrank.cast(x, dtype), a, b, base, base_dx)
+        return lowrank.separate_matmul(lowrank.cast(x, dtype), a, b, frozen_base)
 
     def _paths(self, x: mx.array) -> pathchoice.Candidates:
         """Both paths on random arrays of this call's shapes, for `pathchoice` to time."""
@@ -143,12 +145,13 @@ class LoRALinear(AdapterModule):
 
 def linear_backward(x, a, b, dy, weight, low_rank_dx: bool):
     """Gradients of x·(W + (a·b)ᵀ)ᵀ, a and b through the low-rank path; x through `weight`: the merged weight, or
-    with `low_rank_dx` the base weight W, the low-rank term (dy·bᵀ)·aᵀ added in one addmm."""
+    with `low_rank_dx` the base weight W, the low-rank term (dy·bᵀ)·aᵀ added by the same GEMM (`lowrank.DenseBase`)."""
     x_rows, dy_rows = lowrank.rows(x), lowrank.rows(dy)
     dz = dy_rows @ b.T
-    dx = dy @ weight
     if low_rank_dx:
-        dx = mx.addmm(lowrank.rows(dx), dz, a.T).reshape(dx.shape)
+        dx = lowrank.DenseBase(weight, None).dx_plus_product(dy, dz.reshape(*dy.shape[:-1], dz.shape[-1]), a.T)
+    else:
+        dx = dy @ weight
     da = x_rows.T @ dz
     db = (x_rows @ a).T @ dy_rows
     return dx, da, db

@@ -2,8 +2,9 @@
 
 Two ways to compute base(x) + x·A·B (scale folded into B, all in the activation dtype):
 
-* separate: the base output plus the low-rank product, accumulated with one `addmm`. Its extra
-  memory traffic grows with the number of tokens (it reads x and rewrites the output).
+* separate: the base output plus the low-rank product (`Base`: on a dense base the product is added by the
+  base's own GEMM, elsewhere by one `addmm` after it). Its extra memory traffic grows with the number of
+  tokens (it reads x, and writes the product's term or rewrites the output).
 * merged: one matmul with W + (A·B)ᵀ, merged in a single `addmm` over the weight. Its extra
   traffic grows with the weight's size, not with the tokens. No full-size weight gradient is ever
   formed, and no merged or dequantized weight is kept for the backward pass (keeping them cost a
@@ -31,6 +32,7 @@ MERGE_MODES = ("auto", "always", "never", "measure", "model")
 merge_mode = os.environ.get("ADAPTERSPEC_LORA_PATH", "auto")
 separate_by_hand = True  # False leaves the separate path to autodiff (benchmarks compare the two)
 share_siblings = True  # False gives every layer its own low-rank product (`siblings`; benchmarks and tests compare)
+sum_in_base = True  # False adds a dense base's low-rank term after its GEMM (`DenseBase`; benchmarks compare)
 if merge_mode not in MERGE_MODES:
     raise ValueError(f"ADAPTERSPEC_LORA_PATH={merge_mode!r}: expected one of {MERGE_MODES}")
 
@@ -100,52 +102,87 @@ def separate_matmul(
     x: mx.array,
     a: mx.array,
     b: mx.array,
-    base: Callable[[mx.array], mx.array],
-    base_dx: Callable[[mx.array], mx.array],
+    base: "Base",
 ) -> mx.array:
-    """base(x) + (x·a)·b with its backward written out: dz = dy·bᵀ, dx = base_dx(dy) + dz·aᵀ in one addmm,
-    da = xᵀ·dz, db = zᵀ·dy on rows, z kept from the forward pass. The base's arrays are constants."""
+    """base(x) + (x·a)·b with its backward written out: dz = dy·bᵀ, dx = base_dx(dy) + dz·aᵀ, da = xᵀ·dz,
+    db = zᵀ·dy on rows, z kept from the forward pass. The base's arrays are constants."""
 
     @mx.custom_function
     def forward(x, a, b):
         z = x @ a
-        return mx.addmm(base(x), z, b), z
+        return base.plus_product(x, z, b), z
 
     @forward.vjp
     def forward_vjp(primals, cotangents, outputs):
         x, a, b = primals
         dy, z = cotangents[0], outputs[1]
         dz = dy @ b.T
-        dx = mx.addmm(base_dx(dy), dz, a.T)
+        dx = base.dx_plus_product(dy, dz, a.T)
         dy_rows, dz_rows = rows(dy), rows(dz)
         return dx, rows(x).T @ dz_rows, rows(z).T @ dy_rows
 
     return forward(x, a, b)[0]
 
 
-def separate_with_product(
-    x: mx.array,
-    z: mx.array,
-    b: mx.array,
-    base: Callable[[mx.array], mx.array],
-    base_dx: Callable[[mx.array], mx.array],
-) -> mx.array:
+def separate_with_product(x: mx.array, z: mx.array, b: mx.array, base: "Base") -> mx.array:
     """base(x) + z·b for a low-rank product z = rows(x)·a computed elsewhere (`siblings`), which carries a's
     part of x's gradient: here dx = base_dx(dy), dz = dy·bᵀ, db = zᵀ·dy. The base's arrays are constants."""
 
     @mx.custom_function
     def forward(x, z, b):
-        y = base(x)
-        return (mx.addmm(rows(y), z, b).reshape(y.shape),)
+        return (base.plus_product(x, z.reshape(*x.shape[:-1], z.shape[-1]), b),)
 
     @forward.vjp
     def forward_vjp(primals, cotangents, outputs):
         x, z, b = primals
         dy = cotangents[0]
         dy_rows = rows(dy)
-        return base_dx(dy), dy_rows @ b.T, z.T @ dy_rows
+        return base.dx(dy), dy_rows @ b.T, z.T @ dy_rows
 
     return forward(x, z, b)[0]
+
+
+class Base:
+    """A frozen linear base as the low-rank paths use it: its output and its input's gradient, each with a
+    low-rank term added. On a dense base the term is computed first and added by the base's own GEMM (its C
+    input, read where the GEMM writes its tiles), so at many rows no memory-bound pass rereads and rewrites
+    the base's output or x's gradient; other bases add it afterwards with one `addmm`."""
+
+    def __init__(self, apply: Callable[[mx.array], mx.array], dx: Callable[[mx.array], mx.array]):
+        self.apply, self.dx = apply, dx
+
+    def plus_product(self, x: mx.array, z: mx.array, b: mx.array) -> mx.array:
+        """base(x) + z·b."""
+        return mx.addmm(self.apply(x), z, b)
+
+    def dx_plus_product(self, dy: mx.array, dz: mx.array, a_t: mx.array) -> mx.array:
+        """base_dx(dy) + dz·a_t."""
+        return mx.addmm(self.dx(dy), dz, a_t)
+
+
+class DenseBase(Base):
+    """A dense linear, x·Wᵀ (+ bias): the low-rank term is added inside the base's GEMM."""
+
+    def __init__(self, weight: mx.array, bias: "mx.array | None"):
+        super().__init__(self._apply, self._dx)
+        self.weight, self.bias = weight, bias
+
+    def _apply(self, x):
+        return x @ self.weight.T if self.bias is None else mx.addmm(self.bias, x, self.weight.T)
+
+    def _dx(self, dy):
+        return dy @ self.weight
+
+    def plus_product(self, x, z, b):
+        if not sum_in_base:
+            return super().plus_product(x, z, b)
+        term = z @ b if self.bias is None else mx.addmm(self.bias, z, b)
+        return mx.addmm(term, x, self.weight.T)
+
+    def dx_plus_product(self, dy, dz, a_t):
+        if not sum_in_base:
+            return super().dx_plus_product(dy, dz, a_t)
+        return mx.addmm(dz @ a_t, dy, self.weight)
 
 
 def frozen(module) -> bool:

@@ -296,6 +296,34 @@ def test_gradients_match_float32_reference(kind, variant, path):
             assert rel_err(ours_input, ref_input) <= TOLERANCE[variant], (name, "input")
 
 
+@pytest.mark.parametrize("sum_in_base", [True, False])
+def test_a_dense_base_adds_the_low_rank_term_before_rounding_once(sum_in_base, monkeypatch):
+    """On a dense bfloat16 base the separate path's output and input gradient are rounded once, after the
+    base's GEMM has added the low-rank term: base 1 + 2⁻⁸ (half a bfloat16 step above 1) plus a term of
+    2⁻⁸ is exactly 1 + 2⁻⁷. Added after the base's output is rounded (the order before), it is 1."""
+    monkeypatch.setattr(lowrank, "merge_mode", "never")
+    monkeypatch.setattr(lowrank, "sum_in_base", sum_in_base)
+    half_step, exact = 2.0**-8, 1 + 2.0**-7
+    expected = exact if sum_in_base else 1.0
+
+    forward_base = nn.Linear(2, 1, bias=False)
+    forward_base.weight = mx.array([[1.0, 1.0]], dtype=mx.bfloat16)
+    layer = adapter_from_base("lora", forward_base, r=1, scale=1.0)
+    layer.lora_a, layer.lora_b = mx.array([[half_step], [0.0]]), mx.array([[1.0]])
+    x = mx.array([[1.0, half_step]], dtype=mx.bfloat16)  # x·Wᵀ = 1 + 2⁻⁸, x·A·B = 2⁻⁸
+    assert layer(x).dtype == mx.bfloat16
+    assert layer(x).item() == expected
+
+    backward_base = nn.Linear(1, 2, bias=False)
+    backward_base.weight = mx.array([[1.0], [1.0]], dtype=mx.bfloat16)
+    layer = adapter_from_base("lora", backward_base, r=1, scale=1.0)
+    layer.lora_a, layer.lora_b = mx.array([[1.0]]), mx.array([[0.0, 1.0]])
+    dy = mx.array([[1.0, half_step]], dtype=mx.bfloat16)  # dy·W = 1 + 2⁻⁸, (dy·Bᵀ)·Aᵀ = 2⁻⁸
+    _, (dx,) = mx.vjp(layer, [mx.array([[1.0]], dtype=mx.bfloat16)], [dy])
+    assert dx.dtype == mx.bfloat16
+    assert dx.item() == expected
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_fused_output_equals_adapter_output(kind, variant, path):

@@ -1,0 +1,121 @@
+"""Time what the host spends queuing one operation of each kind, in a compiled function as in a training step.
+
+A compiled LoRA step at a thousand tokens waits on the host that queues its work (`layers.py`'s host time).
+This counts what each kind of operation an adapted linear adds costs the host, views included (a reshape,
+a transpose or a slice launches no kernel but still passes through the evaluation loop): a chain of `--ops`
+operations of one kind is compiled, and the time until `mx.async_eval` returns, over the chain's length, is
+its host cost per operation (median of `--rounds`); the time until the results are ready is printed beside it.
+
+    python benchmarks/op_host_cost.py
+    python benchmarks/op_host_cost.py --ops 400 --rows 1024 --json host.json
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import mlx.core as mx
+
+
+def chains(rows: int, width: int, ops: int, dtype: mx.Dtype) -> dict:
+    """name -> (function, inputs): `ops` operations of one kind, each on the last one's result."""
+    key = iter(mx.random.split(mx.random.key(0), 8))
+    x = mx.random.normal((rows, width), key=next(key)).astype(dtype)
+    tall = mx.random.normal((rows + ops, width), key=next(key)).astype(dtype)
+    narrow = [mx.random.normal((width, 8), key=k).astype(dtype) for k in mx.random.split(next(key), ops)]
+    wide = [mx.random.normal((8, width), key=k).astype(dtype) for k in mx.random.split(next(key), ops)]
+    masters = [mx.random.normal((width, 8), key=k) for k in mx.random.split(next(key), ops)]
+
+    def reshape(x):
+        for i in range(ops):
+            x = x.reshape((-1, width) if i % 2 else (-1, 2 * width))
+        return x
+
+    def transpose(x):
+        for _ in range(ops):
+            x = x.T
+        return x
+
+    def slice_rows(x):
+        for _ in range(ops):
+            x = x[1:]
+        return x
+
+    def gemm(x, *a):  # z = x·A for `ops` narrow A's, each its own output
+        return [x @ m for m in a]
+
+    def addmm(x, *b):  # y = y + z·B, the low-rank product's second GEMM
+        z = x[:, :8]
+        for m in b:
+            x = mx.addmm(x, z, m)
+        return x
+
+    def casts(*masters):  # float32 masters cast to the activation dtype, one kernel each (one kernel's code)
+        return [m.astype(dtype) for m in masters]
+
+    @mx.custom_function
+    def identity(x):
+        return x
+
+    @identity.vjp
+    def identity_vjp(primals, cotangents, outputs):
+        return cotangents
+
+    def custom(x):
+        for _ in range(ops):
+            x = identity(x)
+        return x
+
+    return {
+        "reshape": (reshape, (x,)),
+        "transpose": (transpose, (x,)),
+        "slice": (slice_rows, (tall,)),
+        "custom function (identity)": (custom, (x,)),
+        "cast (width × 8)": (casts, tuple(masters)),
+        "GEMM x·A (rows × width × 8)": (gemm, (x, *narrow)),
+        "addmm y + z·B": (addmm, (x, *wide)),
+    }
+
+
+def timed(function, inputs, rounds: int) -> tuple[float, float]:
+    """Median seconds until queued and until done, over `rounds` calls after a warm-up."""
+    compiled = mx.compile(function)
+    mx.eval(compiled(*inputs))
+    host, total = [], []
+    for _ in range(rounds):
+        mx.synchronize()
+        start = time.perf_counter()
+        out = compiled(*inputs)
+        mx.async_eval(out)
+        queued = time.perf_counter()
+        mx.eval(out)
+        mx.synchronize()
+        done = time.perf_counter()
+        host.append(queued - start)
+        total.append(done - start)
+    return statistics.median(host), statistics.median(total)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1024)
+    parser.add_argument("--width", type=int, default=4096)
+    parser.add_argument("--ops", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    print(f"{mx.default_device()}, mlx {mx.__version__}; chains of {args.ops}, {args.rows} × {args.width} bfloat16")
+    results = {}
+    for name, (function, inputs) in chains(args.rows, args.width, args.ops, mx.bfloat16).items():
+        host, total = timed(function, inputs, args.rounds)
+        results[name] = {"host_us": 1e6 * host / args.ops, "total_us": 1e6 * total / args.ops}
+        print(f"{name:30} host {results[name]['host_us']:6.2f} µs/op   done {results[name]['total_us']:6.2f} µs/op")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": args.rows, "width": args.width, "ops": args.ops, "results": results}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
