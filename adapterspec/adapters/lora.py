@@ -149,7 +149,7 @@ def linear_backward(x, a, b, dy, weight, low_rank_dx: bool):
     x_rows, dy_rows = lowrank.rows(x), lowrank.rows(dy)
     dz = dy_rows @ b.T
     if low_rank_dx:
-        dx = lowrank.DenseBase(weight, None).dx_plus_product(dy, dz.reshape(*dy.shape[:-1], dz.shape[-1]), a.T)
+        dx = lowrank.DenseBase(weight, None).dx_plus_product(dy, dz, a.T)
     else:
         dx = dy @ weight
     da = x_rows.T @ dz

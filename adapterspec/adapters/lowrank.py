@@ -130,7 +130,7 @@ def separate_with_product(x: mx.array, z: mx.array, b: mx.array, base: "Base") -
 
     @mx.custom_function
     def forward(x, z, b):
-        return (base.plus_product(x, z.reshape(*x.shape[:-1], z.shape[-1]), b),)
+        return (base.plus_product(x, z, b),)
 
     @forward.vjp
     def forward_vjp(primals, cotangents, outputs):
@@ -152,12 +152,12 @@ class Base:
         self.apply, self.dx = apply, dx
 
     def plus_product(self, x: mx.array, z: mx.array, b: mx.array) -> mx.array:
-        """base(x) + z·b."""
-        return mx.addmm(self.apply(x), z, b)
+        """base(x) + z·b, for z with x's leading axes or folded into rows."""
+        return _plus_product(self.apply(x), z, b)
 
     def dx_plus_product(self, dy: mx.array, dz: mx.array, a_t: mx.array) -> mx.array:
-        """base_dx(dy) + dz·a_t."""
-        return mx.addmm(self.dx(dy), dz, a_t)
+        """base_dx(dy) + dz·a_t, for dz with dy's leading axes or folded into rows."""
+        return _plus_product(self.dx(dy), dz, a_t)
 
 
 class DenseBase(Base):
@@ -176,13 +176,21 @@ class DenseBase(Base):
     def plus_product(self, x, z, b):
         if not sum_in_base:
             return super().plus_product(x, z, b)
+        z = rows(z)
         term = z @ b if self.bias is None else mx.addmm(self.bias, z, b)
-        return mx.addmm(term, x, self.weight.T)
+        return mx.addmm(term, rows(x), self.weight.T).reshape(*x.shape[:-1], term.shape[-1])
 
     def dx_plus_product(self, dy, dz, a_t):
         if not sum_in_base:
             return super().dx_plus_product(dy, dz, a_t)
-        return mx.addmm(dz @ a_t, dy, self.weight)
+        return mx.addmm(rows(dz) @ a_t, rows(dy), self.weight).reshape(*dy.shape[:-1], a_t.shape[-1])
+
+
+def _plus_product(y: mx.array, z: mx.array, b: mx.array) -> mx.array:
+    """y + z·b in one `addmm`; a z folded into rows adds to y's rows."""
+    if z.ndim == 2 and y.ndim != 2:
+        return mx.addmm(rows(y), z, b).reshape(y.shape)
+    return mx.addmm(y, z, b)
 
 
 def frozen(module) -> bool:
