@@ -12,10 +12,14 @@ its host cost per operation (median of `--rounds`); the time until the results a
 
 import argparse
 import json
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import mlx.core as mx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from lowrank_ops import time_operation  # noqa: E402
 
 
 def chains(rows: int, width: int, ops: int, dtype: mx.Dtype) -> dict:
@@ -78,25 +82,6 @@ def chains(rows: int, width: int, ops: int, dtype: mx.Dtype) -> dict:
     }
 
 
-def timed(function, inputs, rounds: int) -> tuple[float, float]:
-    """Median seconds until queued and until done, over `rounds` calls after a warm-up."""
-    compiled = mx.compile(function)
-    mx.eval(compiled(*inputs))
-    host, total = [], []
-    for _ in range(rounds):
-        mx.synchronize()
-        start = time.perf_counter()
-        out = compiled(*inputs)
-        mx.async_eval(out)
-        queued = time.perf_counter()
-        mx.eval(out)
-        mx.synchronize()
-        done = time.perf_counter()
-        host.append(queued - start)
-        total.append(done - start)
-    return statistics.median(host), statistics.median(total)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1024)
@@ -108,8 +93,8 @@ def main(argv=None) -> int:
     print(f"{mx.default_device()}, mlx {mx.__version__}; chains of {args.ops}, {args.rows} × {args.width} bfloat16")
     results = {}
     for name, (function, inputs) in chains(args.rows, args.width, args.ops, mx.bfloat16).items():
-        host, total = timed(function, inputs, args.rounds)
-        results[name] = {"host_us": 1e6 * host / args.ops, "total_us": 1e6 * total / args.ops}
+        total, host = time_operation(mx.compile(function), inputs, repeats=1, rounds=args.rounds)
+        results[name] = {"host_us": host / args.ops, "total_us": total / args.ops}
         print(f"{name:30} host {results[name]['host_us']:6.2f} µs/op   done {results[name]['total_us']:6.2f} µs/op")
     if args.json:
         with open(args.json, "w") as f:
