@@ -66,6 +66,15 @@ def chains(rows: int, width: int, ops: int, dtype: mx.Dtype) -> dict:
     def identity_vjp(primals, cotangents, outputs):
         return cotangents
 
+    def adam(*state):  # Adam's update of `ops` parameters (p, g, m, v each), fused by compile into a kernel each
+        updated = []
+        for i in range(0, len(state), 4):
+            p, g, m, v = state[i : i + 4]
+            m = 0.9 * m + 0.1 * g
+            v = 0.999 * v + 0.001 * g.square()
+            updated += [p - 1e-5 * m / (v.sqrt() + 1e-8), m, v]
+        return updated
+
     def custom(x):
         for _ in range(ops):
             x = identity(x)
@@ -77,6 +86,7 @@ def chains(rows: int, width: int, ops: int, dtype: mx.Dtype) -> dict:
         "slice": (slice_rows, (tall,)),
         "custom function (identity)": (custom, (x,)),
         "cast (width × 8)": (casts, tuple(masters)),
+        "Adam update (width × 8)": (adam, tuple(m for m in masters for _ in range(4))),
         "GEMM x·A (rows × width × 8)": (gemm, (x, *narrow)),
         "addmm y + z·B": (addmm, (x, *wide)),
     }
