@@ -78,17 +78,20 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 # adapterspec variants: (merge_mode, separate path by hand, siblings share their product, a dense base's GEMM adds
-# the low-rank term); "before" is the code before measured choices, "unshared" the code before siblings shared
-# their low-rank product, "late-sum" the code before a dense base's GEMM added the term (an addmm after it)
-VARIANT_MODES = {
-    "auto": ("auto", True, True, True),
-    "model": ("model", True, True, True),
-    "measure": ("measure", True, True, True),
-    "never": ("never", True, True, True),
-    "always": ("always", True, True, True),
-    "unshared": ("auto", True, False, True),
-    "late-sum": ("auto", True, True, False),
-    "before": ("model", False, False, False),
+# the low-rank term, siblings packed); "before" is the code before measured choices, "unshared" the code before
+# siblings shared their low-rank product, "late-sum" the code before a dense base's GEMM added the term (an addmm
+# after it), "packed" and "pack-measured" siblings on dense bases packed into one, forced or where measured faster
+VARIANT_MODES = {  # merge_mode, separate_by_hand, share_siblings, sum_in_base, pack_siblings
+    "auto": ("auto", True, True, True, "auto"),
+    "model": ("model", True, True, True, "auto"),
+    "measure": ("measure", True, True, True, "auto"),
+    "never": ("never", True, True, True, "auto"),
+    "always": ("always", True, True, True, "auto"),
+    "unshared": ("auto", True, False, True, "never"),
+    "late-sum": ("auto", True, True, False, "never"),
+    "packed": ("auto", True, True, True, "always"),
+    "pack-measured": ("auto", True, True, True, "auto"),
+    "before": ("model", False, False, False, "never"),
 }
 SWEEP_TOKENS = "1x1024,2x1024,4x1024,8x1024,2x4096"
 
@@ -226,7 +229,13 @@ def forward(model: nn.Module, inputs: mx.array, compiled: bool):
 
 
 def set_mode(variant: str) -> None:
-    lowrank.merge_mode, lowrank.separate_by_hand, lowrank.share_siblings, lowrank.sum_in_base = VARIANT_MODES[variant]
+    (
+        lowrank.merge_mode,
+        lowrank.separate_by_hand,
+        lowrank.share_siblings,
+        lowrank.sum_in_base,
+        lowrank.pack_siblings,
+    ) = VARIANT_MODES[variant]
 
 
 def in_mode(variant: str, fn):
@@ -344,6 +353,7 @@ def run_point(config: str, model: nn.Module, args: argparse.Namespace, tokens: t
     variants = [("mlx-lm", "auto", mlxlm_view)]
     variants += [("adapterspec" if m == "auto" else f"adapterspec[{m}]", m, ours_view) for m in args.modes]
     for name, mode, adapt in variants:
+        set_mode(mode)  # siblings' bases are stacked (or not) when the adapters are put in place
         forwards[name] = in_mode(mode, forward(view(adapt, training=False), inputs, compiled))
         steps[name] = in_mode(mode, training_step(view(adapt, True), inputs, targets, compiled))
 

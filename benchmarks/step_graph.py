@@ -38,6 +38,11 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--modes", default="auto", help="adapterspec variants (layers.py's modes), comma-separated")
     parser.add_argument("--top", type=int, default=12, help="kinds listed per variant")
+    parser.add_argument(
+        "--eager-first",
+        action="store_true",
+        help="one eager forward before the compiled step (as mlx-lm's trainer validates first): siblings learn then",
+    )
     args = parser.parse_args(argv)
     options = layers.parse_args(["--configs", "dense", "--hidden", "64", "--intermediate", "128", "--heads", "4",
                                  "--kv-heads", "2", "--vocab", "256", "--batch", "1", "--seq", "16"])  # fmt: skip
@@ -58,6 +63,8 @@ def main(argv=None) -> int:
         twin = layers.clone(model)
         adapt(twin)
         twin.train(True)
+        if args.eager_first:
+            mx.eval(layers.loss_fn(twin, tokens, tokens))
         step = layers.training_step(twin, tokens, tokens, compiled=True)
         for _ in range(2):  # the first call traces; siblings learn their partners in it
             mx.eval(step())

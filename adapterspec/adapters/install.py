@@ -116,7 +116,7 @@ def install(model, plan: Plan, adapters: list[tuple[str, object]]) -> None:
         from .siblings import link
 
         model.update_modules(tree_unflatten(adapters))
-        link(adapters)
+        link(adapters, lambda path: module_at(model, path))
 
 
 def _ensure_module_state(model) -> None:

@@ -11,6 +11,7 @@ from .basemodules import (
     low_rank_init,
     quantization,
 )
+from .packed import StackedLinear
 
 
 class LoRALinear(AdapterModule):
@@ -87,7 +88,7 @@ class LoRALinear(AdapterModule):
         """The separate path; with `shared`, on the product its siblings computed for the same x where they did."""
         base = self.linear
         q = quantization(base)
-        if type(base) is nn.Linear:
+        if type(base) in (nn.Linear, StackedLinear):
             frozen_base = lowrank.DenseBase(base.weight, base.get("bias"))
         elif q is None:
             weight = base.weight
@@ -103,6 +104,10 @@ class LoRALinear(AdapterModule):
         dtype = lowrank.output_dtype(base, x)
         b = (self.scale * self.lora_b).astype(dtype)
         group = self._sharing_group() if shared else None
+        if group is not None and type(frozen_base) is lowrank.DenseBase:
+            y = group.packed_output(self, x, dtype)
+            if y is not None:
+                return y
         z = group.product(self, x, dtype) if group is not None else None
         if z is not None:
             return lowrank.separate_with_product(lowrank.cast(x, dtype), z, b, frozen_base)

@@ -33,8 +33,14 @@ merge_mode = os.environ.get("ADAPTERSPEC_LORA_PATH", "auto")
 separate_by_hand = True  # False leaves the separate path to autodiff (benchmarks compare the two)
 share_siblings = True  # False gives every layer its own low-rank product (`siblings`; benchmarks and tests compare)
 sum_in_base = True  # False adds a dense base's low-rank term after its GEMM (`DenseBase`; benchmarks compare)
+PACK_MODES = ("auto", "always", "never")
+# siblings on dense bases packed into one (`packed`): "auto" measures it against sharing on a GPU. Off by default
+# until the GPU sweep shows it pays (docs/benchmarks.md)
+pack_siblings = os.environ.get("ADAPTERSPEC_PACK_SIBLINGS", "never")
 if merge_mode not in MERGE_MODES:
     raise ValueError(f"ADAPTERSPEC_LORA_PATH={merge_mode!r}: expected one of {MERGE_MODES}")
+if pack_siblings not in PACK_MODES:
+    raise ValueError(f"ADAPTERSPEC_PACK_SIBLINGS={pack_siblings!r}: expected one of {PACK_MODES}")
 
 
 def cast(x: mx.array, dtype: mx.Dtype) -> mx.array:

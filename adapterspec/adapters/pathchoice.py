@@ -88,11 +88,13 @@ def signature(module) -> tuple:
 
 
 def step(fn: Callable, primals: list, training: bool) -> Callable[[], object]:
-    """A thunk running fn forward (eval) or forward and backward against a random cotangent (training)."""
+    """A thunk running fn forward (eval) or forward and backward against random cotangents (training); fn returns
+    an array or a list of them."""
     if not training:
         return lambda: fn(*primals)
-    cotangent = random_like(fn(*primals))  # the output's shape and dtype; the graph is never evaluated
-    return lambda: mx.vjp(fn, primals, [cotangent])
+    outputs = fn(*primals)  # the outputs' shapes and dtypes; the graph is never evaluated
+    cotangents = [random_like(o) for o in outputs] if isinstance(outputs, list) else [random_like(outputs)]
+    return lambda: mx.vjp(fn, primals, cotangents)
 
 
 def low_rank_candidates(

@@ -9,46 +9,112 @@ Which siblings read the same input is seen while the model runs, not assumed fro
 sibling called computes the product for itself and every sibling not yet called that takes the separate
 path; a sibling called with that same array takes its columns, one called with another array (attention's
 o_proj, which reads the heads' output) drops them and takes its own path (the columns computed for it
-are wasted: a few kernels of N×r). A sibling called a second time starts a new round, and from then on a
-product covers only the siblings that shared the caller's input in the round before.
+are wasted: a few kernels of N×r). A round ends when every sibling has been called, or when one is called a
+second time; from then on a product covers only the siblings that shared the caller's input in the round
+before. Groups alike (the same parent class, names and shapes, e.g. every block's attention) learn from each
+other: in a model's first forward pass, the first block's group shows the others which siblings read one input.
+
+Where the siblings' bases are dense linears stacked into one matrix (`packed.Stack`), a sibling first called
+with an input its partners share can compute all their outputs at once (`packed.packed_linears`), each handed
+out when its sibling is called with that same input; whether it does is measured (`pathchoice`) or forced
+(`lowrank.pack_siblings`).
 """
 
 from __future__ import annotations
 
 import itertools
-from typing import Optional
+from typing import Callable, Optional
 
 import mlx.core as mx
 
-from . import lowrank
+from . import lowrank, packed, pathchoice
 
 
 class Siblings:
     """The LoRA layers of one parent module, which of them read the same input, and the columns of the
-    last shared product not yet taken."""
+    last shared product (or the packed outputs) not yet taken."""
 
-    def __init__(self, members):
+    def __init__(self, members, names=None, kind=None, learned: Optional[dict] = None):
         self.members = list(members)
+        self.names = list(names) if names is not None else [str(i) for i in range(len(self.members))]
+        self._name_of = {id(m): name for m, name in zip(self.members, self.names)}
+        self.kind = kind  # groups of one kind learn from each other, through `learned`
+        self._learned = learned if learned is not None else {}  # kind -> {name: the names given its input}
+        self.stack: Optional[packed.Stack] = None
         self._round: dict[int, int] = {}  # id(member) -> id(its input), for the members called this round
         self._partners: dict[int, frozenset[int]] = {}  # id(member) -> the members given its input last round
         self._input: Optional[mx.array] = None
         self._parts: dict[int, mx.array] = {}
+        self._packed_input: Optional[mx.array] = None
+        self._outputs: dict[int, mx.array] = {}
         self._offering = False  # a product is being planned: the siblings asked may share it
+        self._complete = False  # every member has been called this round
 
     def arrive(self, member, x: mx.array) -> None:
         """Note that `member` is called with x. A member called again starts a new round (what the last one
-        showed is learned); a product waiting for it on another input will not be taken (it is dropped)."""
+        showed is learned), as does the last member's call; a product or an output waiting for it on another
+        input will not be taken (it is dropped)."""
         me = id(member)
-        if me in self._round:
-            self._learn()
+        if me in self._round or self._complete:
+            if not self._complete:
+                self._learn()
+            self._round, self._complete = {}, False
         self._round[me] = id(x)
         if me in self._parts and self._input is not x:
             self._input, self._parts = None, {}
+        if me in self._outputs and self._packed_input is not x:
+            self._packed_input, self._outputs = None, {}
+        if len(self._round) == len(self.members):
+            self._learn()
+            self._complete = True  # the round stays until the next call, so that no sibling counts as not yet called
+
+    def packed_output(self, member, x: mx.array, dtype: mx.Dtype) -> Optional[mx.array]:
+        """`member`'s output for x in `dtype`, computed with its partners' by the packed path where it is taken
+        (its siblings given x last time, each on the separate path and not yet called, the run of them stacked
+        consecutively); None where it is not."""
+        me = id(member)
+        if self._packed_input is x and me in self._outputs:
+            return self._take_output(me)
+        partners = self._partners_of(member)
+        if self.stack is None or partners is None or lowrank.pack_siblings == "never":
+            return None
+        run = [m for m in self.members if id(m) in partners]
+        if len(run) < 2 or any(m is not member and id(m) in self._round for m in run):
+            return None
+        self._offering = True
+        try:
+            if not all(m is member or m.shares_product(x, dtype) for m in run):
+                return None
+        finally:
+            self._offering = False
+        stacked = self.stack.rows_of([m.linear for m in run])
+        if stacked is None or stacked[0].dtype != dtype:
+            return None
+        weight, bias = stacked
+        if not self._packs(run, x, weight, bias, dtype):
+            return None
+        self._packed_input = x
+        self._outputs = dict(zip(map(id, run), pack(run, x, weight, bias, dtype)))
+        return self._take_output(me)
+
+    def _packs(self, run, x, weight, bias, dtype) -> bool:
+        """Whether the packed path is taken for this run: forced, or measured where path choices are."""
+        if lowrank.pack_siblings == "always":
+            return True
+        if not lowrank.measuring():
+            return False  # modelled: packing only adds the outputs' gradients' concatenation to the bytes moved
+        return pathchoice.choose(packed_candidates(run, x, weight, bias, dtype)) == "packed"
+
+    def _take_output(self, me: int) -> mx.array:
+        output = self._outputs.pop(me)
+        if not self._outputs:
+            self._packed_input = None  # every sibling has its output: hold no array past the call
+        return output
 
     def may_share(self, member) -> bool:
-        """Whether `member` can get columns of a shared product: one is waiting for it or being planned, or a
-        sibling not yet called this round may share its input."""
-        if self._offering or id(member) in self._parts:
+        """Whether `member` can get columns of a shared product or a packed output: one is waiting for it or being
+        planned, or a sibling not yet called this round may share its input."""
+        if self._offering or id(member) in self._parts or id(member) in self._outputs:
             return True
         return any(self._may_share(member, m) for m in self.members if m is not member)
 
@@ -78,34 +144,109 @@ class Siblings:
         the round before (or no round is complete yet)."""
         if other is member or id(other) in self._round:
             return False
-        partners = self._partners.get(id(member))
+        partners = self._partners_of(member)
         return partners is None or id(other) in partners
 
+    def _partners_of(self, member) -> Optional[frozenset[int]]:
+        """The members given `member`'s input in the last round: its own, or one of a group alike; None before any."""
+        partners = self._partners.get(id(member))
+        if partners is None and self.kind is not None:
+            names = self._learned.get(self.kind, {}).get(self._name_of[id(member)])
+            if names is not None:
+                partners = frozenset(id(m) for m, name in zip(self.members, self.names) if name in names)
+        return partners
+
     def _learn(self) -> None:
-        """Close the round: the members given the same input in it are partners from now on."""
+        """What the round showed: the members given the same input in it are partners from now on (for the groups
+        alike too, unless one of them has already shown its own)."""
         by_input: dict[int, set[int]] = {}
         for member, given in self._round.items():
             by_input.setdefault(given, set()).add(member)
         self._partners = {member: frozenset(group) for group in by_input.values() for member in group}
-        self._round = {}
+        if self.kind is not None and len(self._partners) == len(self.members):
+            name_of = self._name_of
+            learned = {name_of[m]: frozenset(name_of[p] for p in group) for m, group in self._partners.items()}
+            self._learned.setdefault(self.kind, learned)
 
 
-def link(adapters) -> list[Siblings]:
+def link(adapters, parent_of: Optional[Callable[[str], object]] = None) -> list[Siblings]:
     """Group the plain LoRA linears among `(path, adapter)` pairs by parent module and input size; every
-    group of two or more learns of its siblings. Returns the groups."""
+    group of two or more learns of its siblings, in the order the parent holds them (`parent_of(path)` gives
+    the parent module, where known), and their dense bases are stacked where packing may be taken. Returns
+    the groups."""
     by_parent: dict[tuple[str, int], list] = {}
     for path, adapter in adapters:
         if getattr(adapter, "kind", None) == "lora":  # `lora.LoRALinear` (DoRA's layer is "dora")
-            parent = path.rpartition(".")[0]
-            by_parent.setdefault((parent, adapter.lora_a.shape[0]), []).append(adapter)
+            parent, _, name = path.rpartition(".")
+            by_parent.setdefault((parent, adapter.lora_a.shape[0]), []).append((name, adapter))
+    learned: dict = {}
     groups = []
-    for members in by_parent.values():
-        if len(members) > 1:
-            group = Siblings(members)
-            for member in members:
-                member.sibling_group = group
-            groups.append(group)
+    for (parent_path, _), named in by_parent.items():
+        if len(named) < 2:
+            continue
+        parent = parent_of(parent_path) if parent_of is not None else None
+        if parent is not None and hasattr(parent, "keys"):
+            order = {key: i for i, key in enumerate(parent.keys())}
+            named.sort(key=lambda pair: order.get(pair[0], len(order)))
+        names = [name for name, _ in named]
+        members = [adapter for _, adapter in named]
+        shapes = tuple((tuple(m.lora_a.shape), tuple(m.lora_b.shape)) for m in members)
+        group = Siblings(members, names, (type(parent).__name__, tuple(names), shapes), learned)
+        for member in members:
+            member.sibling_group = group
+        if stacking() and packed.Stack.stackable([m.linear for m in members]):
+            group.stack = packed.Stack([m.linear for m in members])
+        groups.append(group)
     return groups
+
+
+def stacking() -> bool:
+    """Whether linked siblings' bases are stacked for packing: forced, or where path choices are measured."""
+    mode = lowrank.pack_siblings
+    return mode == "always" or (mode == "auto" and lowrank.measuring())
+
+
+def pack(run: list, x: mx.array, weight: mx.array, bias, dtype: mx.Dtype) -> list[mx.array]:
+    """The outputs of the LoRA layers `run` for x by the packed path, on their stacked weight and bias."""
+    a = mx.concatenate([m.lora_a for m in run], axis=1).astype(dtype)
+    bs = [(m.scale * m.lora_b).astype(dtype) for m in run]
+    return packed.packed_linears(lowrank.cast(x, dtype), a, bs, weight, bias)
+
+
+def packed_candidates(run: list, x: mx.array, weight: mx.array, bias, dtype: mx.Dtype) -> pathchoice.Candidates:
+    """The run's outputs packed and by the shared path, on random arrays of this call's shapes, for `pathchoice`."""
+    training = run[0].training
+    key = ("packed", tuple(weight.shape), str(weight.dtype), bias is not None, tuple(x.shape), str(x.dtype))
+    key += (tuple(m.lora_a.shape[1] for m in run), tuple(m.lora_b.shape[1] for m in run), training)
+
+    def build():
+        w = pathchoice.random_like(weight)
+        b_stacked = None if bias is None else pathchoice.random_like(bias)
+        cuts = list(itertools.accumulate(m.lora_b.shape[1] for m in run))
+        weights = mx.split(w, cuts[:-1])
+        biases = [None] * len(run) if b_stacked is None else mx.split(b_stacked, cuts[:-1])
+        primals = [pathchoice.random_like(x)]
+        primals += [pathchoice.random_like(m.lora_a) for m in run] + [pathchoice.random_like(m.lora_b) for m in run]
+        n = len(run)
+
+        def packed_path(x, *p):
+            a = mx.concatenate(p[:n], axis=1).astype(dtype)
+            return packed.packed_linears(lowrank.cast(x, dtype), a, [bi.astype(dtype) for bi in p[n:]], w, b_stacked)
+
+        def shared_path(x, *p):
+            x = lowrank.cast(x, dtype)
+            z = shared_product(x, list(p[:n]), dtype)
+            return [
+                lowrank.separate_with_product(x, zi, bi.astype(dtype), lowrank.DenseBase(wi, bias_i))
+                for zi, bi, wi, bias_i in zip(z, p[n:], weights, biases)
+            ]
+
+        return {
+            "shared": pathchoice.step(shared_path, primals, training),
+            "packed": pathchoice.step(packed_path, primals, training),
+        }
+
+    return pathchoice.Candidates(key, build)
 
 
 def shared_product(x: mx.array, matrices: list[mx.array], dtype: mx.Dtype) -> list[mx.array]:

@@ -1,0 +1,142 @@
+"""Sibling LoRA linears on dense bases packed into one: one GEMM for their bases, one for x·[A…], one for Z·B.
+
+q/k/v (and gate/up) read the same x. Taken one by one, with their low-rank product shared (`siblings`), they
+run 1 + 2n GEMMs forward and 2 + 3n backward; packed, with their base weights stacked into one matrix
+[W₁; W₂; …] and the B's laid out block-diagonally, 3 forward and 5 backward, whatever n: at a thousand
+tokens a step waits on the host queuing its GEMMs (about 15 µs each), and the bases' own GEMMs are fewer
+than a frozen model's. The price is one concatenation of the outputs' gradients (rows × Σout), which grows
+with the tokens: where that loses, the layers keep the shared path (the choice is measured, `pathchoice`).
+
+The stack costs no memory: once built, each linear's weight (and bias) is a view of its rows (`Stack`). A
+linear whose weight or bias is then assigned from Python (`load_weights`, `set_dtype`, `update`, an attribute)
+lets the stack go, and its siblings are no longer packed; `mx.compile` puts its tracers in place without
+passing there, so a compiled step packs as an eager one does.
+
+The off-diagonal blocks of B's gradient are computed and dropped (rank·Σout per row, a few percent of a GEMM
+with the base). The function is the same as the layers' one by one; the rounding differs only in the order in
+which each output's terms are added (every output is rounded once, as on the shared path).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+class StackedLinear(nn.Linear):
+    """An `nn.Linear` whose weight and bias are views of a `Stack`; assigning either from Python releases the stack."""
+
+    def __setitem__(self, key, value):
+        stack = self.__dict__.get("_stack")
+        if stack is not None and key in ("weight", "bias") and self.get(key) is not value:
+            stack.release()
+        super().__setitem__(key, value)
+
+
+class Stack:
+    """Dense linears of one parent with one input size, stacked: the rows of one weight (and bias) hold theirs in
+    order, and each linear's own arrays become views of its rows (no memory is added once the originals go)."""
+
+    def __init__(self, linears: list[nn.Linear]):
+        self.linears = list(linears)
+        widths = [linear.weight.shape[0] for linear in self.linears]
+        self.offsets = [0, *itertools.accumulate(widths)]
+        self.weight: Optional[mx.array] = mx.concatenate([linear.weight for linear in self.linears])
+        has_bias = "bias" in self.linears[0]
+        self.bias = mx.concatenate([linear.bias for linear in self.linears]) if has_bias else None
+        mx.eval(self.weight, self.bias)
+        for linear, start, stop in zip(self.linears, self.offsets, self.offsets[1:]):
+            linear.weight = self.weight[start:stop]
+            if has_bias:
+                linear.bias = self.bias[start:stop]
+            mx.eval(linear.parameters())
+            linear.__class__ = StackedLinear
+            linear._stack = self
+
+    @staticmethod
+    def stackable(linears: list[nn.Module]) -> bool:
+        """Whether the modules are plain dense linears of one input size and dtype, all with a bias or none."""
+        return (
+            len(linears) > 1
+            and all(type(m) is nn.Linear for m in linears)
+            and len({(m.weight.shape[1], m.weight.dtype, "bias" in m) for m in linears}) == 1
+            and all("bias" not in m or m.bias.dtype == m.weight.dtype for m in linears)
+        )
+
+    def release(self) -> None:
+        """Stop packing: a linear's arrays no longer are the stack's rows."""
+        self.weight = self.bias = None
+        for linear in self.linears:
+            linear.__dict__.pop("_stack", None)
+
+    def rows_of(self, linears: list) -> Optional[tuple[mx.array, Optional[mx.array]]]:
+        """The stacked weight and bias of `linears`, a run of consecutive stacked linears in order; None where they
+        are not one, or the stack was released."""
+        if self.weight is None:
+            return None
+        indices = []
+        for linear in linears:
+            found = [i for i, stacked in enumerate(self.linears) if stacked is linear]
+            if not found:
+                return None
+            indices.append(found[0])
+        if indices != list(range(indices[0], indices[0] + len(indices))):
+            return None
+        start, stop = self.offsets[indices[0]], self.offsets[indices[-1] + 1]
+        if (start, stop) == (0, self.offsets[-1]):
+            return self.weight, self.bias
+        return self.weight[start:stop], None if self.bias is None else self.bias[start:stop]
+
+
+def block_diagonal(blocks: list[mx.array]) -> mx.array:
+    """The blocks (rᵢ × nᵢ) on the diagonal of a (Σr × Σn) matrix of their dtype, zeros elsewhere."""
+    out = mx.zeros((sum(b.shape[0] for b in blocks), sum(b.shape[1] for b in blocks)), blocks[0].dtype)
+    r = n = 0
+    for b in blocks:
+        out[r : r + b.shape[0], n : n + b.shape[1]] = b
+        r, n = r + b.shape[0], n + b.shape[1]
+    return out
+
+
+def packed_linears(x: mx.array, a: mx.array, bs: list[mx.array], weight: mx.array, bias) -> list[mx.array]:
+    """[x·Wᵢᵀ (+ biasᵢ) + (x·Aᵢ)·Bᵢ for each i], given the stacked weight [W₁; W₂; …] (Σn × in), its stacked bias
+    or None, a = [A₁|A₂|…] (in × Σr) and bs = [B₁, B₂, …]; every output has x's leading axes. The B's are laid
+    out block-diagonally (b) inside, so B's gradient comes as slices. The backward pass is written out: dY =
+    [dy₁|dy₂|…], dZ = dY·bᵀ, dx = dY·W + dZ·aᵀ (one GEMM adds the other as its C input), da = xᵀ·dZ, db = Zᵀ·dY.
+    The weight and bias are constants."""
+    lead = x.shape[:-1]
+    cuts = list(itertools.accumulate(b.shape[1] for b in bs[:-1]))
+
+    @mx.custom_function
+    def forward(x, a, *bs):
+        x_rows = rows(x)
+        b = block_diagonal(list(bs))
+        z = x_rows @ a
+        term = z @ b if bias is None else mx.addmm(bias, z, b)
+        y = mx.addmm(term, x_rows, weight.T)
+        return (*(part.reshape(*lead, part.shape[-1]) for part in mx.split(y, cuts, axis=-1)), z, b)
+
+    @forward.vjp
+    def forward_vjp(primals, cotangents, outputs):
+        x, a, *bs = primals
+        z, b = outputs[-2:]
+        dy = mx.concatenate([rows(c) for c in cotangents[:-2]], axis=-1)
+        dz = dy @ b.T
+        dx = mx.addmm(dz @ a.T, dy, weight).reshape(x.shape)
+        db = z.T @ dy
+        r = n = 0
+        db_blocks = []
+        for block in bs:
+            db_blocks.append(db[r : r + block.shape[0], n : n + block.shape[1]])
+            r, n = r + block.shape[0], n + block.shape[1]
+        return (dx, rows(x).T @ dz, *db_blocks)
+
+    return list(forward(x, a, *bs)[:-2])
+
+
+def rows(x: mx.array) -> mx.array:
+    """All leading axes folded into one (`lowrank.rows`; this module imports none of the package's)."""
+    return x.reshape(-1, x.shape[-1])
