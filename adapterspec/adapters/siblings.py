@@ -75,8 +75,10 @@ class Siblings:
         me = id(member)
         if self._packed_input is x and me in self._outputs:
             return self._take_output(me)
+        if self.stack is None or lowrank.pack_siblings == "never":
+            return None
         partners = self._partners_of(member)
-        if self.stack is None or partners is None or lowrank.pack_siblings == "never":
+        if partners is None:
             return None
         run = [m for m in self.members if id(m) in partners]
         if len(run) < 2 or any(m is not member and id(m) in self._round for m in run):
