@@ -111,21 +111,21 @@ def separate_matmul(
     base: "Base",
 ) -> mx.array:
     """base(x) + (x·a)·b with its backward written out: dz = dy·bᵀ, dx = base_dx(dy) + dz·aᵀ, da = xᵀ·dz,
-    db = zᵀ·dy on rows, z kept from the forward pass. The base's arrays are constants."""
+    db = zᵀ·dy, the narrow products on rows (no reshape of their own), z kept from the forward pass. The base's
+    arrays are constants."""
 
     @mx.custom_function
     def forward(x, a, b):
-        z = x @ a
+        z = rows(x) @ a
         return base.plus_product(x, z, b), z
 
     @forward.vjp
     def forward_vjp(primals, cotangents, outputs):
         x, a, b = primals
         dy, z = cotangents[0], outputs[1]
-        dz = dy @ b.T
-        dx = base.dx_plus_product(dy, dz, a.T)
-        dy_rows, dz_rows = rows(dy), rows(dz)
-        return dx, rows(x).T @ dz_rows, rows(z).T @ dy_rows
+        dy_rows = rows(dy)
+        dz = dy_rows @ b.T
+        return base.dx_plus_product(dy, dz, a.T), rows(x).T @ dz, z.T @ dy_rows
 
     return forward(x, a, b)[0]
 
@@ -177,7 +177,7 @@ class DenseBase(Base):
         return x @ self.weight.T if self.bias is None else mx.addmm(self.bias, x, self.weight.T)
 
     def _dx(self, dy):
-        return dy @ self.weight
+        return (rows(dy) @ self.weight).reshape(*dy.shape[:-1], self.weight.shape[1])
 
     def plus_product(self, x, z, b):
         if not sum_in_base:
@@ -211,8 +211,9 @@ def output_dtype(module, x: mx.array) -> mx.Dtype:
 
 
 def rows(x: mx.array) -> mx.array:
-    """All leading axes folded into one: (..., d) -> (n, d)."""
-    return x.reshape(-1, x.shape[-1])
+    """All leading axes folded into one: (..., d) -> (n, d); a matrix as it is (a reshape is an operation the host
+    queues in a compiled step, even where it changes nothing)."""
+    return x if x.ndim == 2 else x.reshape(-1, x.shape[-1])
 
 
 def sum_to_shape(x: mx.array, shape: tuple[int, ...]) -> mx.array:
