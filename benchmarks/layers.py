@@ -79,14 +79,15 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 
 # adapterspec variants: (merge_mode, separate path by hand, siblings share their product, a dense base's GEMM adds
 # the low-rank term, siblings packed); "before" is the code before measured choices, "unshared" the code before
-# siblings shared their low-rank product, "late-sum" the code before a dense base's GEMM added the term (an addmm
-# after it), "packed" and "pack-measured" siblings on dense bases packed into one, forced or where measured faster
+# siblings shared their low-rank product, "late-sum" a dense base's low-rank term added after its GEMM (an addmm),
+# "packed" and "pack-measured" siblings on dense bases packed into one, forced or where measured faster
+PACK_DEFAULT = lowrank.pack_siblings  # the library's default, or ADAPTERSPEC_PACK_SIBLINGS
 VARIANT_MODES = {  # merge_mode, separate_by_hand, share_siblings, sum_in_base, pack_siblings
-    "auto": ("auto", True, True, True, "auto"),
-    "model": ("model", True, True, True, "auto"),
-    "measure": ("measure", True, True, True, "auto"),
-    "never": ("never", True, True, True, "auto"),
-    "always": ("always", True, True, True, "auto"),
+    "auto": ("auto", True, True, True, PACK_DEFAULT),
+    "model": ("model", True, True, True, PACK_DEFAULT),
+    "measure": ("measure", True, True, True, PACK_DEFAULT),
+    "never": ("never", True, True, True, PACK_DEFAULT),
+    "always": ("always", True, True, True, PACK_DEFAULT),
     "unshared": ("auto", True, False, True, "never"),
     "late-sum": ("auto", True, True, False, "never"),
     "packed": ("auto", True, True, True, "always"),
@@ -175,7 +176,7 @@ def apply_adapterspec(model: nn.Module, paths: list[str], rank: int, scale: floa
     modules = dict(model.named_modules())
     adapters = [(p, from_base(kind_of(modules[p]), modules[p], r=rank, scale=scale, dropout=0.0)) for p in paths]
     model.update_modules(tree_unflatten(adapters))
-    link_siblings(adapters)
+    link_siblings(adapters, modules.get)  # the parents hold their siblings in order (q, k, v, o)
 
 
 def apply_mlxlm(model: nn.Module, paths: list[str], rank: int, scale: float) -> None:
