@@ -4,9 +4,9 @@ One group of linears reading the same x (q/k/v: 4096 → 4096, 1024, 1024; gate/
 rank r each, at several token counts: the frozen bases alone (their input's gradient only, as in a frozen
 model), the layers' shared path (one x·[A…], then per linear its base GEMM with z·B added, `siblings`), and
 the packed path (bases stacked, B's block-diagonal: three GEMMs forward, five backward, and a concatenation of
-the outputs' gradients). Each is a compiled forward and backward (gradients of x, every A and B) or a compiled
-forward alone (the step returns the outputs too, as a loss needs them), `--repeats` calls queued in one evaluation; µs per call and the host's µs until queued (the
-part of a small step the host sets), medians of `--rounds`.
+the outputs' gradients). Each is a compiled forward alone, or a compiled forward and backward (the outputs, as
+a loss needs them, and the gradients of x, every A and B); `--repeats` calls queued in one evaluation; µs per
+call and the host's µs until queued (the part of a small step the host sets), medians of `--rounds`.
 
     python benchmarks/packed_siblings.py
     python benchmarks/packed_siblings.py --rows 1024 --json packed.json
@@ -30,7 +30,8 @@ GROUPS = {"q/k/v": [4096, 1024, 1024], "gate/up": [11008, 11008]}
 
 
 def variants(widths: list[int], d_in: int, r: int, scale: float, dtype: mx.Dtype) -> dict:
-    """name -> function(x, cotangents, masters) giving the outputs (eval) or the gradients (training)."""
+    """name -> function(x, *masters) giving every linear's output (the floor: function(x), its bases alone); the
+    masters are the float32 A's then B's."""
     key = iter(mx.random.split(mx.random.key(1), 4 * len(widths) + 2))
     weights = [(0.02 * mx.random.normal((n, d_in), key=next(key))).astype(dtype) for n in widths]
     stacked = mx.concatenate(weights)
