@@ -1,4 +1,4 @@
-"""Time sibling LoRA linears packed into one (`adapters.packed`) against the shared path the layers take, and the floor.
+"""Time sibling LoRA linears packed into one (`adapters.packed`, `lowrank.packed_linears`) against the shared path the layers take, and the floor.
 
 One group of linears reading the same x (q/k/v: 4096 → 4096, 1024, 1024; gate/up: 4096 → 11008 twice), bfloat16,
 rank r each, at several token counts: the frozen bases alone (their input's gradient only, as in a frozen
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lowrank_ops import time_operation  # noqa: E402
 
-from adapterspec.adapters import lowrank, packed, siblings  # noqa: E402
+from adapterspec.adapters import lowrank, siblings  # noqa: E402
 
 GROUPS = {"q/k/v": [4096, 1024, 1024], "gate/up": [11008, 11008]}
 
@@ -51,7 +51,7 @@ def variants(widths: list[int], d_in: int, r: int, scale: float, dtype: mx.Dtype
     def packed_path(x, *masters):
         a, b = masters[: len(widths)], masters[len(widths) :]
         a_cat = mx.concatenate(a, axis=1).astype(dtype)
-        return packed.packed_linears(x, a_cat, [(scale * bi).astype(dtype) for bi in b], stacked, None)
+        return lowrank.packed_linears(x, a_cat, [(scale * bi).astype(dtype) for bi in b], stacked, None)
 
     return {"floor": floor, "shared": shared, "packed": packed_path}
 

@@ -14,7 +14,9 @@ Two ways to compute base(x) + x·A·B (scale folded into B, all in the activatio
   low-rank path alone. The forward output is that of the base with the adapter fused in the base dtype.
 
 Both are custom functions with hand-written backward passes: a compiled step then holds a few
-kernels per adapted layer, not the dozens of reshapes, copies and sums autodiff leaves.
+kernels per adapted layer, not the dozens of reshapes, copies and sums autodiff leaves. Siblings that read one
+x (q/k/v, gate/up) can also run as one such function on their stacked bases (`packed_linears`; `packed`,
+`siblings`).
 
 `use_merged` picks one per `merge_mode`: "auto" measures the candidates on a GPU (`pathchoice`, once
 per shape) and models bytes moved on the CPU, so tests and CI take a deterministic path; "measure"
@@ -23,6 +25,7 @@ variable ADAPTERSPEC_LORA_PATH sets the mode a process starts with. Dropout (whi
 low-rank input only) and a base left trainable always take the plain separate path.
 """
 
+import itertools
 import os
 from typing import Callable
 
@@ -146,6 +149,52 @@ def separate_with_product(x: mx.array, z: mx.array, b: mx.array, base: "Base") -
         return base.dx(dy), dy_rows @ b.T, z.T @ dy_rows
 
     return forward(x, z, b)[0]
+
+
+def block_diagonal(blocks: list[mx.array]) -> mx.array:
+    """The blocks (rᵢ × nᵢ) on the diagonal of a (Σr × Σn) matrix of their dtype, zeros elsewhere."""
+    out = mx.zeros((sum(b.shape[0] for b in blocks), sum(b.shape[1] for b in blocks)), blocks[0].dtype)
+    r = n = 0
+    for b in blocks:
+        out[r : r + b.shape[0], n : n + b.shape[1]] = b
+        r, n = r + b.shape[0], n + b.shape[1]
+    return out
+
+
+def packed_linears(x: mx.array, a: mx.array, bs: list[mx.array], weight: mx.array, bias) -> list[mx.array]:
+    """[x·Wᵢᵀ (+ biasᵢ) + (x·Aᵢ)·Bᵢ for each i], given the stacked weight [W₁; W₂; …] (Σn × in), its stacked bias
+    or None, a = [A₁|A₂|…] (in × Σr) and bs = [B₁, B₂, …]; every output has x's leading axes. The B's are laid
+    out block-diagonally (b) inside, so B's gradient comes as slices. The backward pass is written out: dY =
+    [dy₁|dy₂|…], dZ = dY·bᵀ, dx = dY·W + dZ·aᵀ (one GEMM adds the other as its C input), da = xᵀ·dZ, db = Zᵀ·dY.
+    The weight and bias are constants."""
+    lead = x.shape[:-1]
+    cuts = list(itertools.accumulate(b.shape[1] for b in bs[:-1]))
+
+    @mx.custom_function
+    def forward(x, a, *bs):
+        x_rows = rows(x)
+        b = block_diagonal(list(bs))
+        z = x_rows @ a
+        term = z @ b if bias is None else mx.addmm(bias, z, b)
+        y = mx.addmm(term, x_rows, weight.T)
+        return (*(part.reshape(*lead, part.shape[-1]) for part in mx.split(y, cuts, axis=-1)), z, b)
+
+    @forward.vjp
+    def forward_vjp(primals, cotangents, outputs):
+        x, a, *bs = primals
+        z, b = outputs[-2:]
+        dy = mx.concatenate([rows(c) for c in cotangents[:-2]], axis=-1)
+        dz = dy @ b.T
+        dx = mx.addmm(dz @ a.T, dy, weight).reshape(x.shape)
+        db = z.T @ dy
+        r = n = 0
+        db_blocks = []
+        for block in bs:
+            db_blocks.append(db[r : r + block.shape[0], n : n + block.shape[1]])
+            r, n = r + block.shape[0], n + block.shape[1]
+        return (dx, rows(x).T @ dz, *db_blocks)
+
+    return list(forward(x, a, *bs)[:-2])
 
 
 class Base:

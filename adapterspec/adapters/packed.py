@@ -1,11 +1,12 @@
-"""Sibling LoRA linears on dense bases packed into one: one GEMM for their bases, one for x·[A…], one for Z·B.
+"""Sibling LoRA linears on dense bases stacked into one weight (their own weights views of it), to run as one layer.
 
 q/k/v (and gate/up) read the same x. Taken one by one, with their low-rank product shared (`siblings`), they
 run 1 + 2n GEMMs forward and 2 + 3n backward; packed, with their base weights stacked into one matrix
 [W₁; W₂; …] and the B's laid out block-diagonally, 3 forward and 5 backward, whatever n: at a thousand
 tokens a step waits on the host queuing its GEMMs (about 15 µs each), and the bases' own GEMMs are fewer
 than a frozen model's. The price is one concatenation of the outputs' gradients (rows × Σout), which grows
-with the tokens: where that loses, the layers keep the shared path (the choice is measured, `pathchoice`).
+with the tokens: where that loses, the layers keep the shared path (the choice is measured, `pathchoice`). The
+function itself is `lowrank.packed_linears`; this module holds the stack.
 
 The stack costs no memory: once built, each linear's weight (and bias) is a view of its rows (`Stack`). A
 linear whose weight or bias is then assigned from Python (`load_weights`, `set_dtype`, `update`, an attribute)
@@ -89,54 +90,3 @@ class Stack:
         if (start, stop) == (0, self.offsets[-1]):
             return self.weight, self.bias
         return self.weight[start:stop], None if self.bias is None else self.bias[start:stop]
-
-
-def block_diagonal(blocks: list[mx.array]) -> mx.array:
-    """The blocks (rᵢ × nᵢ) on the diagonal of a (Σr × Σn) matrix of their dtype, zeros elsewhere."""
-    out = mx.zeros((sum(b.shape[0] for b in blocks), sum(b.shape[1] for b in blocks)), blocks[0].dtype)
-    r = n = 0
-    for b in blocks:
-        out[r : r + b.shape[0], n : n + b.shape[1]] = b
-        r, n = r + b.shape[0], n + b.shape[1]
-    return out
-
-
-def packed_linears(x: mx.array, a: mx.array, bs: list[mx.array], weight: mx.array, bias) -> list[mx.array]:
-    """[x·Wᵢᵀ (+ biasᵢ) + (x·Aᵢ)·Bᵢ for each i], given the stacked weight [W₁; W₂; …] (Σn × in), its stacked bias
-    or None, a = [A₁|A₂|…] (in × Σr) and bs = [B₁, B₂, …]; every output has x's leading axes. The B's are laid
-    out block-diagonally (b) inside, so B's gradient comes as slices. The backward pass is written out: dY =
-    [dy₁|dy₂|…], dZ = dY·bᵀ, dx = dY·W + dZ·aᵀ (one GEMM adds the other as its C input), da = xᵀ·dZ, db = Zᵀ·dY.
-    The weight and bias are constants."""
-    lead = x.shape[:-1]
-    cuts = list(itertools.accumulate(b.shape[1] for b in bs[:-1]))
-
-    @mx.custom_function
-    def forward(x, a, *bs):
-        x_rows = rows(x)
-        b = block_diagonal(list(bs))
-        z = x_rows @ a
-        term = z @ b if bias is None else mx.addmm(bias, z, b)
-        y = mx.addmm(term, x_rows, weight.T)
-        return (*(part.reshape(*lead, part.shape[-1]) for part in mx.split(y, cuts, axis=-1)), z, b)
-
-    @forward.vjp
-    def forward_vjp(primals, cotangents, outputs):
-        x, a, *bs = primals
-        z, b = outputs[-2:]
-        dy = mx.concatenate([rows(c) for c in cotangents[:-2]], axis=-1)
-        dz = dy @ b.T
-        dx = mx.addmm(dz @ a.T, dy, weight).reshape(x.shape)
-        db = z.T @ dy
-        r = n = 0
-        db_blocks = []
-        for block in bs:
-            db_blocks.append(db[r : r + block.shape[0], n : n + block.shape[1]])
-            r, n = r + block.shape[0], n + block.shape[1]
-        return (dx, rows(x).T @ dz, *db_blocks)
-
-    return list(forward(x, a, *bs)[:-2])
-
-
-def rows(x: mx.array) -> mx.array:
-    """All leading axes folded into one (`lowrank.rows`; this module imports none of the package's)."""
-    return x.reshape(-1, x.shape[-1])

@@ -15,7 +15,7 @@ before. Groups alike (the same parent class, names and shapes, e.g. every block'
 other: in a model's first forward pass, the first block's group shows the others which siblings read one input.
 
 Where the siblings' bases are dense linears stacked into one matrix (`packed.Stack`), a sibling first called
-with an input its partners share can compute all their outputs at once (`packed.packed_linears`), each handed
+with an input its partners share can compute all their outputs at once (`lowrank.packed_linears`), each handed
 out when its sibling is called with that same input; whether it does is measured (`pathchoice`) or forced
 (`lowrank.pack_siblings`).
 """
@@ -212,7 +212,7 @@ def pack(run: list, x: mx.array, weight: mx.array, bias, dtype: mx.Dtype) -> lis
     """The outputs of the LoRA layers `run` for x by the packed path, on their stacked weight and bias."""
     a = mx.concatenate([m.lora_a for m in run], axis=1).astype(dtype)
     bs = [(m.scale * m.lora_b).astype(dtype) for m in run]
-    return packed.packed_linears(lowrank.cast(x, dtype), a, bs, weight, bias)
+    return lowrank.packed_linears(lowrank.cast(x, dtype), a, bs, weight, bias)
 
 
 def packed_candidates(run: list, x: mx.array, weight: mx.array, bias, dtype: mx.Dtype) -> pathchoice.Candidates:
@@ -233,7 +233,7 @@ def packed_candidates(run: list, x: mx.array, weight: mx.array, bias, dtype: mx.
 
         def packed_path(x, *p):
             a = mx.concatenate(p[:n], axis=1).astype(dtype)
-            return packed.packed_linears(lowrank.cast(x, dtype), a, [bi.astype(dtype) for bi in p[n:]], w, b_stacked)
+            return lowrank.packed_linears(lowrank.cast(x, dtype), a, [bi.astype(dtype) for bi in p[n:]], w, b_stacked)
 
         def shared_path(x, *p):
             x = lowrank.cast(x, dtype)

@@ -10,7 +10,7 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm.tuner.lora import LoRALinear as MlxLmLoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from adapterspec.adapters import lowrank, packed, pathchoice, siblings
+from adapterspec.adapters import lowrank, pathchoice, siblings
 from adapterspec.adapters.install import apply
 from tests.models import build
 
@@ -37,14 +37,14 @@ def mlxlm_siblings(bias: bool, dtype):
 
 
 def packed_call(layers, dtype):
-    """A function of (x, A₁, A₂, …, B₁, B₂, …) giving every layer's output through `packed.packed_linears`."""
+    """A function of (x, A₁, A₂, …, B₁, B₂, …) giving every layer's output through `lowrank.packed_linears`."""
     weight = mx.concatenate([layer.linear.weight for layer in layers])
     bias = mx.concatenate([layer.linear.bias for layer in layers]) if "bias" in layers[0].linear else None
     n = len(layers)
 
     def call(x, *params):
         a = mx.concatenate(params[:n], axis=1).astype(dtype)
-        return packed.packed_linears(x, a, [(SCALE * p).astype(dtype) for p in params[n:]], weight, bias)
+        return lowrank.packed_linears(x, a, [(SCALE * p).astype(dtype) for p in params[n:]], weight, bias)
 
     return call
 
@@ -85,7 +85,7 @@ def test_packed_siblings_give_the_outputs_and_gradients_of_mlxlm_layers(bias, dt
 def test_block_diagonal_places_each_block_and_zeros_elsewhere():
     blocks = [mx.full((2, 3), 1.0), mx.full((1, 2), 2.0)]
     expected = mx.array([[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 2, 2]], dtype=mx.float32)
-    assert mx.array_equal(packed.block_diagonal(blocks), expected)
+    assert mx.array_equal(lowrank.block_diagonal(blocks), expected)
 
 
 # --- packed through a whole model ---------------------------------------------------------------------------------
@@ -101,13 +101,13 @@ def packing(monkeypatch):
     """Packing forced; the sizes of every run packed, in order."""
     monkeypatch.setattr(lowrank, "pack_siblings", "always")
     runs = []
-    real = packed.packed_linears
+    real = lowrank.packed_linears
 
     def counting(x, a, bs, weight, bias):
         runs.append(len(bs))
         return real(x, a, bs, weight, bias)
 
-    monkeypatch.setattr(packed, "packed_linears", counting)
+    monkeypatch.setattr(lowrank, "packed_linears", counting)
     return runs
 
 
