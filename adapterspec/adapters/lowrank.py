@@ -32,18 +32,29 @@ from typing import Callable
 import mlx.core as mx
 
 MERGE_MODES = ("auto", "always", "never", "measure", "model")
-merge_mode = os.environ.get("ADAPTERSPEC_LORA_PATH", "auto")
+PACK_MODES = ("auto", "always", "never")
+
+
+def mode_from_environment(variable: str, default: str, modes: tuple[str, ...]) -> str:
+    """The mode an environment variable sets, or `default`; a UserError for any other value."""
+    value = os.environ.get(variable, default)
+    if value not in modes:
+        from ..errors import UserError
+
+        raise UserError(
+            f"{variable}={value!r} is not one of {', '.join(modes)}",
+            help=f"unset {variable} for '{default}', or set it to one of those",
+        )
+    return value
+
+
+merge_mode = mode_from_environment("ADAPTERSPEC_LORA_PATH", "auto", MERGE_MODES)
 separate_by_hand = True  # False leaves the separate path to autodiff (benchmarks compare the two)
 share_siblings = True  # False gives every layer its own low-rank product (`siblings`; benchmarks and tests compare)
 sum_in_base = True  # False adds a dense base's low-rank term after its GEMM (`DenseBase`; benchmarks compare)
-PACK_MODES = ("auto", "always", "never")
 # siblings on dense bases packed into one (`packed`): "auto" measures it against sharing on a GPU. Off by default
 # until the GPU sweep shows it pays (docs/benchmarks.md)
-pack_siblings = os.environ.get("ADAPTERSPEC_PACK_SIBLINGS", "never")
-if merge_mode not in MERGE_MODES:
-    raise ValueError(f"ADAPTERSPEC_LORA_PATH={merge_mode!r}: expected one of {MERGE_MODES}")
-if pack_siblings not in PACK_MODES:
-    raise ValueError(f"ADAPTERSPEC_PACK_SIBLINGS={pack_siblings!r}: expected one of {PACK_MODES}")
+pack_siblings = mode_from_environment("ADAPTERSPEC_PACK_SIBLINGS", "never", PACK_MODES)
 
 
 def cast(x: mx.array, dtype: mx.Dtype) -> mx.array:

@@ -1411,6 +1411,16 @@ EXTRA: list[Case] = [
         names=("ADAPTERSPEC_FUSE_WORKERS",),
         timeout=30,
     ),
+    *(
+        Case(
+            f"{command}-env-{variable.lower().replace('_', '-')}-unknown",
+            COMMANDS[command],
+            env={variable: "fastest"},
+            names=(variable, "fastest"),
+        )
+        for command in ("apply", "train")
+        for variable in ("ADAPTERSPEC_LORA_PATH", "ADAPTERSPEC_PACK_SIBLINGS")
+    ),
     Case(
         "fuse-env-hf-cache-is-file",
         ("fuse", "nobody/no-such-model", "{adapters}", "-o", "{out}", "--quiet"),
