@@ -34,12 +34,12 @@ class Siblings:
     """The LoRA layers of one parent module, which of them read the same input, and the columns of the
     last shared product (or the packed outputs) not yet taken."""
 
-    def __init__(self, members, names=None, kind=None, learned: Optional[dict] = None):
+    def __init__(self, members, names, kind, learned: dict):
         self.members = list(members)
-        self.names = list(names) if names is not None else [str(i) for i in range(len(self.members))]
+        self.names = list(names)
         self._name_of = {id(m): name for m, name in zip(self.members, self.names)}
         self.kind = kind  # groups of one kind learn from each other, through `learned`
-        self._learned = learned if learned is not None else {}  # kind -> {name: the names given its input}
+        self._learned = learned  # kind -> {name: the names given its input}, shared by the groups of one model
         self.stack: Optional[packed.Stack] = None
         self._round: dict[int, int] = {}  # id(member) -> id(its input), for the members called this round
         self._partners: dict[int, frozenset[int]] = {}  # id(member) -> the members given its input last round
@@ -152,7 +152,7 @@ class Siblings:
     def _partners_of(self, member) -> Optional[frozenset[int]]:
         """The members given `member`'s input in the last round: its own, or one of a group alike; None before any."""
         partners = self._partners.get(id(member))
-        if partners is None and self.kind is not None:
+        if partners is None:
             names = self._learned.get(self.kind, {}).get(self._name_of[id(member)])
             if names is not None:
                 partners = frozenset(id(m) for m, name in zip(self.members, self.names) if name in names)
@@ -165,7 +165,7 @@ class Siblings:
         for member, given in self._round.items():
             by_input.setdefault(given, set()).add(member)
         self._partners = {member: frozenset(group) for group in by_input.values() for member in group}
-        if self.kind is not None and len(self._partners) == len(self.members):
+        if len(self._partners) == len(self.members):
             name_of = self._name_of
             learned = {name_of[m]: frozenset(name_of[p] for p in group) for m, group in self._partners.items()}
             self._learned.setdefault(self.kind, learned)
