@@ -51,7 +51,7 @@ def variants(widths: list[int], d_in: int, r: int, scale: float, dtype: mx.Dtype
     def packed_path(x, *masters):
         a, b = masters[: len(widths)], masters[len(widths) :]
         a_cat = mx.concatenate(a, axis=1).astype(dtype)
-        return lowrank.packed_linears(x, a_cat, [(scale * bi).astype(dtype) for bi in b], stacked, None)
+        return lowrank.packed_linears(x, a_cat, list(b), [scale] * len(widths), stacked, None)
 
     return {"floor": floor, "shared": shared, "packed": packed_path}
 

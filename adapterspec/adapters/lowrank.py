@@ -162,29 +162,55 @@ def separate_with_product(x: mx.array, z: mx.array, b: mx.array, base: "Base") -
     return forward(x, z, b)[0]
 
 
-def block_diagonal(blocks: list[mx.array]) -> mx.array:
-    """The blocks (rᵢ × nᵢ) on the diagonal of a (Σr × Σn) matrix of their dtype, zeros elsewhere."""
-    out = mx.zeros((sum(b.shape[0] for b in blocks), sum(b.shape[1] for b in blocks)), blocks[0].dtype)
+def block_diagonal(blocks: list[mx.array], scales=None, dtype=None) -> mx.array:
+    """The blocks (rᵢ × nᵢ), each times its scale (default 1), on the diagonal of a (Σr × Σn) matrix in `dtype` (the
+    blocks' by default), zeros elsewhere. Blocks of one height take two kernels, forward and backward (a
+    concatenation, then one fused select-scale-cast over it repeated k times), whatever their number."""
+    scales = [1.0] * len(blocks) if scales is None else list(scales)
+    dtype = blocks[0].dtype if dtype is None else dtype
+    heights, widths = [b.shape[0] for b in blocks], [b.shape[1] for b in blocks]
+    if len(set(heights)) == 1:
+        in_block, scale_row = _block_masks(tuple(widths), tuple(float(s) for s in scales))
+        repeated = mx.where(in_block, mx.concatenate(blocks, axis=1) * scale_row, 0.0)  # (k, r, Σn)
+        return repeated.astype(dtype).reshape(sum(heights), sum(widths))
+    out = mx.zeros((sum(heights), sum(widths)), dtype)
     r = n = 0
-    for b in blocks:
-        out[r : r + b.shape[0], n : n + b.shape[1]] = b
+    for b, s in zip(blocks, scales):
+        out[r : r + b.shape[0], n : n + b.shape[1]] = (s * b).astype(dtype)
         r, n = r + b.shape[0], n + b.shape[1]
     return out
 
 
-def packed_linears(x: mx.array, a: mx.array, bs: list[mx.array], weight: mx.array, bias) -> list[mx.array]:
-    """[x·Wᵢᵀ (+ biasᵢ) + (x·Aᵢ)·Bᵢ for each i], given the stacked weight [W₁; W₂; …] (Σn × in), its stacked bias
-    or None, a = [A₁|A₂|…] (in × Σr) and bs = [B₁, B₂, …]; every output has x's leading axes. The B's are laid
-    out block-diagonally (b) inside, so B's gradient comes as slices. The backward pass is written out: dY =
-    [dy₁|dy₂|…], dZ = dY·bᵀ, dx = dY·W + dZ·aᵀ (one GEMM adds the other as its C input), da = xᵀ·dZ, db = Zᵀ·dY.
-    The weight and bias are constants."""
+_BLOCK_MASKS: dict = {}
+
+
+def _block_masks(widths: tuple[int, ...], scales: tuple[float, ...]) -> tuple[mx.array, mx.array]:
+    """For blocks of these widths: which columns are block j's, for each j (k × 1 × Σn, bool), and each column's
+    block's scale (1 × Σn, float32); made once per widths and scales (in a compiled step they are constants)."""
+    key = (widths, scales)
+    if key not in _BLOCK_MASKS:
+        owner = [j for j, w in enumerate(widths) for _ in range(w)]
+        in_block = mx.array([[[o == j for o in owner]] for j in range(len(widths))])
+        scale_row = mx.array([[scales[o] for o in owner]], dtype=mx.float32)
+        mx.eval(in_block, scale_row)
+        _BLOCK_MASKS[key] = (in_block, scale_row)
+    return _BLOCK_MASKS[key]
+
+
+def packed_linears(x: mx.array, a: mx.array, bs: list[mx.array], scales, weight: mx.array, bias) -> list[mx.array]:
+    """[x·Wᵢᵀ (+ biasᵢ) + sᵢ·(x·Aᵢ)·Bᵢ for each i], given the stacked weight [W₁; W₂; …] (Σn × in), its stacked bias
+    or None, a = [A₁|A₂|…] (in × Σr) in x's dtype, the masters B₁, B₂, … and their scales sᵢ; every output has x's
+    leading axes. Inside, the scaled B's are laid out block-diagonally in x's dtype (b, `block_diagonal`). The
+    backward pass is written out: dY = [dy₁|dy₂|…], dZ = dY·bᵀ, dx = dY·W + dZ·aᵀ (one GEMM adds the other as its
+    C input), da = xᵀ·dZ, and each Bᵢ's gradient sᵢ times its block of Zᵀ·dY, in the master's dtype (so the
+    scale and the cast join the optimizer's kernels in a compiled step). The weight and bias are constants."""
     lead = x.shape[:-1]
-    cuts = list(itertools.accumulate(b.shape[1] for b in bs[:-1]))
+    cuts = list(itertools.accumulate(m.shape[1] for m in bs[:-1]))
 
     @mx.custom_function
     def forward(x, a, *bs):
         x_rows = rows(x)
-        b = block_diagonal(list(bs))
+        b = block_diagonal(list(bs), scales, x.dtype)
         z = x_rows @ a
         term = z @ b if bias is None else mx.addmm(bias, z, b)
         y = mx.addmm(term, x_rows, weight.T)
@@ -198,11 +224,12 @@ def packed_linears(x: mx.array, a: mx.array, bs: list[mx.array], weight: mx.arra
         dz = dy @ b.T
         dx = mx.addmm(dz @ a.T, dy, weight).reshape(x.shape)
         db = z.T @ dy
-        r = n = 0
         db_blocks = []
-        for block in bs:
-            db_blocks.append(db[r : r + block.shape[0], n : n + block.shape[1]])
-            r, n = r + block.shape[0], n + block.shape[1]
+        r = n = 0
+        for master, scale in zip(bs, scales):
+            block = db[r : r + master.shape[0], n : n + master.shape[1]]
+            db_blocks.append(scale * block.astype(master.dtype))
+            r, n = r + master.shape[0], n + master.shape[1]
         return (dx, rows(x).T @ dz, *db_blocks)
 
     return list(forward(x, a, *bs)[:-2])

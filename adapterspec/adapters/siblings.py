@@ -211,8 +211,8 @@ def stacking() -> bool:
 def pack(run: list, x: mx.array, weight: mx.array, bias, dtype: mx.Dtype) -> list[mx.array]:
     """The outputs of the LoRA layers `run` for x by the packed path, on their stacked weight and bias."""
     a = mx.concatenate([m.lora_a for m in run], axis=1).astype(dtype)
-    bs = [(m.scale * m.lora_b).astype(dtype) for m in run]
-    return lowrank.packed_linears(lowrank.cast(x, dtype), a, bs, weight, bias)
+    bs, scales = [m.lora_b for m in run], [m.scale for m in run]
+    return lowrank.packed_linears(lowrank.cast(x, dtype), a, bs, scales, weight, bias)
 
 
 def packed_candidates(run: list, x: mx.array, weight: mx.array, bias, dtype: mx.Dtype) -> pathchoice.Candidates:
@@ -224,7 +224,8 @@ def packed_candidates(run: list, x: mx.array, weight: mx.array, bias, dtype: mx.
     def build():
         w = pathchoice.random_like(weight)
         b_stacked = None if bias is None else pathchoice.random_like(bias)
-        cuts = list(itertools.accumulate(m.lora_b.shape[1] for m in run))
+        widths, scales = [m.lora_b.shape[1] for m in run], [m.scale for m in run]
+        cuts = list(itertools.accumulate(widths))
         weights = mx.split(w, cuts[:-1])
         biases = [None] * len(run) if b_stacked is None else mx.split(b_stacked, cuts[:-1])
         primals = [pathchoice.random_like(x)]
@@ -233,14 +234,14 @@ def packed_candidates(run: list, x: mx.array, weight: mx.array, bias, dtype: mx.
 
         def packed_path(x, *p):
             a = mx.concatenate(p[:n], axis=1).astype(dtype)
-            return lowrank.packed_linears(lowrank.cast(x, dtype), a, [bi.astype(dtype) for bi in p[n:]], w, b_stacked)
+            return lowrank.packed_linears(lowrank.cast(x, dtype), a, list(p[n:]), scales, w, b_stacked)
 
         def shared_path(x, *p):
             x = lowrank.cast(x, dtype)
             z = shared_product(x, list(p[:n]), dtype)
             return [
-                lowrank.separate_with_product(x, zi, bi.astype(dtype), lowrank.DenseBase(wi, bias_i))
-                for zi, bi, wi, bias_i in zip(z, p[n:], weights, biases)
+                lowrank.separate_with_product(x, zi, (s * bi).astype(dtype), lowrank.DenseBase(wi, bias_i))
+                for zi, bi, s, wi, bias_i in zip(z, p[n:], scales, weights, biases)
             ]
 
         return {

@@ -14,7 +14,8 @@ from adapterspec.adapters import lowrank, pathchoice, siblings
 from adapterspec.adapters.install import apply
 from tests.models import build
 
-IN, WIDTHS, RANKS, SCALE = 32, (40, 16, 16), (4, 2, 4), 20.0
+IN, WIDTHS, SCALE = 32, (40, 16, 16), 20.0
+RANKS = {"ranks alike": (4, 4, 4), "ranks unlike": (4, 2, 4)}  # the block-diagonal's two constructions
 
 
 def rel_err(a, b):
@@ -23,11 +24,11 @@ def rel_err(a, b):
     ).item()
 
 
-def mlxlm_siblings(bias: bool, dtype):
-    """mlx-lm LoRALinear layers on linears of WIDTHS outputs (r from RANKS, A and B random, float32)."""
+def mlxlm_siblings(bias: bool, dtype, ranks=RANKS["ranks unlike"]):
+    """mlx-lm LoRALinear layers on linears of WIDTHS outputs (of the given ranks, A and B random, float32)."""
     mx.random.seed(0)
     layers = []
-    for width, r in zip(WIDTHS, RANKS):
+    for width, r in zip(WIDTHS, ranks):
         base = nn.Linear(IN, width, bias=bias)
         base.set_dtype(dtype)
         layer = MlxLmLoRALinear.from_base(base, r=r, scale=SCALE)
@@ -44,7 +45,7 @@ def packed_call(layers, dtype):
 
     def call(x, *params):
         a = mx.concatenate(params[:n], axis=1).astype(dtype)
-        return lowrank.packed_linears(x, a, [(SCALE * p).astype(dtype) for p in params[n:]], weight, bias)
+        return lowrank.packed_linears(x, a, list(params[n:]), [SCALE] * n, weight, bias)
 
     return call
 
@@ -62,10 +63,11 @@ def mlxlm_call(layers):
     return call
 
 
+@pytest.mark.parametrize("ranks", RANKS.values(), ids=RANKS.keys())
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype,tolerance", [(mx.float32, 2e-5), (mx.bfloat16, 2e-2)])
-def test_packed_siblings_give_the_outputs_and_gradients_of_mlxlm_layers(bias, dtype, tolerance):
-    layers = mlxlm_siblings(bias, dtype)
+def test_packed_siblings_give_the_outputs_and_gradients_of_mlxlm_layers(bias, dtype, tolerance, ranks):
+    layers = mlxlm_siblings(bias, dtype, ranks)
     x = mx.random.normal((2, 5, IN)).astype(dtype)
     params = [layer.lora_a for layer in layers] + [layer.lora_b for layer in layers]
     cotangents = [mx.random.normal((2, 5, w)).astype(dtype) for w in WIDTHS]
@@ -88,6 +90,23 @@ def test_block_diagonal_places_each_block_and_zeros_elsewhere():
     assert mx.array_equal(lowrank.block_diagonal(blocks), expected)
 
 
+@pytest.mark.parametrize("heights", [(2, 2, 2), (2, 1, 2)], ids=["heights alike", "heights unlike"])
+def test_block_diagonal_scales_casts_and_keeps_each_block_in_its_place(heights):
+    widths = (3, 2, 4)
+    blocks = [mx.random.normal((h, w)) for h, w in zip(heights, widths)]
+    blocks[1] = mx.where(mx.arange(widths[1]) == 0, float("nan"), blocks[1])  # a NaN stays in its own block
+    scales = (2.0, 0.5, 3.0)
+    out = lowrank.block_diagonal(blocks, scales, mx.bfloat16)
+    assert out.dtype == mx.bfloat16 and out.shape == (sum(heights), sum(widths))
+    r = n = 0
+    for block, h, w, s in zip(blocks, heights, widths, scales):
+        inside = out[r : r + h, n : n + w]
+        assert mx.array_equal(inside, (s * block).astype(mx.bfloat16), equal_nan=True)
+        elsewhere = mx.concatenate([out[r : r + h, :n], out[r : r + h, n + w :]], axis=1)
+        assert mx.array_equal(elsewhere, mx.zeros_like(elsewhere))
+        r, n = r + h, n + w
+
+
 # --- packed through a whole model ---------------------------------------------------------------------------------
 
 SPEC = "layers[*].self_attn.<q,k,v,o>_proj: lora(r=4, scale=20)\nlayers[*].mlp.*_proj: lora(r=2, scale=20)\n"
@@ -103,9 +122,9 @@ def packing(monkeypatch):
     runs = []
     real = lowrank.packed_linears
 
-    def counting(x, a, bs, weight, bias):
+    def counting(x, a, bs, scales, weight, bias):
         runs.append(len(bs))
-        return real(x, a, bs, weight, bias)
+        return real(x, a, bs, scales, weight, bias)
 
     monkeypatch.setattr(lowrank, "packed_linears", counting)
     return runs
