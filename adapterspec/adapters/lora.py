@@ -45,8 +45,8 @@ class LoRALinear(AdapterModule):
     def _path(self, x: mx.array) -> str:
         """The path for x: "autodiff" (dropout, a base that trains, a base `_separate` cannot differentiate, or
         the benchmarks' old path), "merged" or "separate". Forced, or in training on a dense base with siblings
-        the separate path (its product shared, it runs fewer GEMMs than the merged one), or measured on a GPU,
-        or modelled."""
+        the separate path (its product shared, it runs fewer GEMMs than the merged one), or in eval its run of
+        siblings' path where packing may be taken, or measured on a GPU, or modelled."""
         input_dims, output_dims = self.lora_a.shape[0], self.lora_b.shape[1]
         if (self.training and self.dropout_p > 0) or not lowrank.frozen(self.linear):
             return "autodiff"
@@ -54,6 +54,8 @@ class LoRALinear(AdapterModule):
             merged = lowrank.merge_mode == "always"
         elif self.training and quantization(self.linear) is None and self._shares():
             merged = False
+        elif (run_path := self._run_path(x)) is not None:
+            merged = run_path == "merged"
         elif lowrank.measuring():
             merged = pathchoice.choose(self._paths(x)) == "merged"
         else:
@@ -67,6 +69,13 @@ class LoRALinear(AdapterModule):
     def _sharing_group(self):
         """Its siblings, where sharing is on."""
         return self.sibling_group if lowrank.share_siblings else None
+
+    def _run_path(self, x: mx.array):
+        """In eval, the path its run of siblings takes (`siblings.Siblings.run_path`); None where it has none."""
+        group = self._sharing_group()
+        if group is None or self.training:
+            return None
+        return group.run_path(self, x, lowrank.output_dtype(self.linear, x))
 
     def _shares(self) -> bool:
         """Whether this layer, called now, may share its low-rank product with a sibling."""

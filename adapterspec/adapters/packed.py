@@ -20,6 +20,7 @@ which each output's terms are added (every output is rounded once, as on the sha
 
 from __future__ import annotations
 
+import copyreg
 import itertools
 from typing import Optional
 
@@ -35,6 +36,12 @@ class StackedLinear(nn.Linear):
         if stack is not None and key in ("weight", "bias") and self.get(key) is not value:
             stack.release()
         super().__setitem__(key, value)
+
+    def __reduce_ex__(self, protocol):
+        """A copy (`copy`, `deepcopy`, pickle) is a plain `nn.Linear` outside the stack: building it must not
+        release the stack, nor may assigning to it later."""
+        state = {key: value for key, value in self.__dict__.items() if key != "_stack"}
+        return copyreg.__newobj__, (nn.Linear,), state, None, iter(self.items())
 
 
 class Stack:

@@ -75,13 +75,8 @@ class Siblings:
         me = id(member)
         if self._packed_input is x and me in self._outputs:
             return self._take_output(me)
-        if self.stack is None or lowrank.pack_siblings == "never":
-            return None
-        partners = self._partners_of(member)
-        if partners is None:
-            return None
-        run = [m for m in self.members if id(m) in partners]
-        if len(run) < 2 or any(m is not member and id(m) in self._round for m in run):
+        run, stacked = self._run_of(member, dtype)
+        if run is None or any(m is not member and id(m) in self._round for m in run):
             return None
         self._offering = True
         try:
@@ -89,23 +84,47 @@ class Siblings:
                 return None
         finally:
             self._offering = False
-        stacked = self.stack.rows_of([m.linear for m in run])
-        if stacked is None or stacked[0].dtype != dtype:
-            return None
         weight, bias = stacked
-        if not self._packs(run, x, weight, bias, dtype):
+        if self._run_path(run, x, weight, bias, dtype) != "packed":
             return None
         self._packed_input = x
         self._outputs = dict(zip(map(id, run), pack(run, x, weight, bias, dtype)))
         return self._take_output(me)
 
-    def _packs(self, run, x, weight, bias, dtype) -> bool:
-        """Whether the packed path is taken for this run: forced, or measured where path choices are."""
+    def run_path(self, member, x: mx.array, dtype: mx.Dtype) -> Optional[str]:
+        """In eval, the path of the run that `member` belongs to (its siblings given its input last time, stacked
+        consecutively), which every member of the run follows: "packed" (forced, or measured fastest), "shared" or
+        "merged" (measured fastest); None where it has no run, or the choice is left to each layer."""
+        if member.training:
+            return None  # in training a run on dense bases shares its product: `packed_output` decides packing
+        run, stacked = self._run_of(member, dtype)
+        if run is None:
+            return None
+        return self._run_path(run, x, *stacked, dtype)
+
+    def _run_of(self, member, dtype: mx.Dtype):
+        """`member`'s run and its stacked weight and bias in `dtype`, where packing may be taken; (None, None)
+        where not."""
+        if self.stack is None or lowrank.pack_siblings == "never":
+            return None, None
+        partners = self._partners_of(member)
+        if partners is None:
+            return None, None
+        run = [m for m in self.members if id(m) in partners]
+        stacked = self.stack.rows_of([m.linear for m in run]) if len(run) > 1 else None
+        if stacked is None or stacked[0].dtype != dtype:
+            return None, None
+        return run, stacked
+
+    def _run_path(self, run, x, weight, bias, dtype) -> Optional[str]:
+        """The run's path: "packed" where forced; measured where path choices are (packed or shared in training,
+        those or merged in eval); None where neither (modelled: packing only adds bytes moved, the outputs'
+        gradients' concatenation)."""
         if lowrank.pack_siblings == "always":
-            return True
+            return "packed"
         if not lowrank.measuring():
-            return False  # modelled: packing only adds the outputs' gradients' concatenation to the bytes moved
-        return pathchoice.choose(packed_candidates(run, x, weight, bias, dtype)) == "packed"
+            return None
+        return pathchoice.choose(packed_candidates(run, x, weight, bias, dtype))
 
     def _take_output(self, me: int) -> mx.array:
         output = self._outputs.pop(me)
@@ -216,7 +235,8 @@ def pack(run: list, x: mx.array, weight: mx.array, bias, dtype: mx.Dtype) -> lis
 
 
 def packed_candidates(run: list, x: mx.array, weight: mx.array, bias, dtype: mx.Dtype) -> pathchoice.Candidates:
-    """The run's outputs packed and by the shared path, on random arrays of this call's shapes, for `pathchoice`."""
+    """The run's outputs packed and by the shared path (and in eval each merged), on random arrays of this call's
+    shapes, for `pathchoice`."""
     training = run[0].training
     key = ("packed", tuple(weight.shape), str(weight.dtype), bias is not None, tuple(x.shape), str(x.dtype))
     key += (tuple(m.lora_a.shape[1] for m in run), tuple(m.lora_b.shape[1] for m in run), training)
@@ -244,10 +264,14 @@ def packed_candidates(run: list, x: mx.array, weight: mx.array, bias, dtype: mx.
                 for zi, bi, s, wi, bias_i in zip(z, p[n:], scales, weights, biases)
             ]
 
-        return {
+        paths = {
             "shared": pathchoice.step(shared_path, primals, training),
             "packed": pathchoice.step(packed_path, primals, training),
         }
+        if not training:  # each layer merged on its own: in eval, the layers' other choice
+            twins = [pathchoice.random_twin(m) for m in run]
+            paths["merged"] = pathchoice.step(lambda x, *p: [t._merged(x) for t in twins], primals, training)
+        return paths
 
     return pathchoice.Candidates(key, build)
 

@@ -1,5 +1,6 @@
 """Sibling LoRA linears packed into one (stacked bases, block-diagonal B) against mlx-lm's LoRALinear, one by one."""
 
+import copy
 from functools import partial
 
 import mlx.core as mx
@@ -12,6 +13,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from adapterspec.adapters import lowrank, pathchoice, siblings
 from adapterspec.adapters.install import apply
+from adapterspec.adapters.lora import LoRALinear
 from tests.models import build
 
 IN, WIDTHS, SCALE = 32, (40, 16, 16), 20.0
@@ -287,14 +289,8 @@ def test_measured_packing_keeps_the_faster_path_and_trains_as_mlxlm_layers(faste
         packs.append(len(run))
         return real_pack(run, *args)
 
-    monkeypatch.setattr(lowrank, "merge_mode", "measure")
-    monkeypatch.setattr(lowrank, "pack_siblings", "auto")
+    measured_packing(monkeypatch, fake_timer)
     monkeypatch.setattr(siblings, "pack", counting)
-    monkeypatch.setattr(pathchoice, "timer", fake_timer)
-    monkeypatch.setattr(pathchoice, "cache_file", None)
-    monkeypatch.setattr(pathchoice, "choices", {})
-    monkeypatch.setattr(pathchoice, "timings", {})
-    monkeypatch.setattr(pathchoice, "_loaded_from", None)
     model = adapted_llama()
     inputs = tokens()
     loss_and_grads(model, inputs)
@@ -302,8 +298,78 @@ def test_measured_packing_keeps_the_faster_path_and_trains_as_mlxlm_layers(faste
     packed_keys = {k: v for k, v in pathchoice.choices.items() if '"packed"' in k}
     assert len(packed_keys) == 2 and set(packed_keys.values()) == {faster}  # q/k/v and gate/up
     assert {"packed", "shared"} <= set(seen)
-    assert (packs != []) == (faster == "packed")
+    assert (packs[-2:] == [3, 2]) == (faster == "packed")
+    # o_proj measured its own paths on a random twin of itself: copying its stacked base let no stack go
+    assert all(group.stack.weight is not None for group in sibling_groups(model))
     theirs_loss, theirs = loss_and_grads(mlxlm_twin(model, False), inputs)
     assert abs(loss - theirs_loss) < 1e-5
     for name in theirs:
         assert rel_err(grads[name], theirs[name]) < 1e-4, name
+
+
+def measured_packing(monkeypatch, timer):
+    """Path choices measured (with `timer`) and packing "auto", nothing remembered from before."""
+    monkeypatch.setattr(lowrank, "merge_mode", "measure")
+    monkeypatch.setattr(lowrank, "pack_siblings", "auto")
+    monkeypatch.setattr(pathchoice, "timer", timer)
+    monkeypatch.setattr(pathchoice, "cache_file", None)
+    monkeypatch.setattr(pathchoice, "choices", {})
+    monkeypatch.setattr(pathchoice, "timings", {})
+    monkeypatch.setattr(pathchoice, "_loaded_from", None)
+
+
+def sibling_groups(model) -> list:
+    groups = {id(m.sibling_group): m.sibling_group for _, m in model.named_modules() if hasattr(m, "sibling_group")}
+    return [g for g in groups.values() if g is not None]
+
+
+@pytest.mark.parametrize("how", ["random twin", "copy", "deepcopy"])
+def test_a_copy_of_a_stacked_base_is_a_plain_linear_and_lets_no_stack_go(packing, how):
+    model = adapted_llama()
+    q = model.layers[0].self_attn.q_proj
+    group = q.sibling_group
+    copied = {"random twin": pathchoice.random_twin, "copy": copy.copy, "deepcopy": copy.deepcopy}[how](q.linear)
+    assert type(copied) is nn.Linear and group.stack.weight is not None
+    assert copied.weight.shape == q.linear.weight.shape
+    if how != "random twin":
+        assert mx.array_equal(copied.weight, q.linear.weight)
+    copied.weight = mx.zeros_like(copied.weight)
+    assert group.stack.weight is not None and "_stack" in q.linear.__dict__
+
+
+@pytest.mark.parametrize("fastest", ["packed", "shared", "merged"])
+def test_in_eval_a_run_of_siblings_takes_its_measured_path_and_gives_mlxlm_outputs(fastest, monkeypatch):
+    """In eval, a run of siblings times packed, shared and each layer merged (one key per run's shapes) and every
+    member follows the fastest; the logits equal those of mlx-lm's layers whichever it is."""
+    costs = {"packed": 2.0, "shared": 2.0, "merged": 2.0, "separate": 3.0}  # alone, each layer would merge
+    costs[fastest] = 1.0
+    seen, packs, merges = [], [], []
+
+    def fake_timer(name, run):
+        mx.eval(run())
+        seen.append(name)
+        return costs[name]
+
+    measured_packing(monkeypatch, fake_timer)
+    real_pack, real_merged = siblings.pack, LoRALinear._merged
+    monkeypatch.setattr(siblings, "pack", lambda run, *args: packs.append(len(run)) or real_pack(run, *args))
+    monkeypatch.setattr(LoRALinear, "_merged", lambda self, x: merges.append(self) or real_merged(self, x))
+    model = adapted_llama()
+    model.eval()
+    inputs = tokens()
+    mx.eval(model(inputs))  # the first forward pass shows which siblings read one input
+    packs.clear()
+    merges.clear()
+    logits = model(inputs)
+    eval_keys = {k: v for k, v in pathchoice.choices.items() if '"packed"' in k}
+    assert len(eval_keys) == 2 and set(eval_keys.values()) == {fastest}  # q/k/v and gate/up
+    assert {"packed", "shared", "merged"} <= set(seen)
+    runs = [block.self_attn for block in model.layers] + [block.mlp for block in model.layers]
+    members = {id(m) for parent in runs for name, m in parent.items() if name in ("q_proj", "k_proj", "v_proj",
+                                                                                    "gate_proj", "up_proj")}  # fmt: skip
+    assert packs == ([3, 2] * len(model.layers) if fastest == "packed" else [])
+    assert ({id(m) for m in merges} >= members) == (fastest == "merged")
+    assert all(group.stack.weight is not None for group in sibling_groups(model))
+    theirs = mlxlm_twin(model, False)
+    theirs.eval()
+    assert rel_err(logits, theirs(inputs)) < 1e-5
