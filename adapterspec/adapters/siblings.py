@@ -17,7 +17,8 @@ other: in a model's first forward pass, the first block's group shows the others
 Where the siblings' bases are dense linears stacked into one matrix (`packed.Stack`), a sibling first called
 with an input its partners share can compute all their outputs at once (`lowrank.packed_linears`), each handed
 out when its sibling is called with that same input; whether it does is measured (`pathchoice`) or forced
-(`lowrank.pack_siblings`).
+(`lowrank.pack_siblings`). In eval the measured choice of such a run is packed, shared or each member merged,
+and every member follows it.
 """
 
 from __future__ import annotations
