@@ -88,6 +88,35 @@ class LoRASwitchLinear(AdapterModule):
         return self._separate(x, indices, sorted_indices)
 
     def _separate(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
+        """The base's output plus the low-rank product. On a frozen dense base, the merged path's backward (the
+        input's gradient through the base experts plus the low-rank term, A's and B's in one GEMM each), without
+        its merge: what the merged path writes, every expert's weight, grows with the experts, not the tokens."""
+        base = self.linear
+        if (self.training and self.dropout_p > 0) or not lowrank.frozen(base) or quantization(base) is not None:
+            return self._autodiff(x, indices, sorted_indices)
+        bias = base.get("bias")
+        out_dtype = mx.result_type(x.dtype, base.weight.dtype)
+        dtype = gather_mm_dtype(out_dtype)
+        weight = lowrank.cast(base.weight, dtype)
+        gather = dict(rhs_indices=indices, sorted_indices=sorted_indices)
+
+        @mx.custom_function
+        def forward(x, a, b):
+            z = mx.gather_mm(x, a.swapaxes(-1, -2), **gather)
+            y = mx.gather_mm(x, weight.swapaxes(-1, -2), **gather) + mx.gather_mm(z, b.swapaxes(-1, -2), **gather)
+            return (y if bias is None else y + mx.expand_dims(bias[indices], -2).astype(y.dtype),)
+
+        @forward.vjp
+        def forward_vjp(primals, cotangents, outputs):
+            x, a, b = primals
+            return switch_backward(x, a, b, cotangents[0], weight, indices, sorted_indices, True)
+
+        a = self.lora_a.astype(dtype)
+        b = (self.scale * self.lora_b).astype(dtype)
+        return lowrank.cast(forward(lowrank.cast(x, dtype), a, b)[0], out_dtype)
+
+    def _autodiff(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
+        """The separate path left to autodiff: with dropout, a base that trains, or a quantized base."""
         y = self.linear(x, indices, sorted_indices=sorted_indices)
         dtype = gather_mm_dtype(y.dtype)
         a_t = self.lora_a.astype(dtype).swapaxes(-1, -2)
