@@ -80,7 +80,8 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 # adapterspec variants: (merge_mode, separate path by hand, siblings share their product, a dense base's GEMM adds
 # the low-rank term, siblings packed); "before" is the code before measured choices, "unshared" the code before
 # siblings shared their low-rank product, "late-sum" a dense base's low-rank term added after its GEMM (an addmm),
-# "packed" and "pack-measured" siblings on dense bases packed into one, forced or where measured faster
+# "packed" and "pack-measured" siblings on dense bases packed into one, forced or where measured faster (up to
+# `lowrank.PACK_MAX_ROWS` rows), "unpacked" never (the default before)
 PACK_DEFAULT = lowrank.pack_siblings  # the library's default, or ADAPTERSPEC_PACK_SIBLINGS
 VARIANT_MODES = {  # merge_mode, separate_by_hand, share_siblings, sum_in_base, pack_siblings
     "auto": ("auto", True, True, True, PACK_DEFAULT),
@@ -91,6 +92,7 @@ VARIANT_MODES = {  # merge_mode, separate_by_hand, share_siblings, sum_in_base, 
     "unshared": ("auto", True, False, True, "never"),
     "late-sum": ("auto", True, True, False, "never"),
     "packed": ("auto", True, True, True, "always"),
+    "unpacked": ("auto", True, True, True, "never"),
     "pack-measured": ("auto", True, True, True, "auto"),
     "before": ("model", False, False, False, "never"),
 }

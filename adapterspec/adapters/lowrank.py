@@ -52,9 +52,11 @@ merge_mode = mode_from_environment("ADAPTERSPEC_LORA_PATH", "auto", MERGE_MODES)
 separate_by_hand = True  # False leaves the separate path to autodiff (benchmarks compare the two)
 share_siblings = True  # False gives every layer its own low-rank product (`siblings`; benchmarks and tests compare)
 sum_in_base = True  # False adds a dense base's low-rank term after its GEMM (`DenseBase`; benchmarks compare)
-# siblings on dense bases packed into one (`packed`): "auto" measures it against sharing on a GPU. Off by default
-# until the GPU sweep shows it pays (docs/benchmarks.md)
-pack_siblings = mode_from_environment("ADAPTERSPEC_PACK_SIBLINGS", "never", PACK_MODES)
+# siblings on dense bases packed into one (`packed`): "auto" measures it against sharing on a GPU, for calls of at
+# most PACK_MAX_ROWS rows: above them the H100 sweep found packed steps 1-2 % slower although each run alone timed
+# faster packed, at 1×1024 tokens 16 % faster (docs/benchmarks.md)
+pack_siblings = mode_from_environment("ADAPTERSPEC_PACK_SIBLINGS", "auto", PACK_MODES)
+PACK_MAX_ROWS = 2048
 
 
 def cast(x: mx.array, dtype: mx.Dtype) -> mx.array:

@@ -118,12 +118,12 @@ class Siblings:
         return run, stacked
 
     def _run_path(self, run, x, weight, bias, dtype) -> Optional[str]:
-        """The run's path: "packed" where forced; measured where path choices are (packed or shared in training,
-        those or merged in eval); None where neither (modelled: packing only adds bytes moved, the outputs'
-        gradients' concatenation)."""
+        """The run's path: "packed" where forced; measured where path choices are, up to `lowrank.PACK_MAX_ROWS`
+        rows (packed or shared in training, those or merged in eval); None where neither (modelled: packing only
+        adds bytes moved, the outputs' gradients' concatenation)."""
         if lowrank.pack_siblings == "always":
             return "packed"
-        if not lowrank.measuring():
+        if not lowrank.measuring() or x.size // x.shape[-1] > lowrank.PACK_MAX_ROWS:
             return None
         return pathchoice.choose(packed_candidates(run, x, weight, bias, dtype))
 

@@ -373,3 +373,27 @@ def test_in_eval_a_run_of_siblings_takes_its_measured_path_and_gives_mlxlm_outpu
     theirs = mlxlm_twin(model, False)
     theirs.eval()
     assert rel_err(logits, theirs(inputs)) < 1e-5
+
+
+def test_measured_packing_leaves_calls_above_the_row_limit_to_the_shared_path(monkeypatch):
+    """Above `lowrank.PACK_MAX_ROWS` rows a run is neither timed packed nor packed, however fast packing would time;
+    at the limit it is."""
+    packs = []
+
+    def packed_fastest(name, run):
+        mx.eval(run())
+        return 1.0 if name == "packed" else 2.0
+
+    measured_packing(monkeypatch, packed_fastest)
+    real_pack = siblings.pack
+    monkeypatch.setattr(siblings, "pack", lambda run, *args: packs.append(len(run)) or real_pack(run, *args))
+    model = adapted_llama()
+    inputs = tokens()
+    rows = inputs.size
+    monkeypatch.setattr(lowrank, "PACK_MAX_ROWS", rows - 1)
+    loss_and_grads(model, inputs)
+    loss_and_grads(model, inputs)
+    assert packs == [] and not any('"packed"' in key for key in pathchoice.choices)
+    monkeypatch.setattr(lowrank, "PACK_MAX_ROWS", rows)
+    loss_and_grads(model, inputs)
+    assert packs[-2:] == [3, 2]
