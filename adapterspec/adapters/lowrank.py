@@ -53,7 +53,7 @@ separate_by_hand = True  # False leaves the separate path to autodiff (benchmark
 share_siblings = True  # False gives every layer its own low-rank product (`siblings`; benchmarks and tests compare)
 sum_in_base = True  # False adds a dense base's low-rank term after its GEMM (`DenseBase`; benchmarks compare)
 # siblings on dense bases packed into one (`packed`): "auto" measures it against sharing on a GPU, for calls of at
-# most PACK_MAX_ROWS rows: above them the H100 sweep found packed steps 1-2 % slower although each run alone timed
+# most PACK_MAX_ROWS rows: above them the H100 sweep found packed steps 1-3 % slower although each run alone timed
 # faster packed, at 1×1024 tokens 16 % faster (docs/benchmarks.md)
 pack_siblings = mode_from_environment("ADAPTERSPEC_PACK_SIBLINGS", "auto", PACK_MODES)
 PACK_MAX_ROWS = 2048
@@ -166,8 +166,9 @@ def separate_with_product(x: mx.array, z: mx.array, b: mx.array, base: "Base") -
 
 def block_diagonal(blocks: list[mx.array], scales=None, dtype=None) -> mx.array:
     """The blocks (rᵢ × nᵢ), each times its scale (default 1), on the diagonal of a (Σr × Σn) matrix in `dtype` (the
-    blocks' by default), zeros elsewhere. Blocks of one height take two kernels, forward and backward (a
-    concatenation, then one fused select-scale-cast over it repeated k times), whatever their number."""
+    blocks' by default), zeros elsewhere. Blocks of one height take two kernels whatever their number (a
+    concatenation, then one fused select-scale-cast over it repeated once per block); others a fill and a slice
+    update per block."""
     scales = [1.0] * len(blocks) if scales is None else list(scales)
     dtype = blocks[0].dtype if dtype is None else dtype
     heights, widths = [b.shape[0] for b in blocks], [b.shape[1] for b in blocks]
