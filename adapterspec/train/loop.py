@@ -3,6 +3,7 @@ checkpointed step, averages gradients over `mx.distributed` processes, and build
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -67,6 +68,7 @@ def fit(
     loss=None,
     batches: Optional[Callable] = None,
     compiled: bool = True,
+    ahead: Optional[bool] = None,
 ) -> TrainResult:
     """mlx-lm's `train()` loop, started at `start.step`: same batches, loss, compiled step, reports and evals.
 
@@ -76,6 +78,8 @@ def fit(
     `save(step, grad_accum, accum_tokens, trained_tokens)` is called every `steps_per_save` steps and at the end.
     `batches` replaces mlx-lm's batching (a vision-language model's, `vlm_data.vlm_batches`), with the same
     arguments; `compiled=False` runs the step uncompiled (mlx-vlm's models read array values while building inputs).
+    With `ahead` (default `queue_ahead()`), each step is queued before the one before it is waited for, so the host
+    builds a step while the device runs the last; the arithmetic and its order are the same either way.
     """
     import mlx.core as mx
     import mlx.nn as nn
@@ -89,6 +93,7 @@ def fit(
 
     loss = loss or default_loss
     start = start or StartState()
+    ahead = queue_ahead() if ahead is None else ahead
     maybe_set_recommended_wired_limit()
     world = mx.distributed.init()
     size = world.size()
@@ -145,6 +150,7 @@ def fit(
     grad, accum_tokens = start.grad_accum, start.accum_tokens
     trained_tokens = start.trained_tokens
     window_loss, window_tokens, window_time, window_steps = mx.array(0.0), mx.array(0.0), 0.0, 0
+    in_flight = None
     session_start = time.perf_counter()
     for it in range(start.step + 1, args.iters + 1):
         batch = next(batches)
@@ -152,13 +158,24 @@ def fit(
         lvalue, toks, grad, accum_tokens = step(batch, grad, accum_tokens, it % accum_steps == 0)
         window_loss = window_loss + lvalue * toks
         window_tokens = window_tokens + toks
-        mx.eval(state, window_loss, window_tokens, grad, accum_tokens)
+        reports = it % args.steps_per_report == 0 or it == args.iters
+        validates = valid_set is not None and (it % args.steps_per_eval == 0 or it == args.iters)
+        saves = save is not None and (it % args.steps_per_save == 0 or it == args.iters)
+        if ahead and not (reports or validates or saves):
+            # The device runs this step while the host builds the next; wait only for the step before. A step that
+            # reports, validates or saves is waited for whole, so that each window's time holds all its steps.
+            mx.async_eval(state, window_loss, window_tokens, grad, accum_tokens)
+            if in_flight is not None:
+                mx.eval(in_flight)
+            in_flight = window_loss
+        else:
+            mx.eval(state, window_loss, window_tokens, grad, accum_tokens)
         if args.clear_cache_threshold and mx.get_cache_memory() > args.clear_cache_threshold:
             mx.clear_cache()
         window_time += time.perf_counter() - tic
         window_steps += 1
 
-        if it % args.steps_per_report == 0 or it == args.iters:
+        if reports:
             loss_sum = mx.distributed.all_sum(window_loss, stream=mx.cpu).item()
             tokens = mx.distributed.all_sum(window_tokens, stream=mx.cpu).item()
             trained_tokens += int(tokens)
@@ -181,12 +198,18 @@ def fit(
             report.on_train_loss_report(info)
             window_loss, window_tokens, window_time, window_steps = mx.array(0.0), mx.array(0.0), 0.0, 0
 
-        if valid_set is not None and (it % args.steps_per_eval == 0 or it == args.iters):
+        if validates:
             validate(it)
         result.step = it
-        if save is not None and (it % args.steps_per_save == 0 or it == args.iters):
+        if saves:
             save(it, grad, accum_tokens, trained_tokens)
     return result
+
+
+def queue_ahead() -> bool:
+    """Whether the loop queues each step before waiting for the last: ADAPTERSPEC_TRAIN_AHEAD=1. Off by default until a
+    GPU shows it pays and keeps the peak memory (`benchmarks/train_step.py`, `loop` against `ahead`)."""
+    return os.environ.get("ADAPTERSPEC_TRAIN_AHEAD", "0") == "1"
 
 
 def evaluate_split(model, dataset, options: TrainOptions, num_batches: int, loss=None, batches=None) -> float:

@@ -112,6 +112,29 @@ def test_resuming_gives_the_uninterrupted_runs_weights_with_dropout_and_gradient
     assert identical(later.arrays, read_checkpoint(straight.out / "checkpoints" / "0000009").arrays)
 
 
+def test_queuing_each_step_ahead_gives_the_waiting_loops_weights_losses_and_checkpoints(tmp_path, monkeypatch):
+    settings = dict(
+        spec=WITH_DROPOUT, grad_accumulation_steps=2, batch_size=2, save_every=3, iters=7, steps_per_report=2
+    )
+    queued = []
+    async_eval = mx.async_eval
+    monkeypatch.setattr(mx, "async_eval", lambda *arrays: (queued.append(1), async_eval(*arrays))[1])
+    monkeypatch.setenv("ADAPTERSPEC_TRAIN_AHEAD", "0")
+    waiting = train(tmp_path, "waiting", **settings)
+    assert not queued
+    monkeypatch.setenv("ADAPTERSPEC_TRAIN_AHEAD", "1")
+    ahead = train(tmp_path, "ahead", **settings)
+    assert len(queued) == 2, "steps 1 and 5 neither report, validate nor save: they are queued ahead"
+    assert ahead.train_losses == waiting.train_losses and len(ahead.train_losses) == 4
+    assert ahead.val_losses == waiting.val_losses
+    assert identical(weights(ahead.out), weights(waiting.out))
+    for step in ("0000003", "0000006"):
+        assert identical(
+            read_checkpoint(ahead.out / "checkpoints" / step).arrays,
+            read_checkpoint(waiting.out / "checkpoints" / step).arrays,
+        )
+
+
 def test_resume_refuses_other_settings_and_new_runs_refuse_a_used_directory(tmp_path):
     train(tmp_path, "run", iters=5)
     with pytest.raises(UserError, match="learning_rate"):
