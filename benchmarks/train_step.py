@@ -1,14 +1,16 @@
 """Where a training loop's step time goes: the layer benchmark's step against the step `adapterspec train` and
 `mlx_lm.lora` run, on one model in one process.
 
-`benchmarks/layers.py` times a compiled step as one call waited for on its own (bfloat16 cross-entropy over
-every position); the trainers run mlx-lm's `default_loss` (float32 logits, a length mask, inputs one token
-shorter than the batch) and wait for every step before building the next. This script times, for the frozen
-floor, mlx-lm's layers and adapterspec's, the same compiled step three ways:
+`benchmarks/layers.py` times a compiled step as one call waited for on its own, on inputs of the batch's length;
+the trainers run mlx-lm's `default_loss` on mlx-lm's batches, whose inputs are one token shorter than the batch
+(1023 at max_seq_length 1024: MLX's CUDA backend differentiates attention with cuDNN's fused kernel only at a
+multiple of 128 tokens), and wait for every step before building the next. This script times, for the frozen
+floor, mlx-lm's layers and adapterspec's, the same compiled step five ways:
 
-* `bench`: layers.py's loss, each call waited for on its own;
-* `loop`: mlx-lm's loss and batch, each step evaluated before the next is built (the trainers' loop);
-* `ahead`: the same, the next step built and queued while the device runs the last one.
+* `bench`: layers.py's loss on N inputs, each call waited for on its own;
+* `loop`: mlx-lm's loss on an N-token batch (N - 1 inputs), each step evaluated before the next is built;
+* `padded`: the same batch padded by `adapterspec train`'s ADAPTERSPEC_TRAIN_PAD_ATTENTION=128 (N inputs);
+* `ahead`, `padded ahead`: those two, the next step built and queued while the device runs the last one.
 
     python benchmarks/train_step.py --preset gpu             # the 8-block 4096-wide llama, batch 4 x 1024
     python benchmarks/train_step.py --preset gpu --tokens 1x1024,4x1024,8x1024
@@ -30,6 +32,8 @@ import mlx.optimizers as optim
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import layers as bench  # noqa: E402
+
+from adapterspec.train.data import padded_for_attention  # noqa: E402
 
 PRESET = dict(layers=8, hidden=4096, intermediate=11008, heads=32, kv_heads=8, vocab=32000, tokens="4x1024")
 
@@ -139,14 +143,17 @@ def main(argv=None) -> int:
         for rows, seq in points:
             tokens = mx.random.randint(0, args.vocab, (rows, seq + 1))
             inputs, targets = tokens[:, :-1], tokens[:, 1:]
-            batch = (tokens, mx.array([[0, seq + 1]] * rows))  # mlx-lm's batch: tokens and (offset, length)
-            mx.eval(tokens, batch)
+            batch = (tokens[:, :seq], mx.array([[0, seq]] * rows))  # mlx-lm's batch: tokens and (offset, length)
+            padded = padded_for_attention(*batch, 128)
+            mx.eval(tokens, batch, padded)
             row = {}
             step, state = compiled_step(model, bench_loss)
             row["bench"] = time_bench(step, state, inputs, targets, args.warmup, args.iters)
-            for name, ahead in (("loop", False), ("ahead", True)):
+            loops = {"loop": (batch, False), "padded": (padded, False), "ahead": (batch, True)}
+            loops["padded ahead"] = (padded, True)
+            for name, (trained, ahead) in loops.items():
                 step, state = compiled_step(model, loss)
-                row[name] = time_loop(step, state, batch, args.warmup, args.iters, ahead)
+                row[name] = time_loop(step, state, trained, args.warmup, args.iters, ahead)
             results[f"{rows}x{seq} {side}"] = row
             print(f"{rows}x{seq} {side}", "  ".join(f"{k} {ms:.2f} ms (host {host:.2f})" for k, (ms, host) in row.items()),
                   flush=True)  # fmt: skip

@@ -19,6 +19,8 @@ SPLITS = ("train", "valid", "test")
 # The record layouts mlx-lm's loaders read (its default feature names).
 LAYOUTS = ({"text"}, {"prompt", "completion"}, {"messages"})
 MAX_LINE_BYTES = 64 << 20
+# A batch is padded for the attention's tile (below) only where that adds at most this share of its inputs.
+MAX_ATTENTION_PADDING = 1 / 16
 
 
 def check_local_data(directory: Path, options) -> None:
@@ -131,6 +133,7 @@ def seeded_batches(
 
     private = np.random.RandomState(seed).get_state()
     batches = iterate_batches(dataset, batch_size, max_seq_length, loop=loop, comm_group=comm_group)
+    multiple = attention_multiple()
     while True:
         outer = np.random.get_state()
         np.random.set_state(private)
@@ -141,7 +144,39 @@ def seeded_batches(
         finally:
             private = np.random.get_state()
             np.random.set_state(outer)
-        yield batch
+        yield padded_for_attention(*batch, multiple) if multiple else batch
+
+
+def attention_multiple() -> int:
+    """ADAPTERSPEC_TRAIN_PAD_ATTENTION: the multiple of tokens the model's inputs are padded to (0, the default: none).
+
+    MLX's CUDA backend differentiates attention with cuDNN's fused kernel only where the sequence is a multiple of
+    128; other lengths (mlx-lm's batches give 1023 inputs at max_seq_length 1024) recompute attention unfused,
+    scores in memory. 128 pads them; off until a GPU shows it pays (`benchmarks/train_step.py`, `padded`)."""
+    import os
+
+    value = os.environ.get("ADAPTERSPEC_TRAIN_PAD_ATTENTION", "0")
+    if not value.strip().isdigit():
+        raise UserError(
+            f"ADAPTERSPEC_TRAIN_PAD_ATTENTION={value!r}: not a whole number", help="give a multiple such as 128, or 0"
+        )
+    return int(value)
+
+
+def padded_for_attention(batch, lengths, multiple: int):
+    """mlx-lm's (batch, lengths) with padding columns appended so that the model's inputs (all columns but the last)
+    are a multiple of `multiple` long, where that adds at most MAX_ATTENTION_PADDING of them. Under a causal mask no
+    earlier position sees the new ones, and the loss's mask stays what it was: a length is at most the old number of
+    inputs (mlx-lm's mask takes targets up to the length, which a batch cut to its width stops at the last column)."""
+    import mlx.core as mx
+
+    inputs = batch.shape[1] - 1
+    extra = -inputs % multiple
+    if extra == 0 or extra > inputs * MAX_ATTENTION_PADDING:
+        return batch, lengths
+    padding = mx.zeros((batch.shape[0], extra), batch.dtype)
+    kept = mx.concatenate([lengths[:, :1], mx.minimum(lengths[:, 1:], inputs)], axis=1)
+    return mx.concatenate([batch, padding], axis=1), kept
 
 
 def skip(batches: Iterator, count: int) -> Iterator:

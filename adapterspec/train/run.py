@@ -127,7 +127,7 @@ def run(options: TrainOptions, *, stream=None, training_callback=None) -> TrainR
     from ..adapters.loading import load_model, load_processor, load_tokenizer, vision_language
     from ..model.files import resolve_model_path
     from .checkpoint import prune, publish, save_checkpoint, trainer_arrays
-    from .data import check_local_data, load_datasets
+    from .data import attention_multiple, check_local_data, load_datasets
     from .report import ProgressReport
 
     world = mx.distributed.init()
@@ -138,6 +138,7 @@ def run(options: TrainOptions, *, stream=None, training_callback=None) -> TrainR
             help="the batch size is global: each process takes batch_size / processes examples",
         )
     spec, spec_warnings, spec_text = read_spec(options.spec)
+    attention_multiple()  # a malformed setting is refused before the model loads
     model_dir = resolve_model_path(options.model)
     if options.data and Path(options.data).exists():
         check_local_data(Path(options.data), options)  # before the model loads: a broken file is found at once

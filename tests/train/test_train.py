@@ -18,6 +18,7 @@ from adapterspec.adapters.loading import load_model
 from adapterspec.adapters.weights import load_adapters
 from adapterspec.errors import UserError
 from adapterspec.train.checkpoint import list_checkpoints, read_checkpoint
+from adapterspec.train.data import padded_for_attention
 from adapterspec.train.options import TrainOptions, merge_options
 from adapterspec.train.report import format_duration
 from adapterspec.train.run import run
@@ -133,6 +134,43 @@ def test_queuing_each_step_ahead_gives_the_waiting_loops_weights_losses_and_chec
             read_checkpoint(ahead.out / "checkpoints" / step).arrays,
             read_checkpoint(waiting.out / "checkpoints" / step).arrays,
         )
+
+
+def test_a_batch_is_padded_to_the_attentions_multiple_only_where_that_adds_little():
+    lengths = mx.array([[0, 1024], [0, 700]])
+    batch = mx.random.randint(1, 100, (2, 1024))
+    padded, kept = padded_for_attention(batch, lengths, 128)
+    assert padded.shape == (2, 1025) and kept.tolist() == [[0, 1023], [0, 700]], "the loss's mask as it was"
+    assert mx.array_equal(padded[:, :1024], batch).item() and not mx.any(padded[:, 1024:]).item()
+    assert padded_for_attention(batch[:, :129], lengths, 128)[0].shape == (2, 129), "128 inputs: a multiple already"
+    assert padded_for_attention(batch[:, :481], lengths, 128)[0].shape == (2, 481), "32 more for 480 is too many"
+
+
+def test_padding_batches_for_the_attention_keeps_the_losses_and_weights(tmp_path, monkeypatch):
+    from adapterspec.train import data
+
+    widths = []
+    pad = data.padded_for_attention
+    monkeypatch.setattr(data, "padded_for_attention", lambda *a: widths.append(pad(*a)[0].shape[1]) or pad(*a))
+    settings = dict(iters=6, steps_per_report=2, max_seq_length=48)
+    plain = train(tmp_path, "plain", **settings)
+    assert not widths
+    monkeypatch.setenv("ADAPTERSPEC_TRAIN_PAD_ATTENTION", "16")
+    padded = train(tmp_path, "padded", **settings)
+    assert 49 in widths, widths  # 47 inputs -> 48
+    assert all((w - 1) % 16 == 0 or w < 48 for w in widths), widths
+    assert mx.allclose(
+        mx.array([loss for _, loss in padded.train_losses]), mx.array([loss for _, loss in plain.train_losses])
+    )
+    assert mx.allclose(
+        mx.array([loss for _, loss in padded.val_losses]), mx.array([loss for _, loss in plain.val_losses])
+    )
+    plain_weights, padded_weights = weights(plain.out), weights(padded.out)
+    assert all(mx.allclose(padded_weights[k], plain_weights[k], atol=1e-5).item() for k in plain_weights)
+    for value in ("many", "-128"):
+        monkeypatch.setenv("ADAPTERSPEC_TRAIN_PAD_ATTENTION", value)
+        with pytest.raises(UserError, match="ADAPTERSPEC_TRAIN_PAD_ATTENTION"):
+            train(tmp_path, "refused", **settings)
 
 
 def test_resume_refuses_other_settings_and_new_runs_refuse_a_used_directory(tmp_path):
