@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import types
 from pathlib import Path
 from typing import Iterator, Optional
@@ -153,8 +154,6 @@ def attention_multiple() -> int:
     MLX's CUDA backend differentiates attention with cuDNN's fused kernel only where the sequence is a multiple of
     128; other lengths (mlx-lm's batches give 1023 inputs at max_seq_length 1024) recompute attention unfused,
     scores in memory. 128 pads them; off until a GPU shows it pays (`benchmarks/train_step.py`, `padded`)."""
-    import os
-
     value = os.environ.get("ADAPTERSPEC_TRAIN_PAD_ATTENTION", "0")
     if not value.strip().isdigit():
         raise UserError(
