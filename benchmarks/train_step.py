@@ -88,16 +88,13 @@ def time_loop(step, state, batch, warmup: int, iters: int, ahead: bool) -> tuple
     for _ in range(iters):
         tic = time.perf_counter()
         value, tokens = step(*batch)
-        if ahead:
-            mx.async_eval(state, value, tokens)
-            queued.append(time.perf_counter() - tic)
-            if before is not None:
-                mx.eval(before)
-            before = value
-        else:
-            mx.async_eval(state, value, tokens)
-            queued.append(time.perf_counter() - tic)
+        mx.async_eval(state, value, tokens)
+        queued.append(time.perf_counter() - tic)
+        if not ahead:
             mx.eval(state, value, tokens)
+        elif before is not None:
+            mx.eval(before)
+        before = value
     mx.synchronize()
     return 1000 * (time.perf_counter() - start) / iters, 1000 * statistics.median(queued)
 
