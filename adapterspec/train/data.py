@@ -22,6 +22,8 @@ LAYOUTS = ({"text"}, {"prompt", "completion"}, {"messages"})
 MAX_LINE_BYTES = 64 << 20
 # A batch is padded for the attention's tile (below) only where that adds at most this share of its inputs.
 MAX_ATTENTION_PADDING = 1 / 16
+# The sequence lengths whose attention MLX's CUDA backend differentiates with its fused kernel are multiples of this.
+CUDA_ATTENTION_TILE = 128
 
 
 def check_local_data(directory: Path, options) -> None:
@@ -149,17 +151,28 @@ def seeded_batches(
 
 
 def attention_multiple() -> int:
-    """ADAPTERSPEC_TRAIN_PAD_ATTENTION: the multiple of tokens the model's inputs are padded to (0, the default: none).
+    """ADAPTERSPEC_TRAIN_PAD_ATTENTION: the multiple of tokens the model's inputs are padded to; `auto`, the default,
+    is 128 where MLX runs on a CUDA GPU and 0 (none) elsewhere.
 
     MLX's CUDA backend differentiates attention with cuDNN's fused kernel only where the sequence is a multiple of
-    128; other lengths (mlx-lm's batches give 1023 inputs at max_seq_length 1024) recompute attention unfused,
-    scores in memory. 128 pads them; off until a GPU shows it pays (`benchmarks/train_step.py`, `padded`)."""
-    value = os.environ.get("ADAPTERSPEC_TRAIN_PAD_ATTENTION", "0")
-    if not value.strip().isdigit():
+    128; other lengths (mlx-lm's batches give 1023 inputs at max_seq_length 1024) recompute attention unfused, every
+    score in memory, in the backward. On the CPU and on Metal attention's backward is never fused: padding buys
+    nothing there."""
+    value = os.environ.get("ADAPTERSPEC_TRAIN_PAD_ATTENTION", "auto").strip()
+    if value == "auto":
+        return CUDA_ATTENTION_TILE if _on_cuda() else 0
+    if not value.isdigit():
         raise UserError(
-            f"ADAPTERSPEC_TRAIN_PAD_ATTENTION={value!r}: not a whole number", help="give a multiple such as 128, or 0"
+            f"ADAPTERSPEC_TRAIN_PAD_ATTENTION={value!r}: not a whole number",
+            help="give a multiple such as 128, 0 for none, or auto (128 on a CUDA GPU)",
         )
     return int(value)
+
+
+def _on_cuda() -> bool:
+    import mlx.core as mx
+
+    return mx.default_device().type == mx.DeviceType.gpu and mx.cuda.is_available()
 
 
 def padded_for_attention(batch, lengths, multiple: int):

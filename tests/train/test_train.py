@@ -18,7 +18,7 @@ from adapterspec.adapters.loading import load_model
 from adapterspec.adapters.weights import load_adapters
 from adapterspec.errors import UserError
 from adapterspec.train.checkpoint import list_checkpoints, read_checkpoint
-from adapterspec.train.data import padded_for_attention
+from adapterspec.train.data import attention_multiple, padded_for_attention
 from adapterspec.train.options import TrainOptions, merge_options
 from adapterspec.train.report import format_duration
 from adapterspec.train.run import run
@@ -146,6 +146,23 @@ def test_a_batch_is_padded_to_the_attentions_multiple_only_where_that_adds_littl
     assert padded_for_attention(batch[:, :481], lengths, 128)[0].shape == (2, 481), "32 more for 480 is too many"
 
 
+def test_batches_are_padded_for_the_attention_by_default_on_a_cuda_gpu_only(monkeypatch):
+    monkeypatch.delenv("ADAPTERSPEC_TRAIN_PAD_ATTENTION", raising=False)
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.cpu))
+    assert attention_multiple() == 0
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
+    assert attention_multiple() == 0, "a GPU but not CUDA's (Metal's): attention's backward is never fused there"
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
+    assert attention_multiple() == 128
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.cpu))
+    assert attention_multiple() == 0, "a CUDA build told to run on the CPU"
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
+    for value, multiple in ((" auto ", 128), ("0", 0), ("64", 64)):
+        monkeypatch.setenv("ADAPTERSPEC_TRAIN_PAD_ATTENTION", value)
+        assert attention_multiple() == multiple, value
+
+
 def test_padding_batches_for_the_attention_keeps_the_losses_and_weights(tmp_path, monkeypatch):
     from adapterspec.train import data
 
@@ -153,6 +170,7 @@ def test_padding_batches_for_the_attention_keeps_the_losses_and_weights(tmp_path
     pad = data.padded_for_attention
     monkeypatch.setattr(data, "padded_for_attention", lambda *a: widths.append(pad(*a)[0].shape[1]) or pad(*a))
     settings = dict(iters=6, steps_per_report=2, max_seq_length=48)
+    monkeypatch.setenv("ADAPTERSPEC_TRAIN_PAD_ATTENTION", "0")
     plain = train(tmp_path, "plain", **settings)
     assert not widths
     monkeypatch.setenv("ADAPTERSPEC_TRAIN_PAD_ATTENTION", "16")
