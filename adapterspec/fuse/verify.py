@@ -11,12 +11,16 @@ E = log p_adapted − log p_base and F = log p_fused − log p_base over every s
 kept = ⟨F, E⟩ / ‖E‖² (the share of the adapter's effect the fused model shows) and
 error = ‖F − E‖ / ‖E‖ (at 1 the fused model is no closer to the adapted one than the base is). These are the
 erasure report's two measures, taken on the outputs instead of the weights, and judged by the same thresholds.
+Where the adapters change no sampled output (E = 0, as with freshly initialised LoRA), there is no effect to keep:
+the fused model then passes only if it gives the adapted model's distributions (KL at most ZERO_EFFECT_KL at every
+position) and is "changed" otherwise, since the fuse itself moved the model.
 """
 
 from __future__ import annotations
 
 import gc
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -29,6 +33,9 @@ from .report import Survival, status_of
 DEFAULT_SEQUENCES = 8
 DEFAULT_LENGTH = 64
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+# Where the adapters change nothing, the largest KL(adapted ‖ fused) still taken for the same distribution: float32
+# rounding gives about 1e-12; requantizing a group afresh moves a 4-bit model's logits by percents.
+ZERO_EFFECT_KL = 1e-6
 
 
 @dataclass(frozen=True)
@@ -63,7 +70,10 @@ class VerifyReport:
 
     @property
     def status(self) -> str:
-        """ok, partial, lost, or zero (the adapters change no output): the erasure report's thresholds."""
+        """ok, partial or lost by the erasure report's thresholds; where the adapters change no output, zero (the
+        fused model gives the adapted one's outputs) or changed (it does not)."""
+        if self.kept is None:
+            return "zero" if self.fused.kl_max <= ZERO_EFFECT_KL else "changed"
         return status_of(Survival(self.kept, self.error))
 
     @property
@@ -84,7 +94,10 @@ class VerifyReport:
 
     def summary(self) -> str:
         if self.kept is None:
-            return "the adapters change none of the sampled outputs"
+            text = "the adapters change none of the sampled outputs"
+            if self.status == "changed":
+                text += f", but the fused model's differ (KL max {self.fused.kl_max:.3g}): changed"
+            return text
         text = f"the fused model keeps {100 * self.kept:.0f}% of the adapter's effect on the log-probabilities"
         text += f" (error {self.error:.3g})"
         if self.fused.kl_mean >= self.base.kl_mean:
@@ -143,14 +156,16 @@ def verify_fused(model_dir, adapter_dir, fused_dir, sequences: Sequence[Sequence
     sequences = [list(s) for s in sequences if len(s) > 0]
     if not sequences:
         raise UserError("no token sequences to verify with", help="give more data, or drop --data to sample tokens")
-    model, _ = load_model(model_dir)
+    _check_same_kind(model_dir, fused_dir)
+    model, config = load_model(model_dir)
     model.eval()
-    base = _run(model, sequences)
+    forward = partial(_forward, _language_model(model, config))
+    base = [forward(tokens) for tokens in sequences]
     load_adapters(model, adapter_dir)
     adapted, effect = [], []
     base_stats = _Stats()
     for i, tokens in enumerate(sequences):
-        logits = _forward(model, tokens)
+        logits = forward(tokens)
         base_stats.add(logits, base[i])
         adapted.append(logits)
         effect.append(_log_probs(logits) - _log_probs(base[i]))
@@ -158,12 +173,18 @@ def verify_fused(model_dir, adapter_dir, fused_dir, sequences: Sequence[Sequence
         base[i] = None  # the base's logits give way to the effect, sequence by sequence
     del model, base
     _release()
-    fused_model, _ = load_model(fused_dir)
+    fused_model, fused_config = load_model(fused_dir)
     fused_model.eval()
+    forward = partial(_forward, _language_model(fused_model, fused_config))
     fused_stats = _Stats()
     along = miss = norm = 0.0
     for tokens, adapted_logits, e in zip(sequences, adapted, effect):
-        logits = _forward(fused_model, tokens)
+        logits = forward(tokens)
+        if logits.shape != adapted_logits.shape:
+            raise UserError(
+                f"{fused_dir}: the fused model gives {logits.shape[-1]} logits per token, the base {adapted_logits.shape[-1]}",
+                help="give the directory that a fuse of these adapters into this base wrote",
+            )
         fused_stats.add(adapted_logits, logits)
         f = _log_probs(logits) - _log_probs(adapted_logits) + e  # log p_fused − log p_base
         parts = mx.sum(f * e), mx.sum(mx.square(f - e)), mx.sum(e * e)
@@ -176,14 +197,31 @@ def verify_fused(model_dir, adapter_dir, fused_dir, sequences: Sequence[Sequence
     return VerifyReport(len(sequences), tokens, source, fused_stats.result(), base_stats.result(), kept, error)
 
 
+def _check_same_kind(model_dir, fused_dir) -> None:
+    """The fused directory holds a model of the base's architecture and vocabulary (a fuse keeps both)."""
+    from ..model.files import read_model_config, resolve_model_path
+
+    base, fused = (read_model_config(resolve_model_path(d)) for d in (model_dir, fused_dir))
+    for what, of in (("model_type", lambda c: c.get("model_type")), ("vocab_size", _embedding_rows)):
+        if of(base) != of(fused):
+            raise UserError(
+                f"{fused_dir}: {what} {of(fused)!r}, the base {model_dir} has {of(base)!r}",
+                help="give the directory that a fuse of these adapters into this base wrote",
+            )
+
+
+def _language_model(model, config: dict):
+    """What maps tokens to logits: the model, or a vision-language model's language model (text alone)."""
+    from ..adapters.loading import vision_language
+
+    return model.language_model if vision_language(model, config) else model
+
+
 def _forward(model, tokens: list[int]) -> mx.array:
-    logits = model(mx.array(tokens)[None]).astype(mx.float32)[0]
+    output = model(mx.array(tokens)[None])
+    logits = getattr(output, "logits", output).astype(mx.float32)[0]  # mlx-vlm's language models wrap their logits
     mx.eval(logits)
     return logits
-
-
-def _run(model, sequences: list[list[int]]) -> list[mx.array]:
-    return [_forward(model, tokens) for tokens in sequences]
 
 
 def _log_probs(logits: mx.array) -> mx.array:

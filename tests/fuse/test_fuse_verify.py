@@ -128,6 +128,47 @@ def test_verify_reads_mlx_lm_jsonl(dense, tmp_path, capsys):
     assert "valid.jsonl:1: none of mlx-lm's layouts" in capsys.readouterr().err
 
 
+def test_adapters_that_change_nothing_pass_only_where_the_fused_model_gives_the_adapted_outputs(
+    dense, tmp_path, capsys
+):
+    from adapterspec.fuse.verify import ZERO_EFFECT_KL
+
+    model, adapters = dense
+    zero = write_adapters(model, tmp_path / "zero", MLX_LM_SPEC, b_scale=0.0)
+    assert run("fuse", model, zero, "-o", tmp_path / "same", "--quiet") == 0
+    assert run("fuse", model, adapters, "-o", tmp_path / "moved", "--quiet") == 0
+    capsys.readouterr()
+    short = ("--verify-sequences", 2, "--verify-length", 8)
+    assert (
+        run("verify", model, zero, tmp_path / "same", "--strict", "--report-json", tmp_path / "same.json", *short) == 0
+    )
+    assert json.loads((tmp_path / "same.json").read_text())["verify"]["status"] == "zero"
+    code = run("verify", model, zero, tmp_path / "moved", "--strict", "--report-json", tmp_path / "moved.json", *short)
+    verify = json.loads((tmp_path / "moved.json").read_text())["verify"]
+    assert code == 1 and verify["status"] == "changed" and verify["effect_kept"] is None
+    assert verify["fused_vs_adapted"]["kl_max"] > ZERO_EFFECT_KL and verify["base_vs_adapted"]["kl_max"] == 0
+    assert "but the fused model's differ" in capsys.readouterr().out
+
+
+def test_verify_refuses_a_fused_model_of_another_architecture(dense, tmp_path, capsys):
+    model, adapters = dense
+    other = tiny.example_model_dir("tiny-moe")
+    assert run("verify", model, adapters, other, "--verify-sequences", 1, "--verify-length", 4) == 2
+    err = capsys.readouterr().err
+    assert "model_type 'qwen2_moe'" in err and "'llama'" in err and "Traceback" not in err
+
+
+def test_verify_runs_a_vision_language_models_language_model(tmp_path, capsys):
+    model = tiny.example_model_dir("tiny-qwen2-vl")
+    spec = "adapterspec 1\n/language_model.model.layers[*].self_attn.<q,v>_proj: lora(r=4, scale=2.0)\n"
+    adapters = write_adapters(model, tmp_path / "adapters", spec, b_scale=0.5)
+    code = run("fuse", model, adapters, "-o", tmp_path / "out", "--verify", "--strict", "--quiet",
+               "--report-json", tmp_path / "r.json", "--verify-sequences", 2, "--verify-length", 8)  # fmt: skip
+    verify = json.loads((tmp_path / "r.json").read_text())["verify"]
+    assert code == 0 and verify["status"] == "ok" and verify["fused_vs_adapted"]["kl_max"] < 1e-6
+    assert verify["base_vs_adapted"]["kl_max"] > 1e-4, "the adapters move the language model's outputs"
+
+
 def test_keep_precision_fit_stays_quantized_and_keeps_what_plain_requantization_loses(quantized, tmp_path, capsys):
     """A change of a fraction of a 4-bit step (as after a short training): plain requantization loses it, the grid
     keeps the base, and fit stores each module in the cheapest finer quantization that keeps it, which mlx-lm loads."""
