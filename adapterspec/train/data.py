@@ -17,8 +17,9 @@ FORMATS_HELP = 'the formats are mlx-lm\'s: jsonl lines of {"text"}, {"prompt", "
 
 
 SPLITS = ("train", "valid", "test")
-# The record layouts mlx-lm's loaders read (its default feature names).
-LAYOUTS = ({"text"}, {"prompt", "completion"}, {"messages"})
+# The record layouts mlx-lm's loaders read (its default feature names), in the order it prefers them: a split is read
+# in the layout of its first example.
+LAYOUTS = ({"prompt", "completion"}, {"messages"}, {"text"})
 MAX_LINE_BYTES = 64 << 20
 # A batch is padded for the attention's tile (below) only where that adds at most this share of its inputs.
 MAX_ATTENTION_PADDING = 1 / 16
@@ -46,7 +47,7 @@ def check_local_data(directory: Path, options) -> None:
 def _check_jsonl(path: Path, custom_features: bool) -> int:
     from ..inputs import open_regular
 
-    examples = 0
+    examples, first = 0, None
     with open_regular(path) as file:
         for number, raw in enumerate(file, start=1):
             if len(raw) > MAX_LINE_BYTES:
@@ -59,11 +60,53 @@ def _check_jsonl(path: Path, custom_features: bool) -> int:
                 raise UserError(f"{path}:{number}: not a line of JSON ({error})", help=FORMATS_HELP) from None
             if not isinstance(record, dict):
                 raise UserError(f"{path}:{number}: a JSON {type(record).__name__}, not an object", help=FORMATS_HELP)
-            if not custom_features and not any(layout <= record.keys() for layout in LAYOUTS):
-                fields = ", ".join(sorted(record)) or "none"
-                raise UserError(f"{path}:{number}: none of mlx-lm's layouts (its fields: {fields})", help=FORMATS_HELP)
+            if not custom_features:
+                layout = next((layout for layout in LAYOUTS if layout <= record.keys()), None)
+                if layout is None:
+                    fields = ", ".join(sorted(record)) or "none"
+                    raise UserError(
+                        f"{path}:{number}: none of mlx-lm's layouts (its fields: {fields})", help=FORMATS_HELP
+                    )
+                if first is None:
+                    first = (layout, number)
+                elif layout != first[0]:
+                    raise UserError(
+                        f"{path}:{number}: a {_layout_name(layout)} example in a file whose first example (line "
+                        f"{first[1]}) is {_layout_name(first[0])}",
+                        help="mlx-lm reads every example of a file in the layout of its first: "
+                        "put each layout in a data directory of its own",
+                    )
+                _check_fields(path, number, record, layout)
             examples += 1
     return examples
+
+
+def _layout_name(layout: set) -> str:
+    return "{" + ", ".join(f'"{name}"' for name in sorted(layout, reverse=True)) + "}"
+
+
+def _check_fields(path: Path, number: int, record: dict, layout: set) -> None:
+    """The values mlx-lm's datasets tokenize: text, prompt and completion strings; messages a list of objects."""
+    for name in sorted(layout):
+        value = record[name]
+        if name == "messages":
+            if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
+                raise UserError(
+                    f'{path}:{number}: "messages" is not a list of message objects',
+                    help='give [{"role": "user", "content": "…"}, {"role": "assistant", "content": "…"}]',
+                )
+        elif not isinstance(value, str):
+            raise UserError(
+                f'{path}:{number}: "{name}" is a JSON {type(value).__name__}, not a string', help=FORMATS_HELP
+            )
+
+
+def _read_examples(path: Path) -> list:
+    """The JSON objects of a split file that `check_local_data` accepted (blank lines skipped)."""
+    if not path.is_file():
+        return []
+    with open(path, "rb") as file:
+        return [json.loads(raw.decode("utf-8")) for raw in file if raw.strip()]
 
 
 def load_datasets(options, tokenizer) -> tuple:
@@ -87,7 +130,10 @@ def load_datasets(options, tokenizer) -> tuple:
     )
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            train, valid, test = load_dataset(args, tokenizer)
+            if local and not options.dataset.get("hf_dataset"):
+                train, valid, test = _load_local(Path(data), tokenizer, args)
+            else:
+                train, valid, test = load_dataset(args, tokenizer)
     except (ValueError, KeyError) as error:
         raise UserError(f"{data}: cannot load the dataset: {error}", help=FORMATS_HELP) from None
     except Exception as error:
@@ -109,6 +155,17 @@ def load_datasets(options, tokenizer) -> tuple:
             f"{data}: the test set has {len(test)} examples, fewer than the batch size {options.batch_size}"
         )
     return tuple(CacheDataset(split) if len(split) else None for split in (train, valid, test))
+
+
+def _load_local(directory: Path, tokenizer, args) -> tuple:
+    """mlx-lm's datasets of a local directory's splits, as its loader makes them, except that blank lines are
+    skipped and a split file without examples counts as absent (mlx-lm's loader fails on both)."""
+    from mlx_lm.tuner.datasets import create_dataset
+
+    splits = [_read_examples(directory / f"{split}.jsonl") for split in SPLITS]
+    if not splits[0]:
+        raise UserError(f"{directory / 'train.jsonl'}: the training set is empty", help=FORMATS_HELP)
+    return tuple(create_dataset(examples, tokenizer, args) if examples else [] for examples in splits)
 
 
 def data_fingerprint(data: Optional[str]) -> Optional[str]:

@@ -109,7 +109,8 @@ def header_lines(options: TrainOptions, plan, sizes: tuple, world_size: int) -> 
         f"spec       {options.spec}: {len(plan.entries)} module(s) adapted, "
         f"{plan.trainable_parameters:,} trainable parameters ({share:.3f}% of {plan.total_parameters:,})",
         f"data       {options.data or options.dataset.get('hf_dataset')}: "
-        + ", ".join(f"{n} {name}" for name, n in zip(("train", "valid", "test"), sizes) if n),
+        + ", ".join(f"{n} {name}" for name, n in zip(("train", "valid", "test"), sizes) if n)
+        + ("" if sizes[1] else ", no validation set"),
         f"optimizer  {options.optimizer}, learning rate {lr}",
         f"batch      {options.batch_size}"
         + (f" over {world_size} processes" if world_size > 1 else "")

@@ -1092,6 +1092,13 @@ DATA_BREAKS: list[tuple] = [
     ("train-fifo", (fifo(TRAIN),), (D_TRAIN,), {"timeout": FIFO_TIMEOUT}),
     # (no valid.jsonl is fine: mlx-lm and adapterspec then train without validation)
     ("valid-invalid-json", (write(VALID, '{"text": "a"}\n{"text"\n'),), (D_VALID, "valid.jsonl")),
+    ("train-text-not-a-string", (write(TRAIN, '{"text": "a"}\n{"text": 5}\n' * 4),), (D_TRAIN + ":2", '"text"')),
+    (
+        "train-layouts-mixed",
+        (write(TRAIN, '{"text": "a"}\n' * 3 + '{"prompt": "a", "completion": "b"}\n'),),
+        (D_TRAIN + ":4", "line 1"),
+    ),
+    ("train-messages-not-a-list", (write(TRAIN, '{"messages": "hello"}\n' * 4),), (D_TRAIN + ":1", '"messages"')),
 ]
 
 # (what, extra argv, names, exit)

@@ -146,6 +146,20 @@ def test_a_batch_is_padded_to_the_attentions_multiple_only_where_that_adds_littl
     assert padded_for_attention(batch[:, :481], lengths, 128)[0].shape == (2, 481), "32 more for 480 is too many"
 
 
+def test_blank_lines_and_an_empty_validation_file_train_as_if_absent(tmp_path):
+    lines = (Path(DATA) / "train.jsonl").read_text().splitlines()[:40]
+    clean, spaced = tmp_path / "clean", tmp_path / "spaced"
+    clean.mkdir(), spaced.mkdir()
+    (clean / "train.jsonl").write_text("\n".join(lines) + "\n")
+    (spaced / "train.jsonl").write_text("\n\n".join(lines) + "\n  \n\n")  # mlx-lm's own loader fails on both
+    (spaced / "valid.jsonl").write_text("\n")
+    settings = dict(iters=4, steps_per_report=2, save_every=4)
+    plain = train(tmp_path, "plain", data=str(clean), **settings)
+    odd = train(tmp_path, "odd", data=str(spaced), **settings)
+    assert odd.val_losses == plain.val_losses == []
+    assert odd.train_losses == plain.train_losses and identical(weights(odd.out), weights(plain.out))
+
+
 def test_batches_are_padded_for_the_attention_by_default_on_a_cuda_gpu_only(monkeypatch):
     monkeypatch.delenv("ADAPTERSPEC_TRAIN_PAD_ATTENTION", raising=False)
     monkeypatch.setattr(mx.cuda, "is_available", lambda: False)
