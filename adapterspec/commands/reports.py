@@ -180,8 +180,9 @@ def _positive(text: str) -> int:
 
 def verify_sequences(args, model: str) -> tuple[list, str]:
     """(token sequences, where they come from) for verifying a fuse of `model`."""
-    from ..fuse.verify import sample_sequences
+    from ..fuse.verify import check_verify_size, sample_sequences
 
+    check_verify_size(model, args.verify_sequences, args.verify_length)
     if args.verify_data:
         return data_sequences(Path(args.verify_data), model, args.verify_sequences, args.verify_length)
     sequences = sample_sequences(model, args.verify_sequences, args.verify_length, args.verify_seed)

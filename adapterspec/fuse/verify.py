@@ -143,6 +143,46 @@ def sample_sequences(model_dir, sequences: int = DEFAULT_SEQUENCES, length: int 
     return [rng.integers(0, vocab, size=length).tolist() for _ in range(sequences)]
 
 
+def check_verify_size(model_dir, sequences: int, length: int) -> None:
+    """Refuse sequences longer than the model's context, or more tokens than half the memory of the device the
+    models run on can hold: the logits kept (2 × tokens × vocabulary float32) and one sequence's attention scores
+    (heads × length² float32, three copies while the softmax runs)."""
+    from ..model.files import read_model_config, resolve_model_path
+
+    config = read_model_config(resolve_model_path(model_dir))
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    context = config.get("max_position_embeddings") or text.get("max_position_embeddings")
+    if isinstance(context, int) and 0 < context < length:
+        raise UserError(
+            f"--verify-length {length}: longer than the model's context ({context} tokens, max_position_embeddings)",
+            help=f"give at most {context} (the default is {DEFAULT_LENGTH})",
+        )
+    heads = config.get("num_attention_heads") or text.get("num_attention_heads") or 1
+    heads = heads if isinstance(heads, int) and heads > 0 else 1
+    needed = 4 * (2 * sequences * length * max(_embedding_rows(config), 1) + 3 * heads * length * length)
+    available = _device_memory()
+    if available and needed > available // 2:
+        raise UserError(
+            f"verifying on {sequences} sequence(s) of {length} tokens needs about {needed / 1e9:.1f} GB for logits and "
+            f"attention, more than half of the {available / 1e9:.1f} GB this machine's models run in",
+            help=f"give fewer or shorter sequences (--verify-sequences, --verify-length; the default is "
+            f"{DEFAULT_SEQUENCES} × {DEFAULT_LENGTH})",
+        )
+
+
+def _device_memory() -> int:
+    """Bytes of memory the default device has: the GPU's where mlx reports it, else the machine's."""
+    import os
+
+    info = mx.device_info() if hasattr(mx, "device_info") else {}
+    if info.get("memory_size"):
+        return int(info["memory_size"])
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
 def _embedding_rows(config: dict) -> int:
     value = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
     return value if isinstance(value, int) and value > 0 else 0

@@ -169,6 +169,23 @@ def test_verify_runs_a_vision_language_models_language_model(tmp_path, capsys):
     assert verify["base_vs_adapted"]["kl_max"] > 1e-4, "the adapters move the language model's outputs"
 
 
+def test_verify_refuses_sequences_beyond_the_context_or_the_memory_before_fusing(dense, tmp_path, capsys, monkeypatch):
+    from adapterspec.fuse import verify
+
+    model, adapters = dense
+    context = json.loads((model / "config.json").read_text())["max_position_embeddings"]
+    assert run("fuse", model, adapters, "-o", tmp_path / "out", "--verify", "--verify-length", context + 1) == 2
+    assert f"longer than the model's context ({context} tokens" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(verify, "_device_memory", lambda: 10**9)
+    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    sequences = 10**9 // (2 * 8 * 4 * vocab) + 1  # their logits alone: more than half of 1 GB
+    assert run("fuse", model, adapters, "-o", tmp_path / "out", "--verify", "--verify-length", 8,
+               "--verify-sequences", sequences) == 2  # fmt: skip
+    assert "more than half of the 1.0 GB" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert verify.check_verify_size(model, sequences // 4, 8) is None, "a quarter of it is within the bound"
+
+
 def test_keep_precision_fit_stays_quantized_and_keeps_what_plain_requantization_loses(quantized, tmp_path, capsys):
     """A change of a fraction of a 4-bit step (as after a short training): plain requantization loses it, the grid
     keeps the base, and fit stores each module in the cheapest finer quantization that keeps it, which mlx-lm loads."""
