@@ -174,6 +174,7 @@ def check_options(options: TrainOptions) -> None:
     options.optimizer = options.optimizer.lower()
     for name, (kind, low, high) in NUMBERS.items():
         check_number(name, getattr(options, name), kind, low, high)
+    check_optimizer_config(options.optimizer_config)
     if options.lr_schedule is not None and not (
         isinstance(options.lr_schedule, dict) and "name" in options.lr_schedule and "arguments" in options.lr_schedule
     ):
@@ -186,3 +187,29 @@ def check_options(options: TrainOptions) -> None:
             "--resume and --force contradict each other",
             help="--resume continues the run in the output directory; --force starts over",
         )
+
+
+def check_optimizer_config(config: Any) -> None:
+    """UserError unless optimizer_config maps optimizer names to settings whose values are what mlx's optimizers
+    take: numbers, true/false, null, or lists of numbers (betas). A string reached the first update before."""
+    example = "e.g. optimizer_config: {adamw: {weight_decay: 0.01, betas: [0.9, 0.999]}}"
+    if not isinstance(config, dict):
+        raise UserError("optimizer_config must map optimizer names to their settings", help=example)
+    for name, settings in config.items():
+        if settings is None:
+            continue
+        if not isinstance(settings, dict):
+            raise UserError(f"optimizer_config.{name} must map setting names to values", help=example)
+        for key, value in settings.items():
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if not all(_optimizer_value(v) for v in values):
+                raise UserError(
+                    f"optimizer_config.{name}.{key} is {value!r}: not a number",
+                    help="optimizer settings are numbers, true or false, or lists of numbers; " + example,
+                )
+
+
+def _optimizer_value(value: Any) -> bool:
+    if value is None or isinstance(value, bool):
+        return True
+    return isinstance(value, (int, float)) and math.isfinite(value)

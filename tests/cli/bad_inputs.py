@@ -1119,6 +1119,13 @@ TRAIN_OPTIONS: list[tuple] = [
 # (what, config text, names)
 TRAIN_CONFIGS: list[tuple] = [
     ("config-python-tag", '!!python/object/apply:os.system ["touch pwned"]\n', ("train.yaml",)),
+    (
+        "optimizer-setting-a-string",
+        "optimizer: adamw\noptimizer_config:\n  adamw:\n    weight_decay: lots\n",
+        ("optimizer_config.adamw.weight_decay",),
+    ),
+    ("optimizer-config-a-list", "optimizer_config: [1, 2]\n", ("optimizer_config",)),
+    ("optimizer-betas-nan", "optimizer_config:\n  adam:\n    betas: [0.9, .nan]\n", ("optimizer_config.adam.betas",)),
 ]
 
 
