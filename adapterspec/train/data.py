@@ -101,17 +101,19 @@ def _check_fields(path: Path, number: int, record: dict, layout: set) -> None:
             )
 
 
-def _read_examples(path: Path) -> list:
-    """The JSON objects of a split file that `check_local_data` accepted (blank lines skipped)."""
+def _read_examples(path: Path) -> tuple[list, list]:
+    """The JSON objects of a split file that `check_local_data` accepted (blank lines skipped), and their lines."""
     if not path.is_file():
-        return []
+        return [], []
     with open(path, "rb") as file:
-        return [json.loads(raw.decode("utf-8")) for raw in file if raw.strip()]
+        numbered = [(number, raw) for number, raw in enumerate(file, start=1) if raw.strip()]
+    return [json.loads(raw.decode("utf-8")) for _, raw in numbered], [number for number, _ in numbered]
 
 
 def load_datasets(options, tokenizer) -> tuple:
-    """(train, valid, test) as mlx-lm's CacheDatasets (test empty unless --test)."""
-    from mlx_lm.tuner.datasets import CacheDataset, load_dataset
+    """(train, valid, test) as mlx-lm's CacheDatasets, every example processed (None for a split without examples,
+    and for test unless --test)."""
+    from mlx_lm.tuner.datasets import load_dataset
 
     from ..model.files import HF_REPO_ID
 
@@ -128,10 +130,12 @@ def load_datasets(options, tokenizer) -> tuple:
     args = types.SimpleNamespace(
         data=data, train=True, test=options.test, mask_prompt=options.mask_prompt, **options.dataset
     )
+    from_files = local and not options.dataset.get("hf_dataset")
+    lines = (None, None, None)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            if local and not options.dataset.get("hf_dataset"):
-                train, valid, test = _load_local(Path(data), tokenizer, args)
+            if from_files:
+                (train, valid, test), lines = _load_local(Path(data), tokenizer, args)
             else:
                 train, valid, test = load_dataset(args, tokenizer)
     except (ValueError, KeyError) as error:
@@ -154,18 +158,43 @@ def load_datasets(options, tokenizer) -> tuple:
         raise UserError(
             f"{data}: the test set has {len(test)} examples, fewer than the batch size {options.batch_size}"
         )
-    return tuple(CacheDataset(split) if len(split) else None for split in (train, valid, test))
+    return tuple(
+        _processed(split, f"{data}/{name}.jsonl" if from_files else f"{data} ({name} split)", numbers)
+        if len(split) and (name != "test" or options.test)
+        else None
+        for name, split, numbers in zip(SPLITS, (train, valid, test), lines)
+    )
+
+
+def _processed(dataset, where: str, lines: Optional[list]):
+    """mlx-lm's CacheDataset of a split with every example processed (tokenized, its chat template applied) now,
+    as mlx-lm's batching would at the first batch: an example it cannot process is named here, not in a step."""
+    from mlx_lm.tuner.datasets import CacheDataset
+
+    cached = CacheDataset(dataset)
+    for index in range(len(cached)):
+        try:
+            cached[index]
+        except Exception as error:  # whatever mlx-lm's processing (tokenizer, chat template) raises on an example
+            line = f" (line {lines[index]})" if lines else ""
+            raise UserError(
+                f"{where}: example {index + 1}{line} cannot be processed: {type(error).__name__}: {error}",
+                help=FORMATS_HELP,
+            ) from None
+    return cached
 
 
 def _load_local(directory: Path, tokenizer, args) -> tuple:
     """mlx-lm's datasets of a local directory's splits, as its loader makes them, except that blank lines are
-    skipped and a split file without examples counts as absent (mlx-lm's loader fails on both)."""
+    skipped and a split file without examples counts as absent (mlx-lm's loader fails on both); and each split's
+    line numbers."""
     from mlx_lm.tuner.datasets import create_dataset
 
     splits = [_read_examples(directory / f"{split}.jsonl") for split in SPLITS]
-    if not splits[0]:
+    if not splits[0][0]:
         raise UserError(f"{directory / 'train.jsonl'}: the training set is empty", help=FORMATS_HELP)
-    return tuple(create_dataset(examples, tokenizer, args) if examples else [] for examples in splits)
+    datasets = tuple(create_dataset(examples, tokenizer, args) if examples else [] for examples, _ in splits)
+    return datasets, tuple(lines for _, lines in splits)
 
 
 def data_fingerprint(data: Optional[str]) -> Optional[str]:

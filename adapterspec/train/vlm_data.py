@@ -35,12 +35,15 @@ def load_vlm_datasets(options, model, processor) -> tuple:
             continue
         vision = VisionDataset(rows, model.config, processor, config=settings, base_path=rows.base_path)
         dataset = CacheDataset(vision, process=False)
-        try:
-            dataset[0]  # the processor reads the first row now: a broken layout is found before training starts
-        except (ValueError, KeyError, TypeError, FileNotFoundError) as error:
-            raise UserError(
-                f"{data}/{name}.jsonl: the first row cannot be processed: {error}", help=FORMAT_HELP
-            ) from None
+        # Every row through the processor now (mlx-vlm's batching would at its first batch, keeping them all the
+        # same): a missing or broken image is named before the model trains, not in the middle of a step.
+        for index in range(len(dataset)):
+            try:
+                dataset[index]
+            except (ValueError, KeyError, TypeError, OSError) as error:
+                raise UserError(
+                    f"{data}/{name}.jsonl: example {index + 1} cannot be processed: {error}", help=FORMAT_HELP
+                ) from None
         if len(dataset) < options.batch_size:
             raise UserError(
                 f"{data}: the {name} set has {len(dataset)} examples, fewer than the batch size {options.batch_size}"

@@ -1098,6 +1098,11 @@ DATA_BREAKS: list[tuple] = [
         (write(TRAIN, '{"text": "a"}\n' * 3 + '{"prompt": "a", "completion": "b"}\n'),),
         (D_TRAIN + ":4", "line 1"),
     ),
+    (
+        "train-tools-not-a-schema",  # mlx-lm's chat template fails on it: an internal error at the first batch before
+        (write(TRAIN, '\n{"messages": [{"role": "user", "content": "hi"}], "tools": "none"}\n' * 4),),
+        (D_TRAIN + ": example 1 (line 2)",),
+    ),
     ("train-messages-not-a-list", (write(TRAIN, '{"messages": "hello"}\n' * 4),), (D_TRAIN + ":1", '"messages"')),
 ]
 

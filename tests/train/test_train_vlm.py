@@ -82,21 +82,29 @@ def test_a_projector_trained_fully_beside_two_ranks(tmp_path):
     assert any(k.startswith("vision_tower.") and k.endswith("lora_a") and v.shape[1] == 4 for k, v in trained.items())
 
 
-def test_vlm_data_that_mlx_vlm_cannot_read_is_a_diagnostic(tmp_path):
+def test_vlm_data_that_mlx_vlm_cannot_read_is_a_diagnostic_before_training(tmp_path):
     data = tmp_path / "data"
     shutil.copytree(DATA, data)
     lines = (data / "train.jsonl").read_text().splitlines()
-    lines[0] = lines[0].replace("images/train-000.png", "images/missing.png")
-    (data / "train.jsonl").write_text("\n".join(lines) + "\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "adapterspec", "train", QWEN, SPEC, "--data", str(data), "-o", str(tmp_path / "o")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    assert "images/train-002.png" in lines[2]
+
+    def train_on(data_dir):
+        argv = ["train", QWEN, SPEC, "--data", str(data_dir), "-o", str(tmp_path / "o"), "--iters", "2"]
+        return subprocess.run([sys.executable, "-m", "adapterspec", *argv], capture_output=True, text=True, timeout=300)
+
+    (data / "train.jsonl").write_text("\n".join([lines[0].replace("train-000.png", "missing.png"), *lines[1:]]) + "\n")
+    result = train_on(data)
     assert result.returncode == 2, result.stderr
-    assert "train.jsonl: the first row cannot be processed" in result.stderr
+    assert "train.jsonl: example 1 cannot be processed" in result.stderr
     assert "missing.png" in result.stderr and "Traceback" not in result.stderr
+
+    (data / "train.jsonl").write_text("\n".join(lines) + "\n")
+    (data / "images" / "train-002.png").write_bytes(b"not an image")  # an internal error mid-training before
+    result = train_on(data)
+    assert result.returncode == 2, result.stderr
+    assert "train.jsonl: example 3 cannot be processed" in result.stderr and "Traceback" not in result.stderr
+    assert "val loss" not in result.stdout + result.stderr, "found before the model trains or validates"
+    assert not (tmp_path / "o").exists()
 
 
 @needs_mlx_launch
