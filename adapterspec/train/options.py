@@ -140,7 +140,7 @@ NUMBERS: dict[str, tuple[type, Optional[float], Optional[float]]] = {
     "steps_per_eval": (int, 1, None),
     "save_every": (int, 1, None),
     "keep_checkpoints": (int, 0, None),
-    "max_seq_length": (int, 1, None),
+    "max_seq_length": (int, 2, None),  # one token in, the next one its target
     "grad_accumulation_steps": (int, 1, None),
     "clear_cache_threshold": (int, 0, None),
     "memory_limit": (int, 0, None),

@@ -1114,6 +1114,7 @@ TRAIN_OPTIONS: list[tuple] = [
     ("learning-rate-nan", ("--learning-rate", "nan"), ("--learning-rate",), 2),
     ("iters-negative", ("--iters", "-3"), ("--iters",), 2),
     ("batch-size-zero", ("--batch-size", "0"), ("--batch-size",), 2),
+    ("max-seq-length-one", ("--max-seq-length", "1"), ("--max-seq-length",), 2),  # no target: an internal error
     ("memory-limit-word", ("--memory-limit", "lots"), ("--memory-limit",), 2),
     ("memory-limit-negative", ("--memory-limit", "-1GB"), ("--memory-limit",), 2),
     ("clear-cache-threshold-exponent", ("--clear-cache-threshold", "1e9"), ("--clear-cache-threshold",), 2),
