@@ -190,8 +190,9 @@ def _device_memory() -> int:
     import os
 
     info = mx.device_info() if hasattr(mx, "device_info") else {}
-    if info.get("memory_size"):
-        return int(info["memory_size"])
+    for key in ("memory_size", "total_memory"):  # Metal's, CUDA's
+        if info.get(key):
+            return int(info[key])
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
