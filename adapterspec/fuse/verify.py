@@ -238,7 +238,8 @@ def verify_fused(model_dir, adapter_dir, fused_dir, sequences: Sequence[Sequence
         logits = forward(tokens)
         if logits.shape != adapted_logits.shape:
             raise UserError(
-                f"{fused_dir}: the fused model gives {logits.shape[-1]} logits per token, the base {adapted_logits.shape[-1]}",
+                f"{fused_dir}: the fused model gives {logits.shape[-1]} logits per token, "
+                f"the base {adapted_logits.shape[-1]}",
                 help="give the directory that a fuse of these adapters into this base wrote",
             )
         fused_stats.add(adapted_logits, logits)
