@@ -46,6 +46,31 @@ def adapter_weights_file(path: str) -> Path:
     return given
 
 
+def rescaled_modules(adapters: str, plan) -> str:
+    """In words, the modules to which the spec gives another scale than the one their given adapters were saved
+    with ('' when none, or when the weights come without a config)."""
+    from ..model.adapter_format import ADAPTER_CONFIG, saved_scales
+
+    directory = Path(adapters)
+    if not (directory / ADAPTER_CONFIG).is_file():
+        return ""
+    scales = saved_scales(directory)
+    changed = [
+        (e.path, scales.get(e.path, scales.get("*")), e.scale)
+        for e in plan.entries
+        if e.scale is not None and scales.get(e.path, scales.get("*")) not in (None, e.scale)
+    ]
+    if not changed:
+        return ""
+    path, saved, given = changed[0]
+    return (
+        f"the spec gives {len(changed)} module(s) another scale than their adapters in {adapters} were saved with, "
+        f"e.g. '{path}': {given:g} instead of {saved:g}, {given / saved:.3g}× the trained effect"
+        if saved
+        else f"the spec gives '{path}' scale {given:g}; its adapters in {adapters} were saved with scale 0"
+    )
+
+
 def run(args) -> int:
     import mlx.core as mx
 
@@ -59,6 +84,8 @@ def run(args) -> int:
     from ..outputs import check_output_dir
     from .reports import render
 
+    if args.dequantize and not args.fuse:
+        raise UserError("--dequantize needs --fuse", help="an adapter directory keeps the model's weights as they are")
     if args.fuse and not args.adapters:
         raise UserError(
             "--fuse needs trained adapters",
@@ -91,6 +118,11 @@ def run(args) -> int:
         return EXIT_OK
     weights = adapter_weights_file(args.adapters)
     plan = saved_plan(plan)  # given weights are saved adapters: PiSSA / OLoRA ones as their plain rank-2r delta
+    rescaled = rescaled_modules(args.adapters, plan)
+    if rescaled:
+        print(f"warning: {rescaled}", file=sys.stderr)
+        if args.strict:
+            return EXIT_ERRORS
     if args.fuse:
         from ..fuse.adapter_source import AdapterSource
         from ..fuse.progress import progress_for

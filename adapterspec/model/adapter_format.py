@@ -252,7 +252,73 @@ def plan_of(config: dict, index: ModuleIndex, directory) -> tuple["Plan", list[s
                 + _plan_difference(expected, actual),
                 help="use the adapters with the model they were trained for",
             )
+        _check_scales(saved["modules"], plan, file)
+        _check_mlx_lm_keys(config, plan, index, file)
     return plan, notes
+
+
+EDITED_HELP = (
+    "to use these weights at other settings, write a new directory with a spec that gives them: "
+    "'adapterspec apply MODEL SPEC --adapters DIR -o NEW' (every tool then reads one model from it)"
+)
+
+
+def _check_scales(saved_modules: list, plan: "Plan", file: Path) -> None:
+    """The saved plan's scales are those of its spec: an edit to one of them would go unread."""
+    for module, entry in zip(saved_modules, plan.entries):
+        scale = module.get("scale")
+        if scale is not None and entry.scale is not None and float(scale) != float(entry.scale):
+            raise UserError(
+                f"{file}: the saved plan gives '{entry.path}' scale {scale:g}, its spec {entry.scale:g} "
+                "(the config was edited)",
+                help=EDITED_HELP,
+            )
+
+
+def _check_mlx_lm_keys(config: dict, plan: "Plan", index: ModuleIndex, file: Path) -> None:
+    """An adapterspec directory's mlx-lm (or mlx-vlm) keys say what its plan says, or mlx-lm (mlx-vlm) would load
+    other adapters from it."""
+    from .mlxlm import mlx_lm_config
+    from .vlm import mlx_vlm_config
+
+    ours = config.get("adapterspec") or {}
+    if ours.get("mlx_lm_compatible"):
+        fit = mlx_lm_config(plan, index)
+    elif ours.get("mlx_vlm_compatible"):
+        fit = mlx_vlm_config(plan)
+    else:
+        return
+    if not fit.compatible:
+        return
+    written = json.loads(json.dumps(fit.config))
+    for key, value in written.items():
+        found = config.get(key)
+        if isinstance(value, dict) and isinstance(found, dict):
+            differing = [k for k in value if found.get(k) != value[k]]
+            if differing:
+                k = differing[0]
+                raise UserError(
+                    f"{file}: {key}.{k} is {found.get(k)!r} but its adapterspec plan says {value[k]!r}: mlx-lm "
+                    "would load other adapters from this directory than adapterspec does (the config was edited)",
+                    help=EDITED_HELP,
+                )
+        elif found != value:
+            raise UserError(
+                f"{file}: {key} is {found!r} but its adapterspec plan says {value!r}: mlx-lm would load other "
+                "adapters from this directory than adapterspec does (the config was edited)",
+                help=EDITED_HELP,
+            )
+
+
+def saved_scales(directory: Path) -> dict[str, float]:
+    """The scale each module's adapter was saved with in an adapter directory: from our saved plan, or mlx-lm's
+    lora_parameters for every module (keyed by module path; empty where the directory does not say)."""
+    config = read_adapter_config(directory)
+    saved = (config.get("adapterspec") or {}).get("plan")
+    if saved is not None:
+        return {m["path"]: float(m["scale"]) for m in saved["modules"] if isinstance(m.get("scale"), (int, float))}
+    scale = (config.get("lora_parameters") or {}).get("scale")
+    return {"*": float(scale)} if isinstance(scale, (int, float)) and not isinstance(scale, bool) else {}
 
 
 def _plan_difference(saved: list[tuple], planned: list[tuple]) -> str:

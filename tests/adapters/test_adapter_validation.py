@@ -59,6 +59,13 @@ BAD_CONFIGS = {
         lambda c: {**c, "adapterspec": {**c["adapterspec"], "spec": "adapterspec 1\n<q,v>_proj: lora(r=2)\n"}},
         "made for another model",
     ),
+    # Ours and mlx-lm's keys side by side, one of them edited: mlx-lm and adapterspec would load two models.
+    "mlx-lm-scale-edited-beside-ours": (
+        lambda c: {**c, "lora_parameters": {**c["lora_parameters"], "scale": 8.0}},
+        "lora_parameters.scale is 8.0 but its adapterspec plan says 20.0",
+    ),
+    "mlx-lm-num-layers-edited-beside-ours": (lambda c: {**c, "num_layers": 1}, "num_layers is 1 but"),
+    "saved-plan-scale-edited": (lambda c: first_module(c, scale=8.0), "the saved plan gives .* scale 8, its spec 20"),
     "mlx-lm-num-layers-string": (lambda c: mlx_lm_only(c, num_layers="x"), "num_layers is a string"),
     "mlx-lm-ia3": (lambda c: mlx_lm_only(c, fine_tune_type="ia3"), "fine_tune_type 'ia3'"),
     "mlx-lm-no-lora-parameters": (

@@ -244,3 +244,37 @@ def test_the_fused_config_carries_the_generation_eos_token_as_mlx_lm_fuse_writes
     assert fuse(model, adapters, "-o", tmp_path / "out", "--quiet") == 0
     written = json.loads((tmp_path / "out" / "config.json").read_text())
     assert written["eos_token_id"] == [2, 7] == load_config(model)["eos_token_id"]
+
+
+def test_apply_warns_when_the_spec_rescales_the_given_adapters(dense, tmp_path, capsys):
+    model, adapters = dense  # saved at scale 2.0 (MLX_LM_SPEC)
+    rescaled = tmp_path / "rescaled.aspec"
+    rescaled.write_text(MLX_LM_SPEC.replace("scale=2.0", "scale=8.0"))
+    argv = ["apply", str(model), str(rescaled), "--adapters", str(adapters), "--fuse"]
+    assert main([*argv, "--strict", "-o", str(tmp_path / "strict")]) == 1
+    assert "e.g. 'model.layers.1.mlp.down_proj': 8 instead of 2, 4× the trained effect" in capsys.readouterr().err
+    assert not (tmp_path / "strict").exists()
+    assert main([*argv, "-o", str(tmp_path / "fused")]) == 0
+    assert "warning: the spec gives 15 module(s) another scale" in capsys.readouterr().err
+    fused, base = read_weights(tmp_path / "fused"), read_weights(model)
+    expected = fuse_in_memory(model, adapters)
+    name = "model.layers.1.self_attn.q_proj.weight"
+    assert mx.allclose(fused[name] - base[name], 4 * (expected[name] - base[name]), atol=1e-5).item()
+    same = spec_file(tmp_path, MLX_LM_SPEC)
+    assert main(["apply", str(model), same, "--adapters", str(adapters), "-o", str(tmp_path / "same")]) == 0
+    assert "warning" not in capsys.readouterr().err, "the spec it was saved with rescales nothing"
+
+
+def spec_file(tmp_path, text: str) -> str:
+    path = tmp_path / "spec.aspec"
+    path.write_text(text)
+    return str(path)
+
+
+def test_apply_dequantize_without_fuse_is_a_usage_error(dense, tmp_path, capsys):
+    model, adapters = dense
+    spec = spec_file(tmp_path, MLX_LM_SPEC)
+    assert (
+        main(["apply", str(model), spec, "--adapters", str(adapters), "--dequantize", "-o", str(tmp_path / "o")]) == 2
+    )
+    assert "--dequantize needs --fuse" in capsys.readouterr().err and not (tmp_path / "o").exists()

@@ -14,7 +14,7 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 
 import models as tiny  # noqa: E402
-from fuse_support import MLX_LM_SPEC, MOE_SPEC, tree_hash, write_adapters  # noqa: E402
+from fuse_support import MLX_LM_SPEC, MOE_SPEC, write_adapters  # noqa: E402
 
 from adapterspec.cli import main  # noqa: E402
 from adapterspec.errors import UserError  # noqa: E402
@@ -101,12 +101,13 @@ def test_the_checks_error_comes_first_on_the_command_line_too(model, adapters, t
     assert not report.exists() and left_beside(tmp_path / "out") == []
 
 
-def test_an_edited_scale_in_the_saved_plan_yields_to_the_specs(model, adapters, tmp_path):
+def test_an_edited_scale_in_the_saved_plan_is_refused(model, adapters, tmp_path):
+    """The spec decides the scales; an edit to the saved plan's would go unread (mlx-lm reads neither), so it is named
+    rather than ignored."""
     directory = edited(adapters, tmp_path / "adapters", lambda ms: [{**m, "scale": 7 * m["scale"]} for m in ms])
-    fuse_model_dir(model, adapters, tmp_path / "as-saved")
-    result = fuse_model_dir(model, directory, tmp_path / "edited")
-    assert tree_hash(tmp_path / "edited") == tree_hash(tmp_path / "as-saved")
-    assert {m.scale for m in result.plan.adapters.modules} == {2.0}
+    with pytest.raises(UserError, match=r"the saved plan gives '.*' scale 14, its spec 2 \(the config was edited\)"):
+        fuse_model_dir(model, directory, tmp_path / "edited")
+    assert not (tmp_path / "edited").exists() and left_beside(tmp_path / "edited") == []
 
 
 def test_a_saved_plan_without_a_tokens_adapters_rows_is_not_used():
