@@ -22,6 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the explanations as JSON")
 
 
+def explanations_json(explanations, diagnostics) -> str:
+    return json.dumps(
+        {"modules": [e.to_json() for e in explanations], "diagnostics": [d.to_json() for d in diagnostics]}, indent=2
+    )
+
+
 def run(args) -> int:
     from ..model.explain import explain, render, selected_paths
     from ..model.plan import make_plan
@@ -32,21 +38,15 @@ def run(args) -> int:
         )
     spec, diagnostics, text, code = spec_or_exit(args.spec)
     if spec is None:
+        if args.json:
+            print(explanations_json([], diagnostics))
         return code
     index = model_index(args.model)
     plan = make_plan(spec, index)
     paths = selected_paths(args.module, index) if args.module else None
     explanations = explain(plan, index, paths)
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "modules": [e.to_json() for e in explanations],
-                    "diagnostics": [d.to_json() for d in plan.diagnostics],
-                },
-                indent=2,
-            )
-        )
+        print(explanations_json(explanations, plan.diagnostics))
         return EXIT_OK
     print_diagnostics(plan.diagnostics, text, args.spec)
     print(render(explanations, verbose=args.verbose))

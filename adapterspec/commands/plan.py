@@ -18,12 +18,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strict", action="store_true", help="fail (exit 1) on warnings too")
 
 
+def no_plan_json(diagnostics) -> dict:
+    """The JSON of a plan that a spec with errors cannot have: no modules, and the model left unread."""
+    return {
+        "modules": [],
+        "trainable_parameters": 0,
+        "total_parameters": None,
+        "diagnostics": [d.to_json() for d in diagnostics],
+    }
+
+
 def run(args) -> int:
     from ..model.plan import make_plan
 
     check_argument_order(args.model, args.spec, "plan")
     spec, diagnostics, text, code = spec_or_exit(args.spec)
     if spec is None:
+        if args.json:
+            print(json.dumps(no_plan_json(diagnostics), indent=2))
         return code
     plan = make_plan(spec, model_index(args.model))
     all_diagnostics = list(diagnostics) + plan.diagnostics

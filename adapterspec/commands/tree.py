@@ -30,20 +30,6 @@ def compile_selector(text: str):
     return spec.rules[0], [], None
 
 
-def matched_paths(rule, index) -> set[str]:
-    from ..model.plan import passes_type_filter
-    from ..model.selectors import SelectorMatcher
-
-    marked = set()
-    for path in SelectorMatcher(rule.selector).match(index).paths:
-        info = index[path]
-        reached = [info] + (index.descendants(path) if info.family in ("container", "list") else [])
-        if rule.type_filter is None:
-            marked.add(path)
-        marked.update(m.path for m in reached if rule.type_filter and passes_type_filter(m, rule.type_filter, index))
-    return marked
-
-
 def shown_roles(index) -> dict[str, tuple[str, ...]]:
     """Path → the role filters to print beside it: each role once, on the highest module whose adaptable
     modules all have it (`self_attn  @attention`, `switch_mlp  @experts`, `lm_head  @head`)."""
@@ -123,6 +109,8 @@ class TreePrinter:
 
 
 def run(args) -> int:
+    from ..model.explain import marked_paths
+
     index = model_index(args.model)
     marked: set[str] = set()
     rule = None
@@ -131,7 +119,7 @@ def run(args) -> int:
         if rule is None:
             print_diagnostics(errors, source, "<selector>")
             return EXIT_ERRORS
-        marked = matched_paths(rule, index)
+        marked = marked_paths(rule, index)
     printer = TreePrinter(index, marked, fold=not args.no_fold)
     printer.walk("", "")
     header = f"{args.model}  ({index.model_type or 'unknown model type'}, {index.total_params:,} parameters"

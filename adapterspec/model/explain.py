@@ -9,6 +9,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..errors import EXIT_ERRORS, UserError
 from ..language import syntax as ast
 from ..language.spec import Rule
 from ..language.validate import describe_rows, training_text
@@ -174,31 +175,53 @@ def _outcome(info: ModuleInfo, decider: Optional[int], entries: dict) -> str:
     return "nothing (no rule reaches it: stays frozen)"
 
 
+def marked_paths(rule: Rule, index: ModuleIndex) -> set[str]:
+    """What a rule's selector marks in `tree`: without a type filter, the modules it matches; with one, the matched
+    modules and the modules beneath matched containers that pass it."""
+    marked = set()
+    for path in SelectorMatcher(rule.selector).match(index).paths:
+        if rule.type_filter is None:
+            marked.add(path)
+            continue
+        info = index[path]
+        reached = [info] + (index.descendants(path) if info.family in ("container", "list") else [])
+        marked.update(m.path for m in reached if passes_type_filter(m, rule.type_filter, index))
+    return marked
+
+
 def selected_paths(selector_text: str, index: ModuleIndex) -> set[str]:
-    """The modules a filter selects: a module path, or a selector and everything beneath its matches."""
-    from ..errors import UserError
+    """The modules a filter selects: a module path and everything beneath it, or what a selector marks in `tree`
+    (everything beneath those too when it has no type filter, since a type filter has already looked beneath)."""
+    if selector_text in index:
+        return _with_descendants({selector_text}, index)
+    rule = _filter_rule(selector_text)
+    marked = marked_paths(rule, index)
+    if not marked:
+        raise UserError(
+            f"'{selector_text}' matches 0 modules",
+            help="run 'adapterspec tree MODEL SELECTOR' to see the module names and what the selector matches",
+            exit_code=EXIT_ERRORS,
+        )
+    return marked if rule.type_filter else _with_descendants(marked, index)
+
+
+def _filter_rule(selector_text: str) -> Rule:
+    """A selector given on the command line, parsed by the spec grammar as the rule 'SELECTOR: none'."""
     from ..language.lint import check_text
 
-    if selector_text in index:
-        base = [selector_text]
-    else:
-        spec, diagnostics = check_text(f"{selector_text}: none\n", "<filter>")
-        if spec is None:
-            message = diagnostics[0].message if diagnostics else "not a selector"
-            raise UserError(
-                f"'{selector_text}' is neither a module path nor a selector: {message}",
-                help="give a module path such as model.layers.0.self_attn.q_proj or a selector such as layers[0].mlp",
-            )
-        base = SelectorMatcher(spec.rules[0].selector).match(index).paths
-        if not base:
-            raise UserError(
-                f"'{selector_text}' matches no module of the model",
-                help="run 'adapterspec tree MODEL' to see the module names",
-            )
-    out = set(base)
-    for path in base:
-        out.update(m.path for m in index.descendants(path))
-    return out
+    spec, diagnostics = check_text(f"{selector_text}: none\n", "<filter>")
+    if spec is None:
+        message = diagnostics[0].message if diagnostics else "not a selector"
+        raise UserError(
+            f"'{selector_text}' is neither a module path nor a selector: {message}",
+            help="give a module path such as model.layers.0.self_attn.q_proj or a selector such as layers[0].mlp",
+            exit_code=EXIT_ERRORS,
+        )
+    return spec.rules[0]
+
+
+def _with_descendants(paths: set[str], index: ModuleIndex) -> set[str]:
+    return paths | {m.path for path in paths for m in index.descendants(path)}
 
 
 def render(explanations: list[ModuleExplanation], verbose: bool = False) -> str:

@@ -87,6 +87,19 @@ def test_plan_matching_errors_exit_1_with_spans(spec_file, capsys):
     assert f"{path}:2:1: AS302" in err
 
 
+def test_plan_json_of_a_spec_with_errors_holds_its_diagnostics(spec_file, capsys):
+    path = spec_file("q_proj: lora(rank=8)\nk_proj: lora(r=4, r=8)\n")
+    assert main(["plan", LLAMA, path, "--json"]) == 1
+    captured = capsys.readouterr()
+    plan = json.loads(captured.out)
+    assert plan["modules"] == [] and plan["trainable_parameters"] == 0
+    assert [(d["code"], d["severity"], d["span"]["line"]) for d in plan["diagnostics"]] == [
+        ("AS201", "error", 1),
+        ("AS209", "error", 2),
+    ]
+    assert f"{path}:1:14: AS201" in captured.err
+
+
 def test_plan_strict_fails_on_warnings(spec_file):
     path = spec_file("q_proj: lora\nq_proj: none\nk_proj: lora\n")
     assert main(["plan", LLAMA, path]) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -31,6 +32,10 @@ layers[-2:].self_attn.<q,v>_proj: lora(r=8)
 layers[0]: none
 **.*norm: full
 """
+
+SELF_ATTN = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+MLP = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+NORMS = ["input_layernorm", "post_attention_layernorm"]
 
 
 @pytest.fixture(scope="module")
@@ -87,10 +92,89 @@ def test_filters(moe):
     assert selected_paths("model.layers.1.mlp.gate", moe) == {"model.layers.1.mlp.gate"}
     paths = selected_paths("layers[0].self_attn", moe)
     assert "model.layers.0.self_attn.q_proj" in paths and not any(".1." in p for p in paths)
-    with pytest.raises(UserError, match="matches no module"):
+    with pytest.raises(UserError, match="'nothing_here' matches 0 modules"):
         selected_paths("nothing_here", moe)
     with pytest.raises(UserError, match="neither a module path nor a selector"):
         selected_paths("layers[", moe)
+
+
+def test_a_type_filter_selects_only_the_modules_that_pass_it(moe):
+    assert selected_paths("layers[0]@experts", moe) == {
+        f"model.layers.0.mlp.switch_mlp.{name}_proj" for name in ("down", "gate", "up")
+    }
+    assert selected_paths("**@embedding", moe) == {"model.embed_tokens"}
+    assert selected_paths("layers[-1].self_attn@Linear", moe) == {
+        f"model.layers.2.self_attn.{name}_proj" for name in "qkvo"
+    }
+    with pytest.raises(UserError, match="'layers\\[0\\]@embedding' matches 0 modules") as raised:
+        selected_paths("layers[0]@embedding", moe)
+    assert raised.value.exit_code == 1
+
+
+def tree_marks(capsys, model: str, selector: str) -> tuple[int, int]:
+    """`tree`'s exit status and the number of modules it says the selector matches."""
+    code = main(["tree", model, selector])
+    count = re.search(r"'.*' matches (\d+) modules?$", capsys.readouterr().out.strip()).group(1)
+    return code, int(count)
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-moe", "tiny-qwen2-vl"])
+@pytest.mark.parametrize(
+    "selector",
+    [
+        "layers[0]@experts",
+        "layers[0]@embedding",
+        "layers[0]@attention",
+        "**@Embedding",
+        "*@linear",
+        "**.<q,gate>_proj@linear",
+        "layers[-2:]@mlp",
+        "layers[::2]@switch",
+        "layers[0,1].mlp@router",
+        "/model@shared_expert",
+        "/lm_head@head",
+        "**.*norm@linear",
+    ],
+)
+def test_cli_selector_with_a_type_filter_selects_what_tree_marks(tmp_path, capsys, model, selector):
+    spec = tmp_path / "s.aspec"
+    spec.write_text(SPEC)
+    model_dir = str(models.example_model_dir(model))
+    tree_code, marked = tree_marks(capsys, model_dir, selector)
+    code = main(["explain", str(spec), model_dir, selector, "--json"])
+    captured = capsys.readouterr()
+    assert code == tree_code
+    if marked:
+        assert len(json.loads(captured.out)["modules"]) == marked
+    else:
+        assert not captured.out and f"'{selector}' matches 0 modules" in captured.err
+
+
+@pytest.mark.parametrize(
+    ("selector", "beneath"),
+    [
+        ("layers[-1:]", [f"model.layers.3.{m}" for m in SELF_ATTN + MLP + NORMS]),
+        (
+            "layers[::2].mlp",
+            [f"model.layers.{i}.mlp.{m}" for i in (0, 2) for m in ("down_proj", "gate_proj", "up_proj")],
+        ),
+        ("/model.layers.1.**.<q,up>_proj", ["model.layers.1.self_attn.q_proj", "model.layers.1.mlp.up_proj"]),
+    ],
+)
+def test_cli_selector_without_a_type_filter_selects_its_matches_and_all_beneath(tmp_path, capsys, selector, beneath):
+    spec = tmp_path / "s.aspec"
+    spec.write_text(SPEC)
+    assert main(["explain", str(spec), str(models.example_model_dir("tiny-llama")), selector, "--json"]) == 0
+    assert sorted(m["path"] for m in json.loads(capsys.readouterr().out)["modules"]) == sorted(beneath)
+
+
+def test_cli_bad_selector_fails_as_in_tree(tmp_path, capsys):
+    spec = tmp_path / "s.aspec"
+    spec.write_text(SPEC)
+    model = str(models.example_model_dir("tiny-llama"))
+    assert main(["tree", model, ".*@linear"]) == 1
+    assert main(["explain", str(spec), model, ".*@linear"]) == 1
+    assert "neither a module path nor a selector" in capsys.readouterr().err
 
 
 def test_cli_json(tmp_path, capsys):
@@ -102,6 +186,18 @@ def test_cli_json(tmp_path, capsys):
     (module,) = payload["modules"]
     assert module["path"] == "model.layers.2.self_attn.q_proj" and module["adapter"]["r"] == 8
     assert [r["status"] for r in module["rules"]] == [OVERRIDDEN, DECIDES, MISSES]
+
+
+def test_cli_json_of_a_spec_with_errors_holds_its_diagnostics(tmp_path, capsys):
+    spec = tmp_path / "s.aspec"
+    spec.write_text("q_proj: lora(rank=8)\n")
+    assert main(["explain", str(spec), str(models.example_model_dir("tiny-llama")), "--json"]) == 1
+    captured = capsys.readouterr()
+    payload = json.loads(captured.out)
+    assert payload["modules"] == []
+    (diagnostic,) = payload["diagnostics"]
+    assert diagnostic["code"] == "AS201" and diagnostic["span"]["line"] == 1
+    assert "AS201 unknown argument 'rank'" in captured.err
 
 
 def test_cli_text_lists_every_adaptable_module(tmp_path, capsys):
