@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="PEFT: the adapter directory; mlx-lm: the adapter directory, its "
         "adapter_config.json, or an mlx_lm.lora YAML config",
     )
-    parser.add_argument("-o", "--output", help="the spec file to write (default: print it)")
+    parser.add_argument("-o", "--output", help="the spec file to write (default, or '-': print it)")
     parser.add_argument(
         "--model",
         help="the mlx-lm model directory (or cached repo id) to resolve names against and check the translation on",
@@ -41,22 +41,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="replace existing output files")
 
 
+STDOUT = "-"
+
+
 def check_outputs(args) -> None:
-    """Refuse, before any work, outputs that overlap the inputs or would replace a file without --force."""
+    """Refuse, before any work, outputs that overlap the inputs or each other, or would replace a file without
+    --force."""
     from ..model.adapter_format import ADAPTER_DIR_FILES
     from ..outputs import check_output_dir, check_output_file
 
-    inputs = [args.path] + ([args.model] if args.model and Path(args.model).exists() else [])
-    if args.output:
-        check_output_file(args.output, protect=inputs)
-        if Path(args.output).exists() and not args.force:
-            raise UserError(f"{args.output} exists", help="pass --force to replace it")
+    inputs = input_paths(args)
+    spec_file = args.output if args.output not in (None, STDOUT) else None
+    if spec_file and args.adapters_out:
+        refuse_shared_output(spec_file, args.adapters_out)
+    if spec_file:
+        check_output_file(spec_file, protect=inputs)
+        if Path(spec_file).exists() and not args.force:
+            raise UserError(f"{spec_file} exists", help="pass --force to replace it")
     if args.adapters_out:
         check_output_dir(args.adapters_out, force=args.force, protect=inputs, produces=ADAPTER_DIR_FILES)
 
 
-def write_spec(text: str, output: str | None, force: bool) -> None:
-    if output is None:
+def input_paths(args) -> list[str]:
+    """What the outputs must stay clear of: the source (a PEFT adapter's whole directory, also when its
+    adapter_config.json is named) and the model directory."""
+    source = Path(args.path)
+    if args.source == "peft" and source.is_file():
+        source = source.parent
+    return [str(source)] + ([args.model] if args.model and Path(args.model).exists() else [])
+
+
+def refuse_shared_output(spec_file: str, adapters_out: str) -> None:
+    """The spec file and the adapter directory must be apart: neither the same path nor one inside the other."""
+    spec, adapters = (Path(p).expanduser().resolve() for p in (spec_file, adapters_out))
+    if spec == adapters or adapters in spec.parents or spec in adapters.parents:
+        raise UserError(
+            f"-o {spec_file} and --adapters-out {adapters_out} overlap: the spec file and the adapter directory "
+            "need paths of their own",
+            help="write the spec beside the adapter directory, e.g. -o spec.aspec --adapters-out adapters",
+        )
+
+
+def write_spec(text: str, output: str | None) -> None:
+    if output in (None, STDOUT):
         sys.stdout.write(text)
         return
     write_file_atomic(output, text)
@@ -80,6 +107,7 @@ def run(args) -> int:
     from ..interop.peft import import_peft, write_imported_adapters
 
     result = import_peft(args.path, args.model, need_model=bool(args.adapters_out), layout=args.peft_layout)
+    check_clear_of_model(args, result.model_dir)
     report(result.findings, args.allow_lossy)
     if result.plan is not None and not result.plan.ok:
         from .common import print_diagnostics
@@ -92,8 +120,17 @@ def run(args) -> int:
             f"adapterspec import: wrote {len(result.plan.entries)} adapted modules to {args.adapters_out}",
             file=sys.stderr,
         )
-    write_spec(result.text, args.output, args.force)
+    write_spec(result.text, args.output)
     return EXIT_OK
+
+
+def check_clear_of_model(args, model_dir) -> None:
+    """The spec file against the model the import found by itself (the config's base_model_name_or_path); the
+    adapter directory is checked against it before anything is written."""
+    from ..outputs import check_output_file
+
+    if model_dir is not None and args.output not in (None, STDOUT):
+        check_output_file(args.output, protect=[model_dir])
 
 
 def run_mlx_lm(args) -> int:
@@ -112,5 +149,5 @@ def run_mlx_lm(args) -> int:
     config = read_mlx_lm_config(args.path)
     text, findings = translate(config, index, source=Path(args.path).name, model=model_name)
     report(findings, args.allow_lossy)
-    write_spec(text, args.output, args.force)
+    write_spec(text, args.output)
     return EXIT_OK

@@ -63,10 +63,10 @@ def import_peft(
     index = ModuleIndex.from_model_dir(model_dir) if model_dir else None
     if index is not None:
         refuse_vlm(index, model_dir, "import")
-    source = Path(path).name if Path(path).is_dir() else str(Path(path).name)
     if index is not None:
         layout = layout or import_layout(config, path, model_dir, index)
-    translation = translate(config, index, source=f"{source}/{CONFIG_FILE}", model=model_name, layout=layout)
+    source = f"{peft_directory(path).name}/{CONFIG_FILE}"
+    translation = translate(config, index, source=source, model=model_name, layout=layout)
     result = PeftImport(translation, model_dir)
     require_lint_clean(result.text, str(path))
     if index is not None:
@@ -92,7 +92,7 @@ def import_layout(config: dict, path, model_dir: Path, index: ModuleIndex) -> st
 
     if config.get("target_parameters"):
         return "target-parameters"
-    file = Path(path) / WEIGHTS_FILE if Path(path).is_dir() else Path(path).parent / WEIGHTS_FILE
+    file = peft_directory(path) / WEIGHTS_FILE
     if any(info.family == "switch" for info in index) and file.is_file():
         keys = read_safetensors_header(file)
         routers = tuple(f"{PREFIX}{path}.lora_" for path in router_paths(index))
@@ -102,8 +102,14 @@ def import_layout(config: dict, path, model_dir: Path, index: ModuleIndex) -> st
     return model_layout(model_dir)
 
 
-def peft_weights_file(path) -> Path:
+def peft_directory(path) -> Path:
+    """The PEFT adapter directory of `path`: the directory itself, or the one holding its adapter_config.json."""
     path = Path(path)
+    return path if path.is_dir() else path.parent
+
+
+def peft_weights_file(path) -> Path:
+    path = peft_directory(path)
     file = path / WEIGHTS_FILE
     if file.is_file():
         return file
@@ -119,13 +125,13 @@ def write_imported_adapters(result: PeftImport, peft_dir, dest, *, force: bool =
     """Convert the PEFT weights for the imported spec's plan and write an adapterspec adapter directory."""
     import mlx.core as mx
 
-    from ..adapters.weights import read_weights
     from ..model.adapter_format import ADAPTER_CONFIG, ADAPTER_DIR_FILES, ADAPTER_WEIGHTS, adapter_config
     from ..outputs import atomic_output_dir
-    from .peft_weights import peft_to_adapters
+    from .peft_weights import peft_to_adapters, read_peft_weights
 
     plan = result.plan
-    tensors = read_weights(peft_weights_file(peft_dir))
+    peft_dir = peft_directory(peft_dir)
+    tensors = read_peft_weights(peft_weights_file(peft_dir))
     choice = result.translation.choice
     weights = peft_to_adapters(
         tensors,

@@ -86,14 +86,37 @@ FIELD_HELP = "fix the field as PEFT writes it (see LoraConfig), or save the adap
 
 
 def check_fields(config: dict, file: Path) -> None:
-    """Refuse fields of the wrong type or value (a UserError names the field): `r: "8"`, `lora_alpha: NaN`, a
-    target that is no module name or no regular expression, a boolean written as a string."""
+    """Refuse fields of the wrong type or value (a UserError names the field): `r: "8"`, `lora_alpha: NaN` or null, a
+    target that is no module name or no regular expression, a boolean written as a string, and the combinations
+    PEFT's LoraConfig refuses."""
     for key, check in FIELD_CHECKS.items():
-        if config.get(key) is None:
+        if key not in config or (config[key] is None and key not in NUMBER_FIELDS):
             continue
         problem = check(config[key])
         if problem:
             raise UserError(f"{file}: {key}{problem}", help=FIELD_HELP)
+    problem = layers_problem(config)
+    if problem:
+        raise UserError(f"{file}: {problem}", help=LAYERS_HELP)
+
+
+# PEFT computes with these (`r <= 0`, `lora_alpha / r`, `lora_dropout > 0`), so null is an error there too.
+NUMBER_FIELDS = frozenset({"r", "lora_alpha", "lora_dropout"})
+LAYERS_HELP = (
+    "PEFT's LoraConfig refuses this combination too: name the target modules as a list to pick blocks, "
+    "or leave layers_to_transform and layers_pattern out"
+)
+
+
+def layers_problem(config: dict) -> Optional[str]:
+    """What PEFT's `LoraConfig.__post_init__` raises about `layers_to_transform` and `layers_pattern`, or None."""
+    targets = config.get("target_modules")
+    for key in ("layers_to_transform", "layers_pattern"):
+        if isinstance(targets, str) and config.get(key) is not None:
+            return f"`{key}` cannot be used when `target_modules` is a str ({shown(targets)})"
+    if config.get("layers_pattern") and config.get("layers_to_transform") is None:
+        return "`layers_pattern` is set, so `layers_to_transform` must be set too"
+    return None
 
 
 def _rank(value) -> Optional[str]:
@@ -164,6 +187,28 @@ def _layers_pattern(value) -> Optional[str]:
     return None
 
 
+def is_peft_init(value: str) -> bool:
+    """Whether PEFT 0.21's `LoraLayer.update_layer` knows the initialisation `value` (it raises on any other)."""
+    return (
+        value.lower() in ("gaussian", "olora", "mica")
+        or value in ("eva", "loftq", "orthogonal", "lora_ga", "pissa")
+        or re.fullmatch(r"pissa_niter_\d+", value) is not None
+        or value.startswith("corda")
+    )
+
+
+PEFT_INITS = (
+    'true, false, "gaussian", "eva", "olora", "pissa", "pissa_niter_N", "corda", "loftq", "orthogonal", "mica", '
+    '"lora_ga"'
+)
+
+
+def _init(value) -> Optional[str]:
+    if isinstance(value, bool) or (isinstance(value, str) and is_peft_init(value)):
+        return None
+    return f" is {shown(value) if isinstance(value, str) else type_name(value)}, not one of PEFT's ({PEFT_INITS})"
+
+
 def _pattern(check):
     def problem_of(value) -> Optional[str]:
         if not isinstance(value, dict):
@@ -196,6 +241,7 @@ FIELD_CHECKS = {
     "alpha_pattern": _pattern(_number),
     "bias": _word,
     "base_model_name_or_path": _word,
+    "init_lora_weights": _init,
 }
 
 

@@ -354,17 +354,44 @@ def structural_rules(config: dict, index: Optional[ModuleIndex]) -> tuple[list[s
     exclude = config.get("exclude_modules")
     if isinstance(exclude, str):
         raise NeedsModel(f"exclude_modules is the regular expression {exclude!r}")
-    rules += [f"{selector_for(name, model_type)}: none" for name in sorted(exclude or ())]
-    for name in config.get("modules_to_save") or ():
-        rules.append(f"{selector_for(name, model_type)}: full")
-        if index is None:
-            findings.append(
-                note(
-                    f"modules_to_save '{name}': PEFT matches it as a plain suffix of module names; "
-                    "the spec matches it at a dot boundary"
-                )
-            )
+    for name in sorted(exclude or ()):
+        rule, finding = exclude_rule(name, targets, model_type, index)
+        rules += [rule] if rule else []
+        findings += [finding] if finding else []
+    rules += [f"{suffix_selector(name, model_type)}: full" for name in config.get("modules_to_save") or ()]
     return without_overridden(rules), findings
+
+
+def exclude_rule(
+    name: str, targets, model_type, index: Optional[ModuleIndex]
+) -> tuple[Optional[str], Optional[Finding]]:
+    """The `none` rule for one `exclude_modules` entry, and what to say about it. PEFT excludes a targeted module whose
+    own name is the entry or ends with `.entry`, never the modules beneath it, while a spec rule on a container
+    reaches everything beneath. A list of targets names the modules they adapt, so an entry is exact when its last
+    name is a target's and excludes nothing otherwise; with all-linear only the model can tell."""
+    selector = selector_for(name, model_type)
+    last = name.rpartition(".")[2]
+    if not peft_match.is_all_linear(targets):
+        if last in {target.rpartition(".")[2] for target in targets}:
+            return f"{selector}: none", None
+        return None, note(
+            f"exclude_modules '{name}' excludes nothing: PEFT excludes only targeted modules named '{name}' or "
+            f"ending in '.{name}', not the modules beneath one, and no target_modules entry ends in '{last}'"
+        )
+    if index is not None:  # the plan on the model is compared with PEFT's choice
+        return f"{selector}: none", None
+    return f"{selector}: none", lossy(
+        f"exclude_modules '{name}' with all-linear: PEFT leaves out only linear layers named '{name}' or ending in "
+        f"'.{name}', nothing beneath a module of that name; without the model the spec cannot tell which '{name}' "
+        f"is, and '{selector}: none' also freezes every layer beneath such a module (import with --model MODEL "
+        "for PEFT's exact choice)"
+    )
+
+
+def suffix_selector(name: str, model_type: Optional[str]) -> str:
+    """A selector for the modules whose names end with `name` as plain text (PEFT's `modules_to_save` matching):
+    `norm` is every `*norm` (`input_layernorm` too)."""
+    return "*" + selector_for(name, model_type)
 
 
 def without_overridden(rules: list[str]) -> list[str]:

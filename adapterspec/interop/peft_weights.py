@@ -9,7 +9,9 @@ linear and DoRA, `lora_a` (num, r) / `lora_b` (r, dims) for embeddings, `lora_a`
 
 from __future__ import annotations
 
+import io
 import re
+from array import array
 from collections import defaultdict
 from typing import Optional, Sequence
 
@@ -28,6 +30,40 @@ FACTOR = re.compile(
     r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|"
     r"lora_magnitude_vector)(\.[A-Za-z0-9_-]+)?(\.weight)?$"
 )
+
+
+def read_peft_weights(file) -> dict[str, mx.array]:
+    """The tensors of a PEFT adapter_model.safetensors, float64 ones as float32 (mlx reads no float64), each finite."""
+    from ..adapters.weights import UNREADABLE_HELP, check_finite, read_weights
+    from ..model.safetensors import read_safetensors_header
+
+    header = read_safetensors_header(file)
+    if not any(info.dtype == "F64" for info in header.values()):
+        return read_weights(file)
+    try:
+        weights = mx.load(io.BytesIO(_float64_as_float32(file, header)), format="safetensors")
+    except (RuntimeError, ValueError) as error:
+        raise UserError(f"{file}: not a readable safetensors file ({error})", help=UNREADABLE_HELP) from None
+    check_finite(weights, file)
+    return weights
+
+
+def _float64_as_float32(file, header: dict) -> bytes:
+    """The safetensors file's bytes with every F64 tensor rewritten as F32 (the others copied as they are)."""
+    from ..model.safetensors import encode_header
+
+    with open(file, "rb") as f:
+        data_start = 8 + int.from_bytes(f.read(8), "little")
+        f.seek(data_start)
+        data = f.read()
+    entries, payload = [], []
+    for name, info in sorted(header.items(), key=lambda item: item[1].offsets):
+        raw = data[info.offsets[0] : info.offsets[1]]
+        if info.dtype == "F64":
+            raw = array("f", array("d", raw)).tobytes()
+        entries.append((name, "float32" if info.dtype == "F64" else info.dtype_name, info.shape))
+        payload.append(raw)
+    return encode_header(entries, {}) + b"".join(payload)
 
 
 def _hf_key(key: str) -> str:

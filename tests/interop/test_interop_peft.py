@@ -165,6 +165,54 @@ def test_cli_import_and_export(hf_dir, tmp_path):
     assert exported["target_modules"] == ["q_proj", "v_proj"] and exported["r"] == 4 and exported["lora_alpha"] == 16
 
 
+def as_float64(weights_file) -> None:
+    from safetensors.torch import load_file, save_file
+
+    save_file({k: v.double() for k, v in load_file(weights_file).items()}, weights_file)
+
+
+def test_float64_weights_import_with_peft_logits(hf_dir, tmp_path):
+    import mlx.core as mx
+
+    from adapterspec.adapters.loading import load_model
+    from adapterspec.adapters.weights import load_adapters
+
+    want = logits(make_peft(hf_dir, tmp_path / "peft", r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    as_float64(tmp_path / "peft" / "adapter_model.safetensors")
+    args = ["import", "peft", str(tmp_path / "peft"), "--model", str(hf_dir), "--adapters-out", str(tmp_path / "ours")]
+    assert main(args) == 0
+    assert {v.dtype for v in mx.load(str(tmp_path / "ours" / "adapters.safetensors")).values()} == {mx.float32}
+    model, _ = load_model(hf_dir)
+    load_adapters(model, tmp_path / "ours")
+    np.testing.assert_allclose(mlx_logits(model), want, atol=LOGITS_ATOL, rtol=0)
+
+
+def test_a_named_config_file_and_dash_for_stdout(hf_dir, tmp_path, capsys, monkeypatch):
+    make_peft(hf_dir, tmp_path / "peft", r=4, lora_alpha=16, target_modules=["q_proj"])
+    monkeypatch.chdir(tmp_path)
+    args = ["import", "peft", str(tmp_path / "peft" / "adapter_config.json"), "--model", str(hf_dir), "-o", "-"]
+    assert main(args + ["--adapters-out", str(tmp_path / "ours")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("adapterspec 1\n# imported from the PEFT LoRA config peft/adapter_config.json\n")
+    assert "q_proj: lora" in out and not (tmp_path / "-").exists()
+    assert (tmp_path / "ours" / "adapters.safetensors").is_file()
+
+
+OVERLAPPING_OUTPUTS = [("out", "out", False), ("out/spec.aspec", "out", True), ("out", "out/adapters", False)]
+
+
+@pytest.mark.parametrize("spec, adapters, out_exists", OVERLAPPING_OUTPUTS)
+def test_spec_and_adapter_directory_must_not_overlap(hf_dir, tmp_path, capsys, spec, adapters, out_exists):
+    make_peft(hf_dir, tmp_path / "peft", r=4, lora_alpha=16, target_modules=["q_proj"])
+    if out_exists:
+        (tmp_path / "out").mkdir()
+    args = ["import", "peft", str(tmp_path / "peft"), "--model", str(hf_dir)]
+    assert main(args + ["-o", str(tmp_path / spec), "--adapters-out", str(tmp_path / adapters)]) == 2
+    assert "overlap" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["out", "peft"] if out_exists else ["peft"])
+    assert not out_exists or list((tmp_path / "out").iterdir()) == []
+
+
 def test_weights_need_a_model(hf_dir, tmp_path, capsys):
     make_peft(hf_dir, tmp_path / "peft", r=4, lora_alpha=16, target_modules=["q_proj"])
     config_file = tmp_path / "peft" / "adapter_config.json"
@@ -219,6 +267,12 @@ CHOICE_CASES = {
     ),
     "exclude-regex": dict(target_modules=["q_proj", "v_proj"], exclude_modules=r".*layers\.0\..*"),
     "saved": dict(target_modules=["q_proj"], modules_to_save=["lm_head", "input_layernorm"]),
+    "saved-by-suffix": dict(target_modules=["q_proj"], modules_to_save=["norm"]),
+    "exclude-containers": dict(
+        target_modules=["q_proj", "v_proj"],
+        exclude_modules=["self_attn", "layers.0", "model.layers.1.self_attn.v_proj"],
+    ),
+    "all-linear-exclude-container": dict(target_modules="all-linear", exclude_modules=["self_attn", "layers.0"]),
     "embedding-and-head": dict(target_modules=["embed_tokens", "lm_head"]),
     "rslora-dropout": dict(r=8, lora_alpha=4, use_rslora=True, lora_dropout=0.1, target_modules=["up_proj"]),
 }
@@ -282,7 +336,9 @@ def test_spec_chooses_what_peft_chooses(hf_dir, case):
         "layers-pattern",
         "patterns-same-keys",
         "exclude-list",
+        "exclude-containers",
         "saved",
+        "saved-by-suffix",
         "rslora-dropout",
         "all-linear",
         "all-linear-patterns",
@@ -299,6 +355,24 @@ def test_translation_without_a_model_plans_like_peft(hf_dir, case):
         plan = make_plan(parse_spec(translation.text), ModuleIndex.from_model_dir(hf_dir))
         assert plan.ok, translation.text
         assert plan_modules(plan) == peft_modules_chosen(model), translation.text
+
+
+def test_all_linear_exclusions_without_a_model_are_lossy(hf_dir):
+    """PEFT excludes only linear layers named by the entry, never what is beneath a container of that name: all 21
+    linears stay adapted. Without the model the spec cannot say so; with it the import is exact."""
+    from adapterspec.language.lint import parse_spec
+    from adapterspec.model.plan import make_plan
+
+    config = CHOICE_CASES["all-linear-exclude-container"]
+    model = peft.get_peft_model(hf_model(hf_dir), peft.LoraConfig(**config))
+    assert len(peft_modules_chosen(model)) == 21
+    lossy = [f.message for f in translate(config).lossy]
+    assert len(lossy) == 2 and all("--model" in message for message in lossy)
+    assert "exclude_modules 'layers.0' with all-linear" in lossy[0] and "'self_attn'" in lossy[1]
+    index = ModuleIndex.from_model_dir(hf_dir)
+    translation = translate(config, index, model="tiny")
+    assert not translation.lossy
+    assert plan_modules(make_plan(parse_spec(translation.text), index)) == peft_modules_chosen(model)
 
 
 def test_regex_without_a_model_is_reported():

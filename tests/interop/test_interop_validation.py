@@ -52,6 +52,27 @@ BAD_PEFT = {
     "layers-string": ({"layers_to_transform": "0"}, "layers_to_transform is a string"),
     "layers-negative": ({"layers_to_transform": [-1]}, r"layers_to_transform\[0\] is -1"),
     "peft-type-number": ({"peft_type": 3}, "peft_type is the number 3"),
+    "r-null": ({"r": None}, "r is null, not a whole number"),
+    "alpha-null": ({"lora_alpha": None}, "lora_alpha is null, not a finite number"),
+    "dropout-null": ({"lora_dropout": None}, "lora_dropout is null, not a finite number"),
+    "rank-pattern-null": ({"rank_pattern": {"q_proj": None}}, "rank_pattern gives 'q_proj' a value that is null"),
+    "alpha-pattern-null": ({"alpha_pattern": {"q_proj": None}}, "alpha_pattern gives 'q_proj' a value that is null"),
+    "layers-with-all-linear": (
+        {"target_modules": "all-linear", "layers_to_transform": [0]},
+        "`layers_to_transform` cannot be used when `target_modules` is a str",
+    ),
+    "layers-with-regex": (
+        {"target_modules": r".*\.q_proj", "layers_to_transform": 1},
+        "`layers_to_transform` cannot be used when `target_modules` is a str",
+    ),
+    "layers-pattern-with-regex": (
+        {"target_modules": r".*\.q_proj", "layers_pattern": "layers"},
+        "`layers_pattern` cannot be used when `target_modules` is a str",
+    ),
+    "layers-pattern-alone": ({"layers_pattern": "layers"}, "`layers_to_transform` must be set too"),
+    "init-unknown": ({"init_lora_weights": "bogus"}, "init_lora_weights is 'bogus', not one of PEFT's"),
+    "init-number": ({"init_lora_weights": 3}, "init_lora_weights is the number 3, not one of PEFT's"),
+    "init-pissa-niter-word": ({"init_lora_weights": "pissa_niter_x"}, "init_lora_weights is 'pissa_niter_x'"),
 }
 
 
@@ -62,6 +83,38 @@ def test_a_peft_field_of_the_wrong_type_is_refused_by_name(tmp_path, name):
     with pytest.raises(UserError, match=match) as error:
         read_peft_config(directory)
     assert "adapter_config.json" in error.value.message and INJECTED not in error.value.message
+
+
+PEFT_INITS = [True, False, "gaussian", "Gaussian", "eva", "olora", "pissa", "pissa_niter_4", "corda", "loftq",
+              "orthogonal", "mica", "lora_ga"]  # fmt: skip
+
+
+@pytest.mark.parametrize("init", PEFT_INITS)
+def test_every_initialisation_peft_knows_is_read(tmp_path, init):
+    assert read_peft_config(write_peft(tmp_path, init_lora_weights=init))["init_lora_weights"] == init
+
+
+def test_unknown_initialisations_are_what_peft_refuses(tmp_path):
+    """PEFT's own layer raises on the values refused here and takes the values read here."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+
+    def peft_takes(init) -> bool:
+        layer = torch.nn.Sequential(torch.nn.Linear(8, 8))
+        try:
+            peft.get_peft_model(layer, peft.LoraConfig(r=2, target_modules=["0"], init_lora_weights=init))
+        except (ValueError, AttributeError):
+            return False
+        return True
+
+    for init in ("bogus", 3, "pissa_niter_x", True, "gaussian", "olora", "pissa_niter_2", "orthogonal"):
+        directory = write_peft(tmp_path, init_lora_weights=init)
+        try:
+            read_peft_config(directory)
+            ours = True
+        except UserError:
+            ours = False
+        assert ours == peft_takes(init), init
 
 
 def test_a_good_peft_config_imports_to_a_spec_lint_passes(tmp_path):
