@@ -99,6 +99,8 @@ def _check_fields(path: Path, number: int, record: dict, layout: set) -> None:
             raise UserError(
                 f'{path}:{number}: "{name}" is a JSON {type(value).__name__}, not a string', help=FORMATS_HELP
             )
+        elif name == "text" and not value.strip():
+            raise UserError(f'{path}:{number}: "text" is empty', help="remove the line, or give it text to train on")
 
 
 def _read_examples(path: Path) -> tuple[list, list]:
@@ -117,8 +119,8 @@ def load_datasets(options, tokenizer) -> tuple:
 
     from ..model.files import HF_REPO_ID
 
-    data = options.data
-    local = bool(data) and Path(data).exists()
+    data = options.data or _dataset_name(options.dataset.get("hf_dataset"))
+    local = bool(options.data) and Path(options.data).exists()
     remote = options.dataset.get("hf_dataset") or (
         data and not local and HF_REPO_ID.match(data) and not data.startswith((".", "/", "~"))
     )
@@ -128,7 +130,7 @@ def load_datasets(options, tokenizer) -> tuple:
             help="give a directory with train.jsonl and valid.jsonl (and test.jsonl for --test)",
         )
     args = types.SimpleNamespace(
-        data=data, train=True, test=options.test, mask_prompt=options.mask_prompt, **options.dataset
+        data=options.data, train=True, test=options.test, mask_prompt=options.mask_prompt, **options.dataset
     )
     from_files = local and not options.dataset.get("hf_dataset")
     lines = (None, None, None)
@@ -164,6 +166,13 @@ def load_datasets(options, tokenizer) -> tuple:
         else None
         for name, split, numbers in zip(SPLITS, (train, valid, test), lines)
     )
+
+
+def _dataset_name(hf_dataset) -> Optional[str]:
+    """How to name a config's hf_dataset (one, or a list of them) in messages."""
+    entries = hf_dataset if isinstance(hf_dataset, list) else [hf_dataset] if hf_dataset else []
+    names = [str(e.get("path") or e.get("name")) if isinstance(e, dict) else str(e) for e in entries]
+    return ", ".join(names) or None
 
 
 def _processed(dataset, where: str, lines: Optional[list]):

@@ -105,6 +105,8 @@ def merge_options(given: dict[str, Any], config: dict[str, Any]) -> tuple[TrainO
     values: dict[str, Any] = {}
     dataset = {}
     for key, value in config.items():
+        if value is None:  # mlx_lm.lora reads a null as "the default"
+            continue
         if key in SPEC_DECIDES:
             notes.append(f"config key '{key}' is ignored: the spec decides which modules get which adapters")
         elif key in NOT_USED or key == "config":
@@ -128,6 +130,8 @@ def merge_options(given: dict[str, Any], config: dict[str, Any]) -> tuple[TrainO
     return options, notes
 
 
+# The on/off options a YAML config may set: a quoted 'no' would be a true string.
+SWITCHES = ("mask_prompt", "grad_checkpoint", "test", "resume", "force")
 SEED_MAX = 2**32 - 1  # numpy's seeds, which mlx-lm's trainer uses too
 # option → (type, smallest, largest); None: no bound. A float range excludes its lower bound when it is 0.
 NUMBERS: dict[str, tuple[type, Optional[float], Optional[float]]] = {
@@ -156,8 +160,9 @@ def check_number(name: str, value: Any, kind: type, low: Optional[float], high: 
         raise UserError(f"{option} must be a finite {'whole number' if kind is int else 'number'}, got {value!r}")
     too_low = low is not None and (value <= low if kind is float and low == 0 else value < low)
     if too_low or (high is not None and value > high):
-        bound = f"above {low:g}" if kind is float and low == 0 else f"at least {low:g}" if low is not None else ""
-        limit = f"at most {high:g}" if high is not None else ""
+        shown = (lambda x: f"{x:,}") if kind is int else (lambda x: f"{x:g}")
+        bound = f"above {low:g}" if kind is float and low == 0 else f"at least {shown(low)}" if low is not None else ""
+        limit = f"at most {shown(high)}" if high is not None else ""
         raise UserError(f"{option} must be {' and '.join(b for b in (bound, limit) if b)}, got {value!r}")
 
 
@@ -169,11 +174,18 @@ def check_options(options: TrainOptions) -> None:
             f"missing {', '.join(missing)}",
             help="give MODEL and SPEC as arguments and --data DIR, or set them in the -c config",
         )
-    if options.optimizer.lower() not in OPTIMIZERS:
-        raise UserError(f"unknown optimizer '{options.optimizer}'", help=f"choose one of {', '.join(OPTIMIZERS)}")
+    if not isinstance(options.optimizer, str) or options.optimizer.lower() not in OPTIMIZERS:
+        raise UserError(f"unknown optimizer {options.optimizer!r}", help=f"choose one of {', '.join(OPTIMIZERS)}")
     options.optimizer = options.optimizer.lower()
     for name, (kind, low, high) in NUMBERS.items():
         check_number(name, getattr(options, name), kind, low, high)
+    for name in SWITCHES:
+        value = getattr(options, name)
+        if not isinstance(value, bool):
+            raise UserError(
+                f"{name} must be true or false, got {value!r}",
+                help="write it unquoted in the YAML config: true or false",
+            )
     check_optimizer_config(options.optimizer_config)
     if options.lr_schedule is not None and not (
         isinstance(options.lr_schedule, dict) and "name" in options.lr_schedule and "arguments" in options.lr_schedule

@@ -34,15 +34,14 @@ def run_identity(options: TrainOptions, plan, train_set) -> dict:
     }
 
 
-def prepare_output(out: Path, options: TrainOptions, protect: list) -> None:
-    """Create an empty output directory for a fresh run (replacing a non-empty one only with --force)."""
-    from ..model.adapter_format import ADAPTER_DIR_FILES
-    from ..outputs import atomic_output_dir
-    from .checkpoint import CHECKPOINTS
+def check_fresh_output(out: Path, options: TrainOptions, protect: list) -> None:
+    """Refuse, before anything is loaded or written, an output directory a fresh run may not take: a non-empty one
+    without --force, one holding files no run writes, one overlapping an input. What is there stays until the
+    run's first checkpoint replaces it (`first_checkpoint`)."""
+    from ..outputs import check_output_dir
 
     try:
-        with atomic_output_dir(out, force=options.force, protect=protect, produces=(*ADAPTER_DIR_FILES, CHECKPOINTS)):
-            pass
+        check_output_dir(out, force=options.force, protect=protect, produces=run_files())
     except UserError as error:
         if "not empty" in error.message:
             raise UserError(
@@ -50,6 +49,25 @@ def prepare_output(out: Path, options: TrainOptions, protect: list) -> None:
                 help="pass --resume to continue the run in it, or --force to start over",
             ) from None
         raise
+
+
+def run_files() -> tuple[str, ...]:
+    """What a training run writes in its output directory: the adapters and the checkpoints."""
+    from ..model.adapter_format import ADAPTER_DIR_FILES
+    from .checkpoint import CHECKPOINTS
+
+    return (*ADAPTER_DIR_FILES, CHECKPOINTS)
+
+
+def first_checkpoint(out: Path, force: bool, write) -> Path:
+    """The first checkpoint of a fresh run, written (`write(directory)` returns its path there) into a new
+    directory that then replaces `out` at once: until this point a failed or interrupted run leaves `out` as it
+    was (a previous run under --force, or nothing)."""
+    from ..outputs import atomic_output_dir
+
+    with atomic_output_dir(out, force=force, produces=run_files()) as tmp:
+        written = write(tmp)
+    return Path(out) / written.relative_to(tmp)
 
 
 def initial_weights(model, path: str, plan) -> None:
@@ -65,7 +83,14 @@ def initial_weights(model, path: str, plan) -> None:
             f"{path}: no adapter weights found",
             help=f"pass a .safetensors file or a directory holding {ADAPTER_WEIGHTS}",
         )
-    put_weights(model, trained_weights(plan, mx.load(str(file))), str(file))
+    try:
+        weights = mx.load(str(file), format="safetensors")
+    except (ValueError, RuntimeError) as error:
+        raise UserError(
+            f"{file}: not a readable safetensors file ({error})",
+            help=f"pass adapter weights: a .safetensors file or a directory holding {ADAPTER_WEIGHTS}",
+        ) from None
+    put_weights(model, trained_weights(plan, weights), str(file))
 
 
 def read_spec(path: str):
@@ -178,12 +203,13 @@ def run(options: TrainOptions, *, stream=None, training_callback=None) -> TrainR
         if rank == 0:
             try:
                 protect = [model_dir] + ([options.data] if options.data and Path(options.data).exists() else [])
-                prepare_output(out, options, protect)
+                check_fresh_output(out, options, protect)
             except UserError as failure:
                 error = failure
         rank0_outcome(error, world)
         if options.resume_adapter_file:
             initial_weights(model, options.resume_adapter_file, plan)
+    fresh = not options.resume  # the first checkpoint of a fresh run replaces the output directory whole
     sizes = tuple(len(s) if s is not None else 0 for s in (train_set, valid_set, test_set))
     for line in header_lines(options, plan, sizes, world_size):
         report.print(line)
@@ -211,10 +237,16 @@ def run(options: TrainOptions, *, stream=None, training_callback=None) -> TrainR
             "train_loss": result_losses(report.history, "train_loss"),
             "val_loss": result_losses(report.val_history, "val_loss"),
         }
-        path = save_checkpoint(
-            model, plan, out, step, info, arrays, extra_config={"training": {**config_summary, "step": step}}
-        )
-        publish(path, out)
+        extra = {"training": {**config_summary, "step": step}}
+
+        def write(directory: Path) -> Path:
+            path = save_checkpoint(model, plan, directory, step, info, arrays, extra_config=extra)
+            publish(path, directory)
+            return path
+
+        nonlocal fresh
+        path = first_checkpoint(out, options.force, write) if fresh else write(out)
+        fresh = False
         prune(out, options.keep_checkpoints)
         report.on_save(step, path)
 

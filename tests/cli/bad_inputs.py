@@ -1122,6 +1122,7 @@ DATA_BREAKS: list[tuple] = [
         (write(TRAIN, '\n{"messages": [{"role": "user", "content": "hi"}], "tools": "none"}\n' * 4),),
         (D_TRAIN + ": example 1 (line 2)",),
     ),
+    ("train-text-empty", (write(TRAIN, '{"text": "a b"}\n{"text": ""}\n' * 4),), (D_TRAIN + ":2", '"text" is empty')),
     ("train-messages-not-a-list", (write(TRAIN, '{"messages": "hello"}\n' * 4),), (D_TRAIN + ":1", '"messages"')),
 ]
 
@@ -1150,6 +1151,8 @@ TRAIN_CONFIGS: list[tuple] = [
         ("optimizer_config.adamw.weight_decay",),
     ),
     ("optimizer-config-a-list", "optimizer_config: [1, 2]\n", ("optimizer_config",)),
+    ("optimizer-a-number", "optimizer: 5\n", ("optimizer",)),  # an internal error before
+    ("mask-prompt-quoted-no", "mask_prompt: 'no'\n", ("mask_prompt",)),  # read as true before
     ("optimizer-betas-nan", "optimizer_config:\n  adam:\n    betas: [0.9, .nan]\n", ("optimizer_config.adam.betas",)),
 ]
 

@@ -265,6 +265,54 @@ def test_yaml_config_under_the_command_line_and_mlx_lm_keys_the_spec_replaces(tm
         merge_options({}, {"iterations": 3, "model": "m", "spec": "s", "data": "d"})
     with pytest.raises(UserError, match="missing spec"):
         merge_options({"model": "m", "data": "d"}, {})
+    required = {"model": "m", "spec": "s", "data": "d"}
+    nulls = {"learning_rate": None, "batch_size": None, "seed": None, "optimizer": None}
+    options, _ = merge_options({}, {**required, **nulls})  # mlx_lm.lora reads a null as the default
+    assert (options.learning_rate, options.batch_size, options.seed, options.optimizer) == (1e-5, 4, 0, "adam")
+    for key, value, match in (
+        ("optimizer", 5, "unknown optimizer 5"),
+        ("mask_prompt", "no", "mask_prompt must be true or false, got 'no'"),  # a quoted 'no' was true
+        ("grad_checkpoint", 1, "grad_checkpoint must be true or false"),
+    ):
+        with pytest.raises(UserError, match=match):
+            merge_options({}, {**required, key: value})
+
+
+def test_a_forced_run_keeps_the_previous_one_until_its_first_checkpoint(tmp_path):
+    settings = dict(iters=4, steps_per_report=1, save_every=2)
+    first = train(tmp_path, "run", **settings)
+    before = {p: p.read_bytes() for p in sorted(first.out.rglob("*")) if p.is_file()}
+
+    with pytest.raises(UserError, match="no adapter weights found"):  # it emptied the directory before
+        train(tmp_path, "run", force=True, resume_adapter_file=str(tmp_path / "missing.safetensors"), **settings)
+    reports = []
+
+    class Interrupted:
+        """mlx-lm's training callback, interrupted at the first training report (step 1; the first checkpoint is
+        step 2)."""
+
+        def on_val_loss_report(self, info):
+            pass
+
+        def on_train_loss_report(self, info):
+            reports.append(info)
+            raise KeyboardInterrupt
+
+    spec_path = tmp_path / "run.aspec"
+    options = TrainOptions(model=LLAMA, spec=str(spec_path), data=DATA, adapter_path=str(first.out), force=True,
+                           learning_rate=1e-3, val_batches=2, **settings)  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        run(options, stream=io.StringIO(), training_callback=Interrupted())
+    assert reports and {p: p.read_bytes() for p in sorted(first.out.rglob("*")) if p.is_file()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [], "no temporary directory left"
+
+    with pytest.raises(UserError, match="not a readable safetensors file"):
+        train(tmp_path, "new", resume_adapter_file=str(spec_path), **settings)  # a spec file, not weights
+    assert not (tmp_path / "new").exists(), "a failed fresh run leaves no directory behind"
+
+    again = train(tmp_path, "run", force=True, learning_rate=5e-3, **settings)
+    assert [step for step, _ in list_checkpoints(again.out)] == [2, 4], "the first checkpoint replaced the old run"
+    assert (again.out / "adapters.safetensors").read_bytes() != before[first.out / "adapters.safetensors"]
 
 
 def test_format_duration():
