@@ -149,7 +149,8 @@ def test_a_batch_is_padded_to_the_attentions_multiple_only_where_that_adds_littl
 def test_blank_lines_and_an_empty_validation_file_train_as_if_absent(tmp_path):
     lines = (Path(DATA) / "train.jsonl").read_text().splitlines()[:40]
     clean, spaced = tmp_path / "clean", tmp_path / "spaced"
-    clean.mkdir(), spaced.mkdir()
+    clean.mkdir()
+    spaced.mkdir()
     (clean / "train.jsonl").write_text("\n".join(lines) + "\n")
     (spaced / "train.jsonl").write_text("\n\n".join(lines) + "\n  \n\n")  # mlx-lm's own loader fails on both
     (spaced / "valid.jsonl").write_text("\n")
