@@ -55,10 +55,9 @@ def rescaled_modules(adapters: str, plan) -> str:
     if not (directory / ADAPTER_CONFIG).is_file():
         return ""
     scales = saved_scales(directory)
+    saved_with = [(e.path, scales.get(e.path, scales.get("*")), e.scale) for e in plan.entries]
     changed = [
-        (e.path, scales.get(e.path, scales.get("*")), e.scale)
-        for e in plan.entries
-        if e.scale is not None and scales.get(e.path, scales.get("*")) not in (None, e.scale)
+        (path, saved, given) for path, saved, given in saved_with if None not in (saved, given) and saved != given
     ]
     if not changed:
         return ""

@@ -291,23 +291,23 @@ def _check_mlx_lm_keys(config: dict, plan: "Plan", index: ModuleIndex, file: Pat
     if not fit.compatible:
         return
     written = json.loads(json.dumps(fit.config))
-    for key, value in written.items():
-        found = config.get(key)
-        if isinstance(value, dict) and isinstance(found, dict):
-            differing = [k for k in value if found.get(k) != value[k]]
-            if differing:
-                k = differing[0]
-                raise UserError(
-                    f"{file}: {key}.{k} is {found.get(k)!r} but its adapterspec plan says {value[k]!r}: mlx-lm "
-                    "would load other adapters from this directory than adapterspec does (the config was edited)",
-                    help=EDITED_HELP,
-                )
-        elif found != value:
+    for name, found, value in _pairs(written, config):
+        if found != value:
             raise UserError(
-                f"{file}: {key} is {found!r} but its adapterspec plan says {value!r}: mlx-lm would load other "
+                f"{file}: {name} is {found!r} but its adapterspec plan says {value!r}: mlx-lm would load other "
                 "adapters from this directory than adapterspec does (the config was edited)",
                 help=EDITED_HELP,
             )
+
+
+def _pairs(written: dict, config: dict):
+    """(name, value in the config, value written for the plan) for each key, one level into mappings."""
+    for key, value in written.items():
+        found = config.get(key)
+        if isinstance(value, dict) and isinstance(found, dict):
+            yield from ((f"{key}.{k}", found.get(k), v) for k, v in value.items())
+        else:
+            yield key, found, value
 
 
 def saved_scales(directory: Path) -> dict[str, float]:

@@ -176,21 +176,24 @@ def _dataset_name(hf_dataset) -> Optional[str]:
 
 
 def _processed(dataset, where: str, lines: Optional[list]):
-    """mlx-lm's CacheDataset of a split with every example processed (tokenized, its chat template applied) now,
-    as mlx-lm's batching would at the first batch: an example it cannot process is named here, not in a step."""
+    """mlx-lm's CacheDataset of a split with every example processed (tokenized, its chat template applied) now."""
     from mlx_lm.tuner.datasets import CacheDataset
 
-    cached = CacheDataset(dataset)
-    for index in range(len(cached)):
+    return process_every_example(CacheDataset(dataset), where, FORMATS_HELP, lines)
+
+
+def process_every_example(dataset, where: str, help: str, lines: Optional[list] = None):
+    """`dataset` after indexing each of its examples once, as mlx-lm's and mlx-vlm's batching do at the first batch
+    (their caches keep them): an example that cannot be processed is named here, not in the middle of a step."""
+    for index in range(len(dataset)):
         try:
-            cached[index]
-        except Exception as error:  # whatever mlx-lm's processing (tokenizer, chat template) raises on an example
+            dataset[index]
+        except Exception as error:  # whatever the processing (tokenizer, chat template, image reader) raises
             line = f" (line {lines[index]})" if lines else ""
             raise UserError(
-                f"{where}: example {index + 1}{line} cannot be processed: {type(error).__name__}: {error}",
-                help=FORMATS_HELP,
+                f"{where}: example {index + 1}{line} cannot be processed: {type(error).__name__}: {error}", help=help
             ) from None
-    return cached
+    return dataset
 
 
 def _load_local(directory: Path, tokenizer, args) -> tuple:

@@ -19,6 +19,8 @@ def load_vlm_datasets(options, model, processor) -> tuple:
     from mlx_vlm.trainer.datasets.loading import CacheDataset, load
     from mlx_vlm.trainer.vlm.sft.dataset import VisionDataset
 
+    from .data import process_every_example
+
     data = options.data
     if not data or not Path(data).is_dir():
         raise UserError(f"{data}: no such data directory", help=FORMAT_HELP)
@@ -34,16 +36,7 @@ def load_vlm_datasets(options, model, processor) -> tuple:
             out.append(None)
             continue
         vision = VisionDataset(rows, model.config, processor, config=settings, base_path=rows.base_path)
-        dataset = CacheDataset(vision, process=False)
-        # Every row through the processor now (mlx-vlm's batching would at its first batch, keeping them all the
-        # same): a missing or broken image is named before the model trains, not in the middle of a step.
-        for index in range(len(dataset)):
-            try:
-                dataset[index]
-            except (ValueError, KeyError, TypeError, OSError) as error:
-                raise UserError(
-                    f"{data}/{name}.jsonl: example {index + 1} cannot be processed: {error}", help=FORMAT_HELP
-                ) from None
+        dataset = process_every_example(CacheDataset(vision, process=False), f"{data}/{name}.jsonl", FORMAT_HELP)
         if len(dataset) < options.batch_size:
             raise UserError(
                 f"{data}: the {name} set has {len(dataset)} examples, fewer than the batch size {options.batch_size}"
